@@ -1,0 +1,134 @@
+"""The blob store under SAX_ROOT: a local directory or a GCS bucket prefix.
+
+One small interface (read/write/delete whole objects by relative path), so
+the snapshot code never knows which one it has. GCS goes through
+google-cloud-storage and honours STORAGE_EMULATOR_HOST (anonymous
+credentials against an emulator).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Protocol
+
+
+class BlobStoreError(RuntimeError):
+    """The blob store could not be reached or refused an operation."""
+
+
+class BlobStore(Protocol):
+    url: str
+
+    def read(self, path: str) -> bytes | None: ...
+
+    def write(self, path: str, data: bytes) -> None: ...
+
+    def delete(self, path: str) -> None: ...
+
+
+class LocalBlobStore:
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        self.url = self.root
+
+    def _full(self, path: str) -> str:
+        full = os.path.normpath(os.path.join(self.root, path))
+        if not full.startswith(self.root + os.sep):
+            raise BlobStoreError(f"path {path!r} escapes the blob store root")
+        return full
+
+    def read(self, path: str) -> bytes | None:
+        try:
+            with open(self._full(path), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def write(self, path: str, data: bytes) -> None:
+        full = self._full(path)
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(full), prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, full)  # atomic: readers see the old or the new file
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def delete(self, path: str) -> None:
+        try:
+            os.unlink(self._full(path))
+        except FileNotFoundError:
+            pass
+
+
+def gcs_client():  # type: ignore[no-untyped-def]
+    """A google-cloud-storage client; anonymous when STORAGE_EMULATOR_HOST is set."""
+    from google.cloud import storage
+
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        from google.auth.credentials import AnonymousCredentials
+
+        return storage.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT", "saxplane"),
+                              credentials=AnonymousCredentials())
+    return storage.Client()
+
+
+def split_gs_url(url: str) -> tuple[str, str]:
+    """'gs://bucket/a/b' -> ('bucket', 'a/b')."""
+    if not url.startswith("gs://"):
+        raise ValueError(f"not a gs:// URL: {url!r}")
+    bucket, _, prefix = url[5:].partition("/")
+    if not bucket:
+        raise ValueError(f"gs:// URL without a bucket: {url!r}")
+    return bucket, prefix.strip("/")
+
+
+class GcsBlobStore:
+    def __init__(self, url: str, timeout_s: float = 5.0) -> None:
+        self.url = url
+        self.bucket_name, self.prefix = split_gs_url(url)
+        self.timeout_s = timeout_s
+        self._bucket = gcs_client().bucket(self.bucket_name)
+        from google.cloud.storage.retry import DEFAULT_RETRY
+
+        # Bound the library's retries (two minutes by default) by our timeout.
+        self._retry = DEFAULT_RETRY.with_timeout(timeout_s)
+
+    def _blob(self, path: str):  # type: ignore[no-untyped-def]
+        return self._bucket.blob(f"{self.prefix}/{path}" if self.prefix else path)
+
+    def read(self, path: str) -> bytes | None:
+        from google.api_core import exceptions
+
+        try:
+            return self._blob(path).download_as_bytes(timeout=self.timeout_s, retry=self._retry)
+        except exceptions.NotFound:
+            return None
+        except Exception as e:  # network errors, 5xx
+            raise BlobStoreError(f"reading {self.url}/{path}: {e}") from e
+
+    def write(self, path: str, data: bytes) -> None:
+        try:
+            self._blob(path).upload_from_string(
+                data, content_type="application/json", timeout=self.timeout_s, retry=self._retry)
+        except Exception as e:
+            raise BlobStoreError(f"writing {self.url}/{path}: {e}") from e
+
+    def delete(self, path: str) -> None:
+        from google.api_core import exceptions
+
+        try:
+            self._blob(path).delete(timeout=self.timeout_s, retry=self._retry)
+        except exceptions.NotFound:
+            pass
+        except Exception as e:
+            raise BlobStoreError(f"deleting {self.url}/{path}: {e}") from e
+
+
+def open_blobstore(root: str) -> BlobStore:
+    return GcsBlobStore(root) if root.startswith("gs://") else LocalBlobStore(root)

@@ -1,0 +1,176 @@
+"""Names, paths and publish-time validation shared by every part of the cell.
+
+The admin server owns these rules; the client, model server and frontend
+import them from here so a name is judged the same way everywhere.
+"""
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+NAME_RE = re.compile(r"^[a-z]+[a-z0-9\-_]*$")
+MODEL_PATH_RE = re.compile(r"^[a-zA-Z]+[a-zA-Z0-9_.\-]*$")
+# Saxml's checkpoint pattern, plus "gs://" URLs; ".." segments are refused separately.
+CHECKPOINT_RE = re.compile(r"^(/|\d|\w|_|\.|-|%|:|=|\||\+)+$")
+MAX_NAME_LEN = 128
+MAX_CHECKPOINT_LEN = 1024
+
+
+class InvalidArgument(ValueError):
+    """A request argument breaks a naming or validation rule."""
+
+
+@dataclass(frozen=True)
+class ModelId:
+    cell: str
+    model: str
+
+    @property
+    def cell_path(self) -> str:
+        return f"/sax/{self.cell}"
+
+    def __str__(self) -> str:
+        return f"/sax/{self.cell}/{self.model}"
+
+
+def check_name(kind: str, name: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name) or len(name) > MAX_NAME_LEN:
+        raise InvalidArgument(
+            f"invalid {kind} name {name!r}: must match {NAME_RE.pattern} "
+            f"(at most {MAX_NAME_LEN} characters)")
+    return name
+
+
+def parse_cell(cell: Any) -> str:
+    """Parses '/sax/<cell>' (or a bare '<cell>') and returns the cell name."""
+    if not isinstance(cell, str) or not cell:
+        raise InvalidArgument("cell must be a string like /sax/<cell>")
+    parts = cell.strip("/").split("/")
+    if len(parts) == 2 and parts[0] == "sax":
+        return check_name("cell", parts[1])
+    if len(parts) == 1 and not cell.startswith("/"):
+        return check_name("cell", parts[0])
+    raise InvalidArgument(f"invalid cell {cell!r}: expected /sax/<cell>")
+
+
+def parse_model_id(model_id: Any) -> ModelId:
+    """Parses '/sax/<cell>/<model>'."""
+    if not isinstance(model_id, str):
+        raise InvalidArgument("model id must be a string like /sax/<cell>/<model>")
+    parts = model_id.split("/")
+    if len(parts) != 4 or parts[0] != "" or parts[1] != "sax":
+        raise InvalidArgument(f"invalid model id {model_id!r}: expected /sax/<cell>/<model>")
+    return ModelId(check_name("cell", parts[2]), check_name("model", parts[3]))
+
+
+def check_model_path(model_path: Any) -> str:
+    if not isinstance(model_path, str) or not MODEL_PATH_RE.match(model_path) or len(model_path) > 255:
+        raise InvalidArgument(f"invalid model_path {model_path!r}: must match {MODEL_PATH_RE.pattern}")
+    return model_path
+
+
+def check_checkpoint(checkpoint: Any, allowed_roots: tuple[str, ...] = ()) -> str | None:
+    """Returns the checkpoint location, or None for the literal 'None' (random weights)."""
+    if checkpoint is None or checkpoint == "None":
+        return None
+    if not isinstance(checkpoint, str) or not checkpoint or len(checkpoint) > MAX_CHECKPOINT_LEN:
+        raise InvalidArgument("checkpoint must be a path, a gs:// URL or None")
+    if not CHECKPOINT_RE.match(checkpoint):
+        raise InvalidArgument(f"invalid checkpoint {checkpoint!r}: unexpected characters")
+    body = checkpoint[5:] if checkpoint.startswith("gs://") else checkpoint
+    if ".." in body.split("/"):
+        raise InvalidArgument(f"invalid checkpoint {checkpoint!r}: '..' segments are not allowed")
+    if allowed_roots:
+        norm = checkpoint if checkpoint.startswith("gs://") else posixpath.normpath(checkpoint)
+        if not any(norm == r.rstrip("/") or norm.startswith(r.rstrip("/") + "/") for r in allowed_roots):
+            raise InvalidArgument(f"checkpoint {checkpoint!r} is outside the allowed roots")
+    return checkpoint
+
+
+def check_replicas(replicas: Any, maximum: int) -> int:
+    if isinstance(replicas, bool) or not isinstance(replicas, int):
+        if isinstance(replicas, str) and replicas.strip().isdigit():
+            replicas = int(replicas)
+        else:
+            raise InvalidArgument(f"replicas must be a non-negative integer, got {replicas!r}")
+    if replicas < 0 or replicas > maximum:
+        raise InvalidArgument(f"replicas must be between 0 and {maximum}, got {replicas}")
+    return replicas
+
+
+def _int_in(lo: int, hi: int) -> Callable[[Any], int]:
+    def check(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise InvalidArgument(f"expected an integer in [{lo}, {hi}], got {v!r}")
+        return v
+    return check
+
+
+def _one_of(*choices: str) -> Callable[[Any], str]:
+    def check(v: Any) -> str:
+        if v not in choices:
+            raise InvalidArgument(f"expected one of {', '.join(choices)}, got {v!r}")
+        return v
+    return check
+
+
+def _buckets(v: Any) -> list[int]:
+    if (not isinstance(v, list) or not v
+            or any(isinstance(b, bool) or not isinstance(b, int) or b <= 0 for b in v)
+            or sorted(set(v)) != v):
+        raise InvalidArgument(f"expected a strictly increasing list of positive integers, got {v!r}")
+    return v
+
+
+def _str_list(v: Any) -> list[str]:
+    if not isinstance(v, list) or any(not isinstance(s, str) or not s for s in v):
+        raise InvalidArgument(f"expected a list of strings, got {v!r}")
+    return v
+
+
+def _alias(v: Any) -> str:
+    if not isinstance(v, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9._:\-/]{0,127}$", v):
+        raise InvalidArgument(f"expected an alias like 'my-model', got {v!r}")
+    return v
+
+
+# Every override key a publish may carry. Serving knobs are applied by the
+# model server; `ram`, `chip` and `constraints` steer placement; `alias`
+# names the model on the OpenAI API.
+OVERRIDE_KEYS: dict[str, Callable[[Any], Any]] = {
+    "num_slots": _int_in(1, 4096),
+    "max_seq_len": _int_in(1, 1 << 20),
+    "prefill_buckets": _buckets,
+    "dtype": _one_of("float32", "bfloat16"),
+    "max_queue": _int_in(0, 1 << 20),
+    "ram": _int_in(0, 1 << 50),
+    "chip": lambda v: _str_list(v) if isinstance(v, list) else _str_list([v])[0],
+    "constraints": _str_list,
+    "alias": _alias,
+}
+
+
+def check_overrides(overrides: Any) -> dict[str, Any]:
+    """Validates a publish's overrides. Values may be JSON or JSON-encoded strings (Saxml style)."""
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, dict):
+        raise InvalidArgument("overrides must be an object of KEY: JSON value")
+    out: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if key not in OVERRIDE_KEYS:
+            raise InvalidArgument(
+                f"unknown override {key!r}; known overrides: {', '.join(sorted(OVERRIDE_KEYS))}")
+        if isinstance(value, str) and key not in ("alias", "dtype", "chip"):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise InvalidArgument(f"override {key}: {value!r} is not valid JSON") from None
+        try:
+            out[key] = OVERRIDE_KEYS[key](value)
+        except InvalidArgument as e:
+            raise InvalidArgument(f"override {key}: {e}") from None
+    return out

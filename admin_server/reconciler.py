@@ -1,0 +1,264 @@
+"""The leader's reconciler: turns desired state (published models) and observed
+state (heartbeats) into replica placements.
+
+:func:`plan` is pure: it reads plain views of the tables and returns a
+:class:`Plan`; :func:`reconcile` loads the views, plans, and applies the plan
+in one transaction fenced by the leader's epoch.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine, delete, insert, select, update
+
+from admin_server.lease import fence
+from admin_server.schema import (ModelServer, ModelState, Observed, PublishedModel, Replica,
+                                 Wanted)
+from admin_server.settings import AdminSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerView:
+    address: str
+    chip: str
+    memory_bytes: int
+    tags: list[str]
+    servable: list[str]
+    last_heartbeat: float
+
+
+@dataclass
+class ModelView:
+    model_id: str
+    model_path: str
+    checkpoint: str | None
+    generation: int
+    requested: int
+    overrides: dict[str, Any]
+    state: str
+    memory_bytes: int | None
+    failures: int
+    retry_after: float | None
+
+    @property
+    def need(self) -> int:
+        """Accelerator bytes one replica needs: the `ram` override, else what a server reported."""
+        return int(self.overrides.get("ram") or self.memory_bytes or 0)
+
+
+@dataclass
+class ReplicaView:
+    id: int
+    model_id: str
+    server: str
+    generation: int
+    wanted: str
+    observed: str
+    error: str | None
+    retry_after: float | None
+    memory_bytes: int | None
+
+
+@dataclass
+class Plan:
+    dead_servers: list[str] = field(default_factory=list)
+    add: list[dict[str, Any]] = field(default_factory=list)        # new replica rows
+    unload: list[int] = field(default_factory=list)                # replica ids -> wanted UNLOADED
+    delete: list[int] = field(default_factory=list)                # replica ids to drop
+    failed: list[tuple[int, float]] = field(default_factory=list)  # (replica id, retry_after)
+    model_failures: dict[str, tuple[int, float, str]] = field(default_factory=dict)
+    model_recovered: list[str] = field(default_factory=list)
+    drop_models: list[str] = field(default_factory=list)
+
+    def empty(self) -> bool:
+        return not any((self.dead_servers, self.add, self.unload, self.delete, self.failed,
+                        self.model_failures, self.model_recovered, self.drop_models))
+
+
+LOADED, UNLOADED = Wanted.LOADED.value, Wanted.UNLOADED.value
+NONE, FAILED, OBS_LOADED = Observed.NONE.value, Observed.FAILED.value, Observed.LOADED.value
+
+
+SERVER_BACKOFF_FACTOR = 4
+
+
+def _backoff(settings: AdminSettings, failures: int) -> float:
+    return min(settings.retry_backoff_s * (2 ** min(failures, 20)), settings.retry_backoff_max_s)
+
+
+def _fits(server: ServerView, model: ModelView) -> bool:
+    if model.model_path not in server.servable and "*" not in server.servable:
+        return False
+    chip = model.overrides.get("chip")
+    if chip and server.chip not in (chip if isinstance(chip, list) else [chip]):
+        return False
+    return set(model.overrides.get("constraints") or []) <= set(server.tags)
+
+
+def plan(now: float, settings: AdminSettings, servers: list[ServerView], models: list[ModelView],
+         replicas: list[ReplicaView]) -> Plan:
+    p = Plan()
+    alive_after = now - settings.dead_after_s
+    live = {s.address: s for s in servers if s.last_heartbeat >= alive_after}
+    p.dead_servers = [s.address for s in servers if s.address not in live]
+    by_model = {m.model_id: m for m in models}
+
+    # Replicas that still occupy (or will occupy) a live server, after this pass's changes.
+    kept: list[ReplicaView] = []
+    for r in replicas:
+        if r.server not in live:
+            continue  # goes with its server
+        model = by_model[r.model_id]
+        if r.wanted == LOADED and r.observed == FAILED:
+            fails = p.model_failures.get(model.model_id, (model.failures, 0.0, ""))[0] + 1
+            backoff = _backoff(settings, fails - 1)
+            # The model waits one back-off, then goes elsewhere; this server stays
+            # out of its candidates four times as long.
+            server_retry_at = now + SERVER_BACKOFF_FACTOR * backoff
+            p.failed.append((r.id, server_retry_at))
+            p.model_failures[model.model_id] = (fails, now + backoff,
+                                                f"{r.server}: {r.error or 'load failed'}")
+            r.wanted, r.retry_after = UNLOADED, server_retry_at
+        elif r.wanted == LOADED and model.state != ModelState.ACTIVE.value:
+            p.unload.append(r.id)
+            r.wanted = UNLOADED
+        if r.wanted == UNLOADED and r.observed == NONE and not (r.retry_after and r.retry_after > now):
+            p.delete.append(r.id)
+            continue
+        kept.append(r)
+
+    used: dict[str, int] = {a: 0 for a in live}
+    for r in kept:
+        if r.wanted == LOADED or r.observed != NONE:
+            used[r.server] += max(by_model[r.model_id].need, r.memory_bytes or 0)
+
+    holding: dict[str, list[ReplicaView]] = {}
+    for r in kept:
+        holding.setdefault(r.model_id, []).append(r)
+
+    for model in models:
+        if model.state != ModelState.ACTIVE.value and not holding.get(model.model_id):
+            p.drop_models.append(model.model_id)
+
+    active = [m for m in models if m.state == ModelState.ACTIVE.value]
+    active.sort(key=lambda m: (-m.need, m.model_id))  # big models first: they are hardest to fit
+    for model in active:
+        mine = holding.get(model.model_id, [])
+        wanted = [r for r in mine if r.wanted == LOADED]
+        current = [r for r in wanted if r.generation == model.generation]
+        old = [r for r in wanted if r.generation != model.generation]
+        loaded_current = sum(1 for r in current if r.observed == OBS_LOADED)
+        if loaded_current and model.failures:
+            p.model_recovered.append(model.model_id)
+        if loaded_current >= model.requested:
+            # Fully served: failed placements need no back-off record any more.
+            p.delete.extend(r.id for r in mine if r.wanted == UNLOADED and r.observed == NONE)
+
+        # Surplus current-generation replicas: drop those not yet serving first.
+        surplus = len(current) - model.requested
+        for r in sorted(current, key=lambda r: (r.observed == OBS_LOADED, r.id))[:max(surplus, 0)]:
+            p.unload.append(r.id)
+        # Old generations drain only as new replicas become ready (rolling update).
+        keep_old = max(0, min(len(old), model.requested - loaded_current))
+        for r in sorted(old, key=lambda r: (r.observed == OBS_LOADED, r.id))[:len(old) - keep_old]:
+            p.unload.append(r.id)
+
+        missing = model.requested - len(current)
+        if missing <= 0:
+            continue
+        if model.retry_after and model.retry_after > now:
+            continue
+        if model.model_id in p.model_failures:
+            continue  # a replica just failed: back off before placing again
+        blocked = {r.server for r in mine if r.retry_after and r.retry_after > now}
+        on_server = {r.server for r in mine if r.wanted == LOADED}
+        current_servers = {r.server for r in current}
+        need = model.need
+        candidates = [s for a, s in live.items()
+                      if a not in blocked and a not in current_servers and _fits(s, model)
+                      and s.memory_bytes - used[a] >= need]
+        # Prefer servers without any replica of this model, then the most free memory.
+        candidates.sort(key=lambda s: (s.address in on_server, -(s.memory_bytes - used[s.address]),
+                                       s.address))
+        for s in candidates[:missing]:
+            p.add.append({"model_id": model.model_id, "server_address": s.address,
+                          "generation": model.generation, "checkpoint": model.checkpoint})
+            used[s.address] += need
+    return p
+
+
+def load_views(conn, cell: str) -> tuple[list[ServerView], list[ModelView], list[ReplicaView]]:  # type: ignore[no-untyped-def]
+    servers = [ServerView(r.address, r.chip, r.memory_bytes, r.tags or [], r.servable_model_paths or [],
+                          r.last_heartbeat)
+               for r in conn.execute(select(
+                   ModelServer.address, ModelServer.chip, ModelServer.memory_bytes, ModelServer.tags,
+                   ModelServer.servable_model_paths, ModelServer.last_heartbeat)
+                   .where(ModelServer.cell == cell))]
+    models = [ModelView(r.model_id, r.model_path, r.checkpoint, r.generation, r.requested_replicas,
+                        r.overrides or {}, r.state, r.memory_bytes, r.failures, r.retry_after)
+              for r in conn.execute(select(
+                  PublishedModel.model_id, PublishedModel.model_path, PublishedModel.checkpoint,
+                  PublishedModel.generation, PublishedModel.requested_replicas,
+                  PublishedModel.overrides, PublishedModel.state, PublishedModel.memory_bytes,
+                  PublishedModel.failures, PublishedModel.retry_after)
+                  .where(PublishedModel.cell == cell))]
+    model_ids = {m.model_id for m in models}
+    replicas = [ReplicaView(r.id, r.model_id, r.server_address, r.generation, r.wanted, r.observed,
+                            r.error, r.retry_after, r.memory_bytes)
+                for r in conn.execute(select(
+                    Replica.id, Replica.model_id, Replica.server_address, Replica.generation,
+                    Replica.wanted, Replica.observed, Replica.error, Replica.retry_after,
+                    Replica.memory_bytes))
+                if r.model_id in model_ids]
+    return servers, models, replicas
+
+
+def apply(conn, p: Plan, now: float) -> None:  # type: ignore[no-untyped-def]
+    if p.dead_servers:
+        conn.execute(delete(Replica).where(Replica.server_address.in_(p.dead_servers)))
+        conn.execute(delete(ModelServer).where(ModelServer.address.in_(p.dead_servers)))
+    if p.delete:
+        # Conditional: a heartbeat may have reported the replica again in between.
+        conn.execute(delete(Replica).where(Replica.id.in_(p.delete), Replica.wanted == UNLOADED,
+                                           Replica.observed == NONE))
+    for rid, retry_at in p.failed:
+        conn.execute(update(Replica).where(Replica.id == rid)
+                     .values(wanted=UNLOADED, retry_after=retry_at, updated_at=now))
+    for model_id, (fails, retry_at, error) in p.model_failures.items():
+        conn.execute(update(PublishedModel).where(PublishedModel.model_id == model_id)
+                     .values(failures=fails, retry_after=retry_at, last_error=error))
+    if p.model_recovered:
+        conn.execute(update(PublishedModel).where(PublishedModel.model_id.in_(p.model_recovered))
+                     .values(failures=0, retry_after=None, last_error=None))
+    if p.unload:
+        conn.execute(update(Replica).where(Replica.id.in_(p.unload))
+                     .values(wanted=UNLOADED, updated_at=now))
+    if p.add:
+        conn.execute(insert(Replica), [
+            {**a, "wanted": LOADED, "observed": NONE, "created_at": now, "updated_at": now}
+            for a in p.add])
+    if p.drop_models:
+        conn.execute(delete(Replica).where(Replica.model_id.in_(p.drop_models)))
+        conn.execute(delete(PublishedModel).where(PublishedModel.model_id.in_(p.drop_models),
+                                                  PublishedModel.state != ModelState.ACTIVE.value))
+
+
+def reconcile(engine: Engine, settings: AdminSettings, lease_name: str, holder: str,
+              epoch: int) -> Plan:
+    """One reconcile pass as the leader at `epoch`. Raises LeaseLost if the lease moved."""
+    now = time.time()
+    with engine.begin() as conn:
+        fence(conn, lease_name, holder, epoch)
+        servers, models, replicas = load_views(conn, settings.cell_name)
+        p = plan(now, settings, servers, models, replicas)
+        if not p.empty():
+            apply(conn, p, now)
+    if not p.empty():
+        log.info("reconcile: +%d replicas, -%d unloads, %d deleted, %d failed, dead servers %s",
+                 len(p.add), len(p.unload), len(p.delete), len(p.failed), p.dead_servers)
+    return p

@@ -1,0 +1,142 @@
+"""The cell's durable state: SQLAlchemy 2.0 typed ORM tables.
+
+Times that are compared with each other (heartbeats, lease expiry, retry
+back-off) are epoch seconds in a double column so SQLite and PostgreSQL
+behave alike; audit timestamps are timezone-aware datetimes.
+"""
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (JSON, BigInteger, DateTime, Double, ForeignKey, Index, Integer,
+                        MetaData, String, Text, UniqueConstraint, func)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {dict[str, Any]: JSON, list[str]: JSON}
+
+
+class ModelState(str, enum.Enum):
+    ACTIVE = "ACTIVE"
+    UNPUBLISHING = "UNPUBLISHING"
+
+
+class Wanted(str, enum.Enum):
+    LOADED = "LOADED"
+    UNLOADED = "UNLOADED"
+
+
+class Observed(str, enum.Enum):
+    NONE = "NONE"
+    LOADING = "LOADING"
+    LOADED = "LOADED"
+    FAILED = "FAILED"
+    UNLOADING = "UNLOADING"
+
+
+class PublishedModel(Base):
+    """A published model: what the cell should serve."""
+    __tablename__ = "models"
+
+    model_id: Mapped[str] = mapped_column(String(300), primary_key=True)
+    cell: Mapped[str] = mapped_column(String(128), index=True)
+    model_path: Mapped[str] = mapped_column(String(255))
+    checkpoint: Mapped[str | None] = mapped_column(String(1024))
+    requested_replicas: Mapped[int] = mapped_column(Integer)
+    overrides: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    uuid: Mapped[str] = mapped_column(String(36))
+    # Bumped when the checkpoint changes; replicas of older generations drain.
+    generation: Mapped[int] = mapped_column(Integer, default=1)
+    state: Mapped[str] = mapped_column(String(16), default=ModelState.ACTIVE.value)
+    # Accelerator bytes one replica needs, learned from the first loaded replica.
+    memory_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    retry_after: Mapped[float | None] = mapped_column(Double)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), onupdate=func.now())
+
+    replicas: Mapped[list["Replica"]] = relationship(
+        back_populates="model", cascade="all, delete-orphan", passive_deletes=True)
+
+
+class ModelServer(Base):
+    """A model server that has announced itself; the row goes when it stops heartbeating."""
+    __tablename__ = "servers"
+
+    address: Mapped[str] = mapped_column(String(255), primary_key=True)
+    cell: Mapped[str] = mapped_column(String(128), index=True)
+    boot_id: Mapped[str] = mapped_column(String(64))
+    chip: Mapped[str] = mapped_column(String(64))
+    topology: Mapped[str] = mapped_column(String(64))
+    device_count: Mapped[int] = mapped_column(Integer)
+    memory_bytes: Mapped[int] = mapped_column(BigInteger)
+    tags: Mapped[list[str]] = mapped_column(default=list)
+    servable_model_paths: Mapped[list[str]] = mapped_column(default=list)
+    first_seen: Mapped[float] = mapped_column(Double)
+    last_heartbeat: Mapped[float] = mapped_column(Double, index=True)
+
+    replicas: Mapped[list["Replica"]] = relationship(
+        back_populates="server", cascade="all, delete-orphan", passive_deletes=True)
+
+
+class Replica(Base):
+    """One model on one server: the leader's wish (wanted) and the server's report (observed)."""
+    __tablename__ = "replicas"
+    __table_args__ = (UniqueConstraint("model_id", "server_address", "generation"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model_id: Mapped[str] = mapped_column(
+        ForeignKey("models.model_id", ondelete="CASCADE"), index=True)
+    server_address: Mapped[str] = mapped_column(ForeignKey("servers.address", ondelete="CASCADE"))
+    generation: Mapped[int] = mapped_column(Integer)
+    checkpoint: Mapped[str | None] = mapped_column(String(1024))
+    wanted: Mapped[str] = mapped_column(String(16), default=Wanted.LOADED.value)
+    observed: Mapped[str] = mapped_column(String(16), default=Observed.NONE.value)
+    error: Mapped[str | None] = mapped_column(Text)
+    memory_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    load_time_s: Mapped[float | None] = mapped_column(Double)
+    # Set on a failed replica: the server is not tried again for this model before then.
+    retry_after: Mapped[float | None] = mapped_column(Double)
+    created_at: Mapped[float] = mapped_column(Double)
+    updated_at: Mapped[float] = mapped_column(Double)
+
+    model: Mapped[PublishedModel] = relationship(back_populates="replicas")
+    server: Mapped[ModelServer] = relationship(back_populates="replicas")
+
+
+class Lease(Base):
+    """The leader lease of one cell; `epoch` fences every leader write."""
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(255))
+    epoch: Mapped[int] = mapped_column(BigInteger)
+    expires_at: Mapped[float] = mapped_column(Double)
+
+
+class CellState(Base):
+    """Per-cell counters: `version` counts changes to published models; the
+    leader snapshots to the blob store whenever it is ahead of `snapshot_version`."""
+    __tablename__ = "cells"
+
+    cell: Mapped[str] = mapped_column(String(128), primary_key=True)
+    version: Mapped[int] = mapped_column(BigInteger, default=0)
+    snapshot_version: Mapped[int] = mapped_column(BigInteger, default=0)
+    restored_from: Mapped[str | None] = mapped_column(String(1024))
+
+
+Index("ix_replicas_server_wanted", Replica.server_address, Replica.wanted)

@@ -1,0 +1,34 @@
+"""Running a Flask app factory under gunicorn with gthread workers.
+
+Shared by every part's `__main__` (the admin server owns it because it
+depends on no other part).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+
+def serve_wsgi(factory: Callable[[], Any], *, bind: str, workers: int, threads: int,
+               timeout: int = 60, graceful_timeout: int = 10,
+               worker_exit: Callable[[Any, Any], None] | None = None) -> None:
+    """Runs `factory()` in each gunicorn worker (no preload: nothing is shared across fork)."""
+    from gunicorn.app.base import BaseApplication
+
+    options: dict[str, Any] = {
+        "bind": bind, "workers": workers, "threads": threads, "worker_class": "gthread",
+        "timeout": timeout, "graceful_timeout": graceful_timeout, "keepalive": 30,
+        "accesslog": None, "control_socket_disable": True,
+    }
+    if worker_exit is not None:
+        options["worker_exit"] = worker_exit
+
+    class _App(BaseApplication):  # type: ignore[misc]
+        def load_config(self) -> None:
+            for key, value in options.items():
+                if key in self.cfg.settings:  # older gunicorn lacks some settings
+                    self.cfg.set(key, value)
+
+        def load(self) -> Any:
+            return factory()
+
+    _App().run()

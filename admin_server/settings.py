@@ -1,0 +1,97 @@
+"""Admin server configuration: one frozen dataclass read from SAX_* variables.
+
+CLI flags (see ``__main__``) are applied over the environment with
+:meth:`AdminSettings.from_env`'s keyword overrides.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Mapping
+
+from admin_server.naming import parse_cell
+
+DEFAULT_ROOT = "./sax-root"
+
+
+def _env_float(env: Mapping[str, str], name: str, default: float) -> float:
+    return float(env[name]) if env.get(name) else default
+
+
+def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
+    return int(env[name]) if env.get(name) else default
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    cell: str = "/sax/test"
+    root: str = DEFAULT_ROOT
+    db_url: str | None = None
+    host: str = "0.0.0.0"
+    port: int = 10000
+    workers: int = 2
+    threads: int = 32
+    heartbeat_interval_s: float = 2.0
+    heartbeat_timeout_s: float | None = None  # default: 3 heartbeat intervals
+    lease_ttl_s: float = 10.0
+    reconcile_interval_s: float = 1.0
+    retry_backoff_s: float = 2.0
+    retry_backoff_max_s: float = 60.0
+    max_replicas: int = 1024
+    admin_token: str | None = None
+    cluster_token: str | None = None
+    checkpoint_roots: tuple[str, ...] = field(default=())
+    auto_migrate: bool | None = None  # default: only for SQLite
+    run_leader: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cell", f"/sax/{parse_cell(self.cell)}")
+
+    @property
+    def cell_name(self) -> str:
+        return self.cell.rsplit("/", 1)[1]
+
+    @property
+    def dead_after_s(self) -> float:
+        return self.heartbeat_timeout_s or 3 * self.heartbeat_interval_s
+
+    @property
+    def database_url(self) -> str:
+        if self.db_url:
+            return self.db_url
+        if self.root.startswith("gs://"):
+            raise ValueError("SAX_ROOT is on GCS: set SAX_DB_URL (the embedded SQLite needs a local root)")
+        path = os.path.abspath(os.path.join(self.root, "sax", self.cell_name, "admin.db"))
+        return f"sqlite:///{path}"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def migrate_on_start(self) -> bool:
+        return self.is_sqlite if self.auto_migrate is None else self.auto_migrate
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "AdminSettings":
+        env = os.environ if env is None else env
+        roots = tuple(r for r in env.get("SAX_CHECKPOINT_ROOTS", "").split(",") if r)
+        base = cls(
+            cell=env.get("SAX_CELL") or cls.cell,
+            root=env.get("SAX_ROOT") or DEFAULT_ROOT,
+            db_url=env.get("SAX_DB_URL") or None,
+            port=_env_int(env, "SAX_ADMIN_PORT", cls.port),
+            workers=_env_int(env, "SAX_ADMIN_WORKERS", cls.workers),
+            threads=_env_int(env, "SAX_ADMIN_THREADS", cls.threads),
+            heartbeat_interval_s=_env_float(env, "SAX_HEARTBEAT_INTERVAL", cls.heartbeat_interval_s),
+            heartbeat_timeout_s=_env_float(env, "SAX_HEARTBEAT_TIMEOUT", 0.0) or None,
+            lease_ttl_s=_env_float(env, "SAX_LEASE_TTL", cls.lease_ttl_s),
+            reconcile_interval_s=_env_float(env, "SAX_RECONCILE_INTERVAL", cls.reconcile_interval_s),
+            retry_backoff_s=_env_float(env, "SAX_RETRY_BACKOFF", cls.retry_backoff_s),
+            retry_backoff_max_s=_env_float(env, "SAX_RETRY_BACKOFF_MAX", cls.retry_backoff_max_s),
+            admin_token=env.get("SAX_ADMIN_TOKEN") or None,
+            cluster_token=env.get("SAX_CLUSTER_TOKEN") or None,
+            checkpoint_roots=roots,
+        )
+        known = {f.name for f in fields(cls)}
+        return replace(base, **{k: v for k, v in overrides.items() if k in known and v is not None})

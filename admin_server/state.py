@@ -1,0 +1,299 @@
+"""Cell state operations behind the admin API: publish, update, list, heartbeat, locate.
+
+Each function runs in the caller's session/transaction; a mutation of the
+published set also bumps the cell's version so the leader snapshots it.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from admin_server.errors import AlreadyExists, Conflict, NotFound
+from admin_server.naming import (InvalidArgument, check_checkpoint, check_model_path,
+                                 check_overrides, check_replicas, parse_model_id)
+from admin_server.schema import (CellState, ModelServer, ModelState, Observed, PublishedModel,
+                                 Replica, Wanted)
+from admin_server.settings import AdminSettings
+
+
+def bump_version(session: Session, cell: str) -> None:
+    session.execute(update(CellState).where(CellState.cell == cell)
+                    .values(version=CellState.version + 1))
+
+
+def _check_in_cell(settings: AdminSettings, model_id: Any) -> str:
+    mid = parse_model_id(model_id)
+    if mid.cell != settings.cell_name:
+        raise InvalidArgument(f"model {model_id} is not in this admin's cell {settings.cell}")
+    return str(mid)
+
+
+def _get_active(session: Session, model_id: str, *, lock: bool = False) -> PublishedModel:
+    stmt = select(PublishedModel).where(PublishedModel.model_id == model_id)
+    model = session.scalars(stmt.with_for_update() if lock else stmt).first()
+    if model is None or model.state != ModelState.ACTIVE.value:
+        raise NotFound(f"model {model_id} is not published")
+    return model
+
+
+def publish(session: Session, settings: AdminSettings, body: dict[str, Any]) -> PublishedModel:
+    model_id = _check_in_cell(settings, body.get("model_id"))
+    model_path = check_model_path(body.get("model_path"))
+    checkpoint = check_checkpoint(body.get("checkpoint"), settings.checkpoint_roots)
+    replicas = check_replicas(body.get("replicas", body.get("num_replicas")), settings.max_replicas)
+    overrides = check_overrides(body.get("overrides"))
+    existing = session.get(PublishedModel, model_id, with_for_update=True)
+    if existing is not None:
+        if existing.state == ModelState.UNPUBLISHING.value:
+            raise Conflict(f"model {model_id} is being unpublished; retry later")
+        raise AlreadyExists(f"model {model_id} is already published")
+    model = PublishedModel(
+        model_id=model_id, cell=settings.cell_name, model_path=model_path, checkpoint=checkpoint,
+        requested_replicas=replicas, overrides=overrides, uuid=str(uuid.uuid4()), generation=1,
+        state=ModelState.ACTIVE.value, failures=0)
+    session.add(model)
+    bump_version(session, settings.cell_name)
+    session.flush()
+    return model
+
+
+def unpublish(session: Session, settings: AdminSettings, model_id: Any) -> None:
+    model = _get_active(session, _check_in_cell(settings, model_id), lock=True)
+    model.state = ModelState.UNPUBLISHING.value
+    session.execute(update(Replica).where(Replica.model_id == model.model_id)
+                    .values(wanted=Wanted.UNLOADED.value, updated_at=time.time()))
+    bump_version(session, settings.cell_name)
+
+
+def update_model(session: Session, settings: AdminSettings, model_id: Any,
+                 body: dict[str, Any]) -> PublishedModel:
+    """Changes checkpoint and/or replicas. A new checkpoint starts a new generation
+    (new replicas load before old ones unload); a replicas-only change reloads nothing."""
+    model = _get_active(session, _check_in_cell(settings, model_id), lock=True)
+    if body.get("model_path") not in (None, model.model_path):
+        raise InvalidArgument(
+            f"update cannot change model_path ({model.model_path} -> {body['model_path']}); "
+            "unpublish and publish instead")
+    if "overrides" in body and check_overrides(body["overrides"]) != model.overrides:
+        raise InvalidArgument("update cannot change overrides; unpublish and publish instead")
+    changed = False
+    if "checkpoint" in body:
+        checkpoint = check_checkpoint(body["checkpoint"], settings.checkpoint_roots)
+        if checkpoint != model.checkpoint:
+            model.checkpoint = checkpoint
+            model.generation += 1
+            model.failures, model.retry_after, model.last_error = 0, None, None
+            changed = True
+    if body.get("replicas", body.get("num_replicas")) is not None:
+        replicas = check_replicas(body.get("replicas", body.get("num_replicas")), settings.max_replicas)
+        if replicas != model.requested_replicas:
+            model.requested_replicas = replicas
+            changed = True
+    if changed:
+        bump_version(session, settings.cell_name)
+    session.flush()
+    return model
+
+
+def replica_status(r: Replica, now: float) -> str:
+    """What a user sees for a replica: a failed one stays FAILED while it backs off."""
+    if r.wanted == Wanted.UNLOADED.value and r.observed == Observed.NONE.value:
+        return Observed.FAILED.value if r.retry_after and r.retry_after > now else "UNLOADED"
+    if r.wanted == Wanted.UNLOADED.value and r.observed == Observed.LOADED.value:
+        return Observed.UNLOADING.value
+    return r.observed
+
+
+def model_detail(session: Session, settings: AdminSettings, model: PublishedModel) -> dict[str, Any]:
+    now = time.time()
+    alive_after = now - settings.dead_after_s
+    rows = session.execute(
+        select(Replica, ModelServer.last_heartbeat)
+        .join(ModelServer, ModelServer.address == Replica.server_address)
+        .where(Replica.model_id == model.model_id)
+        .order_by(Replica.generation.desc(), Replica.server_address)).all()
+    replicas = [{
+        "address": r.server_address, "status": replica_status(r, now),
+        "wanted": r.wanted, "generation": r.generation, "checkpoint": r.checkpoint,
+        "error": r.error, "load_time_s": r.load_time_s, "memory_bytes": r.memory_bytes,
+        "server_alive": hb >= alive_after,
+    } for r, hb in rows]
+    active = sum(1 for r, hb in rows if _routable(r) and hb >= alive_after)
+    return {
+        "model_id": model.model_id, "model_path": model.model_path,
+        "checkpoint": model.checkpoint if model.checkpoint is not None else "None",
+        "max_replicas": model.requested_replicas, "active_replicas": active,
+        "overrides": model.overrides, "uuid": model.uuid, "generation": model.generation,
+        "last_error": model.last_error, "replicas": replicas,
+    }
+
+
+def _routable(r: Replica) -> bool:
+    return r.wanted == Wanted.LOADED.value and r.observed == Observed.LOADED.value
+
+
+def get_detail(session: Session, settings: AdminSettings, model_id: Any) -> dict[str, Any]:
+    return model_detail(session, settings, _get_active(session, _check_in_cell(settings, model_id)))
+
+
+def list_models(session: Session, settings: AdminSettings, cell: str) -> list[PublishedModel]:
+    return list(session.scalars(
+        select(PublishedModel).where(PublishedModel.cell == cell,
+                                     PublishedModel.state == ModelState.ACTIVE.value)
+        .order_by(PublishedModel.model_id)))
+
+
+def list_servers(session: Session, settings: AdminSettings) -> list[dict[str, Any]]:
+    now = time.time()
+    servers = session.scalars(select(ModelServer).where(ModelServer.cell == settings.cell_name)
+                              .order_by(ModelServer.address)).all()
+    replicas = session.execute(select(Replica.server_address, Replica.model_id, Replica.generation,
+                                      Replica.wanted, Replica.observed, Replica.retry_after,
+                                      Replica.error)).all()
+    by_server: dict[str, list[dict[str, Any]]] = {}
+    for r in replicas:
+        by_server.setdefault(r.server_address, []).append(
+            {"model_id": r.model_id, "generation": r.generation,
+             "status": replica_status(r, now)})  # type: ignore[arg-type]
+    return [{
+        "address": s.address, "chip": s.chip, "topology": s.topology,
+        "device_count": s.device_count, "memory_bytes": s.memory_bytes, "tags": s.tags,
+        "servable_model_paths": s.servable_model_paths,
+        "last_heartbeat_age_s": round(now - s.last_heartbeat, 3),
+        "alive": now - s.last_heartbeat <= settings.dead_after_s,
+        "models": by_server.get(s.address, []),
+    } for s in servers]
+
+
+def stats(session: Session, settings: AdminSettings) -> dict[str, Any]:
+    cell = settings.cell_name
+    n_models = session.scalar(select(func.count()).select_from(PublishedModel).where(
+        PublishedModel.cell == cell, PublishedModel.state == ModelState.ACTIVE.value))
+    n_servers = session.scalar(select(func.count()).select_from(ModelServer).where(
+        ModelServer.cell == cell))
+    by_status = dict(session.execute(select(Replica.observed, func.count())
+                                     .group_by(Replica.observed)).all())
+    cs = session.get(CellState, cell)
+    return {"cell": settings.cell, "models": n_models, "servers": n_servers,
+            "replicas_by_observed_status": by_status,
+            "version": cs.version if cs else 0,
+            "snapshot_version": cs.snapshot_version if cs else 0}
+
+
+@dataclass
+class ReportedModel:
+    model_id: str
+    generation: int
+    status: str
+    error: str | None
+    memory_bytes: int | None
+    load_time_s: float | None
+
+
+_SERVER_FIELDS = {"chip": str, "topology": str, "device_count": int, "memory_bytes": int}
+
+
+def _parse_heartbeat(body: dict[str, Any]) -> tuple[dict[str, Any], list[ReportedModel]]:
+    server = body.get("server")
+    if not isinstance(server, dict):
+        raise InvalidArgument("heartbeat needs a 'server' object")
+    address = server.get("address")
+    if not isinstance(address, str) or not address or len(address) > 255:
+        raise InvalidArgument("server.address must be a non-empty host:port string")
+    desc: dict[str, Any] = {"address": address, "boot_id": str(server.get("boot_id", ""))[:64]}
+    for key, typ in _SERVER_FIELDS.items():
+        value = server.get(key, "" if typ is str else 0)
+        if not isinstance(value, typ) or isinstance(value, bool):
+            raise InvalidArgument(f"server.{key} must be {typ.__name__}")
+        desc[key] = value
+    for key in ("tags", "servable_model_paths"):
+        value = server.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise InvalidArgument(f"server.{key} must be a list of strings")
+        desc[key] = value
+    models = body.get("models", [])
+    if not isinstance(models, list):
+        raise InvalidArgument("'models' must be a list")
+    reported = []
+    for m in models:
+        if not isinstance(m, dict) or not isinstance(m.get("model_id"), str):
+            raise InvalidArgument("each reported model needs a model_id")
+        status = m.get("status")
+        if status not in {o.value for o in Observed}:
+            raise InvalidArgument(f"unknown model status {status!r}")
+        reported.append(ReportedModel(
+            model_id=m["model_id"], generation=int(m.get("generation", 1)), status=status,
+            error=(str(m["error"])[:4000] if m.get("error") else None),
+            memory_bytes=m.get("memory_bytes"), load_time_s=m.get("load_time_s")))
+    return desc, reported
+
+
+def heartbeat(session: Session, settings: AdminSettings, body: dict[str, Any]) -> dict[str, Any]:
+    """Records a model server's description and observed models; returns its desired set."""
+    desc, reported = _parse_heartbeat(body)
+    now = time.time()
+    server = session.get(ModelServer, desc["address"])
+    if server is None:
+        server = ModelServer(cell=settings.cell_name, first_seen=now, last_heartbeat=now, **desc)
+        session.add(server)
+        session.flush()
+    elif server.cell != settings.cell_name:
+        raise InvalidArgument(f"server {server.address} belongs to cell /sax/{server.cell}")
+    else:
+        for key, value in desc.items():
+            if getattr(server, key) != value:
+                setattr(server, key, value)
+        server.last_heartbeat = now
+    by_key = {(m.model_id, m.generation): m for m in reported}
+    rows = session.execute(
+        select(Replica, PublishedModel.model_path, PublishedModel.overrides,
+               PublishedModel.memory_bytes)
+        .join(PublishedModel, PublishedModel.model_id == Replica.model_id)
+        .where(Replica.server_address == server.address)).all()
+    desired = []
+    for replica, model_path, overrides, model_memory in rows:
+        rep = by_key.get((replica.model_id, replica.generation))
+        observed = rep.status if rep else Observed.NONE.value
+        if replica.observed != observed:
+            replica.observed = observed
+            replica.updated_at = now
+        if rep is not None:
+            if rep.error and replica.error != rep.error:
+                replica.error = rep.error
+            if rep.memory_bytes and replica.memory_bytes != rep.memory_bytes:
+                replica.memory_bytes = rep.memory_bytes
+            if rep.load_time_s and replica.load_time_s != rep.load_time_s:
+                replica.load_time_s = rep.load_time_s
+            if observed == Observed.LOADED.value and rep.memory_bytes and model_memory is None:
+                session.execute(update(PublishedModel)
+                                .where(PublishedModel.model_id == replica.model_id,
+                                       PublishedModel.memory_bytes.is_(None))
+                                .values(memory_bytes=rep.memory_bytes))
+        if replica.wanted == Wanted.LOADED.value:
+            desired.append({"model_id": replica.model_id, "generation": replica.generation,
+                            "model_path": model_path,
+                            "checkpoint": replica.checkpoint if replica.checkpoint is not None else "None",
+                            "overrides": overrides})
+    return {"desired": desired, "heartbeat_interval_s": settings.heartbeat_interval_s,
+            "cell": settings.cell}
+
+
+def locate(session: Session, settings: AdminSettings, model_id: Any) -> dict[str, Any]:
+    """Addresses of the model's LOADED replicas on live servers, with a version to long-poll on."""
+    model = _get_active(session, _check_in_cell(settings, model_id))
+    alive_after = time.time() - settings.dead_after_s
+    addresses = sorted(session.scalars(
+        select(Replica.server_address)
+        .join(ModelServer, ModelServer.address == Replica.server_address)
+        .where(Replica.model_id == model.model_id, Replica.wanted == Wanted.LOADED.value,
+               Replica.observed == Observed.LOADED.value,
+               ModelServer.last_heartbeat >= alive_after)).unique())
+    digest = hashlib.sha1("\n".join([model.uuid, *addresses]).encode()).hexdigest()[:16]
+    return {"model_id": model.model_id, "addresses": addresses, "version": digest,
+            "model_path": model.model_path, "overrides": model.overrides}

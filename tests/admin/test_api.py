@@ -1,0 +1,164 @@
+"""The admin API in-process (real app, real SQLite/PostgreSQL): shapes, validation, auth."""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from tests.cluster import wait_until
+
+SERVER = {"address": "10.0.0.1:10001", "boot_id": "b1", "chip": "cpu", "topology": "1",
+          "device_count": 1, "memory_bytes": 8 << 30, "tags": ["x"],
+          "servable_model_paths": ["test.tiny", "lm.hf"]}
+
+
+def publish(client, model_id: str = "/sax/test/lm", replicas: int = 1, **extra: Any):  # type: ignore[no-untyped-def]
+    return client.post("/models", json={"model_id": model_id, "model_path": "test.tiny",
+                                        "checkpoint": "None", "replicas": replicas, **extra})
+
+
+def beat(client, models: list[dict[str, Any]] | None = None, server: dict[str, Any] | None = None):  # type: ignore[no-untyped-def]
+    r = client.post("/heartbeat", json={"server": server or SERVER, "models": models or []})
+    assert r.status_code == 200, r.json
+    return r.json
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def client(request):  # type: ignore[no-untyped-def]
+    db_url = request.getfixturevalue("pg_url") if request.param == "postgres" else None
+    app = request.getfixturevalue("make_app")(db_url=db_url, auto_migrate=True)
+    return app.test_client()
+
+
+def test_publish_list_detail_update_unpublish(client) -> None:  # type: ignore[no-untyped-def]
+    r = publish(client, overrides={"num_slots": 4})
+    assert r.status_code == 201
+    assert r.json["model_id"] == "/sax/test/lm" and r.json["max_replicas"] == 1
+    assert r.json["checkpoint"] == "None" and r.json["overrides"] == {"num_slots": 4}
+    assert client.get("/models").json == {"models": ["/sax/test/lm"]}
+    assert client.get("/models?cell=/sax/test").json == {"models": ["/sax/test/lm"]}
+    assert client.get("/models", json={"cell": "/sax/other"}).json == {"models": []}
+    detail = client.get("/models/sax/test/lm").json
+    assert detail["model_path"] == "test.tiny" and detail["active_replicas"] == 0
+    r = client.patch("/models/sax/test/lm", json={"replicas": 3})
+    assert r.status_code == 200 and r.json["max_replicas"] == 3 and r.json["generation"] == 1
+    r = client.put("/models/sax/test/lm", json={"checkpoint": "/ckpt/b", "model_path": "test.tiny"})
+    assert r.json["checkpoint"] == "/ckpt/b" and r.json["generation"] == 2
+    full = client.get("/models?detail=1").json["models"]
+    assert [m["model_id"] for m in full] == ["/sax/test/lm"]
+    assert client.delete("/models/sax/test/lm").json == {"model_id": "/sax/test/lm"}
+    assert client.get("/models").json == {"models": []}
+    assert client.get("/models/sax/test/lm").status_code == 404
+
+
+def test_validation_errors(client) -> None:  # type: ignore[no-untyped-def]
+    def err(r, status: int, code: str) -> str:  # type: ignore[no-untyped-def]
+        assert r.status_code == status, r.json
+        assert r.json["error"]["code"] == code
+        return r.json["error"]["message"]
+
+    assert "model name" in err(publish(client, "/sax/test/Bad"), 400, "INVALID_ARGUMENT")
+    assert "cell" in err(publish(client, "/sax/other/lm"), 400, "INVALID_ARGUMENT")
+    err(publish(client, replicas=-1), 400, "INVALID_ARGUMENT")
+    err(publish(client, checkpoint="../../etc"), 400, "INVALID_ARGUMENT")
+    assert "unknown override" in err(publish(client, overrides={"nope": 1}), 400, "INVALID_ARGUMENT")
+    err(client.post("/models", data=b"{not json", content_type="application/json"), 400, "INVALID_ARGUMENT")
+    err(client.post("/models", data=b"\xff\xfe", content_type="application/json"), 400, "INVALID_ARGUMENT")
+    err(client.post("/models", json=[1, 2]), 400, "INVALID_ARGUMENT")
+    assert publish(client).status_code == 201
+    err(publish(client), 409, "ALREADY_EXISTS")
+    assert "model_path" in err(client.patch("/models/sax/test/lm", json={"model_path": "lm.hf"}),
+                               400, "INVALID_ARGUMENT")
+    err(client.patch("/models/sax/test/nope", json={"replicas": 1}), 404, "NOT_FOUND")
+    err(client.delete("/models/sax/test/nope"), 404, "NOT_FOUND")
+    err(client.get("/models/sax/test/nope"), 404, "NOT_FOUND")
+    err(client.get("/locate/sax/test/nope"), 404, "NOT_FOUND")
+    err(client.post("/heartbeat", json={"server": {"address": 5}}), 400, "INVALID_ARGUMENT")
+    err(client.post("/heartbeat", json={"server": SERVER, "models": [{"model_id": "/sax/test/lm",
+                                                                      "status": "WEIRD"}]}),
+        400, "INVALID_ARGUMENT")
+    err(client.get("/nowhere"), 404, "NOT_FOUND")
+    err(client.delete("/models"), 405, "METHOD_NOT_ALLOWED")
+
+
+def test_unpublishing_model_cannot_be_republished_until_unloaded(make_app) -> None:  # type: ignore[no-untyped-def]
+    client = make_app().test_client()
+    assert publish(client).status_code == 201
+    wait_until(lambda: beat(client)["desired"], what="placement")
+    beat(client, [{"model_id": "/sax/test/lm", "generation": 1, "status": "LOADED"}])
+    client.delete("/models/sax/test/lm")
+    r = publish(client)
+    assert r.status_code == 409 and r.json["error"]["code"] == "UNAVAILABLE"
+    assert "being unpublished" in r.json["error"]["message"]
+    assert beat(client, [{"model_id": "/sax/test/lm", "generation": 1, "status": "LOADED"}])["desired"] == []
+    beat(client, [])  # the server unloaded it
+    wait_until(lambda: publish(client).status_code == 201, what="republish after unload")
+
+
+def test_heartbeat_desired_set_and_locate_long_poll(make_app) -> None:  # type: ignore[no-untyped-def]
+    client = make_app().test_client()
+    publish(client, overrides={"num_slots": 2})
+    assert client.get("/locate/sax/test/lm").json["addresses"] == []
+    desired = wait_until(lambda: beat(client)["desired"], what="placement")
+    assert desired == [{"model_id": "/sax/test/lm", "generation": 1, "model_path": "test.tiny",
+                        "checkpoint": "None", "overrides": {"num_slots": 2}}]
+    beat(client, [{"model_id": "/sax/test/lm", "generation": 1, "status": "LOADING"}])
+    loc = client.get("/locate/sax/test/lm").json
+    assert loc["addresses"] == []  # never routed before it is ready
+
+    got: dict[str, Any] = {}
+
+    def poll() -> None:
+        started = time.monotonic()
+        got["answer"] = client.get(f"/locate/sax/test/lm?version={loc['version']}&timeout=10").json
+        got["waited"] = time.monotonic() - started
+
+    t = threading.Thread(target=poll)
+    t.start()
+    time.sleep(0.5)
+    beat(client, [{"model_id": "/sax/test/lm", "generation": 1, "status": "LOADED",
+                   "memory_bytes": 1234, "load_time_s": 0.5}])
+    t.join(10)
+    assert got["answer"]["addresses"] == [SERVER["address"]]
+    assert got["answer"]["version"] != loc["version"]
+    assert 0.4 < got["waited"] < 5
+    # Unchanged version + short timeout: answers after the timeout with the same version.
+    same = client.get(f"/locate/sax/test/lm?version={got['answer']['version']}&timeout=0.3").json
+    assert same["version"] == got["answer"]["version"]
+    detail = client.get("/models/sax/test/lm").json
+    assert detail["active_replicas"] == 1
+    assert detail["replicas"][0]["load_time_s"] == 0.5 and detail["replicas"][0]["memory_bytes"] == 1234
+    servers = client.get("/servers").json["servers"]
+    assert servers[0]["address"] == SERVER["address"] and servers[0]["alive"]
+    assert servers[0]["models"] == [{"model_id": "/sax/test/lm", "generation": 1, "status": "LOADED"}]
+    stats = client.get("/stats").json
+    assert stats["models"] == 1 and stats["servers"] == 1 and stats["leader"]["valid"]
+
+
+def test_tokens_guard_mutations_and_heartbeats(make_app) -> None:  # type: ignore[no-untyped-def]
+    client = make_app(admin_token="adm-secret", cluster_token="clu-secret").test_client()
+    r = publish(client)
+    assert r.status_code == 401 and r.json["error"]["code"] == "UNAUTHENTICATED"
+    r = client.post("/models", json={"model_id": "/sax/test/lm"}, headers={"Authorization": "Bearer clu-secret"})
+    assert r.status_code == 403
+    ok = client.post("/models", headers={"Authorization": "Bearer adm-secret"},
+                     json={"model_id": "/sax/test/lm", "model_path": "test.tiny", "checkpoint": "None",
+                           "replicas": 1})
+    assert ok.status_code == 201
+    assert client.get("/models").status_code == 200  # reads are open
+    assert client.post("/heartbeat", json={"server": SERVER}).status_code == 401
+    assert client.post("/heartbeat", json={"server": SERVER},
+                       headers={"Authorization": "Bearer adm-secret"}).status_code == 403
+    assert client.post("/heartbeat", json={"server": SERVER},
+                       headers={"Authorization": "Bearer clu-secret"}).status_code == 200
+    for call in (lambda h: client.delete("/models/sax/test/lm", headers=h),
+                 lambda h: client.patch("/models/sax/test/lm", json={"replicas": 2}, headers=h)):
+        assert call({}).status_code == 401
+        assert call({"Authorization": "Bearer wrong"}).status_code == 403
+
+
+def test_healthz(make_app) -> None:  # type: ignore[no-untyped-def]
+    r = make_app().test_client().get("/healthz")
+    assert r.status_code == 200 and r.json["status"] == "ok" and r.json["cell"] == "/sax/test"
