@@ -24,8 +24,10 @@ def serve(settings: AdminSettings) -> None:
 def _worker_exit(server: Any, worker: Any) -> None:
     """On a worker's graceful exit, release the lease so a peer takes over at once."""
     ctx = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("sax_admin")
-    if ctx is not None and ctx.leader is not None:
-        ctx.leader.stop()
+    if ctx is not None:
+        ctx.heartbeats.stop()
+        if ctx.leader is not None:
+            ctx.leader.stop()
 
 
 @click.command()

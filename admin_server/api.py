@@ -173,9 +173,7 @@ def stats():  # type: ignore[no-untyped-def]
 @bp.post("/heartbeat")
 @require("cluster_token")
 def heartbeat():  # type: ignore[no-untyped-def]
-    c = ctx()
-    with c.sessions.begin() as s:
-        return jsonify(state.heartbeat(s, c.settings, body()))
+    return jsonify(ctx().heartbeats.record(body()))
 
 
 @bp.get("/locate/<path:name>")

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from admin_server.blobstore import BlobStore, open_blobstore
 from admin_server.db import make_engine, migrate, schema_is_current, session_factory
+from admin_server.heartbeats import HeartbeatRecorder
 from admin_server.leader import LeaderLoop
 from admin_server.settings import AdminSettings
 from admin_server.snapshot import ensure_cell
@@ -25,6 +26,7 @@ class AdminContext:
     sessions: sessionmaker[Session]
     store: BlobStore
     leader: LeaderLoop | None
+    heartbeats: HeartbeatRecorder
     poll_interval_s: float = 0.2
 
     def wake_leader(self) -> None:
@@ -56,9 +58,12 @@ def create_app(settings: AdminSettings | None = None, *, prepare: bool = True) -
     leader = LeaderLoop(engine, store, settings) if settings.run_leader else None
     app = Flask("admin_server")
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    app.extensions["sax_admin"] = AdminContext(settings, engine, session_factory(engine), store, leader)
+    heartbeats = HeartbeatRecorder(engine, settings)
+    app.extensions["sax_admin"] = AdminContext(settings, engine, session_factory(engine), store, leader,
+                                               heartbeats)
     from admin_server.api import bp
     app.register_blueprint(bp)
+    atexit.register(heartbeats.stop)
     if leader:
         leader.start()
         atexit.register(leader.stop)

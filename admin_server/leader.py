@@ -8,7 +8,7 @@ from sqlalchemy import Engine
 
 from admin_server.blobstore import BlobStore, BlobStoreError
 from admin_server.lease import LeaderLease, LeaseLost
-from admin_server.reconciler import reconcile
+from admin_server.reconciler import Reconciler
 from admin_server.settings import AdminSettings
 from admin_server.snapshot import write_snapshot
 
@@ -25,7 +25,7 @@ class LeaderLoop:
         self.store = store
         self.settings = settings
         self.lease = LeaderLease(engine, lease_name(settings), settings.lease_ttl_s)
-        self.passes = 0
+        self.reconciler = Reconciler(engine, settings)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -55,8 +55,7 @@ class LeaderLoop:
             return
         name, holder = self.lease.name, self.lease.holder
         try:
-            reconcile(self.engine, self.settings, name, holder, epoch)
-            self.passes += 1
+            self.reconciler.run(name, holder, epoch)
             write_snapshot(self.engine, self.store, self.settings.cell_name, name, holder, epoch)
         except LeaseLost as e:
             log.warning("%s", e)

@@ -7,16 +7,17 @@ in one transaction fenced by the leader's epoch.
 """
 from __future__ import annotations
 
+import heapq
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, delete, insert, select, update
+from sqlalchemy import Engine, delete, func, insert, select, update
 
 from admin_server.lease import fence
-from admin_server.schema import (ModelServer, ModelState, Observed, PublishedModel, Replica,
-                                 Wanted)
+from admin_server.schema import (CellState, ModelServer, ModelState, Observed, PublishedModel,
+                                 Replica, Wanted)
 from admin_server.settings import AdminSettings
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,8 @@ class Plan:
     model_failures: dict[str, tuple[int, float, str]] = field(default_factory=dict)
     model_recovered: list[str] = field(default_factory=list)
     drop_models: list[str] = field(default_factory=list)
+    # Earliest time a back-off ends: the next pass that could act on its own.
+    next_due: float | None = None
 
     def empty(self) -> bool:
         return not any((self.dead_servers, self.add, self.unload, self.delete, self.failed,
@@ -100,6 +103,34 @@ def _fits(server: ServerView, model: ModelView) -> bool:
     return set(model.overrides.get("constraints") or []) <= set(server.tags)
 
 
+def _pick(heap: list[tuple[int, str]], free: dict[str, int], count: int, need: int,
+          exclude: set[str], avoid: set[str]) -> list[str]:
+    """Takes up to `count` servers with the most free memory that fit `need`, skipping
+    `exclude` and using `avoid` only as a last resort; charges `need` to those taken.
+    Heap entries may be stale (memory taken by another kind of model): those are
+    refreshed as they surface; stale values only overstate free memory."""
+    chosen: list[str] = []
+    fallback: list[str] = []
+    popped: list[str] = []
+    while heap and len(chosen) < count:
+        neg, address = heapq.heappop(heap)
+        if -neg != free[address]:
+            heapq.heappush(heap, (-free[address], address))
+            continue
+        popped.append(address)
+        if free[address] < need:
+            break
+        if address in exclude:
+            continue
+        (fallback if address in avoid else chosen).append(address)
+    chosen += fallback[:count - len(chosen)]
+    for address in chosen:
+        free[address] -= need
+    for address in popped:
+        heapq.heappush(heap, (-free[address], address))
+    return chosen
+
+
 def plan(now: float, settings: AdminSettings, servers: list[ServerView], models: list[ModelView],
          replicas: list[ReplicaView]) -> Plan:
     p = Plan()
@@ -123,6 +154,7 @@ def plan(now: float, settings: AdminSettings, servers: list[ServerView], models:
             p.failed.append((r.id, server_retry_at))
             p.model_failures[model.model_id] = (fails, now + backoff,
                                                 f"{r.server}: {r.error or 'load failed'}")
+            p.next_due = min(p.next_due or now + backoff, now + backoff)
             r.wanted, r.retry_after = UNLOADED, server_retry_at
         elif r.wanted == LOADED and model.state != ModelState.ACTIVE.value:
             p.unload.append(r.id)
@@ -132,10 +164,12 @@ def plan(now: float, settings: AdminSettings, servers: list[ServerView], models:
             continue
         kept.append(r)
 
-    used: dict[str, int] = {a: 0 for a in live}
+    free: dict[str, int] = {a: s.memory_bytes for a, s in live.items()}
     for r in kept:
         if r.wanted == LOADED or r.observed != NONE:
-            used[r.server] += max(by_model[r.model_id].need, r.memory_bytes or 0)
+            free[r.server] -= max(by_model[r.model_id].need, r.memory_bytes or 0)
+    # Per kind of model (path, chip, constraints): a max-heap of servers by free memory.
+    heaps: dict[tuple[str, str, tuple[str, ...]], list[tuple[int, str]]] = {}
 
     holding: dict[str, list[ReplicaView]] = {}
     for r in kept:
@@ -172,23 +206,24 @@ def plan(now: float, settings: AdminSettings, servers: list[ServerView], models:
         if missing <= 0:
             continue
         if model.retry_after and model.retry_after > now:
+            p.next_due = min(p.next_due or model.retry_after, model.retry_after)
             continue
         if model.model_id in p.model_failures:
             continue  # a replica just failed: back off before placing again
         blocked = {r.server for r in mine if r.retry_after and r.retry_after > now}
+        for r in mine:
+            if r.retry_after and r.retry_after > now:
+                p.next_due = min(p.next_due or r.retry_after, r.retry_after)
         on_server = {r.server for r in mine if r.wanted == LOADED}
-        current_servers = {r.server for r in current}
-        need = model.need
-        candidates = [s for a, s in live.items()
-                      if a not in blocked and a not in current_servers and _fits(s, model)
-                      and s.memory_bytes - used[a] >= need]
-        # Prefer servers without any replica of this model, then the most free memory.
-        candidates.sort(key=lambda s: (s.address in on_server, -(s.memory_bytes - used[s.address]),
-                                       s.address))
-        for s in candidates[:missing]:
-            p.add.append({"model_id": model.model_id, "server_address": s.address,
+        exclude = blocked | {r.server for r in current}
+        key = (model.model_path, repr(model.overrides.get("chip")),
+               tuple(sorted(model.overrides.get("constraints") or [])))
+        if key not in heaps:
+            heaps[key] = [(-free[a], a) for a, s in live.items() if _fits(s, model)]
+            heapq.heapify(heaps[key])
+        for address in _pick(heaps[key], free, missing, model.need, exclude, on_server):
+            p.add.append({"model_id": model.model_id, "server_address": address,
                           "generation": model.generation, "checkpoint": model.checkpoint})
-            used[s.address] += need
     return p
 
 
@@ -248,17 +283,55 @@ def apply(conn, p: Plan, now: float) -> None:  # type: ignore[no-untyped-def]
                                                   PublishedModel.state != ModelState.ACTIVE.value))
 
 
-def reconcile(engine: Engine, settings: AdminSettings, lease_name: str, holder: str,
-              epoch: int) -> Plan:
-    """One reconcile pass as the leader at `epoch`. Raises LeaseLost if the lease moved."""
-    now = time.time()
-    with engine.begin() as conn:
-        fence(conn, lease_name, holder, epoch)
-        servers, models, replicas = load_views(conn, settings.cell_name)
-        p = plan(now, settings, servers, models, replicas)
+def fingerprint(conn, settings: AdminSettings, now: float) -> tuple[Any, ...]:  # type: ignore[no-untyped-def]
+    """A cheap probe of everything that can make a reconcile pass act: the published
+    set's version, the newest replica status change, the live and dead server counts.
+    (Index lookups only: no hot counter row for heartbeats to contend on.)"""
+    version = conn.execute(select(CellState.version).where(CellState.cell == settings.cell_name)).scalar()
+    newest = conn.execute(select(func.max(Replica.updated_at))).scalar()
+    dead_before = now - settings.dead_after_s
+    servers = conn.execute(select(func.count()).select_from(ModelServer).where(
+        ModelServer.cell == settings.cell_name)).scalar_one()
+    dead = conn.execute(select(func.count()).select_from(ModelServer).where(
+        ModelServer.cell == settings.cell_name, ModelServer.last_heartbeat < dead_before)).scalar_one()
+    return (version, newest, servers, dead)
+
+
+class Reconciler:
+    """Runs reconcile passes for the leader, skipping those that could not change anything.
+
+    A pass runs when the probe (:func:`fingerprint`) moved, when a back-off ends,
+    or at least every `full_pass_s` (server descriptions can change unseen).
+    """
+
+    def __init__(self, engine: Engine, settings: AdminSettings, full_pass_s: float | None = None) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.full_pass_s = full_pass_s or max(5.0, 5 * settings.reconcile_interval_s)
+        self._last: tuple[Any, ...] | None = None
+        self._last_at = 0.0
+        self._next_due: float | None = None
+        self.passes = 0
+
+    def run(self, lease_name: str, holder: str, epoch: int) -> Plan | None:
+        """One pass as the leader at `epoch` (None if skipped). Raises LeaseLost if the lease moved."""
+        now = time.time()
+        with self.engine.begin() as conn:
+            fence(conn, lease_name, holder, epoch)
+            probe = fingerprint(conn, self.settings, now)
+            if (probe == self._last and now - self._last_at < self.full_pass_s
+                    and not (self._next_due and now >= self._next_due)):
+                return None
+            servers, models, replicas = load_views(conn, self.settings.cell_name)
+            p = plan(now, self.settings, servers, models, replicas)
+            if not p.empty():
+                apply(conn, p, now)
+        self.passes += 1
+        # After acting, the state moved under our own writes: look again next tick.
+        self._last = None if not p.empty() else probe
+        self._last_at = now
+        self._next_due = p.next_due
         if not p.empty():
-            apply(conn, p, now)
-    if not p.empty():
-        log.info("reconcile: +%d replicas, -%d unloads, %d deleted, %d failed, dead servers %s",
-                 len(p.add), len(p.unload), len(p.delete), len(p.failed), p.dead_servers)
-    return p
+            log.info("reconcile: +%d replicas, -%d unloads, %d deleted, %d failed, dead servers %s",
+                     len(p.add), len(p.unload), len(p.delete), len(p.failed), p.dead_servers)
+        return p

@@ -112,7 +112,7 @@ class Replica(Base):
     # Set on a failed replica: the server is not tried again for this model before then.
     retry_after: Mapped[float | None] = mapped_column(Double)
     created_at: Mapped[float] = mapped_column(Double)
-    updated_at: Mapped[float] = mapped_column(Double)
+    updated_at: Mapped[float] = mapped_column(Double, index=True)
 
     model: Mapped[PublishedModel] = relationship(back_populates="replicas")
     server: Mapped[ModelServer] = relationship(back_populates="replicas")

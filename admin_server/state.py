@@ -1,4 +1,4 @@
-"""Cell state operations behind the admin API: publish, update, list, heartbeat, locate.
+"""Cell state operations behind the admin API: publish, update, list, locate.
 
 Each function runs in the caller's session/transaction; a mutation of the
 published set also bumps the cell's version so the leader snapshots it.
@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -184,104 +183,6 @@ def stats(session: Session, settings: AdminSettings) -> dict[str, Any]:
             "replicas_by_observed_status": by_status,
             "version": cs.version if cs else 0,
             "snapshot_version": cs.snapshot_version if cs else 0}
-
-
-@dataclass
-class ReportedModel:
-    model_id: str
-    generation: int
-    status: str
-    error: str | None
-    memory_bytes: int | None
-    load_time_s: float | None
-
-
-_SERVER_FIELDS = {"chip": str, "topology": str, "device_count": int, "memory_bytes": int}
-
-
-def _parse_heartbeat(body: dict[str, Any]) -> tuple[dict[str, Any], list[ReportedModel]]:
-    server = body.get("server")
-    if not isinstance(server, dict):
-        raise InvalidArgument("heartbeat needs a 'server' object")
-    address = server.get("address")
-    if not isinstance(address, str) or not address or len(address) > 255:
-        raise InvalidArgument("server.address must be a non-empty host:port string")
-    desc: dict[str, Any] = {"address": address, "boot_id": str(server.get("boot_id", ""))[:64]}
-    for key, typ in _SERVER_FIELDS.items():
-        value = server.get(key, "" if typ is str else 0)
-        if not isinstance(value, typ) or isinstance(value, bool):
-            raise InvalidArgument(f"server.{key} must be {typ.__name__}")
-        desc[key] = value
-    for key in ("tags", "servable_model_paths"):
-        value = server.get(key, [])
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise InvalidArgument(f"server.{key} must be a list of strings")
-        desc[key] = value
-    models = body.get("models", [])
-    if not isinstance(models, list):
-        raise InvalidArgument("'models' must be a list")
-    reported = []
-    for m in models:
-        if not isinstance(m, dict) or not isinstance(m.get("model_id"), str):
-            raise InvalidArgument("each reported model needs a model_id")
-        status = m.get("status")
-        if status not in {o.value for o in Observed}:
-            raise InvalidArgument(f"unknown model status {status!r}")
-        reported.append(ReportedModel(
-            model_id=m["model_id"], generation=int(m.get("generation", 1)), status=status,
-            error=(str(m["error"])[:4000] if m.get("error") else None),
-            memory_bytes=m.get("memory_bytes"), load_time_s=m.get("load_time_s")))
-    return desc, reported
-
-
-def heartbeat(session: Session, settings: AdminSettings, body: dict[str, Any]) -> dict[str, Any]:
-    """Records a model server's description and observed models; returns its desired set."""
-    desc, reported = _parse_heartbeat(body)
-    now = time.time()
-    server = session.get(ModelServer, desc["address"])
-    if server is None:
-        server = ModelServer(cell=settings.cell_name, first_seen=now, last_heartbeat=now, **desc)
-        session.add(server)
-        session.flush()
-    elif server.cell != settings.cell_name:
-        raise InvalidArgument(f"server {server.address} belongs to cell /sax/{server.cell}")
-    else:
-        for key, value in desc.items():
-            if getattr(server, key) != value:
-                setattr(server, key, value)
-        server.last_heartbeat = now
-    by_key = {(m.model_id, m.generation): m for m in reported}
-    rows = session.execute(
-        select(Replica, PublishedModel.model_path, PublishedModel.overrides,
-               PublishedModel.memory_bytes)
-        .join(PublishedModel, PublishedModel.model_id == Replica.model_id)
-        .where(Replica.server_address == server.address)).all()
-    desired = []
-    for replica, model_path, overrides, model_memory in rows:
-        rep = by_key.get((replica.model_id, replica.generation))
-        observed = rep.status if rep else Observed.NONE.value
-        if replica.observed != observed:
-            replica.observed = observed
-            replica.updated_at = now
-        if rep is not None:
-            if rep.error and replica.error != rep.error:
-                replica.error = rep.error
-            if rep.memory_bytes and replica.memory_bytes != rep.memory_bytes:
-                replica.memory_bytes = rep.memory_bytes
-            if rep.load_time_s and replica.load_time_s != rep.load_time_s:
-                replica.load_time_s = rep.load_time_s
-            if observed == Observed.LOADED.value and rep.memory_bytes and model_memory is None:
-                session.execute(update(PublishedModel)
-                                .where(PublishedModel.model_id == replica.model_id,
-                                       PublishedModel.memory_bytes.is_(None))
-                                .values(memory_bytes=rep.memory_bytes))
-        if replica.wanted == Wanted.LOADED.value:
-            desired.append({"model_id": replica.model_id, "generation": replica.generation,
-                            "model_path": model_path,
-                            "checkpoint": replica.checkpoint if replica.checkpoint is not None else "None",
-                            "overrides": overrides})
-    return {"desired": desired, "heartbeat_interval_s": settings.heartbeat_interval_s,
-            "cell": settings.cell}
 
 
 def locate(session: Session, settings: AdminSettings, model_id: Any) -> dict[str, Any]:

@@ -93,6 +93,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('replicas', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_replicas_model_id'), ['model_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_replicas_updated_at'), ['updated_at'], unique=False)
         batch_op.create_index('ix_replicas_server_wanted', ['server_address', 'wanted'], unique=False)
 
 
@@ -100,6 +101,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     with op.batch_alter_table('replicas', schema=None) as batch_op:
         batch_op.drop_index('ix_replicas_server_wanted')
+        batch_op.drop_index(batch_op.f('ix_replicas_updated_at'))
         batch_op.drop_index(batch_op.f('ix_replicas_model_id'))
 
     op.drop_table('replicas')

@@ -26,6 +26,7 @@ def make_app(tmp_path: Path) -> Iterator[Callable[..., Flask]]:
     yield make
     for app in apps:
         ctx = app.extensions["sax_admin"]
+        ctx.heartbeats.stop()
         if ctx.leader:
             ctx.leader.stop()
         ctx.engine.dispose()
