@@ -1,0 +1,1 @@
+"""Saxplane client library: admin calls, model routing and data calls, and `saxutil`."""

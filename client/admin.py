@@ -1,0 +1,100 @@
+"""HTTP client of the admin server's API (see README "Admin API")."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import requests
+
+from client import errors
+
+DEFAULT_ADMIN = "localhost:10000"
+
+
+def admin_url(address: str | None = None) -> str:
+    address = address or os.environ.get("SAX_ADMIN") or DEFAULT_ADMIN
+    return address.rstrip("/") if "://" in address else f"http://{address.rstrip('/')}"
+
+
+class AdminClient:
+    def __init__(self, address: str | None = None, *, token: str | None = None, timeout_s: float = 30.0,
+                 session: requests.Session | None = None) -> None:
+        self.url = admin_url(address)
+        self.token = token if token is not None else os.environ.get("SAX_ADMIN_TOKEN")
+        self.timeout_s = timeout_s
+        self.session = session or requests.Session()
+
+    def _call(self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None,
+              token: str | None = None, timeout: float | None = None) -> Any:
+        headers = {"Authorization": f"Bearer {token or self.token}"} if (token or self.token) else {}
+        try:
+            r = self.session.request(method, self.url + path, json=json, params=params, headers=headers,
+                                     timeout=timeout or self.timeout_s)
+        except requests.RequestException as e:
+            raise errors.Unavailable(f"admin server {self.url} unreachable: {e}") from e
+        try:
+            body = r.json()
+        except ValueError:
+            body = r.text
+        if r.status_code >= 400:
+            raise errors.from_response(r.status_code, body)
+        return body
+
+    @staticmethod
+    def _path(model_id: str) -> str:
+        return "/models" + (model_id if model_id.startswith("/") else "/" + model_id)
+
+    # Mutations ------------------------------------------------------------------------
+    def publish(self, model_id: str, model_path: str, checkpoint: str | None, replicas: int,
+                overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        return self._call("POST", "/models", json={
+            "model_id": model_id, "model_path": model_path,
+            "checkpoint": "None" if checkpoint is None else checkpoint, "replicas": replicas,
+            "overrides": overrides or {}})
+
+    def update(self, model_id: str, *, model_path: str | None = None, checkpoint: str | None = None,
+               replicas: int | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {}
+        if model_path is not None:
+            body["model_path"] = model_path
+        if checkpoint is not None:
+            body["checkpoint"] = checkpoint
+        if replicas is not None:
+            body["replicas"] = replicas
+        return self._call("PATCH", self._path(model_id), json=body)
+
+    def unpublish(self, model_id: str) -> dict[str, Any]:
+        return self._call("DELETE", self._path(model_id))
+
+    # Reads ----------------------------------------------------------------------------
+    def model(self, model_id: str) -> dict[str, Any]:
+        return self._call("GET", self._path(model_id))
+
+    def models(self, cell: str | None = None, detail: bool = False) -> list[Any]:
+        params: dict[str, Any] = {"detail": int(detail)}
+        if cell:
+            params["cell"] = cell
+        return self._call("GET", "/models", params=params)["models"]
+
+    def servers(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/servers")["servers"]
+
+    def stats(self) -> dict[str, Any]:
+        return self._call("GET", "/stats")
+
+    def locate(self, model_id: str, *, version: str | None = None, wait_s: float = 0.0) -> dict[str, Any]:
+        """Ready replica addresses; with `version` and `wait_s`, long-polls for a change."""
+        params: dict[str, Any] = {}
+        if version:
+            params = {"version": version, "timeout": wait_s}
+        return self._call("GET", "/locate" + (model_id if model_id.startswith("/") else "/" + model_id),
+                          params=params, timeout=wait_s + self.timeout_s)
+
+    def healthz(self) -> dict[str, Any]:
+        return self._call("GET", "/healthz", timeout=5)
+
+    # Model servers --------------------------------------------------------------------
+    def heartbeat(self, server: dict[str, Any], models: list[dict[str, Any]], *,
+                  cluster_token: str | None = None, timeout_s: float = 10.0) -> dict[str, Any]:
+        return self._call("POST", "/heartbeat", json={"server": server, "models": models},
+                          token=cluster_token, timeout=timeout_s)

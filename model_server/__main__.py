@@ -1,0 +1,78 @@
+"""`python -m model_server`: a model server under gunicorn (one worker holding the models).
+
+Flags override SAX_* variables (see model_server.settings).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import click
+
+from model_server.settings import ModelServerSettings, StaticModel
+
+
+def build_app(settings: ModelServerSettings):  # type: ignore[no-untyped-def]
+    """Creates the manager, static models, heartbeat agent and Flask app (in the worker)."""
+    import atexit
+
+    from model_server.app import create_app
+    from model_server.devices import describe
+    from model_server.manager import ModelManager
+    from model_server.registry import list_model_paths
+
+    manager = ModelManager(cache_dir=settings.cache_dir)
+    for m in settings.static_models:
+        manager.ensure(m.model_id, 1, m.model_path, m.checkpoint, m.overrides, static=True)
+    app = create_app(manager)
+    if settings.admin:
+        from model_server.agent import HeartbeatAgent
+
+        hw = describe()
+        description = {"address": settings.address, "chip": settings.chip or hw["chip"],
+                       "topology": settings.topology or hw["topology"], "device_count": hw["device_count"],
+                       "memory_bytes": settings.memory_bytes or hw["memory_bytes"],
+                       "tags": list(settings.tags), "servable_model_paths": list_model_paths()}
+        agent = HeartbeatAgent(settings.admin, description, manager,
+                               interval_s=settings.heartbeat_interval_s, cluster_token=settings.cluster_token)
+        agent.start()
+        app.extensions["sax_agent"] = agent
+        atexit.register(agent.stop)
+    atexit.register(manager.shutdown)
+    return app
+
+
+@click.command()
+@click.option("--port", type=int, help="HTTP port (SAX_MODEL_SERVER_PORT, default 10001).")
+@click.option("--host", help="Bind address (default 0.0.0.0).")
+@click.option("--advertise", help="host:port the admin and clients reach this server at (SAX_ADVERTISE).")
+@click.option("--admin", help="Admin server host:port (SAX_ADMIN); without it, only --model entries load.")
+@click.option("--cell", help="SAX_CELL, e.g. /sax/test.")
+@click.option("--chip", help="Chip name (SAX_CHIP); detected from JAX by default.")
+@click.option("--topology", help="Topology (SAX_TOPOLOGY); the device count by default.")
+@click.option("--tags", help="Comma-separated server tags (SAX_TAGS).")
+@click.option("--memory-bytes", type=int, help="Accelerator memory to offer; detected by default.")
+@click.option("--heartbeat-interval", "heartbeat_interval_s", type=float, help="Seconds between heartbeats.")
+@click.option("--model", "models", multiple=True, metavar="ID=MODEL_PATH:CHECKPOINT",
+              help="Load a model at start without an admin, e.g. /sax/test/lm=test.tiny:None.")
+@click.option("--threads", type=int, help="Request threads (streams hold one each).")
+@click.option("--log-level", default="INFO", show_default=True)
+def main(log_level: str, models: tuple[str, ...], tags: str | None, **flags: Any) -> None:
+    """Run a Saxplane model server.
+
+    Example: python -m model_server --port 10001 --admin localhost:10000
+    """
+    logging.basicConfig(level=log_level.upper(),
+                        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+    settings = ModelServerSettings.from_env(
+        **flags, tags=tuple(t for t in tags.split(",") if t) if tags else None,
+        static_models=tuple(StaticModel.parse(m) for m in models) or None)
+    from admin_server.serving import serve_wsgi
+
+    # One worker: the models live in its memory. Streams are long: no worker timeout.
+    serve_wsgi(lambda: build_app(settings), bind=f"{settings.host}:{settings.port}", workers=1,
+               threads=settings.threads, timeout=0, graceful_timeout=30)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Validation of request fields shared by the OpenAI and Sax APIs."""
+from __future__ import annotations
+
+from typing import Any
+
+from model_server.api.errors import invalid
+
+MAX_N = 128
+MAX_LOGPROBS = 20
+MAX_STOP = 4
+
+
+def number(body: dict[str, Any], key: str, default: float | None, lo: float, hi: float,
+           *, integer: bool = False) -> Any:
+    value = body.get(key)
+    if value is None:
+        return default
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if not ok or isinstance(value, bool):
+        raise invalid(f"'{key}' must be {'an integer' if integer else 'a number'}, got {value!r}", key)
+    if not lo <= value <= hi:
+        raise invalid(f"'{key}' must be between {lo} and {hi}, got {value}", key)
+    return value
+
+
+def boolean(body: dict[str, Any], key: str, default: bool = False) -> bool:
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise invalid(f"'{key}' must be a boolean, got {value!r}", key)
+    return value
+
+
+def stop_strings(body: dict[str, Any]) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise invalid("'stop' must be a string or a list of strings", "stop")
+    if len(stop) > MAX_STOP:
+        raise invalid(f"'stop' takes at most {MAX_STOP} sequences, got {len(stop)}", "stop")
+    if any(not s for s in stop):
+        raise invalid("'stop' sequences must not be empty", "stop")
+    return stop
+
+
+def token_list(value: Any, key: str, vocab_size: int) -> list[int]:
+    if (not isinstance(value, list)
+            or any(isinstance(t, bool) or not isinstance(t, int) for t in value)):
+        raise invalid(f"'{key}' must be a list of token ids", key)
+    bad = [t for t in value if not 0 <= t < vocab_size]
+    if bad:
+        raise invalid(f"'{key}' holds token ids outside the vocabulary (0..{vocab_size - 1}): {bad[:5]}", key)
+    return value
+
+
+def logit_bias(body: dict[str, Any], vocab_size: int) -> dict[int, float]:
+    raw = body.get("logit_bias")
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise invalid("'logit_bias' must map token ids to biases", "logit_bias")
+    out: dict[int, float] = {}
+    for k, v in raw.items():
+        try:
+            tid = int(k)
+        except (TypeError, ValueError):
+            raise invalid(f"'logit_bias' key {k!r} is not a token id", "logit_bias") from None
+        if not 0 <= tid < vocab_size:
+            raise invalid(f"'logit_bias' token id {tid} is outside the vocabulary", "logit_bias")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
+            raise invalid(f"'logit_bias' values must be numbers in [-100, 100], got {v!r}", "logit_bias")
+        out[tid] = float(v)
+    return out
+
+
+def check_known(body: dict[str, Any], known: set[str]) -> None:
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise invalid(f"unrecognized request argument(s): {', '.join(unknown)}", unknown[0])
+
+
+def sampling_fields(body: dict[str, Any], vocab_size: int) -> dict[str, Any]:
+    """The sampling fields common to completions and chat (OpenAI names, plus top_k,
+    repetition_penalty, ignore_eos and stop_token_ids as vLLM accepts them)."""
+    top_k = number(body, "top_k", 0, -1, 1 << 20, integer=True)
+    stop_ids = body.get("stop_token_ids")
+    return {
+        "temperature": float(number(body, "temperature", 1.0, 0.0, 2.0)),
+        "top_p": float(number(body, "top_p", 1.0, 0.0, 1.0)) or 1.0,
+        "top_k": max(top_k, 0),
+        "n": number(body, "n", 1, 1, MAX_N, integer=True),
+        "seed": number(body, "seed", None, -(1 << 63), (1 << 64) - 1, integer=True),
+        "presence_penalty": float(number(body, "presence_penalty", 0.0, -2.0, 2.0)),
+        "frequency_penalty": float(number(body, "frequency_penalty", 0.0, -2.0, 2.0)),
+        "repetition_penalty": float(number(body, "repetition_penalty", 1.0, 0.01, 10.0)),
+        "logit_bias": logit_bias(body, vocab_size),
+        "stop": stop_strings(body),
+        "stop_token_ids": token_list(stop_ids, "stop_token_ids", vocab_size) if stop_ids is not None else [],
+        "ignore_eos": boolean(body, "ignore_eos"),
+    }
+
+
+SAMPLING_KEYS = {"temperature", "top_p", "top_k", "n", "seed", "presence_penalty", "frequency_penalty",
+                 "repetition_penalty", "logit_bias", "stop", "stop_token_ids", "ignore_eos"}

@@ -1,0 +1,123 @@
+"""Serving knobs a published model's `overrides` may set; the one place that defines them."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Mapping, Optional
+
+from admin_server.naming import OVERRIDE_KEYS
+
+#: Override keys the admin accepts that are not serving knobs (placement, aliases):
+#: the model server accepts and ignores them. The admin owns the full list.
+PLACEMENT_KEYS = frozenset(OVERRIDE_KEYS) - {"num_slots", "max_seq_len", "prefill_buckets", "dtype",
+                                             "max_queue"}
+DTYPES = ("float32", "bfloat16")
+DEFAULT_MAX_SEQ_LEN = 2048
+MIN_BUCKET = 16
+
+
+class OverrideError(ValueError):
+    """An override key or value the model server does not accept."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingKnobs:
+    """Serving configuration. `None` fields are filled by `resolve` from the model/platform.
+
+    num_slots: decode slots (max concurrent sequences); max_seq_len: prompt + generated
+    tokens per slot (KV cache length); prefill_buckets: prompt lengths prefill is padded to;
+    dtype: params/KV cache dtype; max_queue: requests waiting for a slot before refusals.
+    """
+
+    num_slots: int = 8
+    max_seq_len: Optional[int] = None
+    prefill_buckets: Optional[tuple[int, ...]] = None
+    dtype: Optional[str] = None
+    max_queue: int = 64
+
+    def resolve(self, max_seq_len_limit: int, platform: Optional[str] = None) -> "ServingKnobs":
+        """Fill defaults and check against the model (`max_seq_len_limit` positions)."""
+        max_len = self.max_seq_len or min(max_seq_len_limit, DEFAULT_MAX_SEQ_LEN)
+        if max_len > max_seq_len_limit:
+            raise OverrideError(
+                f"max_seq_len {max_len} exceeds the model's limit of {max_seq_len_limit} positions")
+        buckets = self.prefill_buckets
+        if buckets is None:
+            buckets, b = [], MIN_BUCKET
+            while b < max_len:
+                buckets.append(b)
+                b *= 2
+            buckets = tuple(buckets + [max_len])
+        elif buckets[-1] > max_len:
+            raise OverrideError(f"prefill bucket {buckets[-1]} exceeds max_seq_len {max_len}")
+        dtype = self.dtype
+        if dtype is None:
+            if platform is None:
+                import jax
+                platform = jax.default_backend()
+            dtype = "float32" if platform == "cpu" else "bfloat16"
+        return dataclasses.replace(self, max_seq_len=max_len, prefill_buckets=tuple(buckets),
+                                   dtype=dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if d["prefill_buckets"] is not None:
+            d["prefill_buckets"] = list(d["prefill_buckets"])
+        return d
+
+
+KNOB_NAMES = tuple(f.name for f in dataclasses.fields(ServingKnobs))
+
+
+def _maybe_json(value: Any) -> Any:
+    """Values may arrive as JSON text ("8", "[16, 32]") from string-only override maps."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _positive_int(key: str, value: Any, minimum: int = 1) -> int:
+    value = _maybe_json(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise OverrideError(f"override {key!r} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def parse_overrides(overrides: Optional[Mapping[str, Any]]) -> ServingKnobs:
+    """Validate an overrides map into `ServingKnobs`; unknown keys raise `OverrideError`."""
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(KNOB_NAMES) - PLACEMENT_KEYS)
+    if unknown:
+        raise OverrideError(
+            f"unknown override key(s) {', '.join(map(repr, unknown))}; accepted: "
+            f"{', '.join(KNOB_NAMES + tuple(sorted(PLACEMENT_KEYS)))}")
+    kw: dict[str, Any] = {}
+    if "num_slots" in overrides:
+        kw["num_slots"] = _positive_int("num_slots", overrides["num_slots"])
+    if "max_seq_len" in overrides:
+        kw["max_seq_len"] = _positive_int("max_seq_len", overrides["max_seq_len"], 2)
+    if "max_queue" in overrides:
+        kw["max_queue"] = _positive_int("max_queue", overrides["max_queue"], 0)
+    if "dtype" in overrides:
+        dtype = overrides["dtype"]
+        if dtype not in DTYPES:
+            raise OverrideError(f"override 'dtype' must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        kw["dtype"] = dtype
+    if "prefill_buckets" in overrides:
+        raw = _maybe_json(overrides["prefill_buckets"])
+        if not isinstance(raw, (list, tuple)) or not raw:
+            raise OverrideError(f"override 'prefill_buckets' must be a non-empty list of integers, got {raw!r}")
+        buckets = tuple(_positive_int("prefill_buckets", b) for b in raw)
+        if list(buckets) != sorted(set(buckets)):
+            raise OverrideError(f"override 'prefill_buckets' must be strictly increasing, got {list(buckets)}")
+        kw["prefill_buckets"] = buckets
+    if "max_seq_len" in kw and "prefill_buckets" in kw and kw["prefill_buckets"][-1] > kw["max_seq_len"]:
+        raise OverrideError(
+            f"prefill bucket {kw['prefill_buckets'][-1]} exceeds max_seq_len {kw['max_seq_len']}")
+    return ServingKnobs(**kw)
+
+
+assert set(KNOB_NAMES) <= set(OVERRIDE_KEYS), "every serving knob must be an override the admin accepts"

@@ -1,0 +1,185 @@
+"""The models this server holds: background loads, unloads, status reports, name lookup.
+
+Models are keyed by (model id, generation): during a rolling update the admin
+may ask for a new generation while the old one still serves. Requests name a
+model by id or alias and get its newest LOADED generation.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+LOADING, LOADED, FAILED, UNLOADING = "LOADING", "LOADED", "FAILED", "UNLOADING"
+Key = tuple[str, int]
+
+
+class ModelNotFound(LookupError):
+    pass
+
+
+class ModelNotReady(RuntimeError):
+    pass
+
+
+@dataclass
+class ServedModel:
+    model_id: str
+    generation: int
+    model_path: str
+    checkpoint: str | None
+    overrides: dict[str, Any]
+    status: str = LOADING
+    error: str | None = None
+    engine: Any = None          # model_server.engine.Engine once loaded
+    loaded: Any = None          # registry.LoadedModel once loaded
+    load_time_s: float | None = None
+    memory_bytes: int | None = None
+    static: bool = False
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def alias(self) -> str | None:
+        return self.overrides.get("alias")
+
+    def report(self) -> dict[str, Any]:
+        return {"model_id": self.model_id, "generation": self.generation, "status": self.status,
+                "checkpoint": self.checkpoint if self.checkpoint is not None else "None",
+                "error": self.error, "memory_bytes": self.memory_bytes, "load_time_s": self.load_time_s}
+
+
+def default_loader(model_path: str, checkpoint: str | None, overrides: dict[str, Any],
+                   cache_dir: str | None) -> tuple[Any, Any]:
+    """Loads weights and tokenizer, builds the engine and compiles every shape."""
+    from model_server import registry
+    from model_server.devices import make_mesh
+    from model_server.engine import Engine
+
+    loaded = registry.load_model(model_path, checkpoint, overrides, mesh=make_mesh(), cache_dir=cache_dir)
+    k = loaded.knobs
+    engine = Engine(loaded, num_slots=k.num_slots, max_seq_len=k.max_seq_len,
+                    prefill_buckets=list(k.prefill_buckets), max_queue=k.max_queue, dtype=k.dtype)
+    engine.start()
+    return loaded, engine
+
+
+class ModelManager:
+    def __init__(self, *, cache_dir: str | None = None,
+                 loader: Callable[..., tuple[Any, Any]] = default_loader,
+                 drain_timeout_s: float = 30.0) -> None:
+        self._models: dict[Key, ServedModel] = {}
+        self._lock = threading.Lock()
+        # One load at a time: loads compete for memory and compile threads.
+        self._loads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sax-load")
+        self._unloads = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sax-unload")
+        self._loader = loader
+        self._cache_dir = cache_dir
+        self._drain_timeout_s = drain_timeout_s
+
+    # -- convergence -------------------------------------------------------------------
+    def ensure(self, model_id: str, generation: int, model_path: str, checkpoint: str | None,
+               overrides: dict[str, Any] | None = None, *, static: bool = False) -> ServedModel:
+        key = (model_id, generation)
+        with self._lock:
+            existing = self._models.get(key)
+            if existing is not None:
+                return existing
+            served = ServedModel(model_id, generation, model_path,
+                                 None if checkpoint in (None, "None") else checkpoint,
+                                 dict(overrides or {}), static=static)
+            self._models[key] = served
+        self._loads.submit(self._load, served)
+        return served
+
+    def converge(self, desired: list[dict[str, Any]]) -> None:
+        """Loads what the admin wants and unloads what it no longer does (static models stay)."""
+        wanted = {(d["model_id"], int(d["generation"])) for d in desired}
+        for d in desired:
+            self.ensure(d["model_id"], int(d["generation"]), d["model_path"], d.get("checkpoint"),
+                        d.get("overrides"))
+        with self._lock:
+            gone = [m for k, m in self._models.items()
+                    if k not in wanted and not m.static and m.status != UNLOADING]
+            for m in gone:
+                if m.status in (LOADED, FAILED):
+                    m.status = UNLOADING
+        for m in gone:
+            if m.status == UNLOADING:
+                self._unloads.submit(self._unload, m)
+            # A model still LOADING is unloaded by _load when it finishes.
+
+    def _load(self, served: ServedModel) -> None:
+        t0 = time.monotonic()
+        log.info("loading %s generation %d (%s, %s)", served.model_id, served.generation,
+                 served.model_path, served.checkpoint)
+        try:
+            loaded, engine = self._loader(served.model_path, served.checkpoint, served.overrides,
+                                          self._cache_dir)
+        except Exception as e:  # any load failure is reported to the admin, never fatal
+            log.exception("loading %s failed", served.model_id)
+            served.error = f"{type(e).__name__}: {e}"
+            served.status = FAILED
+            return
+        served.loaded, served.engine = loaded, engine
+        served.load_time_s = round(time.monotonic() - t0, 3)
+        served.memory_bytes = int(loaded.memory_bytes()) if hasattr(loaded, "memory_bytes") else None
+        with self._lock:
+            still_wanted = self._models.get((served.model_id, served.generation)) is served
+            served.status = LOADED if still_wanted else UNLOADING
+        log.info("loaded %s generation %d in %.2fs", served.model_id, served.generation, served.load_time_s)
+        if not still_wanted:
+            self._unload(served)
+
+    def _unload(self, served: ServedModel) -> None:
+        """Stops routing to the model, lets in-flight requests finish (bounded), frees memory."""
+        served.status = UNLOADING
+        engine = served.engine
+        if engine is not None:
+            deadline = time.monotonic() + self._drain_timeout_s
+            while time.monotonic() < deadline:
+                st = engine.stats()
+                if not st.get("running") and not st.get("waiting"):
+                    break
+                time.sleep(0.05)
+            engine.stop()
+        if served.loaded is not None and hasattr(served.loaded, "unload"):
+            served.loaded.unload()
+        served.engine = served.loaded = None
+        with self._lock:
+            if self._models.get((served.model_id, served.generation)) is served:
+                del self._models[(served.model_id, served.generation)]
+        log.info("unloaded %s generation %d", served.model_id, served.generation)
+
+    # -- lookups -----------------------------------------------------------------------
+    def report(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [m.report() for m in self._models.values()]
+
+    def all(self) -> list[ServedModel]:
+        with self._lock:
+            return list(self._models.values())
+
+    def resolve(self, name: Any) -> ServedModel:
+        """The newest LOADED generation of the model named by id or alias."""
+        if not isinstance(name, str) or not name:
+            raise ModelNotFound("request needs a 'model'")
+        with self._lock:
+            matches = [m for m in self._models.values() if m.model_id == name or m.alias == name]
+        if not matches:
+            raise ModelNotFound(f"model {name} is not served here")
+        ready = [m for m in matches if m.status == LOADED]
+        if not ready:
+            states = ", ".join(sorted({m.status for m in matches}))
+            raise ModelNotReady(f"model {name} is not ready ({states})")
+        return max(ready, key=lambda m: m.generation)
+
+    def shutdown(self) -> None:
+        self._loads.shutdown(wait=False, cancel_futures=True)
+        for m in self.all():
+            if m.engine is not None:
+                m.engine.stop()

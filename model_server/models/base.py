@@ -1,0 +1,347 @@
+"""Model spec, KV cache and the forward contract used by the batching engine.
+
+Contract (all functions are pure and jit-friendly; `spec` is static/hashable):
+
+* ``init_cache(spec, num_slots, max_seq_len, dtype)`` -> ``KVCache``: a list with one
+  ``(k, v)`` tuple per layer, each array shaped ``[num_slots, num_kv_heads, max_seq_len,
+  head_dim]`` (head-major, one buffer per layer: a stacked ``[layers, ...]`` cache or a
+  sequence-major layout were measured slower).
+
+* ``forward(spec, params, tokens, positions, cache, slot_ids)`` ->
+  ``(logits[B, T, V] float32, new_cache)``; ``make_forward(spec)`` closes over `spec` and
+  returns the 5-argument function ``f(params, tokens, positions, cache, slot_ids)`` meant for
+  ``jax.jit(f, donate_argnums=(3,))`` (jit once, at load, and reuse the jitted object).
+
+  - ``tokens``/``positions`` are ``int32[B, T]``; ``slot_ids`` is ``int32[B]``.
+  - Row ``b`` reads and writes cache slot ``slot_ids[b]``. The k/v of token ``(b, t)`` is
+    written at cache position ``positions[b, t]`` of that slot, and the token attends to every
+    cache position ``<= positions[b, t]`` of the slot (causal by absolute position, so stale
+    data of a previous occupant beyond the current position is never seen).
+  - ``T == 1`` with ``B == num_slots`` is a decode step; ``B`` small with ``T`` a bucket length
+    is a prefill. Padding tokens after a real prompt write garbage at later positions; that is
+    harmless because those positions are overwritten before anything attends to them. Writes at
+    positions ``>= max_seq_len`` are dropped.
+  - Two rows of one call must not share a slot (their writes would race).
+  - ``slot_ids=None`` means row ``b`` uses slot ``b`` and ``B == num_slots``; this skips a
+    gather of the whole cache and is the fast path for decode over all slots.
+  - ``cache=None`` runs without any cache (attention within the given tokens only, causal by
+    position); ``new_cache`` is then ``None``. Useful for scoring and embeddings.
+
+* ``forward_last(spec, params, tokens, positions, cache, slot_ids, last_index[B])`` ->
+  ``(logits[B, V] float32, new_cache)``: logits of one token per row only (prefill: the last
+  real prompt token), skipping the [B, T, V] projection; ``make_forward_last(spec)`` likewise.
+
+* ``hidden_states(...)`` (same arguments) -> ``(hidden[B, T, D], new_cache)``: the final
+  normalised hidden states without the vocabulary projection (for ``embed``);
+  ``forward(..., return_hidden=True)`` returns ``(logits, new_cache, hidden)``.
+
+Params are a plain pytree (dicts, and a list for the layers) of arrays; each family module
+(`llama`, `gpt2`) maps Hugging Face tensor names to it in one table (`hf_rules`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+KVCache = list  # list[tuple[jax.Array, jax.Array]], one (k, v) per layer
+Params = Any  # nested dict/list of arrays
+
+FAMILIES = ("llama", "gpt2")
+
+#: Hugging Face `architectures[0]` -> implementation family.
+ARCHITECTURES: dict[str, str] = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "llama",
+    "GPT2LMHeadModel": "gpt2",
+}
+
+
+class ModelConfigError(ValueError):
+    """A model configuration that we cannot serve (unknown architecture, bad values)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Static description of a model; hashable so it can be a static jit argument."""
+
+    family: str  # implementation: "llama" | "gpt2"
+    model_type: str  # Hugging Face model_type: llama, mistral, qwen2, gpt2, ...
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    max_position_embeddings: int
+    norm_eps: float = 1e-6
+    activation: str = "silu"
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    # RoPE (llama family). rope_type: "default" | "linear" | "llama3".
+    rope_theta: float = 10000.0
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 8192
+    # GPT-2 attention scaling options.
+    attn_scale_weights: bool = True
+    attn_scale_by_layer: bool = False
+    # Sliding window of the checkpoint (Mistral); we serve sequences no longer than it.
+    sliding_window: Optional[int] = None
+    bos_token_id: Optional[int] = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: Optional[int] = None
+    architecture: str = ""
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ModelConfigError(f"unknown model family {self.family!r}")
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "intermediate_size", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ModelConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ModelConfigError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                f"({self.num_kv_heads})")
+
+    @property
+    def max_seq_len_limit(self) -> int:
+        """Longest sequence this implementation serves exactly (sliding window caps it)."""
+        if self.sliding_window:
+            return min(self.max_position_embeddings, self.sliding_window)
+        return self.max_position_embeddings
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["eos_token_ids"] = list(self.eos_token_ids)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSpec":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ModelConfigError(f"unknown ModelSpec fields: {sorted(unknown)}")
+        d = dict(d)
+        d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+        return cls(**d)
+
+
+def family_module(spec_or_family: ModelSpec | str):
+    """The implementation module (`model_server.models.llama` or `.gpt2`)."""
+    family = spec_or_family if isinstance(spec_or_family, str) else spec_or_family.family
+    if family not in FAMILIES:
+        raise ModelConfigError(f"unknown model family {family!r}")
+    return importlib.import_module(f"model_server.models.{family}")
+
+
+# --------------------------------------------------------------------------- sizes
+
+def dtype_of(dtype: Any) -> np.dtype:
+    """'float32' | 'bfloat16' | numpy/jax dtype -> numpy dtype."""
+    return np.dtype(jnp.dtype(dtype))
+
+
+def param_shapes(spec: ModelSpec) -> Params:
+    """Pytree of shape tuples, the same structure as the params."""
+    return family_module(spec).param_shapes(spec)
+
+
+def abstract_params(spec: ModelSpec, dtype: Any, shardings: Params | None = None) -> Params:
+    """Pytree of `jax.ShapeDtypeStruct` (e.g. the restore target of an Orbax checkpoint)."""
+    shapes = param_shapes(spec)
+    dt = jnp.dtype(dtype)
+    if shardings is None:
+        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dt), shapes, is_leaf=_is_shape)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s, dt, sharding=sh), shapes,
+                        shardings, is_leaf=_is_shape)
+
+
+def param_count(spec: ModelSpec) -> int:
+    leaves = jax.tree.leaves(param_shapes(spec), is_leaf=_is_shape)
+    return int(sum(math.prod(s) for s in leaves))
+
+
+def param_bytes(spec: ModelSpec, dtype: Any = "bfloat16") -> int:
+    """Bytes the params take in `dtype`."""
+    return param_count(spec) * dtype_of(dtype).itemsize
+
+
+def kv_cache_bytes(spec: ModelSpec, num_slots: int, max_seq_len: int, dtype: Any = "bfloat16") -> int:
+    per_layer = 2 * num_slots * spec.num_kv_heads * max_seq_len * spec.head_dim
+    return spec.num_layers * per_layer * dtype_of(dtype).itemsize
+
+
+def _is_shape(x: Any) -> bool:
+    return isinstance(x, tuple) and all(isinstance(i, int) for i in x)
+
+
+# --------------------------------------------------------------------------- cache
+
+def init_cache(spec: ModelSpec, num_slots: int, max_seq_len: int, dtype: Any,
+               sharding: Optional[jax.sharding.Sharding] = None) -> KVCache:
+    """Zeroed KV cache: list (per layer) of (k, v), each [num_slots, kv_heads, max_seq_len, head_dim]."""
+    shape = (num_slots, spec.num_kv_heads, max_seq_len, spec.head_dim)
+    dt = jnp.dtype(dtype)
+    if sharding is None:
+        zeros = lambda: jnp.zeros(shape, dt)  # noqa: E731
+    else:
+        zeros = jax.jit(lambda: jnp.zeros(shape, dt), out_shardings=sharding)
+    return [(zeros(), zeros()) for _ in range(spec.num_layers)]
+
+
+# --------------------------------------------------------------------------- forward
+
+def hidden_states(spec: ModelSpec, params: Params, tokens: jax.Array, positions: jax.Array,
+                  cache: Optional[KVCache], slot_ids: Optional[jax.Array]):
+    """Final normalised hidden states [B, T, D] and the updated cache."""
+    return family_module(spec).apply(spec, params, tokens, positions, cache, slot_ids)
+
+
+def logits_from_hidden(spec: ModelSpec, params: Params, hidden: jax.Array) -> jax.Array:
+    """Vocabulary projection in float32 accumulation: [B, T, D] -> [B, T, V] float32."""
+    return family_module(spec).logits(spec, params, hidden)
+
+
+def forward(spec: ModelSpec, params: Params, tokens: jax.Array, positions: jax.Array,
+            cache: Optional[KVCache], slot_ids: Optional[jax.Array], *,
+            return_hidden: bool = False):
+    """(logits [B,T,V] float32, new_cache) or, with return_hidden, (logits, new_cache, hidden)."""
+    hidden, new_cache = hidden_states(spec, params, tokens, positions, cache, slot_ids)
+    logits = logits_from_hidden(spec, params, hidden)
+    if return_hidden:
+        return logits, new_cache, hidden
+    return logits, new_cache
+
+
+@functools.lru_cache(maxsize=64)
+def make_forward(spec: ModelSpec, *, return_hidden: bool = False) -> Callable:
+    """`f(params, tokens, positions, cache, slot_ids)`; jit it with `donate_argnums=(3,)`.
+
+    Jit the returned function once and keep the jitted object: every `jax.jit(...)` call
+    makes a new wrapper (the same function object is returned for the same spec).
+    """
+    return functools.partial(forward, spec, return_hidden=return_hidden)
+
+
+def forward_last(spec: ModelSpec, params: Params, tokens: jax.Array, positions: jax.Array,
+                 cache: Optional[KVCache], slot_ids: Optional[jax.Array], last_index: jax.Array):
+    """Prefill variant: logits only at token `last_index[b]` of each row -> ([B, V] float32, cache).
+
+    Skips the [B, T, V] projection (large for big vocabularies and long buckets).
+    """
+    hidden, new_cache = hidden_states(spec, params, tokens, positions, cache, slot_ids)
+    rows = jnp.arange(hidden.shape[0])
+    last = hidden[rows, last_index][:, None, :]  # [B, 1, D]
+    return logits_from_hidden(spec, params, last)[:, 0, :], new_cache
+
+
+@functools.lru_cache(maxsize=64)
+def make_forward_last(spec: ModelSpec) -> Callable:
+    """`f(params, tokens, positions, cache, slot_ids, last_index)`; see `forward_last`."""
+    return functools.partial(forward_last, spec)
+
+
+@functools.lru_cache(maxsize=64)
+def make_hidden_fn(spec: ModelSpec) -> Callable:
+    """`f(params, tokens, positions, cache, slot_ids) -> (hidden, new_cache)`."""
+    return functools.partial(hidden_states, spec)
+
+
+# --------------------------------------------------------------------------- sharding
+
+def param_partition_specs(spec: ModelSpec, axis: str = "tp", axis_size: int = 1) -> Params:
+    """PartitionSpec per param for Megatron-style tensor parallelism over mesh axis `axis`.
+
+    Column-parallel projections split their output (heads / ffn) dimension, row-parallel
+    ones their input dimension; a dimension not divisible by `axis_size` stays replicated.
+    """
+    return family_module(spec).partition_specs(spec, axis, axis_size)
+
+
+def cache_partition_spec(spec: ModelSpec, axis: str = "tp", axis_size: int = 1):
+    """KV cache arrays split over kv heads when divisible."""
+    from jax.sharding import PartitionSpec as P
+    if axis_size > 1 and spec.num_kv_heads % axis_size == 0:
+        return P(None, axis, None, None)
+    return P()
+
+
+def make_mesh(devices: Optional[Sequence[jax.Device]] = None, axis: str = "tp") -> jax.sharding.Mesh:
+    """One-dimensional tensor-parallel mesh over `devices` (default: all local devices)."""
+    devs = np.array(list(devices) if devices is not None else jax.local_devices())
+    return jax.sharding.Mesh(devs, (axis,))
+
+
+# --------------------------------------------------------------------------- HF config
+
+def _id_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value]
+    return [int(value)]
+
+
+def spec_from_hf_config(config: dict, generation_config: Optional[dict] = None) -> ModelSpec:
+    """ModelSpec from a Hugging Face config.json (+ generation_config.json for eos ids)."""
+    archs = config.get("architectures") or []
+    if not archs:
+        raise ModelConfigError("config.json has no 'architectures' entry")
+    arch = archs[0]
+    if arch not in ARCHITECTURES:
+        raise ModelConfigError(
+            f"unknown architecture {arch!r}; supported: {', '.join(sorted(ARCHITECTURES))}")
+    spec = family_module(ARCHITECTURES[arch]).spec_from_hf_config(config, arch)
+    gen = generation_config or {}
+    eos = _id_list(config.get("eos_token_id"))
+    for token in _id_list(gen.get("eos_token_id")):
+        if token not in eos:
+            eos.append(token)
+    eos = [e for e in eos if 0 <= e < spec.vocab_size]
+    bos = gen.get("bos_token_id", config.get("bos_token_id"))
+    pad = gen.get("pad_token_id", config.get("pad_token_id"))
+    bos = int(bos) if isinstance(bos, int) and 0 <= bos < spec.vocab_size else None
+    pad = int(pad) if isinstance(pad, int) and 0 <= pad < spec.vocab_size else None
+    return dataclasses.replace(spec, eos_token_ids=tuple(eos), bos_token_id=bos, pad_token_id=pad)
+
+
+def random_params(spec: ModelSpec, seed: int = 0, dtype: Any = "float32") -> Params:
+    """Deterministic random params from numpy's PCG64 (identical on every machine).
+
+    Norm weights are 1, biases small, matrices N(0, 1/fan_in), embeddings N(0, 1).
+    """
+    rng = np.random.default_rng(seed)
+    dt = dtype_of(dtype)
+
+    def build(tree: Any, name: str = "") -> Any:
+        if isinstance(tree, dict):
+            return {k: build(v, k) for k, v in tree.items()}
+        if isinstance(tree, list):
+            return [build(v, name) for v in tree]
+        shape = tree
+        if "norm" in name and not name.endswith("_b"):
+            arr = np.ones(shape, np.float32)
+        elif len(shape) == 1:
+            arr = rng.standard_normal(shape, dtype=np.float32) * 0.02
+        elif name in ("embed", "pos_embed"):
+            arr = rng.standard_normal(shape, dtype=np.float32)
+        else:
+            arr = rng.standard_normal(shape, dtype=np.float32) / np.float32(math.sqrt(shape[0]))
+        return arr.astype(dt)
+
+    return build(param_shapes(spec))

@@ -1,0 +1,137 @@
+"""GPT-2: learned position embeddings, pre-LayerNorm, fused qkv (split at load), GELU MLP.
+
+HF GPT-2 uses Conv1D, whose weights are already [in, out]; the fused c_attn [D, 3D] is
+split into wq/wk/wv so that heads shard cleanly. Embeddings are always tied.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from model_server.models import layers as L
+from model_server.models.base import ModelConfigError, ModelSpec
+from model_server.models.hfmap import Rule
+
+MODEL_TYPES = ("gpt2",)
+
+
+def spec_from_hf_config(cfg: dict, architecture: str) -> ModelSpec:
+    d = int(cfg.get("n_embd", cfg.get("hidden_size", 768)))
+    heads = int(cfg.get("n_head", cfg.get("num_attention_heads", 12)))
+    if d % heads:
+        raise ModelConfigError(f"n_embd {d} is not a multiple of n_head {heads}")
+    act = cfg.get("activation_function", "gelu_new")
+    if act not in L.ACTIVATIONS:
+        raise ModelConfigError(f"unsupported activation_function {act!r}")
+    if cfg.get("add_cross_attention"):
+        raise ModelConfigError("GPT-2 with cross attention is not supported")
+    return ModelSpec(
+        family="gpt2", model_type="gpt2", architecture=architecture,
+        vocab_size=int(cfg.get("vocab_size", 50257)), hidden_size=d,
+        num_layers=int(cfg.get("n_layer", cfg.get("num_hidden_layers", 12))),
+        num_heads=heads, num_kv_heads=heads, head_dim=d // heads,
+        intermediate_size=int(cfg.get("n_inner") or 4 * d),
+        max_position_embeddings=int(cfg.get("n_positions", cfg.get("max_position_embeddings", 1024))),
+        norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)), activation=act,
+        tie_word_embeddings=True, qkv_bias=True, o_bias=True, mlp_bias=True,
+        attn_scale_weights=bool(cfg.get("scale_attn_weights", True)),
+        attn_scale_by_layer=bool(cfg.get("scale_attn_by_inverse_layer_idx", False)),
+    )
+
+
+def _layer_shapes(spec: ModelSpec) -> dict[str, tuple]:
+    d, f = spec.hidden_size, spec.intermediate_size
+    return {
+        "attn_norm": (d,), "attn_norm_b": (d,),
+        "wq": (d, d), "wk": (d, d), "wv": (d, d), "bq": (d,), "bk": (d,), "bv": (d,),
+        "wo": (d, d), "bo": (d,),
+        "mlp_norm": (d,), "mlp_norm_b": (d,),
+        "w_fc": (d, f), "b_fc": (f,), "w_proj": (f, d), "b_proj": (d,),
+    }
+
+
+def param_shapes(spec: ModelSpec) -> dict:
+    return {
+        "embed": (spec.vocab_size, spec.hidden_size),
+        "pos_embed": (spec.max_position_embeddings, spec.hidden_size),
+        "layers": [_layer_shapes(spec) for _ in range(spec.num_layers)],
+        "final_norm": (spec.hidden_size,), "final_norm_b": (spec.hidden_size,),
+    }
+
+
+HF_PREFIX = "transformer."  # the original `gpt2` repo omits it; the loader tries both
+
+
+def hf_rules(spec: ModelSpec) -> list[Rule]:
+    """The one HF -> ours mapping for GPT-2."""
+    rules = [Rule(("embed",), "transformer.wte.weight"),
+             Rule(("pos_embed",), "transformer.wpe.weight"),
+             Rule(("final_norm",), "transformer.ln_f.weight"),
+             Rule(("final_norm_b",), "transformer.ln_f.bias")]
+    for i in range(spec.num_layers):
+        pre = f"transformer.h.{i}."
+        for j, n in enumerate("qkv"):
+            rules.append(Rule(("layers", i, f"w{n}"), pre + "attn.c_attn.weight", split=(1, j, 3)))
+            rules.append(Rule(("layers", i, f"b{n}"), pre + "attn.c_attn.bias", split=(0, j, 3)))
+        rules += [
+            Rule(("layers", i, "attn_norm"), pre + "ln_1.weight"),
+            Rule(("layers", i, "attn_norm_b"), pre + "ln_1.bias"),
+            Rule(("layers", i, "wo"), pre + "attn.c_proj.weight"),
+            Rule(("layers", i, "bo"), pre + "attn.c_proj.bias"),
+            Rule(("layers", i, "mlp_norm"), pre + "ln_2.weight"),
+            Rule(("layers", i, "mlp_norm_b"), pre + "ln_2.bias"),
+            Rule(("layers", i, "w_fc"), pre + "mlp.c_fc.weight"),
+            Rule(("layers", i, "b_fc"), pre + "mlp.c_fc.bias"),
+            Rule(("layers", i, "w_proj"), pre + "mlp.c_proj.weight"),
+            Rule(("layers", i, "b_proj"), pre + "mlp.c_proj.bias"),
+        ]
+    return rules
+
+
+def partition_specs(spec: ModelSpec, axis: str, size: int) -> dict:
+    heads_ok = size > 1 and spec.num_heads % size == 0
+    ffn_ok = size > 1 and spec.intermediate_size % size == 0
+    col_h, row_h = (P(None, axis), P(axis, None)) if heads_ok else (P(), P())
+    col_f, row_f = (P(None, axis), P(axis, None)) if ffn_ok else (P(), P())
+    vec_h, vec_f = (P(axis) if heads_ok else P()), (P(axis) if ffn_ok else P())
+    layer = {
+        "attn_norm": P(), "attn_norm_b": P(), "mlp_norm": P(), "mlp_norm_b": P(),
+        "wq": col_h, "wk": col_h, "wv": col_h, "bq": vec_h, "bk": vec_h, "bv": vec_h,
+        "wo": row_h, "bo": P(), "w_fc": col_f, "b_fc": vec_f, "w_proj": row_f, "b_proj": P(),
+    }
+    return {"embed": P(), "pos_embed": P(), "layers": [dict(layer) for _ in range(spec.num_layers)],
+            "final_norm": P(), "final_norm_b": P()}
+
+
+def apply(spec: ModelSpec, params: dict, tokens: jax.Array, positions: jax.Array,
+          cache: list | None, slot_ids: jax.Array | None):
+    b, t = tokens.shape
+    h_, hd = spec.num_heads, spec.head_dim
+    act = L.ACTIVATIONS[spec.activation]
+    pos = jnp.clip(positions, 0, spec.max_position_embeddings - 1)
+    x = jnp.take(params["embed"], tokens, axis=0, mode="clip") + jnp.take(params["pos_embed"], pos, axis=0)
+    new_cache: list[Any] | None = [] if cache is not None else None
+    for i, p in enumerate(params["layers"]):
+        scale = 1.0 / math.sqrt(hd) if spec.attn_scale_weights else 1.0
+        if spec.attn_scale_by_layer:
+            scale /= float(i + 1)
+        h = L.layer_norm(x, p["attn_norm"], p["attn_norm_b"], spec.norm_eps)
+        q = L.linear(h, p["wq"], p["bq"]).reshape(b, t, h_, hd)
+        k = L.linear(h, p["wk"], p["bk"]).reshape(b, t, h_, hd)
+        v = L.linear(h, p["wv"], p["bv"]).reshape(b, t, h_, hd)
+        o, layer_cache = L.attention(q, k, v, positions, None if cache is None else cache[i],
+                                     slot_ids, scale)
+        x = x + L.linear(o, p["wo"], p["bo"])
+        h = L.layer_norm(x, p["mlp_norm"], p["mlp_norm_b"], spec.norm_eps)
+        x = x + L.linear(act(L.linear(h, p["w_fc"], p["b_fc"])), p["w_proj"], p["b_proj"])
+        if new_cache is not None:
+            new_cache.append(layer_cache)
+    return L.layer_norm(x, params["final_norm"], params["final_norm_b"], spec.norm_eps), new_cache
+
+
+def logits(spec: ModelSpec, params: dict, hidden: jax.Array) -> jax.Array:
+    return jnp.einsum("btd,vd->btv", hidden, params["embed"], preferred_element_type=jnp.float32)

@@ -1,0 +1,223 @@
+"""Llama family: Llama 2/3 (incl. Llama-3 RoPE scaling), Mistral (no sliding window), Qwen2.
+
+RMSNorm, RoPE, grouped-query attention, SwiGLU, tied or untied embeddings, optional
+q/k/v biases (Qwen2) and o/mlp biases (Llama `attention_bias` / `mlp_bias`).
+Weights are stored [in, out] (torch Linear weights transposed).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from model_server.models import layers as L
+from model_server.models.base import ModelConfigError, ModelSpec
+from model_server.models.hfmap import Rule
+
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+def spec_from_hf_config(cfg: dict, architecture: str) -> ModelSpec:
+    """Build a spec from a Hugging Face config.json dict (old and new rope formats)."""
+    model_type = cfg.get("model_type", "llama")
+    try:
+        hidden = int(cfg["hidden_size"])
+        heads = int(cfg["num_attention_heads"])
+        layers = int(cfg["num_hidden_layers"])
+        inter = int(cfg["intermediate_size"])
+        vocab = int(cfg["vocab_size"])
+    except KeyError as e:
+        raise ModelConfigError(f"config.json lacks {e.args[0]!r}") from None
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    head_dim = int(cfg.get("head_dim") or hidden // heads)
+
+    rope = cfg.get("rope_parameters")
+    if isinstance(rope, dict) and ("rope_theta" in rope or "rope_type" in rope):
+        theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+        scaling = rope
+    else:
+        theta = float(cfg.get("rope_theta", 10000.0))
+        scaling = cfg.get("rope_scaling") or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default")) or "default"
+    if rope_type not in ("default", "linear", "llama3"):
+        raise ModelConfigError(f"unsupported rope scaling type {rope_type!r}")
+    if float(scaling.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ModelConfigError("partial_rotary_factor != 1 is not supported")
+
+    if model_type == "qwen2":
+        qkv_bias, o_bias = True, False
+        use_sw = bool(cfg.get("use_sliding_window", False))
+    else:
+        qkv_bias = o_bias = bool(cfg.get("attention_bias", False))
+        use_sw = True
+    window = cfg.get("sliding_window") if use_sw else None
+    act = cfg.get("hidden_act", "silu")
+    if act not in L.ACTIVATIONS:
+        raise ModelConfigError(f"unsupported hidden_act {act!r}")
+    return ModelSpec(
+        family="llama", model_type=model_type, architecture=architecture,
+        vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=heads,
+        num_kv_heads=kv_heads, head_dim=head_dim, intermediate_size=inter,
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), activation=act,
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=bool(cfg.get("mlp_bias", False)),
+        rope_theta=theta, rope_type=rope_type,
+        rope_factor=float(scaling.get("factor", 1.0)),
+        rope_low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
+        rope_high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
+        rope_original_max_position=int(scaling.get("original_max_position_embeddings",
+                                                   cfg.get("max_position_embeddings", 8192))),
+        sliding_window=int(window) if window else None,
+    )
+
+
+def to_hf_config(spec: ModelSpec) -> dict:
+    """A config.json dict for `spec` (LlamaForCausalLM), used to export test models."""
+    rope: dict[str, Any] = {"rope_type": spec.rope_type}
+    if spec.rope_type != "default":
+        rope["factor"] = spec.rope_factor
+    if spec.rope_type == "llama3":
+        rope.update(low_freq_factor=spec.rope_low_freq_factor,
+                    high_freq_factor=spec.rope_high_freq_factor,
+                    original_max_position_embeddings=spec.rope_original_max_position)
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.intermediate_size, "num_hidden_layers": spec.num_layers,
+        "num_attention_heads": spec.num_heads, "num_key_value_heads": spec.num_kv_heads,
+        "head_dim": spec.head_dim, "max_position_embeddings": spec.max_position_embeddings,
+        "rms_norm_eps": spec.norm_eps, "hidden_act": spec.activation,
+        "tie_word_embeddings": spec.tie_word_embeddings, "attention_bias": spec.qkv_bias,
+        "mlp_bias": spec.mlp_bias, "rope_theta": spec.rope_theta,
+        "rope_scaling": rope if spec.rope_type != "default" else None,
+        "bos_token_id": spec.bos_token_id,
+        "eos_token_id": list(spec.eos_token_ids) if len(spec.eos_token_ids) > 1 else
+        (spec.eos_token_ids[0] if spec.eos_token_ids else None),
+        "pad_token_id": spec.pad_token_id, "dtype": "float32",
+    }
+
+
+def _layer_shapes(spec: ModelSpec) -> dict[str, tuple]:
+    d, f = spec.hidden_size, spec.intermediate_size
+    qd, kvd = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    s: dict[str, tuple] = {
+        "attn_norm": (d,), "wq": (d, qd), "wk": (d, kvd), "wv": (d, kvd), "wo": (qd, d),
+        "mlp_norm": (d,), "w_gate": (d, f), "w_up": (d, f), "w_down": (f, d),
+    }
+    if spec.qkv_bias:
+        s.update(bq=(qd,), bk=(kvd,), bv=(kvd,))
+    if spec.o_bias:
+        s["bo"] = (d,)
+    if spec.mlp_bias:
+        s.update(b_gate=(f,), b_up=(f,), b_down=(d,))
+    return s
+
+
+def param_shapes(spec: ModelSpec) -> dict:
+    shapes: dict[str, Any] = {
+        "embed": (spec.vocab_size, spec.hidden_size),
+        "layers": [_layer_shapes(spec) for _ in range(spec.num_layers)],
+        "final_norm": (spec.hidden_size,),
+    }
+    if not spec.tie_word_embeddings:
+        shapes["lm_head"] = (spec.hidden_size, spec.vocab_size)
+    return shapes
+
+
+# Our layer param -> (HF name under model.layers.{i}., transpose). The one HF mapping.
+_LAYER_MAP = {
+    "attn_norm": ("input_layernorm.weight", False),
+    "wq": ("self_attn.q_proj.weight", True), "bq": ("self_attn.q_proj.bias", False),
+    "wk": ("self_attn.k_proj.weight", True), "bk": ("self_attn.k_proj.bias", False),
+    "wv": ("self_attn.v_proj.weight", True), "bv": ("self_attn.v_proj.bias", False),
+    "wo": ("self_attn.o_proj.weight", True), "bo": ("self_attn.o_proj.bias", False),
+    "mlp_norm": ("post_attention_layernorm.weight", False),
+    "w_gate": ("mlp.gate_proj.weight", True), "b_gate": ("mlp.gate_proj.bias", False),
+    "w_up": ("mlp.up_proj.weight", True), "b_up": ("mlp.up_proj.bias", False),
+    "w_down": ("mlp.down_proj.weight", True), "b_down": ("mlp.down_proj.bias", False),
+}
+HF_PREFIX = "model."  # some exports omit it; the loader also tries without
+
+
+def hf_rules(spec: ModelSpec) -> list[Rule]:
+    rules = [Rule(("embed",), "model.embed_tokens.weight"),
+             Rule(("final_norm",), "model.norm.weight")]
+    for i in range(spec.num_layers):
+        for name in _layer_shapes(spec):
+            hf, transpose = _LAYER_MAP[name]
+            rules.append(Rule(("layers", i, name), f"model.layers.{i}.{hf}", transpose))
+    if not spec.tie_word_embeddings:
+        rules.append(Rule(("lm_head",), "lm_head.weight", True))
+    return rules
+
+
+def partition_specs(spec: ModelSpec, axis: str, size: int) -> dict:
+    def col(n: int, heads: int | None = None) -> P:
+        ok = size > 1 and n % size == 0 and (heads is None or heads % size == 0)
+        return P(None, axis) if ok else P()
+
+    def row(n: int, heads: int | None = None) -> P:
+        ok = size > 1 and n % size == 0 and (heads is None or heads % size == 0)
+        return P(axis, None) if ok else P()
+
+    def vec(p: P) -> P:
+        return P(axis) if p != P() else P()
+
+    qd, kvd, f = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim, spec.intermediate_size
+    layer = {
+        "attn_norm": P(), "mlp_norm": P(),
+        "wq": col(qd, spec.num_heads), "wk": col(kvd, spec.num_kv_heads),
+        "wv": col(kvd, spec.num_kv_heads), "wo": row(qd, spec.num_heads),
+        "w_gate": col(f), "w_up": col(f), "w_down": row(f),
+    }
+    if spec.qkv_bias:
+        layer.update(bq=vec(layer["wq"]), bk=vec(layer["wk"]), bv=vec(layer["wv"]))
+    if spec.o_bias:
+        layer["bo"] = P()
+    if spec.mlp_bias:
+        layer.update(b_gate=vec(layer["w_gate"]), b_up=vec(layer["w_up"]), b_down=P())
+    out: dict[str, Any] = {"embed": P(), "layers": [dict(layer) for _ in range(spec.num_layers)],
+                           "final_norm": P()}
+    if not spec.tie_word_embeddings:
+        out["lm_head"] = col(spec.vocab_size)
+    return out
+
+
+def apply(spec: ModelSpec, params: dict, tokens: jax.Array, positions: jax.Array,
+          cache: list | None, slot_ids: jax.Array | None):
+    """Transformer body: returns (final-normed hidden [B, T, D], new cache or None)."""
+    b, t = tokens.shape
+    h_, kv_, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    act = L.ACTIVATIONS[spec.activation]
+    inv_freq = L.rope_inv_freq(hd, spec.rope_theta, spec.rope_type, spec.rope_factor,
+                               spec.rope_low_freq_factor, spec.rope_high_freq_factor,
+                               spec.rope_original_max_position)
+    scale = 1.0 / math.sqrt(hd)
+    x = jnp.take(params["embed"], tokens, axis=0, mode="clip")
+    new_cache = [] if cache is not None else None
+    for i, p in enumerate(params["layers"]):
+        h = L.rms_norm(x, p["attn_norm"], spec.norm_eps)
+        q = L.linear(h, p["wq"], p.get("bq")).reshape(b, t, h_, hd)
+        k = L.linear(h, p["wk"], p.get("bk")).reshape(b, t, kv_, hd)
+        v = L.linear(h, p["wv"], p.get("bv")).reshape(b, t, kv_, hd)
+        q = L.apply_rope(q, positions, inv_freq)
+        k = L.apply_rope(k, positions, inv_freq)
+        o, layer_cache = L.attention(q, k, v, positions, None if cache is None else cache[i],
+                                     slot_ids, scale)
+        x = x + L.linear(o, p["wo"], p.get("bo"))
+        h = L.rms_norm(x, p["mlp_norm"], spec.norm_eps)
+        g = act(L.linear(h, p["w_gate"], p.get("b_gate"))) * L.linear(h, p["w_up"], p.get("b_up"))
+        x = x + L.linear(g, p["w_down"], p.get("b_down"))
+        if new_cache is not None:
+            new_cache.append(layer_cache)
+    return L.rms_norm(x, params["final_norm"], spec.norm_eps), new_cache
+
+
+def logits(spec: ModelSpec, params: dict, hidden: jax.Array) -> jax.Array:
+    if spec.tie_word_embeddings:
+        return jnp.einsum("btd,vd->btv", hidden, params["embed"], preferred_element_type=jnp.float32)
+    return jnp.einsum("btd,dv->btv", hidden, params["lm_head"], preferred_element_type=jnp.float32)

@@ -1,0 +1,65 @@
+"""Model server configuration: SAX_* variables with CLI flags over them."""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Mapping
+
+
+@dataclass(frozen=True)
+class StaticModel:
+    """A model loaded at start without an admin: `--model ID=MODEL_PATH:CHECKPOINT`."""
+    model_id: str
+    model_path: str
+    checkpoint: str | None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, spec: str) -> "StaticModel":
+        model_id, sep, rest = spec.partition("=")
+        model_path, sep2, checkpoint = rest.partition(":")
+        if not sep or not sep2 or not model_id or not model_path:
+            raise ValueError(f"--model expects ID=MODEL_PATH:CHECKPOINT, got {spec!r}")
+        return cls(model_id, model_path, None if checkpoint in ("", "None") else checkpoint)
+
+
+@dataclass(frozen=True)
+class ModelServerSettings:
+    host: str = "0.0.0.0"
+    port: int = 10001
+    # Address the admin and clients use to reach this server (default: hostname:port).
+    advertise: str | None = None
+    admin: str | None = None
+    cell: str = "/sax/test"
+    chip: str | None = None          # default: detected from JAX (cpu, h100, tpuv5e, ...)
+    topology: str | None = None      # default: the device count
+    tags: tuple[str, ...] = ()
+    memory_bytes: int | None = None  # accelerator memory; default: detected
+    heartbeat_interval_s: float = 2.0
+    cluster_token: str | None = None
+    static_models: tuple[StaticModel, ...] = ()
+    threads: int = 64
+    cache_dir: str | None = None
+
+    @property
+    def address(self) -> str:
+        return self.advertise or f"{socket.gethostname()}:{self.port}"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "ModelServerSettings":
+        env = os.environ if env is None else env
+        base = cls(
+            port=int(env.get("SAX_MODEL_SERVER_PORT") or cls.port),
+            advertise=env.get("SAX_ADVERTISE") or None,
+            admin=env.get("SAX_ADMIN") or None,
+            cell=env.get("SAX_CELL") or cls.cell,
+            chip=env.get("SAX_CHIP") or None,
+            topology=env.get("SAX_TOPOLOGY") or None,
+            tags=tuple(t for t in env.get("SAX_TAGS", "").split(",") if t),
+            heartbeat_interval_s=float(env.get("SAX_HEARTBEAT_INTERVAL") or cls.heartbeat_interval_s),
+            cluster_token=env.get("SAX_CLUSTER_TOKEN") or None,
+            cache_dir=env.get("SAX_CHECKPOINT_CACHE") or None,
+        )
+        known = {f.name for f in fields(cls)}
+        return replace(base, **{k: v for k, v in overrides.items() if k in known and v is not None})

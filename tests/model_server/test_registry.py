@@ -1,0 +1,298 @@
+"""Registry, serving knobs and the forward/KV-cache contract (on test.tiny, no torch)."""
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model_server import registry
+from model_server.knobs import OverrideError, ServingKnobs, parse_overrides
+from model_server.models import base, tiny
+from model_server.registry import ModelPathError
+
+
+@pytest.fixture(scope="module")
+def model() -> registry.LoadedModel:
+    return registry.load_model("test.tiny", None, {"num_slots": 4, "max_seq_len": 64, "dtype": "float32"})
+
+
+_PAD = 32
+
+
+@functools.lru_cache(maxsize=None)
+def _nocache_fwd(spec):
+    return jax.jit(base.make_forward(spec))
+
+
+def _full_logits(model, seq) -> np.ndarray:
+    """Cache-free logits of `seq`, padded to one length so that a single compile serves all."""
+    toks = np.zeros((1, _PAD), np.int32)
+    toks[0, :len(seq)] = seq
+    logits, _ = _nocache_fwd(model.spec)(model.params, toks, np.arange(_PAD, dtype=np.int32)[None], None, None)
+    return np.asarray(logits[0, :len(seq)])
+
+
+# --------------------------------------------------------------------------- knobs
+
+def test_parse_overrides():
+    k = parse_overrides({"num_slots": 16, "max_seq_len": "512", "prefill_buckets": [32, 128, 512],
+                         "dtype": "bfloat16", "max_queue": 0, "ram": 1 << 30, "alias": "x",
+                         "constraints": ["a"]})
+    assert k == ServingKnobs(16, 512, (32, 128, 512), "bfloat16", 0)
+    assert parse_overrides(None) == ServingKnobs()
+    assert parse_overrides({"prefill_buckets": "[16, 64]"}).prefill_buckets == (16, 64)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"batch_size": 4}, "unknown override key.*'batch_size'.*accepted: num_slots"),
+    ({"num_slots": 0}, "'num_slots' must be an integer >= 1"),
+    ({"num_slots": True}, "num_slots"),
+    ({"num_slots": 2.5}, "num_slots"),
+    ({"max_seq_len": 1}, "max_seq_len"),
+    ({"dtype": "float16"}, "'dtype' must be one of float32, bfloat16"),
+    ({"prefill_buckets": [64, 32]}, "strictly increasing"),
+    ({"prefill_buckets": []}, "non-empty list"),
+    ({"prefill_buckets": [16, 128], "max_seq_len": 64}, "exceeds max_seq_len"),
+    ({"max_queue": -1}, "max_queue"),
+])
+def test_bad_overrides(overrides, match):
+    with pytest.raises(OverrideError, match=match):
+        parse_overrides(overrides)
+    assert issubclass(OverrideError, ValueError)
+
+
+def test_resolve_knobs():
+    k = ServingKnobs().resolve(256, platform="cpu")
+    assert (k.max_seq_len, k.dtype, k.prefill_buckets) == (256, "float32", (16, 32, 64, 128, 256))
+    assert ServingKnobs().resolve(100_000, platform="gpu") == ServingKnobs(
+        8, 2048, (16, 32, 64, 128, 256, 512, 1024, 2048), "bfloat16", 64)
+    assert ServingKnobs(max_seq_len=48).resolve(256, "cpu").prefill_buckets == (16, 32, 48)
+    with pytest.raises(OverrideError, match="exceeds the model's limit of 256"):
+        ServingKnobs(max_seq_len=512).resolve(256, "cpu")
+    with pytest.raises(OverrideError, match="bucket 128 exceeds max_seq_len 64"):
+        ServingKnobs(max_seq_len=64, prefill_buckets=(16, 128)).resolve(256, "cpu")
+
+
+# --------------------------------------------------------------------------- registry
+
+def test_model_paths_and_validation():
+    assert {"lm.hf", "lm.gpt2", "lm.llama", "lm.qwen2", "test.tiny"} <= set(registry.list_model_paths())
+    with pytest.raises(ModelPathError, match="unknown model_path 'lm.bert'"):
+        registry.validate("lm.bert", "/x", None)
+    with pytest.raises(ModelPathError, match="needs a checkpoint"):
+        registry.validate("lm.hf", None, None)
+    with pytest.raises(ModelPathError, match="needs a checkpoint"):
+        registry.validate("lm.llama", "None", None)
+    with pytest.raises(ModelPathError, match="checkpoint must be None"):
+        registry.validate("test.tiny", "/some/dir", None)
+    with pytest.raises(OverrideError):
+        registry.validate("test.tiny", None, {"bogus": 1})
+    assert registry.validate("test.tiny", "None", {"num_slots": 2}).num_slots == 2
+
+
+def test_tiny_is_deterministic(model):
+    other = registry.load_model("test.tiny", "None", {"dtype": "float32"})
+    for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(other.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert model.tokenizer.encode("héllo 世界") == other.tokenizer.encode("héllo 世界")
+    assert model.spec == other.spec == tiny.spec()
+    assert model.spec.vocab_size == model.tokenizer.vocab_size
+    assert set(model.eos_token_ids) == {model.tokenizer.hf.convert_tokens_to_ids(t)
+                                        for t in ("<|endoftext|>", "<|im_end|>")}
+    assert model.tokenizer.has_chat_template
+
+
+def test_loaded_model_knobs_and_memory(model):
+    assert model.knobs == ServingKnobs(4, 64, (16, 32, 64), "float32", 64)
+    spec = model.spec
+    assert model.param_bytes() == 4 * base.param_count(spec)
+    assert model.kv_cache_bytes() == spec.num_layers * 2 * 4 * spec.num_kv_heads * 64 * spec.head_dim * 4
+    assert model.memory_bytes() == model.param_bytes() + model.kv_cache_bytes()
+    assert registry.estimate_memory_bytes("test.tiny", None, {"num_slots": 4, "max_seq_len": 64,
+                                                               "dtype": "float32"}) == model.memory_bytes()
+    assert model.stats()["memory_bytes"] == model.memory_bytes()
+    cache = model.init_cache()
+    assert len(cache) == spec.num_layers
+    assert cache[0][0].shape == (4, spec.num_kv_heads, 64, spec.head_dim)
+
+
+def test_unload():
+    m = registry.load_model("test.tiny", None, {"dtype": "float32"})
+    leaf = jax.tree.leaves(m.params)[0]
+    m.unload()
+    assert m.params is None and leaf.is_deleted()
+
+
+# --------------------------------------------------------------------------- forward / KV cache contract
+
+def test_engine_style_prefill_and_decode(model):
+    """Prefill two prompts into slots 2 and 0 (padded buckets), then decode over all slots.
+
+    Each step's logits must equal a cache-free forward over the whole sequence; slot 2
+    first holds a longer stale sequence that must not leak into the new one.
+    """
+    fwd = jax.jit(model.forward_fn(), donate_argnums=(3,))
+    cache = model.init_cache()
+    n, bucket = model.knobs.num_slots, 16
+    rng = np.random.default_rng(0)
+
+    def prefill(cache, slot, prompt):
+        toks = np.zeros((1, bucket), np.int32)
+        toks[0, :len(prompt)] = prompt
+        logits, cache = fwd(model.params, toks, np.arange(bucket, dtype=np.int32)[None], cache,
+                            np.array([slot], np.int32))
+        np.testing.assert_allclose(np.asarray(logits[0, :len(prompt)]), _full_logits(model, prompt), atol=1e-5)
+        return int(np.asarray(logits[0, len(prompt) - 1]).argmax()), cache
+
+    _, cache = prefill(cache, 2, rng.integers(1, 300, 14))  # stale occupant of slot 2
+    seqs = {2: list(rng.integers(1, 300, 6)), 0: list(rng.integers(1, 300, 9))}
+    for slot, prompt in seqs.items():
+        nxt, cache = prefill(cache, slot, prompt)
+        seqs[slot].append(nxt)
+    for _ in range(6):
+        tokens = np.zeros((n, 1), np.int32)
+        positions = np.zeros((n, 1), np.int32)  # idle slots decode garbage at position 0
+        for slot, seq in seqs.items():
+            tokens[slot, 0], positions[slot, 0] = seq[-1], len(seq) - 1
+        logits, cache = fwd(model.params, tokens, positions, cache, None)
+        for slot, seq in seqs.items():
+            np.testing.assert_allclose(np.asarray(logits[slot, 0]), _full_logits(model, seq)[-1], atol=1e-5)
+            seq.append(int(np.asarray(logits[slot, 0]).argmax()))
+
+
+def test_decode_with_slot_ids_matches_identity(model):
+    cache = model.init_cache()
+    toks = np.arange(1, 17, dtype=np.int32).reshape(4, 4)
+    pos = np.tile(np.arange(4, dtype=np.int32), (4, 1))
+    fwd = jax.jit(model.forward_fn())
+    a, cache_a = fwd(model.params, toks, pos, cache, None)
+    b, cache_b = fwd(model.params, toks[::-1], pos, model.init_cache(), np.array([3, 2, 1, 0], np.int32))
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b)[::-1], atol=1e-6)
+    for (ka, va), (kb, vb) in zip(cache_a, cache_b):
+        np.testing.assert_allclose(np.asarray(ka), np.asarray(kb), atol=1e-6)
+
+
+def test_forward_last_for_prefill(model):
+    toks = np.zeros((2, 16), np.int32)
+    toks[0, :5], toks[1, :10] = np.arange(1, 6), np.arange(20, 30)
+    pos = np.tile(np.arange(16, dtype=np.int32), (2, 1))
+    last_index = np.array([4, 9], np.int32)
+    slots = np.array([1, 3], np.int32)
+    full, cache_full = jax.jit(model.forward_fn())(model.params, toks, pos, model.init_cache(), slots)
+    last, cache_last = jax.jit(model.forward_last_fn())(model.params, toks, pos, model.init_cache(), slots,
+                                                        last_index)
+    assert last.shape == (2, model.spec.vocab_size)
+    np.testing.assert_allclose(np.asarray(last), np.asarray(full)[[0, 1], last_index], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(cache_last[1][0]), np.asarray(cache_full[1][0]), atol=1e-6)
+    # out-of-range ids (garbage padding) are clipped, never NaN
+    bad = toks.copy()
+    bad[:, 12:] = 10**6
+    out, _ = jax.jit(model.forward_fn())(model.params, bad, pos, None, None)
+    assert np.isfinite(np.asarray(out)).all()
+
+
+def test_hidden_states_for_embed(model):
+    toks = np.array([[3, 9, 27, 81]], np.int32)
+    pos = np.arange(4, dtype=np.int32)[None]
+    hidden, cache = jax.jit(model.hidden_fn())(model.params, toks, pos, None, None)
+    assert hidden.shape == (1, 4, model.spec.hidden_size) and cache is None
+    logits, _, hidden2 = jax.jit(model.forward_fn(return_hidden=True))(model.params, toks, pos, None, None)
+    np.testing.assert_allclose(np.asarray(hidden), np.asarray(hidden2), atol=1e-6)
+    from_hidden = jax.jit(base.logits_from_hidden, static_argnums=0)(model.spec, model.params, hidden)
+    np.testing.assert_allclose(np.asarray(from_hidden), np.asarray(logits), atol=1e-5)
+    assert np.asarray(hidden).mean(axis=1).shape == (1, model.spec.hidden_size)
+
+
+def test_bfloat16_model():
+    m = registry.load_model("test.tiny", None, {"dtype": "bfloat16", "num_slots": 2, "max_seq_len": 32})
+    cache = m.init_cache()
+    assert cache[0][0].dtype == jnp.bfloat16
+    logits, cache = jax.jit(m.forward_fn(), donate_argnums=(3,))(
+        m.params, np.ones((2, 1), np.int32), np.zeros((2, 1), np.int32), cache, None)
+    assert logits.dtype == jnp.float32 and logits.shape == (2, 1, m.spec.vocab_size)
+    assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_tensor_parallel_matches_single_device(tmp_path):
+    """Params and KV cache sharded over 2 host devices give the same logits."""
+    script = textwrap.dedent("""
+        import sys, jax, numpy as np
+        from model_server import convert, registry
+        from model_server.models import base, tiny
+        assert len(jax.devices()) == 2
+        mesh = base.make_mesh()
+        kn = {"dtype": "float32", "num_slots": 2, "max_seq_len": 32}
+        sharded = registry.load_model("test.tiny", None, kn, mesh=mesh)
+        single = registry.load_model("test.tiny", None, kn)
+        tiny.save_hf(sys.argv[1] + "/hf")
+        assert convert.main([sys.argv[1] + "/hf", sys.argv[1] + "/orbax"]) == 0
+        hf = registry.load_model("lm.hf", sys.argv[1] + "/hf", kn, mesh=mesh)
+        orbax = registry.load_model("lm.hf", sys.argv[1] + "/orbax", kn, mesh=mesh)
+        for m in (sharded, hf, orbax):
+            assert len(m.params["layers"][0]["wq"].sharding.device_set) == 2
+        toks = np.array([[5, 6, 7, 8], [9, 10, 11, 12]], np.int32)
+        pos = np.tile(np.arange(4, dtype=np.int32), (2, 1))
+        outs = []
+        for m in (sharded, single, hf, orbax):
+            f = jax.jit(m.forward_fn(), donate_argnums=(3,))
+            logits, cache = f(m.params, toks, pos, m.init_cache(), None)
+            outs.append(np.asarray(logits))
+            outs.append(len(cache[0][0].sharding.device_set))
+        assert outs[1] == 2 and outs[3] == 1  # kv heads sharded over both devices
+        for i in (4, 6):
+            assert outs[i + 1] == 2
+            np.testing.assert_allclose(outs[i], outs[2], atol=1e-5)
+        np.testing.assert_allclose(outs[0], outs[2], atol=1e-5)
+        print("ok")
+    """)
+    root = str(Path(__file__).parents[2])
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------- HF config parsing
+
+_LLAMA_CFG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 100,
+              "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "max_position_embeddings": 4096}
+
+
+def test_spec_from_config_variants():
+    # transformers 4.x layout: top-level rope_theta + rope_scaling (with the old "type" key)
+    old = dict(_LLAMA_CFG, rope_theta=5e5, eos_token_id=[1, 2], bos_token_id=0,
+               rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    s = base.spec_from_hf_config(old, {"eos_token_id": [2, 3, 500]})
+    assert (s.rope_type, s.rope_theta, s.rope_factor) == ("llama3", 5e5, 8.0)
+    assert s.eos_token_ids == (1, 2, 3) and s.bos_token_id == 0  # 500 is outside the vocabulary
+    assert (s.num_kv_heads, s.head_dim, s.tie_word_embeddings) == (4, 16, False)
+    # transformers 5 layout: rope_parameters
+    new = dict(_LLAMA_CFG, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4})
+    assert base.spec_from_hf_config(new).rope_type == "linear"
+    with pytest.raises(base.ModelConfigError, match="unsupported rope scaling type 'yarn'"):
+        base.spec_from_hf_config(dict(_LLAMA_CFG, rope_scaling={"rope_type": "yarn", "factor": 4.0}))
+    with pytest.raises(base.ModelConfigError, match="lacks 'hidden_size'"):
+        base.spec_from_hf_config({k: v for k, v in _LLAMA_CFG.items() if k != "hidden_size"})
+    with pytest.raises(base.ModelConfigError, match="multiple of num_kv_heads"):
+        base.spec_from_hf_config(dict(_LLAMA_CFG, num_key_value_heads=3))
+
+
+def test_sliding_window_caps_sequence_length():
+    mistral = dict(_LLAMA_CFG, architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=1024)
+    s = base.spec_from_hf_config(mistral)
+    assert s.sliding_window == 1024 and s.max_seq_len_limit == 1024
+    assert ServingKnobs().resolve(s.max_seq_len_limit, "cpu").max_seq_len == 1024
+    qwen = dict(_LLAMA_CFG, architectures=["Qwen2ForCausalLM"], model_type="qwen2", sliding_window=1024,
+                use_sliding_window=False)
+    q = base.spec_from_hf_config(qwen)
+    assert q.max_seq_len_limit == 4096 and q.qkv_bias and not q.o_bias
