@@ -1,16 +1,20 @@
 """Model-server heartbeats: the hot path of a large cell.
 
-A heartbeat reads the server's replicas (one SELECT) and answers its desired
-set. When nothing but the time changed (the server is known to this process
-with the same description and every replica's status is as recorded), its
-liveness is only noted in memory, and a flusher writes all noted times in one
-batched UPDATE every `flush_s`. Anything else (a new server, a changed
-description, a replica whose status moved) is written at once in its own
-transaction. Everything written here is soft state that the next heartbeat
-re-reports, so PostgreSQL commits it without waiting for the WAL flush.
+A server sends its description, its models' observed states, and the
+`desired_version` of the last answer it got. When the description and the
+report digest are those last written for it, and its desired set has not
+changed since (the leader bumps `servers.assignment_version` whenever it
+does), the heartbeat costs one primary-key read: its liveness is noted in
+memory, a flusher writes all noted times in one batched UPDATE every
+`flush_s`, and the answer says `unchanged`. Otherwise the server's replicas
+are read, changed statuses written, and the whole desired set returned.
+Everything written here is soft state that the next heartbeat re-reports, so
+PostgreSQL commits it without waiting for the WAL flush.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import threading
 import time
@@ -83,7 +87,12 @@ _DESC_COLUMNS = ("boot_id", "chip", "topology", "device_count", "memory_bytes", 
                  "servable_model_paths")
 _TOUCH = (update(ModelServer)
           .where(ModelServer.address == bindparam("addr"), ModelServer.cell == bindparam("hb_cell"))
-          .values(last_heartbeat=bindparam("now"), **{c: bindparam(c) for c in _DESC_COLUMNS}))
+          .values(last_heartbeat=bindparam("now"), desc_digest=bindparam("desc_digest"),
+                  report_digest=bindparam("report_digest"), **{c: bindparam(c) for c in _DESC_COLUMNS})
+          .returning(ModelServer.assignment_version))
+_CURRENT = (select(ModelServer.cell, ModelServer.assignment_version, ModelServer.desc_digest,
+                   ModelServer.report_digest)
+            .where(ModelServer.address == bindparam("addr")))
 _LIVENESS = (update(ModelServer).where(ModelServer.address == bindparam("addr"))
              .values(last_heartbeat=bindparam("now")))
 _OBSERVED = (update(Replica).where(Replica.id == bindparam("rid"))
@@ -96,6 +105,10 @@ _REPLICAS = (select(Replica.id, Replica.model_id, Replica.generation, Replica.ch
                     PublishedModel.memory_bytes.label("model_memory"))
              .join(PublishedModel, PublishedModel.model_id == Replica.model_id)
              .where(Replica.server_address == bindparam("addr")))
+
+
+def _digest(value: Any) -> str:
+    return hashlib.blake2b(json.dumps(value, separators=(",", ":")).encode(), digest_size=16).hexdigest()
 
 
 def _dialect_insert(conn: Connection):  # type: ignore[no-untyped-def]
@@ -120,7 +133,6 @@ class HeartbeatRecorder:
         # Reads need no transaction on PostgreSQL (saves BEGIN/COMMIT round trips).
         self.reader = (engine.execution_options(isolation_level="AUTOCOMMIT")
                        if engine.dialect.name == "postgresql" else engine)
-        self._known: dict[str, tuple[Any, ...]] = {}  # address -> description last written
         self._pending: dict[str, float] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -128,52 +140,70 @@ class HeartbeatRecorder:
         self._thread.start()
 
     def record(self, body: dict[str, Any]) -> dict[str, Any]:
-        """Handles one heartbeat; returns the server's desired set."""
+        """Handles one heartbeat; returns the server's desired set (or `unchanged`)."""
         desc, reported = parse_heartbeat(body)
+        known_version = body.get("desired_version")
         now = time.time()
         address = desc["address"]
-        desc_key = tuple(repr(desc[c]) for c in _DESC_COLUMNS)
+        desc_digest = _digest([desc[c] for c in _DESC_COLUMNS])
+        report_digest = _digest(sorted([m.model_id, m.generation, m.status, m.error, m.memory_bytes,
+                                        m.load_time_s] for m in reported))
         with self.reader.connect() as conn:
+            row = conn.execute(_CURRENT, {"addr": address}).first()
+            if (row is not None and row.cell == self.settings.cell_name
+                    and row.desc_digest == desc_digest and row.report_digest == report_digest
+                    and known_version is not None and known_version == row.assignment_version):
+                with self._lock:
+                    self._pending[address] = now
+                return self._answer(None, row.assignment_version)
             rows = conn.execute(_REPLICAS, {"addr": address}).all()
         by_key = {(m.model_id, m.generation): m for m in reported}
         changes: list[dict[str, Any]] = []
         learned: list[tuple[str, int]] = []
         desired = []
-        for row in rows:
-            rep = by_key.get((row.model_id, row.generation))
+        for r in rows:
+            rep = by_key.get((r.model_id, r.generation))
             observed = rep.status if rep else Observed.NONE.value
-            current = {"observed": row.observed, "error": row.error,
-                       "memory_bytes": row.memory_bytes, "load_time_s": row.load_time_s}
+            current = {"observed": r.observed, "error": r.error,
+                       "memory_bytes": r.memory_bytes, "load_time_s": r.load_time_s}
             new = dict(current, observed=observed)
             if rep is not None:
                 for key in ("error", "memory_bytes", "load_time_s"):
                     if getattr(rep, key):
                         new[key] = getattr(rep, key)
-                if observed == Observed.LOADED.value and rep.memory_bytes and row.model_memory is None:
-                    learned.append((row.model_id, rep.memory_bytes))
+                if observed == Observed.LOADED.value and rep.memory_bytes and r.model_memory is None:
+                    learned.append((r.model_id, rep.memory_bytes))
             if new != current:
-                changes.append({"rid": row.id, **new})
-            if row.wanted == Wanted.LOADED.value:
-                desired.append({"model_id": row.model_id, "generation": row.generation,
-                                "model_path": row.model_path,
-                                "checkpoint": row.checkpoint if row.checkpoint is not None else "None",
-                                "overrides": row.overrides})
-        if self._known.get(address) == desc_key and not changes and not learned:
-            with self._lock:
-                self._pending[address] = now
-        else:
-            self._write(desc, desc_key, now, changes, learned)
-        return {"desired": desired, "heartbeat_interval_s": self.settings.heartbeat_interval_s,
-                "cell": self.settings.cell}
+                changes.append({"rid": r.id, **new})
+            if r.wanted == Wanted.LOADED.value:
+                desired.append({"model_id": r.model_id, "generation": r.generation,
+                                "model_path": r.model_path,
+                                "checkpoint": r.checkpoint if r.checkpoint is not None else "None",
+                                "overrides": r.overrides})
+        version = self._write(desc, desc_digest, report_digest, now, changes, learned)
+        return self._answer(desired, version)
 
-    def _write(self, desc: dict[str, Any], desc_key: tuple[Any, ...], now: float,
-               changes: list[dict[str, Any]], learned: list[tuple[str, int]]) -> None:
+    def _answer(self, desired: list[dict[str, Any]] | None, version: int) -> dict[str, Any]:
+        answer: dict[str, Any] = {"desired_version": version,
+                                  "heartbeat_interval_s": self.settings.heartbeat_interval_s,
+                                  "cell": self.settings.cell}
+        if desired is None:
+            answer["unchanged"] = True
+        else:
+            answer["desired"] = desired
+        return answer
+
+    def _write(self, desc: dict[str, Any], desc_digest: str, report_digest: str, now: float,
+               changes: list[dict[str, Any]], learned: list[tuple[str, int]]) -> int:
+        """Writes the server row and changed replica statuses; returns its assignment version."""
         cell = self.settings.cell_name
         address = desc["address"]
         with self.engine.begin() as conn:
-            _soft_commit(conn)  # all of it is re-reported by the next heartbeat
-            params = {**desc, "addr": address, "hb_cell": cell, "now": now}
-            if not conn.execute(_TOUCH, params).rowcount:
+            _soft_commit(conn)
+            params = {**desc, "addr": address, "hb_cell": cell, "now": now,
+                      "desc_digest": desc_digest, "report_digest": report_digest}
+            version = conn.execute(_TOUCH, params).scalar()
+            if version is None:
                 # New server, or one of another cell at this address. Two first heartbeats
                 # may race: the insert ignores the conflict and the touch follows.
                 ins = _dialect_insert(conn)(ModelServer).values(
@@ -182,14 +212,14 @@ class HeartbeatRecorder:
                 other = conn.execute(select(ModelServer.cell).where(ModelServer.address == address)).scalar()
                 if other != cell:
                     raise InvalidArgument(f"server {address} belongs to cell /sax/{other}")
-                conn.execute(_TOUCH, params)
+                version = conn.execute(_TOUCH, params).scalar()
             if changes:
                 conn.execute(_OBSERVED, [{**c, "now": now} for c in changes])
             for model_id, memory in learned:
                 conn.execute(update(PublishedModel).where(PublishedModel.model_id == model_id,
                                                           PublishedModel.memory_bytes.is_(None))
                              .values(memory_bytes=memory))
-        self._known[address] = desc_key
+        return int(version or 0)
 
     def flush(self) -> None:
         with self._lock:
@@ -198,13 +228,9 @@ class HeartbeatRecorder:
             return
         with self.engine.begin() as conn:
             _soft_commit(conn)
-            updated = conn.execute(_LIVENESS, [{"addr": a, "now": t} for a, t in batch.items()]).rowcount
-            if updated != len(batch):
-                # A row went away (declared dead meanwhile): its next heartbeat re-inserts it.
-                present = set(conn.scalars(select(ModelServer.address)
-                                           .where(ModelServer.address.in_(list(batch)))))
-                for address in set(batch) - present:
-                    self._known.pop(address, None)
+            # A row deleted meanwhile (declared dead) matches nothing: that server's next
+            # heartbeat misses the fast path and inserts it again.
+            conn.execute(_LIVENESS, [{"addr": a, "now": t} for a, t in batch.items()])
 
     def _run(self) -> None:
         while not self._stop.wait(self.flush_s):

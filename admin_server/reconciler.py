@@ -253,7 +253,13 @@ def load_views(conn, cell: str) -> tuple[list[ServerView], list[ModelView], list
     return servers, models, replicas
 
 
-def apply(conn, p: Plan, now: float) -> None:  # type: ignore[no-untyped-def]
+def touched_servers(p: Plan, replicas: list[ReplicaView]) -> set[str]:
+    """Servers whose desired set this plan changes."""
+    changed = set(p.unload) | set(p.delete) | {rid for rid, _ in p.failed}
+    return {r.server for r in replicas if r.id in changed} | {a["server_address"] for a in p.add}
+
+
+def apply(conn, p: Plan, now: float, touched: set[str] = frozenset()) -> None:  # type: ignore[no-untyped-def,assignment]
     if p.dead_servers:
         conn.execute(delete(Replica).where(Replica.server_address.in_(p.dead_servers)))
         conn.execute(delete(ModelServer).where(ModelServer.address.in_(p.dead_servers)))
@@ -277,6 +283,9 @@ def apply(conn, p: Plan, now: float) -> None:  # type: ignore[no-untyped-def]
         conn.execute(insert(Replica), [
             {**a, "wanted": LOADED, "observed": NONE, "created_at": now, "updated_at": now}
             for a in p.add])
+    if touched:
+        conn.execute(update(ModelServer).where(ModelServer.address.in_(sorted(touched)))
+                     .values(assignment_version=ModelServer.assignment_version + 1))
     if p.drop_models:
         conn.execute(delete(Replica).where(Replica.model_id.in_(p.drop_models)))
         conn.execute(delete(PublishedModel).where(PublishedModel.model_id.in_(p.drop_models),
@@ -325,7 +334,7 @@ class Reconciler:
             servers, models, replicas = load_views(conn, self.settings.cell_name)
             p = plan(now, self.settings, servers, models, replicas)
             if not p.empty():
-                apply(conn, p, now)
+                apply(conn, p, now, touched_servers(p, replicas))
         self.passes += 1
         # After acting, the state moved under our own writes: look again next tick.
         self._last = None if not p.empty() else probe

@@ -88,6 +88,12 @@ class ModelServer(Base):
     servable_model_paths: Mapped[list[str]] = mapped_column(default=list)
     first_seen: Mapped[float] = mapped_column(Double)
     last_heartbeat: Mapped[float] = mapped_column(Double, index=True)
+    # Bumped by the leader whenever this server's desired set changes; a heartbeat
+    # that carries the current one (and an unchanged report) gets a short answer.
+    assignment_version: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Digests of the description and model report last written for this server.
+    desc_digest: Mapped[str] = mapped_column(String(32), default="")
+    report_digest: Mapped[str] = mapped_column(String(32), default="")
 
     replicas: Mapped[list["Replica"]] = relationship(
         back_populates="server", cascade="all, delete-orphan", passive_deletes=True)

@@ -67,6 +67,9 @@ def unpublish(session: Session, settings: AdminSettings, model_id: Any) -> None:
     model.state = ModelState.UNPUBLISHING.value
     session.execute(update(Replica).where(Replica.model_id == model.model_id)
                     .values(wanted=Wanted.UNLOADED.value, updated_at=time.time()))
+    holders = select(Replica.server_address).where(Replica.model_id == model.model_id)
+    session.execute(update(ModelServer).where(ModelServer.address.in_(holders))
+                    .values(assignment_version=ModelServer.assignment_version + 1))
     bump_version(session, settings.cell_name)
 
 

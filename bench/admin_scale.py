@@ -116,18 +116,21 @@ async def heartbeat_load(port: int, n_servers: int, duration: float, interval: f
         await asyncio.sleep(random.random() * interval)  # spread the phase
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         models: list[dict[str, object]] = []
+        version = None
         next_at = time.monotonic()
         while time.monotonic() < stop_at:
             body = json.dumps({"server": {"address": address, "boot_id": "b", "chip": "cpu",
                                           "topology": "1", "device_count": 1, "memory_bytes": 64 * GiB,
                                           "servable_model_paths": ["test.tiny"]},
-                               "models": models}).encode()
+                               "models": models, "desired_version": version}).encode()
             t0 = time.perf_counter()
             try:
                 reply = json.loads(await _post(reader, writer, "/heartbeat", body))
                 latencies.append(time.perf_counter() - t0)
-                models = [{"model_id": d["model_id"], "generation": d["generation"], "status": "LOADED"}
-                          for d in reply["desired"]]
+                version = reply["desired_version"]
+                if not reply.get("unchanged"):
+                    models = [{"model_id": d["model_id"], "generation": d["generation"], "status": "LOADED"}
+                              for d in reply["desired"]]
             except Exception:
                 errors += 1
                 writer.close()

@@ -95,6 +95,10 @@ class AdminClient:
 
     # Model servers --------------------------------------------------------------------
     def heartbeat(self, server: dict[str, Any], models: list[dict[str, Any]], *,
-                  cluster_token: str | None = None, timeout_s: float = 10.0) -> dict[str, Any]:
-        return self._call("POST", "/heartbeat", json={"server": server, "models": models},
+                  desired_version: int | None = None, cluster_token: str | None = None,
+                  timeout_s: float = 10.0) -> dict[str, Any]:
+        """Reports this server; the answer holds its desired set, or `unchanged: true`
+        when `desired_version` is still current and the report is as last sent."""
+        return self._call("POST", "/heartbeat", json={"server": server, "models": models,
+                                                      "desired_version": desired_version},
                           token=cluster_token, timeout=timeout_s)

@@ -21,6 +21,8 @@ class HeartbeatAgent:
         self.interval_s = interval_s
         self.cluster_token = cluster_token
         self.beats = 0
+        self.desired: list[dict[str, Any]] = []
+        self.desired_version: int | None = None
         self.failures = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sax-heartbeat", daemon=True)
@@ -34,9 +36,12 @@ class HeartbeatAgent:
 
     def beat(self) -> None:
         reply = self.client.heartbeat(self.description, self.manager.report(),
-                                      cluster_token=self.cluster_token,
+                                      desired_version=self.desired_version, cluster_token=self.cluster_token,
                                       timeout_s=max(2.0, self.interval_s * 2))
-        self.manager.converge(reply.get("desired", []))
+        if not reply.get("unchanged"):
+            self.desired = reply.get("desired", [])
+        self.desired_version = reply.get("desired_version")
+        self.manager.converge(self.desired)
         self.interval_s = float(reply.get("heartbeat_interval_s") or self.interval_s)
         self.beats += 1
 

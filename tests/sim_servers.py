@@ -34,6 +34,9 @@ class SimServer:
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"sim-{self.address}")
         self.session = requests.Session()
         self.errors = 0
+        self.desired_version: int | None = None
+        self.desired: list[dict[str, Any]] = []
+        self.unchanged_answers = 0
 
     def start(self) -> "SimServer":
         self._thread.start()
@@ -76,11 +79,17 @@ class SimServer:
             body = {"server": {"address": self.address, "boot_id": self.boot_id, "chip": self.chip,
                                "topology": "1", "device_count": 1, "memory_bytes": self.memory_bytes,
                                "tags": self.tags, "servable_model_paths": self.servable},
-                    "models": self._report()}
+                    "models": self._report(), "desired_version": self.desired_version}
             try:
                 r = self.session.post(f"{self.admin_url}/heartbeat", json=body, headers=headers, timeout=5)
                 r.raise_for_status()
-                self._converge(r.json()["desired"])
+                answer = r.json()
+                if answer.get("unchanged"):
+                    self.unchanged_answers += 1
+                else:
+                    self.desired = answer["desired"]
+                self.desired_version = answer["desired_version"]
+                self._converge(self.desired)
             except requests.RequestException:
                 self.errors += 1  # the admin may be restarting; keep trying
             self._stop.wait(self.interval_s)

@@ -66,6 +66,9 @@ def upgrade() -> None:
     sa.Column('servable_model_paths', sa.JSON(), nullable=False),
     sa.Column('first_seen', sa.Double(), nullable=False),
     sa.Column('last_heartbeat', sa.Double(), nullable=False),
+    sa.Column('assignment_version', sa.BigInteger(), nullable=False),
+    sa.Column('desc_digest', sa.String(length=32), nullable=False),
+    sa.Column('report_digest', sa.String(length=32), nullable=False),
     sa.PrimaryKeyConstraint('address', name=op.f('pk_servers'))
     )
     with op.batch_alter_table('servers', schema=None) as batch_op:

@@ -162,3 +162,36 @@ def test_tokens_guard_mutations_and_heartbeats(make_app) -> None:  # type: ignor
 def test_healthz(make_app) -> None:  # type: ignore[no-untyped-def]
     r = make_app().test_client().get("/healthz")
     assert r.status_code == 200 and r.json["status"] == "ok" and r.json["cell"] == "/sax/test"
+
+
+def test_heartbeat_fast_path_answers_unchanged_until_the_desired_set_moves(make_app) -> None:  # type: ignore[no-untyped-def]
+    client = make_app().test_client()
+    first = beat(client)
+    assert first["desired"] == [] and "unchanged" not in first
+    same = client.post("/heartbeat", json={"server": SERVER, "models": [],
+                                           "desired_version": first["desired_version"]}).json
+    assert same["unchanged"] is True and "desired" not in same
+    publish(client)
+    # The leader places the model on this server: the version moves, the full set comes back.
+    moved = wait_until(lambda: (lambda a: a if not a.get("unchanged") else None)(client.post(
+        "/heartbeat", json={"server": SERVER, "models": [], "desired_version": first["desired_version"]}).json),
+        what="desired set change")
+    assert moved["desired_version"] > first["desired_version"]
+    assert [d["model_id"] for d in moved["desired"]] == ["/sax/test/lm"]
+    # A changed report is written (not short-circuited), even with a current version.
+    loaded = [{"model_id": "/sax/test/lm", "generation": 1, "status": "LOADED"}]
+    r = client.post("/heartbeat", json={"server": SERVER, "models": loaded,
+                                        "desired_version": moved["desired_version"]}).json
+    assert "desired" in r
+    assert client.get("/models/sax/test/lm").json["active_replicas"] == 1
+    r = client.post("/heartbeat", json={"server": SERVER, "models": loaded,
+                                        "desired_version": moved["desired_version"]}).json
+    assert r.get("unchanged") is True
+    # Liveness from fast-path heartbeats still reaches the database (batched).
+    for _ in range(4):
+        time.sleep(0.25)
+        assert client.post("/heartbeat", json={"server": SERVER, "models": loaded,
+                                               "desired_version": moved["desired_version"]}).json["unchanged"]
+    time.sleep(0.2)
+    age = client.get("/servers").json["servers"][0]["last_heartbeat_age_s"]
+    assert age < 0.45  # the last full write is a second old by now

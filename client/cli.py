@@ -1,0 +1,325 @@
+"""`saxutil`: Saxml's command line over HTTP (click).
+
+Talks to the admin given by --admin or SAX_ADMIN (default localhost:10000)
+and to model replicas through the client library's routing.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any, Callable
+
+import click
+
+from client import errors
+from client import sax
+from client.admin import AdminClient
+
+
+def _fail(message: str) -> None:
+    click.echo(f"saxutil: {message}", err=True)
+    sys.exit(1)
+
+
+class SaxGroup(click.Group):
+    """Turns library errors into a one-line message and exit code 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except errors.SaxError as e:
+            _fail(f"{type(e).__name__}: {e.message}")
+        except (ValueError, OSError) as e:
+            _fail(str(e))
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [[str(c) for c in r] for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    line = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
+    fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([line, fmt(headers), line, *[fmt(r) for r in cells], line])
+
+
+@click.group(cls=SaxGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--admin", envvar="SAX_ADMIN", default="localhost:10000", show_default=True,
+              help="Admin server host:port (SAX_ADMIN).")
+@click.pass_context
+def main(ctx: click.Context, admin: str) -> None:
+    """Saxplane command line: publish models, inspect the cell, call models.
+
+    Example: saxutil --admin localhost:10000 ls /sax/test
+    """
+    ctx.obj = {"admin": admin}
+
+
+def _admin(ctx: click.Context) -> AdminClient:
+    return AdminClient(ctx.obj["admin"])
+
+
+def _parse_overrides(pairs: tuple[str, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=JSON, got {pair!r}", param_hint="OVERRIDES")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value  # a bare string, as Saxml accepts
+    return out
+
+
+def _progress(model_id: str) -> Callable[[sax.ModelDetail], None]:
+    started = time.monotonic()
+    last = [""]
+
+    def show(d: sax.ModelDetail) -> None:
+        states = ", ".join(f"{r.address} {r.status}" for r in d.replicas) or "waiting for a server"
+        line = f"{model_id}: {d.active_replicas}/{d.max_replicas} ready ({states}) {time.monotonic() - started:.0f}s"
+        if d.last_error:
+            line += f"\n  last error: {d.last_error}"
+        if line != last[0]:
+            click.echo(line, err=True)
+            last[0] = line
+    return show
+
+
+@main.command()
+@click.argument("model_id")
+@click.argument("model_path")
+@click.argument("checkpoint")
+@click.argument("replicas", type=int)
+@click.argument("overrides", nargs=-1)
+@click.option("--wait/--no-wait", default=False, help="Wait until the replicas are ready.")
+@click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait with --wait.")
+@click.pass_context
+def publish(ctx: click.Context, model_id: str, model_path: str, checkpoint: str, replicas: int,
+            overrides: tuple[str, ...], wait: bool, timeout: float) -> None:
+    """Publish a model.
+
+    Example: saxutil publish /sax/test/lm test.tiny None 1 num_slots=4 --wait
+    """
+    _admin(ctx).publish(model_id, model_path, checkpoint, replicas, _parse_overrides(overrides))
+    click.echo(f"published {model_id}")
+    if wait and replicas:
+        sax.WaitForReady(model_id, replicas, timeout, admin=ctx.obj["admin"], progress=_progress(model_id))
+        click.echo(f"{model_id} is ready")
+
+
+@main.command()
+@click.argument("model_id")
+@click.pass_context
+def unpublish(ctx: click.Context, model_id: str) -> None:
+    """Unpublish a model.
+
+    Example: saxutil unpublish /sax/test/lm
+    """
+    _admin(ctx).unpublish(model_id)
+    click.echo(f"unpublished {model_id}")
+
+
+@main.command()
+@click.argument("model_id")
+@click.option("--replicas", type=int, help="New number of replicas (reloads nothing).")
+@click.option("--checkpoint", help="New checkpoint (rolls replicas over, new before old).")
+@click.pass_context
+def update(ctx: click.Context, model_id: str, replicas: int | None, checkpoint: str | None) -> None:
+    """Change a model's replicas and/or checkpoint.
+
+    Example: saxutil update /sax/test/lm --replicas 3
+    """
+    if replicas is None and checkpoint is None:
+        raise click.UsageError("give --replicas and/or --checkpoint")
+    d = _admin(ctx).update(model_id, replicas=replicas, checkpoint=checkpoint)
+    click.echo(f"updated {model_id}: checkpoint {d['checkpoint']}, {d['max_replicas']} replicas")
+
+
+@main.command()
+@click.argument("path", default="/sax")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def ls(ctx: click.Context, path: str, as_json: bool) -> None:
+    """List cells, the models of a cell, or one model.
+
+    Example: saxutil ls /sax/test/lm
+    """
+    admin = _admin(ctx)
+    parts = [p for p in path.split("/") if p]
+    if not parts or parts[0] != "sax" or len(parts) > 3:
+        raise click.BadParameter("expected /sax, /sax/<cell> or /sax/<cell>/<model>", param_hint="PATH")
+    if len(parts) == 1:
+        cell = admin.healthz()["cell"]
+        click.echo(json.dumps([cell]) if as_json else table(["#", "Cell"], [[1, cell]]))
+    elif len(parts) == 2:
+        models = admin.models(path)
+        click.echo(json.dumps(models) if as_json else
+                   table(["#", "Model ID"], [[i + 1, m] for i, m in enumerate(models)]))
+    else:
+        d = admin.model(path)
+        if as_json:
+            click.echo(json.dumps(d, indent=2))
+            return
+        click.echo(table(["Model", "Model Path", "Checkpoint Path", "# of Replicas", "Active"],
+                         [[d["model_id"], d["model_path"], d["checkpoint"], d["max_replicas"],
+                           d["active_replicas"]]]))
+        if d["replicas"]:
+            click.echo(table(["Replica Address", "Status", "Generation", "Error"],
+                             [[r["address"], r["status"], r["generation"], r.get("error") or ""]
+                              for r in d["replicas"]]))
+        if d.get("last_error"):
+            click.echo(f"last error: {d['last_error']}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def servers(ctx: click.Context, as_json: bool) -> None:
+    """List model servers with chip, memory and models.
+
+    Example: saxutil servers
+    """
+    rows = _admin(ctx).servers()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(table(["Address", "Chip", "Topology", "Memory (GiB)", "Alive", "Models"],
+                     [[s["address"], s["chip"], s["topology"], f"{s['memory_bytes'] / 2**30:.1f}",
+                       "yes" if s["alive"] else "no",
+                       ", ".join(f"{m['model_id']}@{m['generation']} {m['status']}" for m in s["models"])]
+                      for s in rows]))
+
+
+@main.command()
+@click.argument("model_id")
+@click.option("--count", type=int, default=0, help="Stop after this many changes (0: run until Ctrl-C).")
+@click.pass_context
+def watch(ctx: click.Context, model_id: str, count: int) -> None:
+    """Print '+ addr' / '- addr' as ready replicas come and go.
+
+    Example: saxutil watch /sax/test/lm
+    """
+    admin = _admin(ctx)
+    known: set[str] = set()
+    version = None
+    changes = 0
+    while True:
+        loc = admin.locate(model_id, version=version, wait_s=20.0)
+        version = loc["version"]
+        now = set(loc["addresses"])
+        for a in sorted(now - known):
+            click.echo(f"+ {a}")
+        for a in sorted(known - now):
+            click.echo(f"- {a}")
+        if now != known:
+            changes += 1
+            sys.stdout.flush()
+        known = now
+        if count and changes >= count:
+            return
+
+
+def _extra(extra: str | None) -> sax.ModelOptions:
+    opts = sax.ModelOptions()
+    for item in filter(None, (extra or "").split(",")):
+        key, sep, value = item.partition(":")
+        if not sep:
+            raise click.BadParameter(f"expected key:value, got {item!r}", param_hint="--extra")
+        try:
+            opts.SetExtraInput(key.strip(), float(value))
+        except ValueError:
+            raise click.BadParameter(f"{key}: {value!r} is not a number", param_hint="--extra") from None
+    return opts
+
+
+@main.command("lm.generate")
+@click.argument("model_id")
+@click.argument("query")
+@click.option("-n", "num_samples", type=int, default=None, help="Number of samples.")
+@click.option("--stream", is_flag=True, help="Print text as it arrives.")
+@click.option("--extra", help="Extra inputs, e.g. temperature:0.5,per_example_max_decode_steps:32.")
+@click.option("--timeout", type=float, default=None, help="Seconds before giving up.")
+@click.pass_context
+def lm_generate(ctx: click.Context, model_id: str, query: str, num_samples: int | None, stream: bool,
+                extra: str | None, timeout: float | None) -> None:
+    """Generate text; QUERY '-' reads standard input.
+
+    Example: saxutil lm.generate /sax/test/lm "Q: why is the sky blue? A:" --extra temperature:0
+    """
+    if query == "-":
+        query = sys.stdin.read()
+    opts = _extra(extra)
+    if num_samples:
+        opts.SetExtraInput("num_samples", num_samples)
+    if timeout:
+        opts.SetTimeout(timeout)
+    lm = sax.Model(model_id, sax.Options(admin=ctx.obj["admin"])).LM()
+    if stream:
+        for text, _index, _score in lm.GenerateStream(query, options=opts):  # type: ignore[union-attr]
+            click.echo(text, nl=False)
+            sys.stdout.flush()
+        click.echo()
+        return
+    results = lm.Generate(query, opts)
+    click.echo(table(["Generate", "Score"], [[t, f"{s:.4f}"] for t, s in results]))
+
+
+@main.command("lm.score")
+@click.argument("model_id")
+@click.argument("prefix")
+@click.argument("suffixes", nargs=-1, required=True)
+@click.pass_context
+def lm_score(ctx: click.Context, model_id: str, prefix: str, suffixes: tuple[str, ...]) -> None:
+    """Log-probability of each suffix after the prefix.
+
+    Example: saxutil lm.score /sax/test/lm "the sky is" " blue" " green"
+    """
+    lm = sax.Model(model_id, sax.Options(admin=ctx.obj["admin"])).LM()
+    scores = lm.Score(prefix, list(suffixes))
+    click.echo(table(["Suffix", "Score"], [[s, f"{v:.4f}"] for s, v in zip(suffixes, scores)]))
+
+
+@main.command("lm.embed")
+@click.argument("model_id")
+@click.argument("text")
+@click.pass_context
+def lm_embed(ctx: click.Context, model_id: str, text: str) -> None:
+    """Embedding of a text (JSON list of floats).
+
+    Example: saxutil lm.embed /sax/test/lm "hello"
+    """
+    click.echo(json.dumps(sax.Model(model_id, sax.Options(admin=ctx.obj["admin"])).LM().Embed(text)))
+
+
+@main.command()
+@click.option("--db-url", envvar="SAX_DB_URL", required=True, help="Database URL (SAX_DB_URL).")
+@click.option("--revision", default="head", show_default=True)
+def migrate(db_url: str, revision: str) -> None:
+    """Run the admin database's Alembic migrations.
+
+    Example: saxutil migrate --db-url postgresql+psycopg://postgres@localhost/sax
+    """
+    from admin_server.db import migrate as run
+
+    run(db_url, revision)
+    click.echo(f"database at {revision}")
+
+
+@main.command()
+@click.argument("source")
+@click.argument("dest")
+@click.option("--dtype", default="keep", show_default=True, type=click.Choice(["keep", "float32", "bfloat16"]))
+def convert(source: str, dest: str, dtype: str) -> None:
+    """Convert a Hugging Face checkpoint to Orbax (local paths or gs://).
+
+    Example: saxutil convert ./gpt2 gs://bucket/gpt2-orbax
+    """
+    from model_server.convert import main as convert_main
+
+    convert_main([source, dest, "--dtype", dtype])
+
+
+from client.local_cell import up  # noqa: E402  (registers `saxutil up`)
+
+main.add_command(up)

@@ -1,0 +1,137 @@
+"""`saxutil up`: a whole local cell in one terminal (admin, model server, frontend)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+import requests
+
+
+class _Child:
+    def __init__(self, name: str, args: list[str], log_dir: Path, env: dict[str, str]) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.alive():
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # anything left in its group
+        except (ProcessLookupError, PermissionError):
+            pass
+        self._log.close()
+
+
+def _wait_healthy(child: _Child, url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not child.alive():
+            raise click.ClickException(f"{child.name} exited; see {child.log_path}")
+        try:
+            if requests.get(url, timeout=2).ok:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    raise click.ClickException(f"{child.name} not healthy after {timeout:.0f}s; see {child.log_path}")
+
+
+@click.command()
+@click.option("--root", default="./sax-root", show_default=True, help="SAX_ROOT (SQLite and snapshots).")
+@click.option("--admin-port", default=10000, show_default=True)
+@click.option("--model-server-port", default=10001, show_default=True)
+@click.option("--frontend-port", default=8888, show_default=True)
+@click.option("--model-id", default="/sax/test/demo", show_default=True)
+@click.option("--model-path", default="test.tiny", show_default=True, help="e.g. lm.hf for a HF directory.")
+@click.option("--checkpoint", default="None", show_default=True, help="e.g. a Hugging Face directory on disk.")
+@click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for each step.")
+def up(root: str, admin_port: int, model_server_port: int, frontend_port: int, model_id: str,
+       model_path: str, checkpoint: str, timeout: float) -> None:
+    """Start a local cell: admin, one model server and the HTTP frontend, then publish a demo model.
+
+    Ctrl-C stops all of them.
+
+    Example: saxutil up --root ./sax-root
+    """
+    from client import sax
+
+    root_path = Path(root).absolute()
+    log_dir = root_path / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    cell = "/" + "/".join(model_id.strip("/").split("/")[:2])
+    admin = f"localhost:{admin_port}"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SAX_CELL": cell, "SAX_ADMIN": admin}
+    py = sys.executable
+    children: list[_Child] = []
+    stopping = False
+
+    def stop_all(*_: object) -> None:
+        nonlocal stopping
+        if stopping:
+            return
+        stopping = True
+        click.echo("\nstopping the cell...", err=True)
+        for child in reversed(children):
+            child.stop()
+        click.echo("stopped", err=True)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        children.append(_Child("admin", [py, "-m", "admin_server", "--root", str(root_path), "--cell", cell,
+                                         "--port", str(admin_port), "--host", "127.0.0.1"], log_dir, env))
+        _wait_healthy(children[-1], f"http://localhost:{admin_port}/healthz", timeout)
+        click.echo(f"admin server   http://localhost:{admin_port}  (state in {root_path})")
+        children.append(_Child("model-server", [
+            py, "-m", "model_server", "--admin", admin, "--port", str(model_server_port), "--host", "127.0.0.1",
+            "--advertise", f"localhost:{model_server_port}"], log_dir, env))
+        _wait_healthy(children[-1], f"http://localhost:{model_server_port}/healthz", timeout)
+        click.echo(f"model server   http://localhost:{model_server_port}")
+        has_frontend = importlib.util.find_spec("http_frontend") is not None
+        if has_frontend:
+            children.append(_Child("frontend", [py, "-m", "http_frontend", "--admin", admin, "--port",
+                                                str(frontend_port), "--host", "127.0.0.1"], log_dir, env))
+            _wait_healthy(children[-1], f"http://localhost:{frontend_port}/healthz", timeout)
+            click.echo(f"HTTP frontend  http://localhost:{frontend_port}")
+        try:
+            sax.Publish(model_id, model_path, checkpoint, 1, admin=admin)
+        except sax.AlreadyExists:
+            pass  # restored from an earlier run's state
+        click.echo(f"publishing {model_id} ({model_path}, {checkpoint})...")
+        sax.WaitForReady(model_id, 1, timeout, admin=admin)
+        click.echo(f"{model_id} is ready. Logs in {log_dir}. Try:")
+        if has_frontend:
+            click.echo(f"  curl -s localhost:{frontend_port}/generate -d "
+                       f"'{{\"model\": \"{model_id}\", \"query\": \"hello\"}}'")
+            click.echo(f"  curl -s localhost:{frontend_port}/v1/completions -H 'Content-Type: application/json' "
+                       f"-d '{{\"model\": \"{model_id}\", \"prompt\": \"hello\", \"max_tokens\": 8}}'")
+        click.echo(f"  saxutil --admin {admin} lm.generate {model_id} hello")
+        click.echo("Ctrl-C stops the cell.")
+        sys.stdout.flush()
+        while all(c.alive() for c in children):
+            time.sleep(0.5)
+        dead = [c.name for c in children if not c.alive()]
+        raise click.ClickException(f"{', '.join(dead)} exited; see {log_dir}")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_all()

@@ -1,0 +1,278 @@
+"""Routing a model's calls to its ready replicas.
+
+Locations come from the admin's `locate` and are cached per model; a watcher
+thread long-polls the admin and swaps in each new address set as soon as it
+changes. While the admin is unreachable the cache keeps serving. Each call
+goes to the ready replica with the fewest requests outstanding from this
+process, and is retried on another replica when it fails before any byte of
+the answer arrived (connection refused or reset, the replica no longer holds
+the model, or a retryable refusal).
+"""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from client import errors
+from client.admin import AdminClient
+
+log = logging.getLogger(__name__)
+
+LONG_POLL_S = 20.0
+SUSPECT_S = 5.0          # a replica that refused a connection is skipped this long
+RETRYABLE_CODES = {"model_not_ready", "model_not_found", "queue_full"}
+
+
+@dataclass
+class Location:
+    addresses: list[str]
+    version: str
+    model_path: str
+    fetched: float
+
+
+class Router:
+    def __init__(self, admin: AdminClient, *, max_attempts: int = 3, pool_size: int = 64) -> None:
+        self.admin = admin
+        self.max_attempts = max_attempts
+        self.session = requests.Session()
+        adapter = HTTPAdapter(pool_connections=pool_size, pool_maxsize=pool_size, max_retries=0)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        self._locs: dict[str, Location] = {}
+        self._watchers: dict[str, threading.Thread] = {}
+        self._outstanding: Counter[str] = Counter()
+        self._suspect: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._closed = threading.Event()
+        self.retries = 0
+
+    # -- locations ----------------------------------------------------------------------
+    def location(self, model_id: str) -> Location:
+        with self._lock:
+            loc = self._locs.get(model_id)
+        if loc is None:
+            answer = self.admin.locate(model_id)  # NotFound / Unavailable propagate
+            loc = self._store(model_id, answer)
+            self._watch(model_id)
+        return loc
+
+    def _store(self, model_id: str, answer: dict[str, Any]) -> Location:
+        loc = Location(list(answer["addresses"]), answer["version"], answer.get("model_path", ""), time.monotonic())
+        with self._changed:
+            old = self._locs.get(model_id)
+            self._locs[model_id] = loc
+            if old is None or old.version != loc.version:
+                self._changed.notify_all()
+        return loc
+
+    def _watch(self, model_id: str) -> None:
+        with self._lock:
+            if model_id in self._watchers:
+                return
+            t = threading.Thread(target=self._watch_loop, args=(model_id,), daemon=True,
+                                 name=f"sax-watch{model_id}")
+            self._watchers[model_id] = t
+        t.start()
+
+    def _watch_loop(self, model_id: str) -> None:
+        backoff = 0.2
+        while not self._closed.is_set():
+            with self._lock:
+                loc = self._locs.get(model_id)
+            try:
+                answer = self.admin.locate(model_id, version=loc.version if loc else None, wait_s=LONG_POLL_S)
+                self._store(model_id, answer)
+                backoff = 0.2
+            except errors.NotFound:
+                with self._changed:  # unpublished: forget it; the next call asks again
+                    self._locs.pop(model_id, None)
+                    self._watchers.pop(model_id, None)
+                    self._changed.notify_all()
+                return
+            except errors.SaxError as e:
+                log.debug("locate %s failed (serving from cache): %s", model_id, e)
+                self._closed.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def wait_for_change(self, model_id: str, version: str | None, timeout: float) -> Location | None:
+        """Blocks until the cached location of `model_id` has a version other than `version`."""
+        self.location(model_id)
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                loc = self._locs.get(model_id)
+                if loc is None or loc.version != version:
+                    return loc
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return loc
+                self._changed.wait(left)
+
+    def refresh(self, model_id: str) -> None:
+        try:
+            self._store(model_id, self.admin.locate(model_id))
+        except errors.SaxError:
+            pass
+
+    # -- picking --------------------------------------------------------------------------
+    def pick(self, model_id: str, exclude: set[str] = frozenset()) -> str:  # type: ignore[assignment]
+        loc = self.location(model_id)
+        now = time.monotonic()
+        with self._lock:
+            candidates = [a for a in loc.addresses if a not in exclude]
+            healthy = [a for a in candidates if self._suspect.get(a, 0) < now] or candidates
+            if not healthy:
+                if loc.addresses:
+                    raise errors.Unavailable(f"every replica of {model_id} failed this call")
+                raise errors.Unavailable(f"model {model_id} has no ready replica")
+            least = min(self._outstanding[a] for a in healthy)
+            return random.choice([a for a in healthy if self._outstanding[a] == least])
+
+    def outstanding(self, address: str) -> int:
+        with self._lock:
+            return self._outstanding[address]
+
+    def _acquire(self, address: str) -> None:
+        with self._lock:
+            self._outstanding[address] += 1
+
+    def _release(self, address: str) -> None:
+        with self._lock:
+            self._outstanding[address] -= 1
+            if self._outstanding[address] <= 0:
+                del self._outstanding[address]
+
+    def _mark_suspect(self, address: str) -> None:
+        with self._lock:
+            self._suspect[address] = time.monotonic() + SUSPECT_S
+
+    # -- calls ----------------------------------------------------------------------------
+    def post(self, model_id: str, path: str, body: Any, *, stream: bool = False,
+             timeout: float | None = None, headers: dict[str, str] | None = None,
+             data: bytes | None = None) -> "RoutedResponse":
+        """POSTs `body` (or raw `data`) to a ready replica of `model_id`, retrying on another
+        replica before any byte of an answer. The caller must close() the response (or use
+        it as a context manager); closing early drops the upstream connection, which
+        cancels the request on the replica."""
+        tried: set[str] = set()
+        last_error: errors.SaxError | None = None
+        for attempt in range(self.max_attempts):
+            try:
+                address = self.pick(model_id, tried)
+            except errors.Unavailable:
+                if last_error is not None:
+                    raise last_error from None
+                raise
+            tried.add(address)
+            self._acquire(address)
+            try:
+                resp = self.session.post(f"http://{address}{path}", json=body if data is None else None,
+                                         data=data, stream=stream, headers=headers,
+                                         timeout=(3.0, timeout))
+            except (requests.ConnectionError, requests.Timeout) as e:
+                self._release(address)
+                if isinstance(e, requests.ReadTimeout):
+                    raise errors.DeadlineExceeded(f"{model_id} on {address}: no answer in {timeout}s") from e
+                self._mark_suspect(address)
+                last_error = errors.Unavailable(f"replica {address} of {model_id} unreachable: {e}")
+                self.retries += 1
+                self.refresh(model_id)
+                continue
+            if resp.status_code in (404, 503) and self._retryable(resp):
+                self._release(address)
+                last_error = errors.from_response(resp.status_code, _json(resp))
+                resp.close()
+                self.retries += 1
+                if resp.status_code == 404:
+                    self.refresh(model_id)
+                continue
+            return RoutedResponse(resp, address, self)
+        assert last_error is not None
+        raise last_error
+
+    @staticmethod
+    def _retryable(resp: requests.Response) -> bool:
+        body = _json(resp)
+        err = body.get("error") if isinstance(body, dict) else None
+        code = err.get("code") if isinstance(err, dict) else body.get("code") if isinstance(body, dict) else None
+        return code in RETRYABLE_CODES
+
+    def close(self) -> None:
+        self._closed.set()
+        self.session.close()
+
+
+def _json(resp: requests.Response) -> Any:
+    try:
+        return resp.json()
+    except ValueError:
+        return {"error": resp.text[:500]}
+
+
+class RoutedResponse:
+    """An upstream response that releases its replica's outstanding count when closed."""
+
+    def __init__(self, resp: requests.Response, address: str, router: Router) -> None:
+        self.resp, self.address, self._router = resp, address, router
+        self._closed = False
+
+    @property
+    def status_code(self) -> int:
+        return self.resp.status_code
+
+    @property
+    def headers(self) -> Any:
+        return self.resp.headers
+
+    def json(self) -> Any:
+        try:
+            return self.resp.json()
+        finally:
+            self.close()
+
+    def content(self) -> bytes:
+        try:
+            return self.resp.content
+        finally:
+            self.close()
+
+    def iter_raw(self, chunk_size: int = 8192):  # type: ignore[no-untyped-def]
+        """The body's bytes as they arrive (SSE streams pass through unchanged)."""
+        try:
+            yield from self.resp.raw.stream(chunk_size, decode_content=False)
+        finally:
+            self.close()
+
+    def iter_sse(self):  # type: ignore[no-untyped-def]
+        """Decoded `data:` payloads of an SSE stream, ending before `[DONE]`."""
+        try:
+            for line in self.resp.iter_lines():
+                if line.startswith(b"data: "):
+                    payload = line[6:]
+                    if payload == b"[DONE]":
+                        return
+                    yield payload
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.resp.close()
+            self._router._release(self.address)
+
+    def __enter__(self) -> "RoutedResponse":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,290 @@
+"""The engine's device programs: pure functions, compiled ahead of time for every shape.
+
+* ``prefill[(T, B)]``: write the KV of B prompts (padded to bucket T) into their slots and set
+  the slots' device state (last prompt token and its position, fresh counts, prompt mask).
+  The first generated token comes out of the next decode step, which re-feeds the last prompt
+  token; so all sampling lives in one place.
+* ``decode[B]``: one token for B rows of slots (B == num_slots: all slots, no gather; smaller B:
+  the rows' cache is gathered, worth it while few slots are busy): forward + sampling +
+  logprobs in one call; the cache and state are donated.
+* ``copy``: copy one slot (KV cache and state) to another (n > 1 samples share one prefill).
+* ``score[(T, B)]``: cache-free pass returning every prompt token's logprob and top logprobs.
+* ``embed[T]``: mean-pooled final hidden state.
+
+Everything is lowered and compiled in `compile_all` (warm-up); the engine calls the compiled
+executables only, so a steady-state call can never compile anything.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from model_server.engine import sampling
+from model_server.engine.types import MAX_LOGIT_BIAS, MAX_LOGPROBS
+from model_server.models import base
+
+log = logging.getLogger(__name__)
+
+F32 = jnp.float32
+#: Padded prompt tokens per batched prefill / scoring call; rows = clamp(this // T, 1, 8).
+ROW_TOKENS = 256
+MAX_ROWS = 8
+#: Longest stretch of a scoring pass projected to the vocabulary at once.
+SCORE_CHUNK = 256
+
+
+def rows_for(bucket: int, cap: int) -> int:
+    return max(1, min(MAX_ROWS, cap, ROW_TOKENS // bucket))
+
+
+def default_decode_buckets(num_slots: int) -> list[int]:
+    """Row counts of the gathered decode variants (plus num_slots itself).
+
+    A gathered row costs about 3x its slot's cache traffic (gather + attention), a full step
+    reads every slot once, so gathering pays while rows <= num_slots / 4.
+    """
+    out, b = [], 1
+    while 4 * b <= num_slots:
+        out.append(b)
+        b *= 2
+    return out + [num_slots]
+
+
+def _score_chunk(t: int) -> int:
+    if t <= SCORE_CHUNK:
+        return t
+    for c in range(SCORE_CHUNK, 0, -1):
+        if t % c == 0:
+            return c
+    return t
+
+
+class Programs:
+    """Builds the step functions for one model/config and holds their compiled executables."""
+
+    def __init__(self, spec: base.ModelSpec, *, num_slots: int, max_seq_len: int,
+                 buckets: list[int], decode_buckets: list[int], mesh: jax.sharding.Mesh,
+                 cache_sharding: NamedSharding):
+        self.spec = spec
+        self.n = num_slots
+        self.s = max_seq_len
+        self.v = spec.vocab_size
+        self.buckets = buckets
+        self.decode_buckets = decode_buckets
+        self.mesh = mesh
+        self.rep = NamedSharding(mesh, P())
+        self.cache_sharding = cache_sharding
+        self.prefill: dict[tuple[int, int], Any] = {}
+        self.decode: dict[int, Any] = {}
+        self.score: dict[tuple[int, int], Any] = {}
+        self.embed: dict[int, Any] = {}
+        self.copy: Any = None
+        self.k = min(MAX_LOGPROBS, self.v)
+
+    # ------------------------------------------------------------------ variants
+
+    def prefill_rows(self, t: int) -> list[int]:
+        r = rows_for(t, self.n)
+        return [1] if r == 1 else [1, r]
+
+    def score_rows(self, t: int) -> list[int]:
+        r = rows_for(t, MAX_ROWS)
+        return [1] if r == 1 else [1, r]
+
+    # ------------------------------------------------------------------ state
+
+    def init_state(self) -> dict:
+        n, v = self.n, self.v
+        make = jax.jit(lambda: {
+            "tokens": jnp.zeros((n,), jnp.int32), "positions": jnp.zeros((n,), jnp.int32),
+            "counts": jnp.zeros((n, v), jnp.int32), "prompt_mask": jnp.zeros((n, v), jnp.bool_)},
+            out_shardings=self.rep)
+        return make()
+
+    def host_slot_params(self) -> dict[str, np.ndarray]:
+        n = self.n
+        return {
+            "active": np.zeros((n,), np.bool_), "temperature": np.zeros((n,), np.float32),
+            "top_k": np.zeros((n,), np.int32), "top_p": np.ones((n,), np.float32),
+            "presence": np.zeros((n,), np.float32), "frequency": np.zeros((n,), np.float32),
+            "repetition": np.ones((n,), np.float32), "has_bias": np.zeros((n,), np.bool_),
+            "bias_ids": np.full((n, MAX_LOGIT_BIAS), self.v, np.int32),
+            "bias_vals": np.zeros((n, MAX_LOGIT_BIAS), np.float32),
+            "keys": np.zeros((n, 2), np.uint32), "logprobs": np.full((n,), -1, np.int32),
+        }
+
+    # ------------------------------------------------------------------ functions
+
+    def _decode_fn(self, b: int) -> Callable:
+        spec, n = self.spec, self.n
+        fwd_last = base.make_forward_last(spec)
+        full = b == n
+
+        def decode(params, cache, state, sp, rows):
+            if full:
+                p = sp
+                tokens, pos = state["tokens"], state["positions"]
+                slot_ids = None
+            else:
+                p = jax.tree.map(lambda a: a[rows], sp)
+                tokens, pos = state["tokens"][rows], state["positions"][rows]
+                slot_ids = rows
+            logits, cache = fwd_last(params, tokens[:, None], pos[:, None], cache, slot_ids,
+                                     jnp.zeros((b,), jnp.int32))
+            counts_fn = (lambda: state["counts"]) if full else (lambda: state["counts"][rows])
+            mask_fn = (lambda: state["prompt_mask"]) if full else (lambda: state["prompt_mask"][rows])
+            nxt = sampling.sample(logits, p, counts_fn, mask_fn, pos)
+            act = p["active"]
+            want = jnp.any(act & (p["logprobs"] >= 0))
+            want_top = jnp.any(act & (p["logprobs"] > 0))
+            lp = sampling.logprob_outputs(logits, nxt, want, want_top, self.k)
+            row_slots = jnp.arange(n, dtype=jnp.int32) if full else rows
+            new_tokens = jnp.where(act, nxt, tokens)
+            new_pos = pos + act.astype(jnp.int32)
+            state = dict(state)
+            if full:
+                state["tokens"], state["positions"] = new_tokens, new_pos
+            else:
+                state["tokens"] = state["tokens"].at[rows].set(new_tokens)
+                state["positions"] = state["positions"].at[rows].set(new_pos)
+            state["counts"] = state["counts"].at[row_slots, nxt].add(act.astype(jnp.int32))
+            return cache, state, (nxt,) + tuple(lp)
+
+        return decode
+
+    def _prefill_fn(self, t: int, b: int) -> Callable:
+        spec, n, s = self.spec, self.n, self.s
+        hidden_fn = base.make_hidden_fn(spec)
+
+        def prefill(params, cache, state, tokens, slot_ids, lens):
+            t_idx = jnp.arange(t, dtype=jnp.int32)[None, :]
+            valid = lens > 0
+            # Padding rows write beyond the window (dropped) and touch no state.
+            positions = jnp.where(valid[:, None], t_idx, s + t_idx)
+            _, cache = hidden_fn(params, tokens, positions, cache, slot_ids)
+            dst = jnp.where(valid, slot_ids, n)
+            last = jnp.take_along_axis(tokens, jnp.maximum(lens - 1, 0)[:, None], axis=1)[:, 0]
+            state = dict(state)
+            state["tokens"] = state["tokens"].at[dst].set(last, mode="drop")
+            state["positions"] = state["positions"].at[dst].set(lens - 1, mode="drop")
+            state["counts"] = state["counts"].at[dst].set(0, mode="drop")
+            pm = state["prompt_mask"].at[dst].set(False, mode="drop")
+            tok_rows = jnp.where(t_idx < lens[:, None], dst[:, None], n)
+            state["prompt_mask"] = pm.at[tok_rows, tokens].set(True, mode="drop")
+            return cache, state
+
+        return prefill
+
+    def _copy_fn(self) -> Callable:
+        def copy(cache, state, src, dst):
+            cache = [(k.at[dst].set(k[src]), v.at[dst].set(v[src])) for k, v in cache]
+            state = {name: a.at[dst].set(a[src]) for name, a in state.items()}
+            return cache, state
+
+        return copy
+
+    def _score_fn(self, t: int, b: int) -> Callable:
+        spec, k = self.spec, self.k
+        hidden_fn = base.make_hidden_fn(spec)
+        chunk = _score_chunk(t)
+
+        def score(params, tokens, want_top):
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, :], (b, t))
+            hidden, _ = hidden_fn(params, tokens, positions, None, None)
+            targets = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), tokens.dtype)], axis=1)
+            nc = t // chunk
+            hs = hidden.reshape(b, nc, chunk, -1).swapaxes(0, 1)
+            ts = targets.reshape(b, nc, chunk).swapaxes(0, 1)
+
+            def one(args):
+                h, tg = args
+                lg = base.logits_from_hidden(spec, params, h)  # [b, chunk, V] f32
+                lse = jax.nn.logsumexp(lg, axis=-1)
+                chosen = jnp.take_along_axis(lg, tg[..., None], axis=-1)[..., 0] - lse
+
+                def top():
+                    tv, ti = lax.top_k(lg, k)
+                    return ti.astype(jnp.int32), tv - lse[..., None]
+
+                ti, tl = lax.cond(want_top, top, lambda: (jnp.zeros((b, chunk, k), jnp.int32),
+                                                          jnp.zeros((b, chunk, k), F32)))
+                return chosen, ti, tl
+
+            chosen, ti, tl = lax.map(one, (hs, ts))
+            return (chosen.swapaxes(0, 1).reshape(b, t), ti.swapaxes(0, 1).reshape(b, t, k),
+                    tl.swapaxes(0, 1).reshape(b, t, k))
+
+        return score
+
+    def _embed_fn(self, t: int) -> Callable:
+        hidden_fn = base.make_hidden_fn(self.spec)
+
+        def embed(params, tokens, lens):
+            positions = jnp.arange(t, dtype=jnp.int32)[None, :]
+            hidden, _ = hidden_fn(params, tokens, positions, None, None)
+            mask = (positions < lens[:, None]).astype(F32)[..., None]
+            return (jnp.sum(hidden.astype(F32) * mask, axis=1) / lens[:, None].astype(F32))[0]
+
+        return embed
+
+    # ------------------------------------------------------------------ compile
+
+    def _arg(self, shape, dtype) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=self.rep)
+
+    def compile_all(self, params: Any, cache: Any, state: Any, sp_dev: Any,
+                    threads: Optional[int] = None) -> dict[str, float]:
+        """Lower and compile every variant (in parallel threads); returns timings."""
+        rep, cs = self.rep, self.cache_sharding
+        cache_out = [(cs, cs) for _ in cache]
+        jobs: list[tuple[str, Any, Callable]] = []
+        i32 = np.int32
+
+        for b in self.decode_buckets:
+            fn = jax.jit(self._decode_fn(b), donate_argnums=(1, 2), out_shardings=(cache_out, rep, rep))
+            jobs.append((f"decode[{b}]", ("decode", b),
+                         functools.partial(fn.lower, params, cache, state, sp_dev, self._arg((b,), i32))))
+        for t in self.buckets:
+            for b in self.prefill_rows(t):
+                fn = jax.jit(self._prefill_fn(t, b), donate_argnums=(1, 2), out_shardings=(cache_out, rep))
+                jobs.append((f"prefill[{t}x{b}]", ("prefill", (t, b)), functools.partial(
+                    fn.lower, params, cache, state, self._arg((b, t), i32), self._arg((b,), i32),
+                    self._arg((b,), i32))))
+            for b in self.score_rows(t):
+                fn = jax.jit(self._score_fn(t, b), out_shardings=rep)
+                jobs.append((f"score[{t}x{b}]", ("score", (t, b)), functools.partial(
+                    fn.lower, params, self._arg((b, t), i32), self._arg((), np.bool_))))
+            fn = jax.jit(self._embed_fn(t), out_shardings=rep)
+            jobs.append((f"embed[{t}]", ("embed", t), functools.partial(
+                fn.lower, params, self._arg((1, t), i32), self._arg((1,), i32))))
+        fn = jax.jit(self._copy_fn(), donate_argnums=(0, 1), out_shardings=(cache_out, rep))
+        jobs.append(("copy", ("copy", None), functools.partial(
+            fn.lower, cache, state, self._arg((), i32), self._arg((), i32))))
+
+        timings: dict[str, float] = {}
+
+        def build(job):
+            name, key, lower = job
+            t0 = time.monotonic()
+            compiled = lower().compile()
+            timings[name] = time.monotonic() - t0
+            return key, compiled
+
+        threads = threads or min(len(jobs), max(1, os.cpu_count() or 1))
+        with ThreadPoolExecutor(threads, thread_name_prefix="engine-compile") as ex:
+            for (kind, key), compiled in ex.map(build, jobs):
+                if kind == "copy":
+                    self.copy = compiled
+                else:
+                    getattr(self, kind)[key] = compiled
+        return timings
