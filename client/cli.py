@@ -193,7 +193,7 @@ def servers(ctx: click.Context, as_json: bool) -> None:
 
 @main.command()
 @click.argument("model_id")
-@click.option("--count", type=int, default=0, help="Stop after this many changes (0: run until Ctrl-C).")
+@click.option("--count", type=int, default=0, help="Stop after this many lines (0: run until Ctrl-C).")
 @click.pass_context
 def watch(ctx: click.Context, model_id: str, count: int) -> None:
     """Print '+ addr' / '- addr' as ready replicas come and go.
@@ -208,16 +208,13 @@ def watch(ctx: click.Context, model_id: str, count: int) -> None:
         loc = admin.locate(model_id, version=version, wait_s=20.0)
         version = loc["version"]
         now = set(loc["addresses"])
-        for a in sorted(now - known):
-            click.echo(f"+ {a}")
-        for a in sorted(known - now):
-            click.echo(f"- {a}")
-        if now != known:
-            changes += 1
+        for line in [f"+ {a}" for a in sorted(now - known)] + [f"- {a}" for a in sorted(known - now)]:
+            click.echo(line)
             sys.stdout.flush()
+            changes += 1
+            if count and changes >= count:
+                return
         known = now
-        if count and changes >= count:
-            return
 
 
 def _extra(extra: str | None) -> sax.ModelOptions:
@@ -323,3 +320,6 @@ def convert(source: str, dest: str, dtype: str) -> None:
 from client.local_cell import up  # noqa: E402  (registers `saxutil up`)
 
 main.add_command(up)
+
+if __name__ == "__main__":
+    main()

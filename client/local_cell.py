@@ -61,9 +61,11 @@ def _wait_healthy(child: _Child, url: str, timeout: float) -> None:
 @click.option("--model-id", default="/sax/test/demo", show_default=True)
 @click.option("--model-path", default="test.tiny", show_default=True, help="e.g. lm.hf for a HF directory.")
 @click.option("--checkpoint", default="None", show_default=True, help="e.g. a Hugging Face directory on disk.")
+@click.option("--override", "overrides", multiple=True, metavar="KEY=JSON",
+              help="Override for the demo model, e.g. num_slots=4 (repeatable).")
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for each step.")
 def up(root: str, admin_port: int, model_server_port: int, frontend_port: int, model_id: str,
-       model_path: str, checkpoint: str, timeout: float) -> None:
+       model_path: str, checkpoint: str, overrides: tuple[str, ...], timeout: float) -> None:
     """Start a local cell: admin, one model server and the HTTP frontend, then publish a demo model.
 
     Ctrl-C stops all of them.
@@ -113,7 +115,8 @@ def up(root: str, admin_port: int, model_server_port: int, frontend_port: int, m
             _wait_healthy(children[-1], f"http://localhost:{frontend_port}/healthz", timeout)
             click.echo(f"HTTP frontend  http://localhost:{frontend_port}")
         try:
-            sax.Publish(model_id, model_path, checkpoint, 1, admin=admin)
+            from client.cli import _parse_overrides
+            sax.Publish(model_id, model_path, checkpoint, 1, _parse_overrides(overrides), admin=admin)
         except sax.AlreadyExists:
             pass  # restored from an earlier run's state
         click.echo(f"publishing {model_id} ({model_path}, {checkpoint})...")

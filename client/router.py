@@ -179,7 +179,9 @@ class Router:
                 resp = self.session.post(f"http://{address}{path}", json=body if data is None else None,
                                          data=data, stream=stream, headers=headers,
                                          timeout=(3.0, timeout))
-            except (requests.ConnectionError, requests.Timeout) as e:
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+                # Without stream, the body is read here too: a replica dying mid-answer is
+                # still "before any byte reached the caller", so it is retried as well.
                 self._release(address)
                 if isinstance(e, requests.ReadTimeout):
                     raise errors.DeadlineExceeded(f"{model_id} on {address}: no answer in {timeout}s") from e

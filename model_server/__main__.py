@@ -4,12 +4,24 @@ Flags override SAX_* variables (see model_server.settings).
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import os
 from typing import Any
 
 import click
 
 from model_server.settings import ModelServerSettings, StaticModel
+
+
+def enable_compilation_cache(path: str) -> None:
+    import jax
+
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def build_app(settings: ModelServerSettings):  # type: ignore[no-untyped-def]
@@ -21,6 +33,8 @@ def build_app(settings: ModelServerSettings):  # type: ignore[no-untyped-def]
     from model_server.manager import ModelManager
     from model_server.registry import list_model_paths
 
+    if settings.compilation_cache:
+        enable_compilation_cache(settings.compilation_cache)
     manager = ModelManager(cache_dir=settings.cache_dir)
     for m in settings.static_models:
         manager.ensure(m.model_id, 1, m.model_path, m.checkpoint, m.overrides, static=True)
@@ -55,18 +69,31 @@ def build_app(settings: ModelServerSettings):  # type: ignore[no-untyped-def]
 @click.option("--heartbeat-interval", "heartbeat_interval_s", type=float, help="Seconds between heartbeats.")
 @click.option("--model", "models", multiple=True, metavar="ID=MODEL_PATH:CHECKPOINT",
               help="Load a model at start without an admin, e.g. /sax/test/lm=test.tiny:None.")
+@click.option("--override", "overrides", multiple=True, metavar="KEY=JSON",
+              help="Override for the --model entries, e.g. num_slots=4 (repeatable).")
 @click.option("--threads", type=int, help="Request threads (streams hold one each).")
+@click.option("--compilation-cache", help="XLA compilation cache directory (SAX_COMPILATION_CACHE; '' = off).")
 @click.option("--log-level", default="INFO", show_default=True)
-def main(log_level: str, models: tuple[str, ...], tags: str | None, **flags: Any) -> None:
+def main(log_level: str, models: tuple[str, ...], overrides: tuple[str, ...], tags: str | None,
+         **flags: Any) -> None:
     """Run a Saxplane model server.
 
     Example: python -m model_server --port 10001 --admin localhost:10000
     """
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+    extra = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"expected KEY=JSON, got {item!r}", param_hint="--override")
+        try:
+            extra[key] = json.loads(value)
+        except ValueError:
+            extra[key] = value
     settings = ModelServerSettings.from_env(
         **flags, tags=tuple(t for t in tags.split(",") if t) if tags else None,
-        static_models=tuple(StaticModel.parse(m) for m in models) or None)
+        static_models=tuple(dataclasses.replace(StaticModel.parse(m), overrides=extra) for m in models) or None)
     from admin_server.serving import serve_wsgi
 
     # One worker: the models live in its memory. Streams are long: no worker timeout.

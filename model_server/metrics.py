@@ -20,11 +20,13 @@ _ENGINE_METRICS = {
     "num_slots": ("sax:slots_total", "gauge", "Decode slots."),
     "prompt_tokens_total": ("vllm:prompt_tokens", "counter", "Prompt tokens processed."),
     "generation_tokens_total": ("vllm:generation_tokens", "counter", "Tokens generated."),
+    "requests_refused_total": ("sax:requests_refused", "counter", "Requests refused (queue full)."),
 }
 _ENGINE_HISTOGRAMS = {
-    "time_to_first_token": ("vllm:time_to_first_token_seconds", "Time to first token."),
-    "time_per_output_token": ("vllm:time_per_output_token_seconds", "Time per output token."),
-    "queue_time": ("vllm:request_queue_time_seconds", "Time waiting for a slot."),
+    "time_to_first_token_seconds": ("vllm:time_to_first_token_seconds", "Time to first token."),
+    "time_per_output_token_seconds": ("vllm:time_per_output_token_seconds", "Time per output token."),
+    "request_queue_time_seconds": ("vllm:request_queue_time_seconds", "Time waiting for a slot."),
+    "e2e_request_latency_seconds": ("vllm:e2e_request_latency_seconds", "Request latency in the engine."),
 }
 
 
@@ -49,6 +51,14 @@ class EngineCollector:
                     fam = families[name] = cls(name.removesuffix("_total") if kind == "counter" else name,
                                                doc, labels=["model_name"])
                 fam.add_metric([served.model_id], float(stats[key]))
+            finished = stats.get("requests_finished_total")
+            if isinstance(finished, dict):
+                fam = families.get("vllm:request_success") or CounterMetricFamily(
+                    "vllm:request_success", "Finished requests by finish reason.",
+                    labels=["model_name", "finished_reason"])
+                families["vllm:request_success"] = fam
+                for reason, count in finished.items():
+                    fam.add_metric([served.model_id, reason], float(count))
             for key, (name, doc) in _ENGINE_HISTOGRAMS.items():
                 hist = stats.get(key)
                 if not isinstance(hist, dict) or "buckets" not in hist:

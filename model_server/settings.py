@@ -41,6 +41,9 @@ class ModelServerSettings:
     static_models: tuple[StaticModel, ...] = ()
     threads: int = 64
     cache_dir: str | None = None
+    # XLA's persistent compilation cache: a restart or a second load of the same shapes
+    # skips compilation (minutes for big models). "" turns it off.
+    compilation_cache: str = os.path.expanduser("~/.cache/saxplane/xla")
 
     @property
     def address(self) -> str:
@@ -60,6 +63,7 @@ class ModelServerSettings:
             heartbeat_interval_s=float(env.get("SAX_HEARTBEAT_INTERVAL") or cls.heartbeat_interval_s),
             cluster_token=env.get("SAX_CLUSTER_TOKEN") or None,
             cache_dir=env.get("SAX_CHECKPOINT_CACHE") or None,
+            compilation_cache=env.get("SAX_COMPILATION_CACHE", cls.compilation_cache),
         )
         known = {f.name for f in fields(cls)}
         return replace(base, **{k: v for k, v in overrides.items() if k in known and v is not None})

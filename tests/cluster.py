@@ -1,6 +1,7 @@
 """Helpers to run the cell's real processes (and their infrastructure) in tests."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -159,3 +160,59 @@ class AdminProcess(Proc):
         if wait:
             wait_http(f"{self.url}/healthz", proc=self.proc)
         return self
+
+
+TINY_OVERRIDES = {"num_slots": 4, "max_seq_len": 128, "max_queue": 16}
+
+
+class ModelServerProcess(Proc):
+    """`python -m model_server` joined to an admin (or with static --model entries)."""
+
+    def __init__(self, tmp: Path, *, admin: str | None = None, port: int | None = None,
+                 models: list[str] | None = None, overrides: dict | None = None,
+                 env: dict[str, str] | None = None, extra_args: list[str] | None = None):
+        self.port = port or free_port()
+        args = [sys.executable, "-m", "model_server", "--port", str(self.port), "--host", "127.0.0.1",
+                "--advertise", f"127.0.0.1:{self.port}", "--heartbeat-interval", "0.3",
+                *(["--admin", admin] if admin else [])]
+        for m in models or []:
+            args += ["--model", m]
+        for k, v in (overrides or {}).items():
+            args += ["--override", f"{k}={v}"]
+        super().__init__(args + (extra_args or []), env or {}, tmp / f"model-server-{self.port}.log")
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    def start(self, wait: bool = True) -> "ModelServerProcess":
+        super().start()
+        if wait:
+            wait_http(f"{self.url}/healthz", timeout=120, proc=self.proc)
+        return self
+
+
+def publish_and_wait(admin_url: str, model_id: str, replicas: int = 1, *, model_path: str = "test.tiny",
+                     checkpoint: str = "None", overrides: dict | None = None, timeout: float = 240) -> dict:
+    r = requests.post(f"{admin_url}/models", timeout=10, json={
+        "model_id": model_id, "model_path": model_path, "checkpoint": checkpoint, "replicas": replicas,
+        "overrides": TINY_OVERRIDES if overrides is None else overrides})
+    assert r.status_code == 201, r.text
+    return wait_until(lambda: (lambda d: d if d["active_replicas"] >= replicas else None)(
+        requests.get(f"{admin_url}/models{model_id}", timeout=10).json()), timeout=timeout,
+        interval=0.2, what=f"{model_id} ready")
+
+
+def warm_compilation_cache(overrides: dict | None = None) -> None:
+    """Loads test.tiny once in a subprocess so the session's XLA cache holds its programs:
+    model servers started afterwards load in seconds instead of compiling for a minute."""
+    code = ("import json, sys; from model_server.__main__ import enable_compilation_cache; "
+            "import os; enable_compilation_cache(os.environ['SAX_COMPILATION_CACHE']); "
+            "from model_server.manager import default_loader; "
+            "m, e = default_loader('test.tiny', None, json.loads(sys.argv[1]), None); e.stop()")
+    subprocess.run([sys.executable, "-c", code, json.dumps(overrides or TINY_OVERRIDES)], check=True,
+                   timeout=600, cwd=REPO)

@@ -2,11 +2,20 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import Iterator
 
 import pytest
 
-from tests.cluster import create_bucket, gcs_emulator, postgres_database
+from tests.cluster import create_bucket, gcs_emulator, postgres_database, warm_compilation_cache
+
+# One XLA compilation cache for this test session (in-process JAX and every model
+# server process it starts): the same tiny shapes compile once, not once per server.
+_XLA_CACHE = tempfile.mkdtemp(prefix="sax-xla-")
+os.environ.setdefault("SAX_COMPILATION_CACHE", _XLA_CACHE)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
 @pytest.fixture
@@ -38,3 +47,9 @@ def gcs_bucket(gcs_host: str) -> str:
     name = f"sax-{uuid.uuid4().hex[:10]}"
     create_bucket(gcs_host, name)
     return name
+
+
+@pytest.fixture(scope="session")
+def tiny_compiled() -> None:
+    """test.tiny's programs (TINY_OVERRIDES shapes) are in the session's XLA cache."""
+    warm_compilation_cache()
