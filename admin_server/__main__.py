@@ -18,7 +18,26 @@ def serve(settings: AdminSettings) -> None:
 
     prepare_database(settings)  # once, in the master, before workers fork
     serve_wsgi(lambda: create_app(settings, prepare=False), bind=f"{settings.host}:{settings.port}",
-               workers=settings.workers, threads=settings.threads, worker_exit=_worker_exit)
+               workers=settings.workers, threads=settings.threads, worker_exit=_worker_exit,
+               post_worker_init=_stop_leading_on_term)
+
+
+def _stop_leading_on_term(worker: Any) -> None:
+    """A worker told to stop (SIGTERM) gives up leadership at once, before it drains its
+    requests: a draining leader must not judge servers whose heartbeats it no longer takes."""
+    import signal
+    import threading
+
+    ctx = getattr(worker.wsgi, "extensions", {}).get("sax_admin")
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum: int, frame: Any) -> None:
+        if ctx is not None and ctx.leader is not None:
+            threading.Thread(target=ctx.leader.stop, daemon=True).start()
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_term)
 
 
 def _worker_exit(server: Any, worker: Any) -> None:

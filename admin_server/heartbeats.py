@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, select, update
+from sqlalchemy import Connection, Engine, bindparam, func, select, update
 
 from admin_server.naming import InvalidArgument
 from admin_server.schema import ModelServer, Observed, PublishedModel, Replica, Wanted
@@ -180,8 +180,55 @@ class HeartbeatRecorder:
                                 "model_path": r.model_path,
                                 "checkpoint": r.checkpoint if r.checkpoint is not None else "None",
                                 "overrides": r.overrides})
+        known = {(r.model_id, r.generation) for r in rows}
+        orphans = [m for m in reported if (m.model_id, m.generation) not in known
+                   and m.status in (Observed.LOADED.value, Observed.LOADING.value)]
         version = self._write(desc, desc_digest, report_digest, now, changes, learned)
+        if orphans:
+            adopted = self._adopt(address, orphans, now)
+            if adopted:
+                desired.extend(adopted)
+                version = self._bump(address)
         return self._answer(desired, version)
+
+    def _adopt(self, address: str, orphans: list[ReportedModel], now: float) -> list[dict[str, Any]]:
+        """Claims models a server already holds (at the published generation) for replicas the
+        model still lacks, instead of telling the server to drop them: after an admin restart,
+        a restore from the snapshot or a lost heartbeat, nothing reloads. Surplus is trimmed by
+        the leader's next pass, as any surplus is."""
+        adopted = []
+        with self.engine.begin() as conn:
+            for m in orphans:
+                model = conn.execute(
+                    select(PublishedModel.model_path, PublishedModel.checkpoint, PublishedModel.overrides,
+                           PublishedModel.requested_replicas)
+                    .where(PublishedModel.model_id == m.model_id, PublishedModel.cell == self.settings.cell_name,
+                           PublishedModel.state == "ACTIVE", PublishedModel.generation == m.generation)
+                ).first()
+                if model is None:
+                    continue
+                have = conn.execute(select(func.count()).select_from(Replica).where(
+                    Replica.model_id == m.model_id, Replica.generation == m.generation,
+                    Replica.wanted == Wanted.LOADED.value)).scalar_one()
+                if have >= model.requested_replicas:
+                    continue
+                ins = _dialect_insert(conn)(Replica).values(
+                    model_id=m.model_id, server_address=address, generation=m.generation,
+                    checkpoint=model.checkpoint, wanted=Wanted.LOADED.value, observed=m.status,
+                    memory_bytes=m.memory_bytes, load_time_s=m.load_time_s, created_at=now, updated_at=now)
+                if conn.execute(ins.on_conflict_do_nothing()).rowcount:
+                    log.info("adopted %s@%d held by %s", m.model_id, m.generation, address)
+                    adopted.append({"model_id": m.model_id, "generation": m.generation,
+                                    "model_path": model.model_path,
+                                    "checkpoint": model.checkpoint if model.checkpoint is not None else "None",
+                                    "overrides": model.overrides})
+        return adopted
+
+    def _bump(self, address: str) -> int:
+        with self.engine.begin() as conn:
+            return int(conn.execute(update(ModelServer).where(ModelServer.address == address)
+                                    .values(assignment_version=ModelServer.assignment_version + 1)
+                                    .returning(ModelServer.assignment_version)).scalar() or 0)
 
     def _answer(self, desired: list[dict[str, Any]] | None, version: int) -> dict[str, Any]:
         answer: dict[str, Any] = {"desired_version": version,

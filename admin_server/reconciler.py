@@ -132,9 +132,11 @@ def _pick(heap: list[tuple[int, str]], free: dict[str, int], count: int, need: i
 
 
 def plan(now: float, settings: AdminSettings, servers: list[ServerView], models: list[ModelView],
-         replicas: list[ReplicaView]) -> Plan:
+         replicas: list[ReplicaView], *, judge_liveness: bool = True) -> Plan:
+    """`judge_liveness=False` (a leader's first heartbeat timeout) declares no server dead:
+    servers that could not reach any admin for a while are back before they are judged."""
     p = Plan()
-    alive_after = now - settings.dead_after_s
+    alive_after = now - settings.dead_after_s if judge_liveness else float("-inf")
     live = {s.address: s for s in servers if s.last_heartbeat >= alive_after}
     p.dead_servers = [s.address for s in servers if s.address not in live]
     by_model = {m.model_id: m for m in models}
@@ -320,19 +322,24 @@ class Reconciler:
         self._last: tuple[Any, ...] | None = None
         self._last_at = 0.0
         self._next_due: float | None = None
+        self._epoch: int | None = None
+        self._leader_since = 0.0
         self.passes = 0
 
     def run(self, lease_name: str, holder: str, epoch: int) -> Plan | None:
         """One pass as the leader at `epoch` (None if skipped). Raises LeaseLost if the lease moved."""
         now = time.time()
+        if epoch != self._epoch:
+            self._epoch, self._leader_since, self._last = epoch, now, None
+        judge = now - self._leader_since >= self.settings.dead_after_s
         with self.engine.begin() as conn:
             fence(conn, lease_name, holder, epoch)
-            probe = fingerprint(conn, self.settings, now)
+            probe = fingerprint(conn, self.settings, now) + (judge,)
             if (probe == self._last and now - self._last_at < self.full_pass_s
                     and not (self._next_due and now >= self._next_due)):
                 return None
             servers, models, replicas = load_views(conn, self.settings.cell_name)
-            p = plan(now, self.settings, servers, models, replicas)
+            p = plan(now, self.settings, servers, models, replicas, judge_liveness=judge)
             if not p.empty():
                 apply(conn, p, now, touched_servers(p, replicas))
         self.passes += 1

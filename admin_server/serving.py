@@ -10,7 +10,8 @@ from typing import Any, Callable
 
 def serve_wsgi(factory: Callable[[], Any], *, bind: str, workers: int, threads: int,
                timeout: int = 60, graceful_timeout: int = 10,
-               worker_exit: Callable[[Any, Any], None] | None = None) -> None:
+               worker_exit: Callable[[Any, Any], None] | None = None,
+               post_worker_init: Callable[[Any], None] | None = None) -> None:
     """Runs `factory()` in each gunicorn worker (no preload: nothing is shared across fork)."""
     from gunicorn.app.base import BaseApplication
 
@@ -21,6 +22,8 @@ def serve_wsgi(factory: Callable[[], Any], *, bind: str, workers: int, threads: 
     }
     if worker_exit is not None:
         options["worker_exit"] = worker_exit
+    if post_worker_init is not None:
+        options["post_worker_init"] = post_worker_init
 
     class _App(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:

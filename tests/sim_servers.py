@@ -37,6 +37,7 @@ class SimServer:
         self.desired_version: int | None = None
         self.desired: list[dict[str, Any]] = []
         self.unchanged_answers = 0
+        self.unloads: list[tuple[str, int]] = []
 
     def start(self) -> "SimServer":
         self._thread.start()
@@ -61,6 +62,7 @@ class SimServer:
         for key in list(self.models):
             if key not in wanted:
                 del self.models[key]  # unload
+                self.unloads.append(key)
         for key, d in wanted.items():
             m = self.models.get(key)
             if m is None:

@@ -138,3 +138,35 @@ def test_server_restart_at_same_address_gets_its_models_back(tmp_path: Path) -> 
     finally:
         s.kill()
         admin.stop()
+
+
+def test_restarted_admin_adopts_what_servers_hold_instead_of_reloading(tmp_path: Path) -> None:
+    """Admin down past the heartbeat timeout, then back on a wiped database (restored from
+    the snapshot): servers keep their models, nothing is unloaded or reloaded."""
+    root = str(tmp_path / "root")
+    admin = AdminProcess(tmp_path, root=root).start()
+    servers = [SimServer(admin.url, f"10.0.0.{i}:1", 8 * GiB).start() for i in range(3)]
+    try:
+        for name, replicas in (("a", 2), ("b", 1)):
+            requests.post(f"{admin.url}/models", timeout=10, json={
+                "model_id": f"/sax/test/{name}", "model_path": "test.tiny", "checkpoint": "None",
+                "replicas": replicas, "overrides": {"ram": GiB}})
+        wait_until(lambda: converged(admin.url), timeout=20, what="loaded")
+        wait_until(lambda: (lambda s: s["snapshot_version"] == s["version"])(
+            requests.get(f"{admin.url}/stats", timeout=5).json()), what="snapshot")
+        held = {s.address: set(s.models) for s in servers}
+        admin.kill9()
+        for f in (tmp_path / "root" / "sax" / "test").glob("admin.db*"):
+            f.unlink()
+        import time
+        time.sleep(2.0)  # longer than the 1.5 s heartbeat timeout
+        admin = AdminProcess(tmp_path, root=root, port=admin.port).start()
+        wait_until(lambda: converged(admin.url, {"/sax/test/a": 2, "/sax/test/b": 1}), timeout=20,
+                   what="converged after restore")
+        time.sleep(1.0)
+        assert all(s.unloads == [] for s in servers), [s.unloads for s in servers]
+        assert {s.address: set(s.models) for s in servers} == held
+    finally:
+        for s in servers:
+            s.kill()
+        admin.stop()
