@@ -190,6 +190,9 @@ class Router:
                 self.retries += 1
                 self.refresh(model_id)
                 continue
+            except BaseException:
+                self._release(address)
+                raise
             if resp.status_code in (404, 503) and self._retryable(resp):
                 self._release(address)
                 last_error = errors.from_response(resp.status_code, _json(resp))

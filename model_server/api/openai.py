@@ -206,6 +206,17 @@ def _usage(prep: Prepared) -> dict[str, int]:
 
 # -- completions -----------------------------------------------------------------------------
 
+def _top_dict(entry: Any) -> dict[str, float] | None:
+    """Legacy `top_logprobs` entry, best first. Distinct tokens can share a text piece
+    (e.g. partial UTF-8 bytes); the best of them keeps the key, as is_greedy checks rely on."""
+    if entry is None:
+        return None
+    out: dict[str, float] = {}
+    for _, piece, lp in entry.top:
+        out.setdefault(piece, lp)
+    return out
+
+
 class _CompletionLogprobs:
     """Accumulates the legacy completions logprobs object of one choice."""
 
@@ -219,7 +230,7 @@ class _CompletionLogprobs:
     def add(self, entry: Any) -> None:
         self.tokens.append(entry.token if entry is not None else "")
         self.token_logprobs.append(entry.logprob if entry is not None else None)
-        self.top_logprobs.append({t: lp for _, t, lp in entry.top} if entry is not None else None)
+        self.top_logprobs.append(_top_dict(entry))
         self.text_offset.append(self.offset)
         self.offset += len(entry.token) if entry is not None else 0
 
@@ -228,7 +239,7 @@ class _CompletionLogprobs:
         for piece, entry in zip(pieces, entries):
             self.tokens.append(piece)
             self.token_logprobs.append(entry.logprob if entry is not None else None)
-            self.top_logprobs.append({t: lp for _, t, lp in entry.top} if entry is not None else None)
+            self.top_logprobs.append(_top_dict(entry))
             self.text_offset.append(self.offset)
             self.offset += len(piece)
 

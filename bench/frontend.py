@@ -1,0 +1,245 @@
+"""HTTP frontend overhead: the same requests through the frontend and straight to a model server.
+
+    python -m bench.frontend                       # starts its own cell (admin, model server, frontend)
+    python -m bench.frontend --frontend http://127.0.0.1:8888 --model-server http://127.0.0.1:10001
+
+Measures, for a short non-streaming generation (/v1/completions, greedy, a few tokens),
+requests/s and latency p50/p99 at 1 and 32 concurrent keep-alive clients, on both paths,
+in alternating rounds (so drifting machine load hits both alike); then the time to the
+first byte of a stream on both paths. Prints a table with what the frontend adds.
+Targets: < 2 ms added at p50, < 5% fewer requests/s at 32 clients.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+
+MODEL = "/sax/bench/lm"
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q / 100 * len(values)))] if values else float("nan")
+
+
+def _connect(url: str) -> http.client.HTTPConnection:
+    u = urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
+    conn.connect()
+    conn.sock.setsockopt(6, 1, 1)  # TCP_NODELAY
+    return conn
+
+
+def run_load(url: str, body: bytes, clients: int, seconds: float) -> tuple[int, list[float], float]:
+    """Closed loop: `clients` threads, each on its own keep-alive connection, for `seconds`.
+    Returns (requests done, latencies in seconds, elapsed)."""
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    errors: list[str] = []
+    start = threading.Barrier(clients + 1)
+    stop_at = [0.0]
+
+    def client(i: int) -> None:
+        conn = _connect(url)
+        start.wait()
+        mine = latencies[i]
+        while time.perf_counter() < stop_at[0]:
+            t0 = time.perf_counter()
+            conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            data = resp.read()
+            if resp.status != 200:
+                errors.append(f"{resp.status} {data[:200]!r}")
+                break
+            mine.append(time.perf_counter() - t0)
+        conn.close()
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+    for t in threads:
+        t.start()
+    t0 = time.perf_counter()
+    stop_at[0] = t0 + seconds
+    start.wait()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    if errors:
+        raise RuntimeError(f"{url}: {errors[0]}")
+    flat = [x for lst in latencies for x in lst]
+    return len(flat), flat, elapsed
+
+
+def group_cpu_s(pgid: int) -> float:
+    """CPU seconds (user + system) used so far by every process of a process group."""
+    total, tick = 0.0, os.sysconf("SC_CLK_TCK")
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # pgrp
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def ttfb(url: str, body: bytes) -> float:
+    """Seconds from sending a streaming request to the first `data:` bytes."""
+    conn = _connect(url)
+    try:
+        t0 = time.perf_counter()
+        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        first = resp.read1(65536) if hasattr(resp, "read1") else resp.read(1)
+        t1 = time.perf_counter()
+        assert resp.status == 200 and first, (resp.status, first)
+        resp.read()
+        return t1 - t0
+    finally:
+        conn.close()
+
+
+class LocalCell:
+    """admin + one model server + one frontend, in a temporary directory."""
+
+    def __init__(self, workers: int, slots: int) -> None:
+        from tests.cluster import AdminProcess, Proc, free_port, wait_http, wait_until
+
+        self.tmp = Path(tempfile.mkdtemp(prefix="bench-frontend-"))
+        self.procs: list[Any] = []
+        env = {"SAX_CELL": "/sax/bench"}  # (model servers keep an XLA compilation cache by default)
+        admin = AdminProcess(self.tmp, root=str(self.tmp / "root"), env=env, extra_args=["--cell", "/sax/bench"])
+        self.procs.append(admin.start())
+        ms_port, fe_port = free_port(), free_port()
+        ms = Proc([sys.executable, "-m", "model_server", "--admin", f"127.0.0.1:{admin.port}", "--port",
+                   str(ms_port), "--host", "127.0.0.1", "--advertise", f"127.0.0.1:{ms_port}", "--cell",
+                   "/sax/bench", "--heartbeat-interval", "0.5", "--threads", "128"], env, self.tmp / "ms.log")
+        self.procs.append(ms.start())
+        self.model_server_pgid = ms.pid
+        self.model_server = f"http://127.0.0.1:{ms_port}"
+        wait_http(f"{self.model_server}/healthz", timeout=120, proc=ms.proc)
+        r = requests.post(f"{admin.url}/models", timeout=10, json={
+            "model_id": MODEL, "model_path": "test.tiny", "checkpoint": "None", "replicas": 1,
+            "overrides": {"num_slots": slots, "max_seq_len": 128, "prefill_buckets": [32, 128]}})
+        r.raise_for_status()
+        fe = Proc([sys.executable, "-m", "http_frontend", "--port", str(fe_port), "--host", "127.0.0.1",
+                   "--admin", f"127.0.0.1:{admin.port}", "--workers", str(workers), "--threads", "64",
+                   "--log-level", "WARNING"], {}, self.tmp / "frontend.log")
+        self.procs.append(fe.start())
+        self.frontend_pgid = fe.pid
+        self.frontend = f"http://127.0.0.1:{fe_port}"
+        wait_http(f"{self.frontend}/healthz", timeout=60, proc=fe.proc)
+        wait_until(lambda: requests.get(f"{admin.url}/models{MODEL}", timeout=10).json()["active_replicas"] == 1,
+                   timeout=600, interval=0.5, what="model ready")
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
+
+
+def cpu_now(cell: "LocalCell | None") -> tuple[float, float]:
+    if cell is None:
+        return 0.0, 0.0
+    return group_cpu_s(cell.frontend_pgid), group_cpu_s(cell.model_server_pgid)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--frontend", help="frontend URL of an existing cell (with --model-server)")
+    ap.add_argument("--model-server", help="model server URL of that cell")
+    ap.add_argument("--model", default=MODEL)
+    ap.add_argument("--duration", type=float, default=12.0, help="seconds per path and concurrency")
+    ap.add_argument("--rounds", type=int, default=4, help="alternating rounds the duration is split into")
+    ap.add_argument("--concurrency", default="1,32")
+    ap.add_argument("--max-tokens", type=int, default=4)
+    ap.add_argument("--streams", type=int, default=40, help="streams timed for TTFB, per path")
+    ap.add_argument("--workers", type=int, default=1, help="frontend workers (own cell only)")
+    ap.add_argument("--slots", type=int, default=32, help="decode slots (own cell only)")
+    args = ap.parse_args()
+
+    cell = None
+    if args.frontend and args.model_server:
+        fe_url, ms_url = args.frontend.rstrip("/"), args.model_server.rstrip("/")
+    else:
+        print("starting a local cell (admin, model server, frontend)...", file=sys.stderr)
+        cell = LocalCell(args.workers, args.slots)
+        fe_url, ms_url = cell.frontend, cell.model_server
+    paths = {"direct": ms_url, "frontend": fe_url}
+    body = json.dumps({"model": args.model, "prompt": "Hello world", "max_tokens": args.max_tokens,
+                       "temperature": 0}).encode()
+    stream_body = json.dumps({"model": args.model, "prompt": "Hello world", "max_tokens": 16,
+                              "temperature": 0, "stream": True}).encode()
+    try:
+        for url in paths.values():  # warm-up: connections, routing caches, engine
+            run_load(url, body, 4, 1.0)
+        rows = []
+        cpu_per_req: dict[str, list[float]] = {"frontend": [], "model server (direct)": [],
+                                               "model server (frontend)": []}
+        for clients in (int(c) for c in args.concurrency.split(",")):
+            done = {k: 0 for k in paths}
+            elapsed = {k: 0.0 for k in paths}
+            lat: dict[str, list[float]] = {k: [] for k in paths}
+            for r in range(args.rounds):
+                order = list(paths) if r % 2 == 0 else list(reversed(paths))
+                for name in order:
+                    cpu0 = cpu_now(cell)
+                    n, ls, el = run_load(paths[name], body, clients, args.duration / args.rounds)
+                    if cell is not None:
+                        cpu1 = cpu_now(cell)
+                        if name == "frontend":
+                            cpu_per_req["frontend"].append((cpu1[0] - cpu0[0]) / n)
+                        cpu_per_req[f"model server ({name})"].append((cpu1[1] - cpu0[1]) / n)
+                    done[name] += n
+                    elapsed[name] += el
+                    lat[name] += ls
+            rps = {k: done[k] / elapsed[k] for k in paths}
+            rows.append((clients, rps, {k: pct(v, 50) for k, v in lat.items()},
+                         {k: pct(v, 99) for k, v in lat.items()}))
+        ttfbs: dict[str, list[float]] = {k: [] for k in paths}
+        for i in range(args.streams):
+            for name in (paths if i % 2 == 0 else reversed(list(paths))):
+                ttfbs[name].append(ttfb(paths[name], stream_body))
+    finally:
+        if cell is not None:
+            cell.stop()
+
+    ms = 1e3
+    print(f"\nHTTP frontend overhead ({os.cpu_count()} CPUs; /v1/completions, {args.max_tokens} greedy tokens; "
+          f"{args.duration:.0f}s per cell in {args.rounds} alternating rounds)\n")
+    print("| clients | direct req/s | frontend req/s | throughput cost | direct p50 ms | frontend p50 ms "
+          "| added p50 ms | direct p99 ms | frontend p99 ms | added p99 ms |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for clients, rps, p50, p99 in rows:
+        cost = 1 - rps["frontend"] / rps["direct"]
+        d50, f50, d99, f99 = p50["direct"] * ms, p50["frontend"] * ms, p99["direct"] * ms, p99["frontend"] * ms
+        print(f"| {clients} | {rps['direct']:.1f} | {rps['frontend']:.1f} | {cost * 100:+.1f}% "
+              f"| {d50:.2f} | {f50:.2f} | {f50 - d50:+.2f} | {d99:.2f} | {f99:.2f} | {f99 - d99:+.2f} |")
+    print(f"\n| stream TTFB ({args.streams} sequential streams each) | direct | frontend | added |")
+    print("|---|---:|---:|---:|")
+    for q in (50, 99):
+        d, f = pct(ttfbs["direct"], q) * ms, pct(ttfbs["frontend"], q) * ms
+        print(f"| p{q} ms | {d:.2f} | {f:.2f} | {f - d:+.2f} |")
+    if cpu_per_req["frontend"]:
+        f, m, d = (statistics.mean(cpu_per_req[k]) * ms for k in ("frontend", "model server (frontend)",
+                                                                  "model server (direct)"))
+        print(f"\nCPU per request (mean over all rounds): model server {d:.2f} ms when called directly; "
+              f"through the frontend: frontend {f:.2f} ms + model server {m:.2f} ms "
+              f"(the frontend's share of the CPU work: {f / (f + m) * 100:.0f}%)")
+    print(f"\nmean TTFB: direct {statistics.mean(ttfbs['direct']) * ms:.2f} ms, "
+          f"frontend {statistics.mean(ttfbs['frontend']) * ms:.2f} ms")
+
+
+if __name__ == "__main__":
+    main()

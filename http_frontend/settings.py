@@ -1,0 +1,74 @@
+"""HTTP frontend configuration: SAX_* variables with CLI flags over them (see __main__)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+from typing import Any, Mapping
+
+from client.admin import DEFAULT_ADMIN
+
+
+def _csv(value: str | None) -> tuple[str, ...]:
+    return tuple(v.strip() for v in (value or "").split(",") if v.strip())
+
+
+def parse_aliases(specs: tuple[str, ...] | list[str]) -> tuple[tuple[str, str], ...]:
+    """`NAME=MODEL_ID` entries -> ((name, model_id), ...); raises ValueError on a bad entry."""
+    out = []
+    for spec in specs:
+        name, sep, model_id = spec.partition("=")
+        name, model_id = name.strip(), model_id.strip()
+        if not sep or not name or not model_id.startswith("/sax/"):
+            raise ValueError(f"an alias is NAME=/sax/CELL/MODEL, got {spec!r}")
+        out.append((name, model_id))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class FrontendSettings:
+    host: str = "0.0.0.0"
+    port: int = 8888
+    admin: str = DEFAULT_ADMIN                     # admin server host:port
+    api_keys: tuple[str, ...] = ()                 # Bearer keys for data calls; none: open
+    admin_token: str | None = None                 # needed for publish/unpublish/update; sent to the admin
+    allowed_origins: tuple[str, ...] = ()          # CORS origins ("*" for any); none: CORS off
+    max_body_bytes: int = 16 << 20
+    max_outstanding_per_model: int = 512           # 429 beyond (0: no limit)
+    aliases: tuple[tuple[str, str], ...] = ()      # OpenAI model names -> Sax model ids
+    default_model: str | None = None               # for calls that name no model (/tokenize, ...)
+    workers: int = 2
+    threads: int = 64
+    upstream_timeout_s: float = 600.0              # most seconds between two bytes of an upstream answer
+    max_attempts: int = 3                          # replicas tried before the first byte
+    models_cache_s: float = 2.0                    # how long the published-model list is reused
+    fanout_threads: int = 64                       # parallel upstream calls for prompt lists, per worker
+    graceful_timeout_s: int = 30                   # in-flight streams drain this long on SIGTERM
+
+    @property
+    def alias_map(self) -> dict[str, str]:
+        return dict(self.aliases)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "FrontendSettings":
+        env = os.environ if env is None else env
+
+        def num(name: str, default: Any, kind: type = int) -> Any:
+            return kind(env[name]) if env.get(name) else default
+
+        base = cls(
+            host=env.get("SAX_FRONTEND_HOST") or cls.host,
+            port=num("SAX_FRONTEND_PORT", cls.port),
+            admin=env.get("SAX_ADMIN") or DEFAULT_ADMIN,
+            api_keys=_csv(env.get("SAX_API_KEYS")),
+            admin_token=env.get("SAX_ADMIN_TOKEN") or None,
+            allowed_origins=_csv(env.get("SAX_ALLOWED_ORIGINS")),
+            max_body_bytes=num("SAX_MAX_BODY_BYTES", cls.max_body_bytes),
+            max_outstanding_per_model=num("SAX_MAX_OUTSTANDING_PER_MODEL", cls.max_outstanding_per_model),
+            aliases=parse_aliases(_csv(env.get("SAX_ALIASES"))),
+            default_model=env.get("SAX_DEFAULT_MODEL") or None,
+            workers=num("SAX_FRONTEND_WORKERS", cls.workers),
+            threads=num("SAX_FRONTEND_THREADS", cls.threads),
+            upstream_timeout_s=num("SAX_UPSTREAM_TIMEOUT", cls.upstream_timeout_s, float),
+        )
+        known = {f.name for f in fields(cls)}
+        return replace(base, **{k: v for k, v in overrides.items() if k in known and v is not None})
