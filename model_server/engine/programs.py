@@ -1,13 +1,16 @@
 """The engine's device programs: pure functions, compiled ahead of time for every shape.
 
-* ``prefill[(T, B)]``: write the KV of B prompts (padded to bucket T) into their slots and set
-  the slots' device state (last prompt token and its position, fresh counts, prompt mask).
-  The first generated token comes out of the next decode step, which re-feeds the last prompt
-  token; so all sampling lives in one place.
+* ``prefill[(T, B)]``: write the KV of B prompts (padded to bucket T) into their slots, set the
+  slots' device state (last prompt token and its position, fresh counts, prompt mask) and
+  return the last prompt token's logits (padded to the most rows any prefill takes).
+* ``first``: sample the first token of the prefilled slots from those logits (same sampling
+  code and counters as a decode step) and advance their state.
 * ``decode[B]``: one token for B rows of slots (B == num_slots: all slots, no gather; smaller B:
   the rows' cache is gathered, worth it while few slots are busy): forward + sampling +
   logprobs in one call; the cache and state are donated.
-* ``copy``: copy one slot (KV cache and state) to another (n > 1 samples share one prefill).
+* ``copy``: copy one slot's KV cache and prompt to another (n > 1 samples share one prefill;
+  the copy samples its own first token in the next decode step by re-feeding the last prompt
+  token).
 * ``score[(T, B)]``: cache-free pass returning every prompt token's logprob and top logprobs.
 * ``embed[T]``: mean-pooled final hidden state.
 
@@ -50,11 +53,12 @@ def rows_for(bucket: int, cap: int) -> int:
 def default_decode_buckets(num_slots: int) -> list[int]:
     """Row counts of the gathered decode variants (plus num_slots itself).
 
-    A gathered row costs about 3x its slot's cache traffic (gather + attention), a full step
-    reads every slot once, so gathering pays while rows <= num_slots / 4.
+    A gathered row copies its slot's cache (gather) before attending to it, a full step reads
+    every slot once and computes every row; measured on CPU, gathering pays up to about half
+    of the slots.
     """
     out, b = [], 1
-    while 4 * b <= num_slots:
+    while 2 * b <= num_slots:
         out.append(b)
         b *= 2
     return out + [num_slots]
@@ -89,7 +93,10 @@ class Programs:
         self.score: dict[tuple[int, int], Any] = {}
         self.embed: dict[int, Any] = {}
         self.copy: Any = None
+        self.first: Any = None
         self.k = min(MAX_LOGPROBS, self.v)
+        #: rows of the first-token program: the most prompts one prefill call takes
+        self.first_rows = max(max(self.prefill_rows(t)) for t in buckets)
 
     # ------------------------------------------------------------------ variants
 
@@ -163,17 +170,18 @@ class Programs:
         return decode
 
     def _prefill_fn(self, t: int, b: int) -> Callable:
-        spec, n, s = self.spec, self.n, self.s
-        hidden_fn = base.make_hidden_fn(spec)
+        spec, n, s, r = self.spec, self.n, self.s, self.first_rows
+        fwd_last = base.make_forward_last(spec)
 
         def prefill(params, cache, state, tokens, slot_ids, lens):
             t_idx = jnp.arange(t, dtype=jnp.int32)[None, :]
             valid = lens > 0
             # Padding rows write beyond the window (dropped) and touch no state.
             positions = jnp.where(valid[:, None], t_idx, s + t_idx)
-            _, cache = hidden_fn(params, tokens, positions, cache, slot_ids)
+            last_index = jnp.maximum(lens - 1, 0)
+            logits, cache = fwd_last(params, tokens, positions, cache, slot_ids, last_index)
             dst = jnp.where(valid, slot_ids, n)
-            last = jnp.take_along_axis(tokens, jnp.maximum(lens - 1, 0)[:, None], axis=1)[:, 0]
+            last = jnp.take_along_axis(tokens, last_index[:, None], axis=1)[:, 0]
             state = dict(state)
             state["tokens"] = state["tokens"].at[dst].set(last, mode="drop")
             state["positions"] = state["positions"].at[dst].set(lens - 1, mode="drop")
@@ -181,14 +189,45 @@ class Programs:
             pm = state["prompt_mask"].at[dst].set(False, mode="drop")
             tok_rows = jnp.where(t_idx < lens[:, None], dst[:, None], n)
             state["prompt_mask"] = pm.at[tok_rows, tokens].set(True, mode="drop")
-            return cache, state
+            if b < r:
+                logits = jnp.concatenate([logits, jnp.zeros((r - b, logits.shape[1]), logits.dtype)])
+            return cache, state, logits
 
         return prefill
 
+    def _first_fn(self) -> Callable:
+        """Sample the first token of freshly prefilled slots from their last-prompt logits."""
+        n, r = self.n, self.first_rows
+
+        def first(state, sp, logits, slot_ids, valid):
+            p = jax.tree.map(lambda a: a[slot_ids], sp)
+            p["active"] = p["active"] & valid
+            pos = state["positions"][slot_ids]  # len - 1, as a decode step re-feeding it would
+            nxt = sampling.sample(logits, p, lambda: state["counts"][slot_ids],
+                                  lambda: state["prompt_mask"][slot_ids], pos)
+            act = p["active"]
+            want = jnp.any(act & (p["logprobs"] >= 0))
+            want_top = jnp.any(act & (p["logprobs"] > 0))
+            lp = sampling.logprob_outputs(logits, nxt, want, want_top, self.k)
+            dst = jnp.where(act, slot_ids, n)
+            state = dict(state)
+            state["tokens"] = state["tokens"].at[dst].set(nxt, mode="drop")
+            state["positions"] = state["positions"].at[dst].set(pos + 1, mode="drop")
+            state["counts"] = state["counts"].at[dst, nxt].add(1, mode="drop")
+            return state, (nxt,) + tuple(lp)
+
+        return first
+
     def _copy_fn(self) -> Callable:
-        def copy(cache, state, src, dst):
+        def copy(cache, state, src, dst, token, position):
+            """Slot `dst` gets `src`'s KV cache and prompt, and re-feeds the last prompt token
+            (`token` at `position`) in the next decode step to sample its own first token."""
             cache = [(k.at[dst].set(k[src]), v.at[dst].set(v[src])) for k, v in cache]
-            state = {name: a.at[dst].set(a[src]) for name, a in state.items()}
+            state = dict(state)
+            state["prompt_mask"] = state["prompt_mask"].at[dst].set(state["prompt_mask"][src])
+            state["counts"] = state["counts"].at[dst].set(0)
+            state["tokens"] = state["tokens"].at[dst].set(token)
+            state["positions"] = state["positions"].at[dst].set(position)
             return cache, state
 
         return copy
@@ -256,7 +295,7 @@ class Programs:
                          functools.partial(fn.lower, params, cache, state, sp_dev, self._arg((b,), i32))))
         for t in self.buckets:
             for b in self.prefill_rows(t):
-                fn = jax.jit(self._prefill_fn(t, b), donate_argnums=(1, 2), out_shardings=(cache_out, rep))
+                fn = jax.jit(self._prefill_fn(t, b), donate_argnums=(1, 2), out_shardings=(cache_out, rep, rep))
                 jobs.append((f"prefill[{t}x{b}]", ("prefill", (t, b)), functools.partial(
                     fn.lower, params, cache, state, self._arg((b, t), i32), self._arg((b,), i32),
                     self._arg((b,), i32))))
@@ -269,7 +308,12 @@ class Programs:
                 fn.lower, params, self._arg((1, t), i32), self._arg((1,), i32))))
         fn = jax.jit(self._copy_fn(), donate_argnums=(0, 1), out_shardings=(cache_out, rep))
         jobs.append(("copy", ("copy", None), functools.partial(
-            fn.lower, cache, state, self._arg((), i32), self._arg((), i32))))
+            fn.lower, cache, state, *[self._arg((), i32)] * 4)))
+        r = self.first_rows
+        fn = jax.jit(self._first_fn(), donate_argnums=(0,), out_shardings=(rep, rep))
+        jobs.append(("first", ("first", None), functools.partial(
+            fn.lower, state, sp_dev, self._arg((r, self.v), np.float32), self._arg((r,), i32),
+            self._arg((r,), np.bool_))))
 
         timings: dict[str, float] = {}
 
@@ -283,8 +327,8 @@ class Programs:
         threads = threads or min(len(jobs), max(1, os.cpu_count() or 1))
         with ThreadPoolExecutor(threads, thread_name_prefix="engine-compile") as ex:
             for (kind, key), compiled in ex.map(build, jobs):
-                if kind == "copy":
-                    self.copy = compiled
+                if kind in ("copy", "first"):
+                    setattr(self, kind, compiled)
                 else:
                     getattr(self, kind)[key] = compiled
         return timings

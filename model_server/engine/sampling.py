@@ -97,28 +97,34 @@ def _ceil_mid(lo: jax.Array, hi: jax.Array) -> jax.Array:
 
 
 def _bisect_thresholds(scaled: jax.Array, k_eff: jax.Array, top_p: jax.Array, lse: jax.Array) -> jax.Array:
-    """Exact top-k then top-p thresholds by bisection over the float order (32 steps each)."""
+    """Exact top-k then top-p thresholds by bisection over the float order.
+
+    One loop of 64 steps: the first 32 find the top-k threshold (largest t with
+    count(x >= t) >= k), the last 32 the nucleus threshold within it (largest t whose mass
+    over the top-k set reaches top_p). Each bisection over int32 keys is exact in 32 steps.
+    """
     key = _sortable(scaled)
     lo0, hi0 = jnp.min(key, axis=-1), jnp.max(key, axis=-1)
+    prob = jnp.exp(scaled - lse[:, None])
 
-    def count_step(_, c):
-        lo, hi = c
+    def step(i, c):
+        lo, hi, tk = c
+        first = i < 32
+        restart = i == 32  # phase 2 starts from the top-k threshold
+        lo = jnp.where(restart, lo, lo)
+        tk = jnp.where(restart, lo, tk)
+        hi = jnp.where(restart, hi0, hi)
         mid = _ceil_mid(lo, hi)
-        ok = jnp.sum(key >= mid[:, None], axis=-1) >= k_eff
-        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+        ge = key >= mid[:, None]
+        inside = key >= tk[:, None]
+        count_ok = jnp.sum(ge, axis=-1) >= k_eff
+        mass = jnp.sum(jnp.where(ge & inside, prob, 0.0), axis=-1)
+        total = jnp.sum(jnp.where(inside, prob, 0.0), axis=-1)
+        ok = jnp.where(first, count_ok, mass >= top_p * total)
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1), tk
 
-    tk, _ = lax.fori_loop(0, 32, count_step, (lo0, hi0))
-    p = jnp.where(key >= tk[:, None], jnp.exp(scaled - lse[:, None]), 0.0)
-    target = top_p * jnp.sum(p, axis=-1)
-
-    def mass_step(_, c):
-        lo, hi = c
-        mid = _ceil_mid(lo, hi)
-        ok = jnp.sum(jnp.where(key >= mid[:, None], p, 0.0), axis=-1) >= target
-        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
-
-    tp, _ = lax.fori_loop(0, 32, mass_step, (tk, hi0))
-    return _unsortable(jnp.where(top_p >= 1.0, tk, tp))
+    lo, _, tk = lax.fori_loop(0, 64, step, (lo0, hi0, lo0))
+    return _unsortable(jnp.where(top_p >= 1.0, tk, lo))
 
 
 def truncation_thresholds(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -138,7 +144,8 @@ def truncation_thresholds(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array)
     p = jnp.where(in_k, jnp.exp(cv - lse[:, None]), 0.0)
     k_inside = k_eff <= kc
     z = jnp.where(k_inside, jnp.sum(p, axis=-1), 1.0)
-    cum = jnp.cumsum(p, axis=-1) / z[:, None]
+    tri = (jnp.arange(kc)[:, None] <= jnp.arange(kc)[None, :]).astype(F32)
+    cum = (p @ tri) / z[:, None]  # cumulative sums (a tiny matmul: cheaper than a scan on CPU)
     prev = cum - p / z[:, None]
     p_lim = jnp.where(top_p >= 1.0, jnp.inf, top_p)
     keep = in_k & (prev < p_lim[:, None])

@@ -1,0 +1,344 @@
+"""Engine benchmark: our JAX engine vs transformers' PyTorch `generate`, same random GPT-2-small.
+
+    python -m bench.engine                 # full run (a few minutes)
+    python -m bench.engine --new-tokens 32 # quicker
+
+Both run in this process on the same weights (12 layers, d=768, vocab 50257, fp32); torch
+uses every core (`torch.set_num_threads(os.cpu_count())`), XLA its defaults. Measured:
+
+* memory read bandwidth (arrays the size of the weights; numpy single-thread as well as the
+  best of several multi-threaded readers) and the batch-1 ceiling = bandwidth / weight bytes;
+* decode throughput at 1 and 8 concurrent sequences (128-token prompts, 128 new tokens):
+  B * (new - 1) / (T(new tokens) - T(1 token)), i.e. prefill excluded on both sides;
+* 32 sequences: ours through continuous batching with requests arriving over time
+  (staggered submissions), transformers as one static batch; tokens / makespan;
+* time to first token (128-token prompt) and prefill throughput at 512 tokens (512 / TTFT).
+
+torch runs with denormals flushed to zero (`torch.set_flush_denormal(True)`, as XLA:CPU
+does); without it transformers is several times slower on these random weights.
+
+A synthetic byte-level BPE with 50257 tokens stands in for GPT-2's tokenizer (no hub access);
+the engine detokenizes every token as in serving.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import threading
+import time
+import types
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+VOCAB = 50257
+
+
+def gpt2_small_spec():
+    from model_server.models import base
+
+    return base.ModelSpec(
+        family="gpt2", model_type="gpt2", architecture="GPT2LMHeadModel", vocab_size=VOCAB,
+        hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=12, head_dim=64,
+        intermediate_size=3072, max_position_embeddings=1024, norm_eps=1e-5,
+        activation="gelu_new", tie_word_embeddings=True, qkv_bias=True, o_bias=True,
+        mlp_bias=True, eos_token_ids=(VOCAB - 1,))
+
+
+def synthetic_tokenizer():
+    """A valid byte-level BPE with exactly 50257 tokens (256 bytes, 50000 pair merges, eos)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    merges = []
+    for a in alphabet:
+        for b in alphabet:
+            if len(vocab) >= VOCAB - 1:
+                break
+            vocab[a + b] = len(vocab)
+            merges.append((a, b))
+    vocab["<|endoftext|>"] = VOCAB - 1
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+
+
+def torch_model(spec, params):
+    """transformers' GPT2LMHeadModel holding exactly `params`."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=spec.vocab_size, n_embd=spec.hidden_size, n_layer=spec.num_layers,
+                     n_head=spec.num_heads, n_positions=spec.max_position_embeddings,
+                     layer_norm_epsilon=spec.norm_eps, activation_function=spec.activation)
+    model = GPT2LMHeadModel(cfg).eval()
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(np.asarray(a, np.float32)))  # noqa: E731
+    sd = {"transformer.wte.weight": t(params["embed"]), "transformer.wpe.weight": t(params["pos_embed"]),
+          "transformer.ln_f.weight": t(params["final_norm"]), "transformer.ln_f.bias": t(params["final_norm_b"])}
+    for i, p in enumerate(params["layers"]):
+        pre = f"transformer.h.{i}."
+        sd[pre + "ln_1.weight"], sd[pre + "ln_1.bias"] = t(p["attn_norm"]), t(p["attn_norm_b"])
+        sd[pre + "ln_2.weight"], sd[pre + "ln_2.bias"] = t(p["mlp_norm"]), t(p["mlp_norm_b"])
+        sd[pre + "attn.c_attn.weight"] = t(np.concatenate([p["wq"], p["wk"], p["wv"]], axis=1))
+        sd[pre + "attn.c_attn.bias"] = t(np.concatenate([p["bq"], p["bk"], p["bv"]]))
+        sd[pre + "attn.c_proj.weight"], sd[pre + "attn.c_proj.bias"] = t(p["wo"]), t(p["bo"])
+        sd[pre + "mlp.c_fc.weight"], sd[pre + "mlp.c_fc.bias"] = t(p["w_fc"]), t(p["b_fc"])
+        sd[pre + "mlp.c_proj.weight"], sd[pre + "mlp.c_proj.bias"] = t(p["w_proj"]), t(p["b_proj"])
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    assert not unexpected and all("lm_head" in m or "attn.bias" in m for m in missing), (missing, unexpected)
+    model.tie_weights()
+    return model
+
+
+# --------------------------------------------------------------------------- bandwidth
+
+def memory_bandwidth(nbytes: int, reps: int = 5) -> dict[str, float]:
+    """Read bandwidth (bytes/s) over an array of `nbytes`, best of `reps`, several readers."""
+    import jax
+    import jax.numpy as jnp
+
+    a = np.ones((nbytes // 16384) * 4096, np.float32)
+    out: dict[str, float] = {}
+
+    def best(fn) -> float:
+        b = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            b = min(b, time.perf_counter() - t0)
+        return a.nbytes / b
+
+    out["numpy sum (1 thread)"] = best(a.sum)
+    n = os.cpu_count() or 1
+    chunks = np.array_split(a, n)
+    with ThreadPoolExecutor(n) as ex:
+        out[f"numpy sum ({n} threads)"] = best(lambda: list(ex.map(np.sum, chunks)))
+    x = jnp.asarray(a.reshape(-1, 4096))
+    f = jax.jit(lambda x: jnp.sum(x, axis=1))
+    f(x).block_until_ready()
+    out["XLA row sums"] = best(lambda: f(x).block_until_ready())
+    del x
+    return out
+
+
+# --------------------------------------------------------------------------- ours
+
+def run_ours(engine, prompts, new_tokens, stagger=0.0):
+    """Submit `prompts` (every `stagger` seconds); returns (makespan, ttfts, tokens)."""
+    from model_server.engine import SamplingParams
+
+    sp = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    ttfts, counts = [None] * len(prompts), [0] * len(prompts)
+    t0 = time.perf_counter()
+
+    def consume(i, h, t_sub):
+        for d in h:
+            if ttfts[i] is None and d.token_ids:
+                ttfts[i] = time.perf_counter() - t_sub
+            counts[i] += len(d.token_ids)
+
+    threads = []
+    for i, p in enumerate(prompts):
+        if stagger and i:
+            time.sleep(max(0.0, t0 + i * stagger - time.perf_counter()))
+        t_sub = time.perf_counter()
+        h = engine.submit(p, sp)
+        th = threading.Thread(target=consume, args=(i, h, t_sub))
+        th.start()
+        threads.append(th)
+    for th in threads:
+        th.join()
+    return time.perf_counter() - t0, ttfts, sum(counts)
+
+
+def gemm_rates(m: int = 512, k: int = 768, n: int = 3072) -> tuple[float, float]:
+    """fp32 GEMM GFLOPS of XLA and torch (best of several), for context."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    a = np.random.default_rng(0).standard_normal((m, k), dtype=np.float32)
+    b = np.random.default_rng(1).standard_normal((k, n), dtype=np.float32)
+    ja, jb, ta, tb = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
+    f = jax.jit(lambda x, y: x @ y)
+    f(ja, jb).block_until_ready()
+    torch.mm(ta, tb)
+    out = []
+    for fn in (lambda: f(ja, jb).block_until_ready(), lambda: torch.mm(ta, tb)):
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(5):
+                fn()
+            best = min(best, (time.perf_counter() - t0) / 5)
+        out.append(2 * m * k * n / best / 1e9)
+    return out[0], out[1]
+
+
+def run_hf(model, prompts, new_tokens):
+    import torch
+
+    ids = torch.tensor(prompts, dtype=torch.long)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    dt = time.perf_counter() - t0
+    return dt, out[:, ids.shape[1]:].tolist()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--prefill-tokens", type=int, default=512)
+    ap.add_argument("--stagger", type=float, default=0.05, help="seconds between the 32 arrivals")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds; best figure kept")
+    ap.add_argument("--rounds-32", type=int, default=1, help="rounds that include the 32-sequence run")
+    ap.add_argument("--skip-hf", action="store_true")
+    args = ap.parse_args(argv)
+
+    import torch
+    # Flush denormals to zero, as XLA:CPU does: without it the random weights' tiny attention
+    # probabilities make transformers several times slower (set before torch starts threads).
+    torch.set_flush_denormal(True)
+    torch.set_num_threads(os.cpu_count() or 1)
+    import jax
+
+    from model_server.engine import Engine, SamplingParams
+    from model_server.models import base
+
+    rng = np.random.default_rng(0)
+    spec = gpt2_small_spec()
+    t0 = time.time()
+    params_np = base.random_params(spec, seed=0, dtype="float32")
+    wbytes = base.param_bytes(spec, "float32")
+    print(f"# random GPT-2 small: {base.param_count(spec) / 1e6:.1f}M params, {wbytes / 1e6:.0f} MB fp32 "
+          f"({time.time() - t0:.1f}s); {os.cpu_count()} CPUs, jax {jax.__version__} "
+          f"({jax.default_backend()}), torch {torch.__version__} ({torch.get_num_threads()} threads)", flush=True)
+    hf_tok = synthetic_tokenizer()
+
+    bw = memory_bandwidth(wbytes)
+
+    pl, nt = args.prompt_tokens, args.new_tokens
+    max_conc = max(args.concurrency)
+    model = types.SimpleNamespace(spec=spec, params=jax.device_put(params_np), tokenizer=hf_tok, mesh=None)
+    t0 = time.time()
+    eng = Engine(model, num_slots=max_conc, max_seq_len=pl + nt, prefill_buckets=[pl, pl + nt],
+                 max_queue=4 * max_conc)
+    eng.start()
+    print(f"# engine A ({max_conc} slots, max_seq_len {pl + nt}): warm-up {time.time() - t0:.1f}s, "
+          f"{len(eng.compile_timings)} programs", flush=True)
+    pf = args.prefill_tokens
+    t0 = time.time()
+    eng_pf = Engine(model, num_slots=1, max_seq_len=pf + 8, prefill_buckets=[pf], max_queue=4)
+    eng_pf.start()
+    print(f"# engine B (1 slot, max_seq_len {pf + 8}): warm-up {time.time() - t0:.1f}s", flush=True)
+    compiles0 = eng.compiles_since_ready()
+    hf_model = None if args.skip_hf else torch_model(spec, params_np)
+    del params_np
+    if hf_model is not None:
+        run_hf(hf_model, rng.integers(0, VOCAB - 1, size=(1, pl)).tolist(), 2)  # warm up
+        g_xla, g_torch = gemm_rates()
+        print(f"#   fp32 GEMM 512x768x3072: XLA {g_xla:.0f} GFLOPS, torch {g_torch:.0f} GFLOPS", flush=True)
+
+    results: dict[str, dict[str, float]] = {"ours": {}, "transformers": {}}
+
+    def keep(side, key, value, higher=True):
+        old = results[side].get(key)
+        if old is None or (value > old if higher else value < old):
+            results[side][key] = value
+
+    sets = {b: rng.integers(0, VOCAB - 1, size=(b, pl)).tolist() for b in args.concurrency}
+    pp = rng.integers(0, VOCAB - 1, size=(1, pf)).tolist()
+    sp1 = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    run_ours(eng, sets[min(args.concurrency)][:1], 4)  # settle
+    # Rounds alternate ours and transformers; each figure is the best over the rounds (the
+    # machine may be shared: the best run is the least disturbed one).
+    for rnd in range(args.rounds):
+        if rnd:
+            for k, v in memory_bandwidth(wbytes).items():
+                bw[k] = max(bw[k], v)
+        for b in args.concurrency:
+            ps = sets[b]
+            if b == max_conc and b > 8:
+                if rnd < args.rounds_32:
+                    dt, ttfts, ntok = run_ours(eng, ps, nt, stagger=args.stagger)
+                    keep("ours", f"tput{b}", ntok / dt)
+                    print(f"#   [{rnd}] ours {b} seqs (staggered {args.stagger}s): {ntok} tokens in {dt:.2f}s, "
+                          f"median TTFT {statistics.median(ttfts):.2f}s", flush=True)
+                    if hf_model is not None:
+                        dt, _ = run_hf(hf_model, ps, nt)
+                        keep("transformers", f"tput{b}", b * nt / dt)
+                        print(f"#   [{rnd}] transformers {b} seqs (static batch): {dt:.2f}s", flush=True)
+                continue
+            t1 = min(run_ours(eng, ps, 1)[0] for _ in range(2))
+            dt, ttfts, ntok = run_ours(eng, ps, nt)
+            keep("ours", f"tput{b}", b * (nt - 1) / (dt - t1))
+            if b == 1:
+                keep("ours", "ttft1", t1, higher=False)
+            print(f"#   [{rnd}] ours {b} seqs: T({nt})={dt:.2f}s T(1)={t1:.3f}s", flush=True)
+            if hf_model is not None:
+                t1 = min(run_hf(hf_model, ps, 1)[0] for _ in range(2))
+                dt, _ = run_hf(hf_model, ps, nt)
+                keep("transformers", f"tput{b}", b * (nt - 1) / (dt - t1))
+                if b == 1:
+                    keep("transformers", "ttft1", t1, higher=False)
+                print(f"#   [{rnd}] transformers {b} seqs: T({nt})={dt:.2f}s T(1)={t1:.3f}s", flush=True)
+        for _ in range(2):
+            t0 = time.perf_counter()
+            list(eng_pf.submit(pp[0], sp1))
+            keep("ours", "prefill", pf / (time.perf_counter() - t0))
+            if hf_model is not None:
+                keep("transformers", "prefill", pf / run_hf(hf_model, pp, 1)[0])
+        print(f"#   [{rnd}] prefill {pf}: ours {results['ours']['prefill']:.0f} tok/s"
+              + (f", transformers {results['transformers']['prefill']:.0f} tok/s" if hf_model is not None else ""),
+              flush=True)
+    recompiles = eng.compiles_since_ready() - compiles0
+    check_prompt = sets[min(args.concurrency)][:1]
+    ours_tokens = eng.submit(check_prompt[0], SamplingParams(max_tokens=min(16, nt), temperature=0.0,
+                                                              ignore_eos=True)).result()[0].token_ids
+    eng.stop()
+    eng_pf.stop()
+    if hf_model is not None:
+        _, hf_tokens = run_hf(hf_model, check_prompt, min(16, nt))
+        same = hf_tokens[0] == ours_tokens
+        print(f"# greedy tokens identical to transformers on a 16-token check: {same}"
+              + ("" if same else f"\n#   ours {ours_tokens}\n#   hf   {hf_tokens[0]}"))
+    else:
+        del results["transformers"]
+
+    # ---- table
+    print()
+    rows = [("decode tok/s, 1 seq", "tput1"), ("decode tok/s, 8 seqs", "tput8"),
+            (f"tok/s, 32 seqs (ours: continuous, staggered {args.stagger}s)", "tput32"),
+            ("TTFT 1 seq, 128-token prompt (s)", "ttft1"),
+            (f"prefill tok/s, {pf}-token prompt", "prefill")]
+    rows = [r for r in rows if r[1] in results["ours"]]
+    have_hf = "transformers" in results
+    print(f"| {'metric':<52} | {'ours (JAX)':>11} | {'transformers':>12} | {'ratio':>6} |")
+    print(f"|{'-' * 54}|{'-' * 13}|{'-' * 14}|{'-' * 8}|")
+    for label, key in rows:
+        o = results["ours"][key]
+        h = results["transformers"].get(key, float("nan")) if have_hf else float("nan")
+        ratio = (h / o if key.startswith("ttft") else o / h) if have_hf else float("nan")
+        fmt = "{:>11.3f}" if key.startswith("ttft") else "{:>11.1f}"
+        print(f"| {label:<52} | {fmt.format(o)} | {fmt.format(h).rjust(12)} | {ratio:>5.2f}x |")
+    b1 = results["ours"].get("tput1")
+    print()
+    print(f"batch-1 bandwidth ceiling (read bandwidth / {wbytes / 1e6:.0f} MB of weights) and the share ours reaches "
+          f"at {b1:.1f} tok/s:")
+    for k, v in bw.items():
+        print(f"  {k:<24} {v / 1e9:6.1f} GB/s -> ceiling {v / wbytes:6.1f} tok/s -> {100 * b1 * wbytes / v:5.0f}%")
+    print(f"recompilations after warm-up: {recompiles}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

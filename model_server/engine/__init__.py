@@ -1,0 +1,37 @@
+"""Continuous-batching inference engine.
+
+    from model_server.engine import Engine, SamplingParams
+    engine = Engine(loaded_model, num_slots=8, max_seq_len=2048, prefill_buckets=None, max_queue=64)
+    engine.start()                                   # compiles every shape, then serves
+    handle = engine.submit(prompt_ids, SamplingParams(max_tokens=32, temperature=0.7, stop=["\\n"]))
+    for delta in handle: ...                         # Delta(index, text, token_ids, logprobs, finish_reason)
+    engine.submit(ids, SamplingParams(max_tokens=0, prompt_logprobs=True, logprobs=5))  # scoring
+    engine.embed(ids)                                # mean-pooled final hidden state
+
+Beyond the specified API:
+
+* ``Engine(..., decode_buckets=None, max_prefill_tokens=None, compile_threads=None)``:
+  row counts of the gathered decode variants (default: powers of two up to num_slots / 2),
+  padded prompt tokens prefilled per loop iteration while slots decode (default
+  max(largest bucket, 2048)), threads compiling at start.
+* ``Engine.validate(ids, params)`` raises InvalidRequest like `submit`, without queueing.
+* ``Engine.healthy``, ``Engine.eos_token_ids``, ``Engine.spec``, ``Engine.prefill_buckets``,
+  ``Engine.warmup_seconds``, ``Engine.compile_timings``, ``Engine.compiles_since_ready()``;
+  ``compile_count()`` (XLA compilations in this process).
+* ``Engine.tokenizer`` is an `EngineTokenizer`: `model_server.tokenizer.Tokenizer` (encode,
+  decode, apply_chat_template, detokenizer, ...) that also exposes every attribute of the
+  Hugging Face tokenizer (`len()`, `eos_token`, `convert_ids_to_tokens`, ...).
+* ``RequestHandle.result()`` -> list of `Completion` (text, token_ids, logprobs,
+  finish_reason per sample); ``RequestHandle.finish_reasons``, ``.finished``, ``.n``.
+  A cancelled request's iteration simply ends (no final Delta); its finish reason is
+  "cancelled".
+"""
+from model_server.engine.core import Engine, EngineTokenizer, RequestHandle, compile_count
+from model_server.engine.types import (MAX_LOGIT_BIAS, MAX_LOGPROBS, Completion, Delta, EngineError,
+                                       InvalidRequest, QueueFull, SamplingParams, TokenLogprob)
+
+__all__ = [
+    "Engine", "EngineTokenizer", "RequestHandle", "SamplingParams", "TokenLogprob", "Delta",
+    "Completion", "EngineError", "InvalidRequest", "QueueFull", "MAX_LOGPROBS", "MAX_LOGIT_BIAS",
+    "compile_count",
+]
