@@ -150,6 +150,7 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=20.0)
     ap.add_argument("--interval", type=float, default=1.0)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--pg", default=os.environ.get("SAX_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test"))
     args = ap.parse_args()
 
@@ -172,7 +173,7 @@ def main() -> None:
         env = {**os.environ, "SAX_CELL": "/sax/bench", "SAX_DB_URL": url, "SAX_ROOT": root,
                "SAX_HEARTBEAT_INTERVAL": str(args.interval), "SAX_HEARTBEAT_TIMEOUT": "30"}
         admin = subprocess.Popen([sys.executable, "-m", "admin_server", "--port", str(port), "--host",
-                                  "127.0.0.1", "--workers", str(args.workers), "--log-level", "WARNING"],
+                                  "127.0.0.1", "--workers", str(args.workers), "--threads", str(args.threads), "--log-level", "WARNING"],
                                  env=env, cwd=Path(__file__).resolve().parent.parent)
         import requests
         for _ in range(200):
