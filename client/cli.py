@@ -30,8 +30,11 @@ class SaxGroup(click.Group):
             return super().invoke(ctx)
         except errors.SaxError as e:
             _fail(f"{type(e).__name__}: {e.message}")
-        except (ValueError, OSError) as e:
-            _fail(str(e))
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as e:  # e.g. a database or checkpoint error: one line, not a traceback
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            _fail(f"{type(e).__name__}: {first}" if not isinstance(e, (ValueError, OSError)) else str(e))
 
 
 def table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -312,9 +315,10 @@ def convert(source: str, dest: str, dtype: str) -> None:
 
     Example: saxutil convert ./gpt2 gs://bucket/gpt2-orbax
     """
-    from model_server.convert import main as convert_main
+    from model_server.convert import convert as run
 
-    convert_main([source, dest, "--dtype", dtype])
+    run(source, dest, dtype)
+    click.echo(f"wrote an Orbax checkpoint to {dest}")
 
 
 from client.local_cell import up  # noqa: E402  (registers `saxutil up`)
