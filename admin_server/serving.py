@@ -5,6 +5,8 @@ depends on no other part).
 """
 from __future__ import annotations
 
+import select
+import socket
 from typing import Any, Callable
 
 
@@ -35,3 +37,23 @@ def serve_wsgi(factory: Callable[[], Any], *, bind: str, workers: int, threads: 
             return factory()
 
     _App().run()
+
+
+def hung_up(sock: socket.socket | None) -> bool:
+    """True once the peer of `sock` closed its side (EOF waiting to be read): under gunicorn,
+    `request.environ["gunicorn.socket"]` is the caller's connection."""
+    if sock is None:
+        return False
+    try:
+        p = select.poll()
+        p.register(sock, select.POLLIN | select.POLLRDHUP)
+        events = p.poll(0)
+        if not events:
+            return False
+        if events[0][1] & (select.POLLRDHUP | select.POLLHUP | select.POLLERR):
+            return True
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except (OSError, ValueError):
+        return True

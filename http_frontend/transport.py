@@ -24,6 +24,7 @@ from urllib.parse import urlencode, urlsplit
 
 import requests
 
+from admin_server.serving import hung_up
 from http_frontend.metrics import record_attempt
 
 READ_CHUNK = 65536
@@ -46,25 +47,6 @@ def watching(caller: socket.socket | None) -> Iterator[None]:
         yield
     finally:
         _local.caller = previous
-
-
-def hung_up(sock: socket.socket | None) -> bool:
-    """True once the peer of `sock` closed its side (EOF waiting to be read)."""
-    if sock is None:
-        return False
-    try:
-        p = select.poll()
-        p.register(sock, select.POLLIN | select.POLLRDHUP)
-        events = p.poll(0)
-        if not events:
-            return False
-        if events[0][1] & (select.POLLRDHUP | select.POLLHUP | select.POLLERR):
-            return True
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except BlockingIOError:
-        return False
-    except (OSError, ValueError):
-        return True
 
 
 def _wait_for_answer(conn: http.client.HTTPConnection, caller: socket.socket, timeout: float | None) -> None:
