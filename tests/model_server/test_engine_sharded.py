@@ -55,8 +55,14 @@ def model():
 def test_four_devices_match_one(model):
     prompts = [prompt_of(model, t)[:20] for t in PROMPTS[:2]]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(prompts)], env=env, capture_output=True,
-                          text=True, timeout=240, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    for _attempt in range(2):
+        proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(prompts)], env=env, capture_output=True,
+                              text=True, timeout=240, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+        # XLA's emulated CPU collectives need every device thread to reach a rendezvous within
+        # 40 s; on a 2-core machine under load one sometimes does not and XLA aborts the
+        # process. That is the emulation, not the sharding: run it once more.
+        if proc.returncode == 0 or "rendezvous" not in proc.stderr:
+            break
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.split("RESULT ", 1)[1])
     assert out["devices"] == 4
