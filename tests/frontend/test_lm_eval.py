@@ -70,7 +70,7 @@ def _greedy_case(oracle) -> tuple[str, str]:  # type: ignore[no-untyped-def]
         if float(top2.values[0] - top2.values[1]) > 1e-3 and \
                 tok.encode(ctx + cont, add_special_tokens=False) == ids + [g]:
             return ctx, cont
-    pytest.skip("no context whose greedy token round-trips through the tokenizer")
+    pytest.fail("no context whose greedy token round-trips through the tokenizer (test.tiny is deterministic: the search itself is wrong)")
 
 
 def _really_greedy(oracle, ctx: str, cont: str) -> bool:  # type: ignore[no-untyped-def]
