@@ -19,7 +19,8 @@ def serve(settings: AdminSettings) -> None:
     prepare_database(settings)  # once, in the master, before workers fork
     serve_wsgi(lambda: create_app(settings, prepare=False), bind=f"{settings.host}:{settings.port}",
                workers=settings.workers, threads=settings.threads, worker_exit=_worker_exit,
-               post_worker_init=_stop_leading_on_term)
+               post_worker_init=_stop_leading_on_term,
+               worker_connections=8192)  # every model server holds a keep-alive connection
 
 
 def _stop_leading_on_term(worker: Any) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 import time
 from functools import wraps
 from typing import Any, Callable
@@ -20,6 +21,7 @@ from admin_server import state
 from admin_server.errors import AdminError, PermissionDenied, Unauthenticated, status_and_code
 from admin_server.lease import current_lease
 from admin_server.naming import InvalidArgument, parse_cell
+from admin_server.serving import parse_json, read_body
 
 log = logging.getLogger(__name__)
 bp = Blueprint("admin", __name__)
@@ -31,26 +33,46 @@ def ctx():  # type: ignore[no-untyped-def]
 
 
 def error_response(status: int, code: str, message: str) -> tuple[Response, int]:
+    """The admin's error shape (the heartbeat endpoint in heartbeat_route.py writes the same)."""
     return jsonify({"error": {"code": code, "message": message}}), status
+
+
+def describe_error(exc: Exception) -> tuple[int, str, str]:
+    """(HTTP status, code, message) for an exception escaping a route."""
+    if isinstance(exc, HTTPException):
+        return exc.code or 500, exc.name.upper().replace(" ", "_"), exc.description or ""
+    if isinstance(exc, (OperationalError, DBAPIError)) and not isinstance(exc, AdminError):
+        log.warning("database unavailable: %s", exc)
+        return 503, "UNAVAILABLE", "the cell database is unavailable; retry"
+    status, code = status_and_code(exc)
+    if status >= 500:
+        log.exception("internal error")
+        return status, code, "internal error"
+    return status, code, str(exc)
 
 
 @bp.app_errorhandler(Exception)
 def _handle(exc: Exception):  # type: ignore[no-untyped-def]
-    if isinstance(exc, HTTPException):
-        return error_response(exc.code or 500, exc.name.upper().replace(" ", "_"), exc.description or "")
-    if isinstance(exc, (OperationalError, DBAPIError)) and not isinstance(exc, AdminError):
-        log.warning("database unavailable: %s", exc)
-        return error_response(503, "UNAVAILABLE", "the cell database is unavailable; retry")
-    status, code = status_and_code(exc)
-    if status >= 500:
-        log.exception("internal error")
-        return error_response(status, code, "internal error")
-    return error_response(status, code, str(exc))
+    return error_response(*describe_error(exc))
 
 
-def _bearer() -> str | None:
-    auth = request.headers.get("Authorization", "")
-    return auth[7:].strip() if auth.lower().startswith("bearer ") else None
+def _matches(given: str, token: str | None) -> bool:
+    return bool(token) and hmac.compare_digest(given.encode(), token.encode())  # type: ignore[union-attr]
+
+
+def check_token(expected: str | None, authorization: str, other: str | None = None) -> None:
+    """Raises unless `authorization` carries `expected` as its bearer token (when one is set):
+    none or an unknown token -> Unauthenticated (401); `other`, the cell's token for the other
+    kind of route, -> PermissionDenied (403)."""
+    if not expected:
+        return
+    given = authorization[7:].strip() if authorization.lower().startswith("bearer ") else None
+    if not given:
+        raise Unauthenticated("missing bearer token")
+    if not _matches(given, expected):
+        if _matches(given, other):
+            raise PermissionDenied("this token may not be used for this operation")
+        raise Unauthenticated("invalid bearer token")
 
 
 def require(token_attr: str) -> Callable:  # type: ignore[type-arg]
@@ -58,22 +80,22 @@ def require(token_attr: str) -> Callable:  # type: ignore[type-arg]
     def deco(fn: Callable) -> Callable:  # type: ignore[type-arg]
         @wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            expected = getattr(ctx().settings, token_attr)
-            if expected:
-                given = _bearer()
-                if not given:
-                    raise Unauthenticated("missing bearer token")
-                if not hmac.compare_digest(given.encode(), expected.encode()):
-                    raise PermissionDenied("invalid token for this operation")
+            settings = ctx().settings
+            other = settings.cluster_token if token_attr == "admin_token" else settings.admin_token
+            check_token(getattr(settings, token_attr), request.headers.get("Authorization", ""), other)
             return fn(*args, **kwargs)
         return wrapper
     return deco
 
 
 def body() -> dict[str, Any]:
-    if not request.content_length and not request.data:
+    raw = read_body(request)
+    if not raw:
         return {}
-    data = request.get_json(silent=True, force=True)
+    try:
+        data = parse_json(raw)
+    except ValueError:
+        data = None
     if not isinstance(data, dict):
         raise InvalidArgument("request body must be a JSON object")
     return data
@@ -170,12 +192,6 @@ def stats():  # type: ignore[no-untyped-def]
     return jsonify(out)
 
 
-@bp.post("/heartbeat")
-@require("cluster_token")
-def heartbeat():  # type: ignore[no-untyped-def]
-    return jsonify(ctx().heartbeats.record(body()))
-
-
 @bp.get("/locate/<path:name>")
 def locate(name: str):  # type: ignore[no-untyped-def]
     """Ready replica addresses. With ?version=V&timeout=T, waits until the answer's
@@ -183,9 +199,12 @@ def locate(name: str):  # type: ignore[no-untyped-def]
     c = ctx()
     known = request.args.get("version")
     try:
-        timeout = min(float(request.args.get("timeout", 0)), MAX_LONG_POLL_S)
+        timeout = float(request.args.get("timeout", 0))
     except ValueError:
-        raise InvalidArgument("timeout must be a number of seconds") from None
+        timeout = math.nan
+    if not math.isfinite(timeout):  # nan would wait forever
+        raise InvalidArgument("timeout must be a number of seconds")
+    timeout = min(timeout, MAX_LONG_POLL_S)
     deadline = time.monotonic() + max(timeout, 0.0)
     while True:
         with c.sessions() as s:

@@ -13,7 +13,7 @@ from admin_server.blobstore import BlobStore, open_blobstore
 from admin_server.db import make_engine, migrate, schema_is_current, session_factory
 from admin_server.heartbeats import HeartbeatRecorder
 from admin_server.leader import LeaderLoop
-from admin_server.settings import AdminSettings
+from admin_server.settings import MAX_BODY_BYTES, AdminSettings
 from admin_server.snapshot import ensure_cell
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,8 @@ def prepare_database(settings: AdminSettings) -> None:
         raise SystemExit(f"database schema is at {current}, expected {head}: run `saxutil migrate`")
 
 
+
+
 def create_app(settings: AdminSettings | None = None, *, prepare: bool = True) -> Flask:
     settings = settings or AdminSettings.from_env()
     if prepare:
@@ -57,12 +59,15 @@ def create_app(settings: AdminSettings | None = None, *, prepare: bool = True) -
     ensure_cell(engine, store, settings.cell_name)
     leader = LeaderLoop(engine, store, settings) if settings.run_leader else None
     app = Flask("admin_server")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json.sort_keys = False  # type: ignore[attr-defined]
     heartbeats = HeartbeatRecorder(engine, settings)
     app.extensions["sax_admin"] = AdminContext(settings, engine, session_factory(engine), store, leader,
                                                heartbeats)
     from admin_server.api import bp
+    from admin_server.heartbeat_route import HeartbeatRoute
     app.register_blueprint(bp)
+    app.wsgi_app = HeartbeatRoute(app.wsgi_app, heartbeats, settings)  # type: ignore[method-assign]
     atexit.register(heartbeats.stop)
     if leader:
         leader.start()

@@ -3,7 +3,8 @@
 One small interface (read/write/delete whole objects by relative path), so
 the snapshot code never knows which one it has. GCS goes through
 google-cloud-storage and honours STORAGE_EMULATOR_HOST (anonymous
-credentials against an emulator).
+credentials against an emulator). `timeout` bounds one call, retries included
+(a local directory has nothing to wait for and ignores it).
 """
 from __future__ import annotations
 
@@ -19,9 +20,9 @@ class BlobStoreError(RuntimeError):
 class BlobStore(Protocol):
     url: str
 
-    def read(self, path: str) -> bytes | None: ...
+    def read(self, path: str, *, timeout: float | None = None) -> bytes | None: ...
 
-    def write(self, path: str, data: bytes) -> None: ...
+    def write(self, path: str, data: bytes, *, timeout: float | None = None) -> None: ...
 
     def delete(self, path: str) -> None: ...
 
@@ -37,14 +38,14 @@ class LocalBlobStore:
             raise BlobStoreError(f"path {path!r} escapes the blob store root")
         return full
 
-    def read(self, path: str) -> bytes | None:
+    def read(self, path: str, *, timeout: float | None = None) -> bytes | None:
         try:
             with open(self._full(path), "rb") as f:
                 return f.read()
         except FileNotFoundError:
             return None
 
-    def write(self, path: str, data: bytes) -> None:
+    def write(self, path: str, data: bytes, *, timeout: float | None = None) -> None:
         full = self._full(path)
         os.makedirs(os.path.dirname(full), exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(full), prefix=".tmp-")
@@ -94,36 +95,42 @@ class GcsBlobStore:
         self.bucket_name, self.prefix = split_gs_url(url)
         self.timeout_s = timeout_s
         self._bucket = gcs_client().bucket(self.bucket_name)
+
+    def _limits(self, timeout: float | None) -> tuple[float, object]:
+        """(per-request timeout, retry policy) for one call of at most `timeout` seconds."""
         from google.cloud.storage.retry import DEFAULT_RETRY
 
-        # Bound the library's retries (two minutes by default) by our timeout.
-        self._retry = DEFAULT_RETRY.with_timeout(timeout_s)
+        t = self.timeout_s if timeout is None else max(0.1, min(timeout, self.timeout_s))
+        # The library retries for two minutes by default: bound its retries by our timeout.
+        return t, DEFAULT_RETRY.with_timeout(t)
 
     def _blob(self, path: str):  # type: ignore[no-untyped-def]
         return self._bucket.blob(f"{self.prefix}/{path}" if self.prefix else path)
 
-    def read(self, path: str) -> bytes | None:
+    def read(self, path: str, *, timeout: float | None = None) -> bytes | None:
         from google.api_core import exceptions
 
+        t, retry = self._limits(timeout)
         try:
-            return self._blob(path).download_as_bytes(timeout=self.timeout_s, retry=self._retry)
+            return self._blob(path).download_as_bytes(timeout=t, retry=retry)
         except exceptions.NotFound:
             return None
         except Exception as e:  # network errors, 5xx
             raise BlobStoreError(f"reading {self.url}/{path}: {e}") from e
 
-    def write(self, path: str, data: bytes) -> None:
+    def write(self, path: str, data: bytes, *, timeout: float | None = None) -> None:
+        t, retry = self._limits(timeout)
         try:
-            self._blob(path).upload_from_string(
-                data, content_type="application/json", timeout=self.timeout_s, retry=self._retry)
+            self._blob(path).upload_from_string(data, content_type="application/json", timeout=t, retry=retry)
         except Exception as e:
             raise BlobStoreError(f"writing {self.url}/{path}: {e}") from e
 
     def delete(self, path: str) -> None:
         from google.api_core import exceptions
 
+        t, retry = self._limits(None)
         try:
-            self._blob(path).delete(timeout=self.timeout_s, retry=self._retry)
+            self._blob(path).delete(timeout=t, retry=retry)
         except exceptions.NotFound:
             pass
         except Exception as e:

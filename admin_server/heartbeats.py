@@ -4,10 +4,13 @@ A server sends its description, its models' observed states, and the
 `desired_version` of the last answer it got. When the description and the
 report digest are those last written for it, and its desired set has not
 changed since (the leader bumps `servers.assignment_version` whenever it
-does), the heartbeat costs one primary-key read: its liveness is noted in
-memory, a flusher writes all noted times in one batched UPDATE every
-`flush_s`, and the answer says `unchanged`. Otherwise the server's replicas
-are read, changed statuses written, and the whole desired set returned.
+does), the heartbeat touches no database: each process keeps every server's
+(assignment version, digests) in memory, reloaded in one query every
+`flush_s`; its liveness is noted in memory, a flusher writes all noted times
+in one batched UPDATE every `flush_s`, and the answer says `unchanged`. A
+change the leader made reaches the server at most `flush_s` later than it
+would otherwise. Otherwise the server's replicas are read, changed statuses
+written, and the whole desired set returned.
 Everything written here is soft state that the next heartbeat re-reports, so
 PostgreSQL commits it without waiting for the WAL flush.
 """
@@ -93,6 +96,9 @@ _TOUCH = (update(ModelServer)
 _CURRENT = (select(ModelServer.cell, ModelServer.assignment_version, ModelServer.desc_digest,
                    ModelServer.report_digest)
             .where(ModelServer.address == bindparam("addr")))
+_KNOWN = (select(ModelServer.address, ModelServer.assignment_version, ModelServer.desc_digest,
+                 ModelServer.report_digest)
+          .where(ModelServer.cell == bindparam("cell")))
 _LIVENESS = (update(ModelServer).where(ModelServer.address == bindparam("addr"))
              .values(last_heartbeat=bindparam("now")))
 _OBSERVED = (update(Replica).where(Replica.id == bindparam("rid"))
@@ -129,11 +135,15 @@ class HeartbeatRecorder:
     def __init__(self, engine: Engine, settings: AdminSettings, flush_s: float = 0.1) -> None:
         self.engine = engine
         self.settings = settings
-        self.flush_s = flush_s
+        # Under a heartbeat interval: a report one worker wrote reaches every other worker's
+        # memory before that server's next heartbeat, so a stale entry can never match it.
+        self.flush_s = min(flush_s, settings.heartbeat_interval_s / 2)
         # Reads need no transaction on PostgreSQL (saves BEGIN/COMMIT round trips).
         self.reader = (engine.execution_options(isolation_level="AUTOCOMMIT")
                        if engine.dialect.name == "postgresql" else engine)
         self._pending: dict[str, float] = {}
+        # address -> (assignment_version, desc_digest, report_digest) as last read or written.
+        self._known: dict[str, tuple[int, str | None, str | None]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sax-liveness", daemon=True)
@@ -148,14 +158,14 @@ class HeartbeatRecorder:
         desc_digest = _digest([desc[c] for c in _DESC_COLUMNS])
         report_digest = _digest(sorted([m.model_id, m.generation, m.status, m.error, m.memory_bytes,
                                         m.load_time_s] for m in reported))
+        if self._known.get(address) == (known_version, desc_digest, report_digest):
+            with self._lock:
+                self._pending[address] = now
+            return self._answer(None, known_version)
         with self.reader.connect() as conn:
+            # The version is read before the replicas: a change the leader commits in between
+            # is answered under the older version, so the next heartbeat asks again.
             row = conn.execute(_CURRENT, {"addr": address}).first()
-            if (row is not None and row.cell == self.settings.cell_name
-                    and row.desc_digest == desc_digest and row.report_digest == report_digest
-                    and known_version is not None and known_version == row.assignment_version):
-                with self._lock:
-                    self._pending[address] = now
-                return self._answer(None, row.assignment_version)
             rows = conn.execute(_REPLICAS, {"addr": address}).all()
         by_key = {(m.model_id, m.generation): m for m in reported}
         changes: list[dict[str, Any]] = []
@@ -183,12 +193,14 @@ class HeartbeatRecorder:
         known = {(r.model_id, r.generation) for r in rows}
         orphans = [m for m in reported if (m.model_id, m.generation) not in known
                    and m.status in (Observed.LOADED.value, Observed.LOADING.value)]
-        version = self._write(desc, desc_digest, report_digest, now, changes, learned)
+        written = self._write(desc, desc_digest, report_digest, now, changes, learned)
+        version = row.assignment_version if row is not None and row.cell == self.settings.cell_name else written
         if orphans:
             adopted = self._adopt(address, orphans, now)
             if adopted:
                 desired.extend(adopted)
-                version = self._bump(address)
+                self._bump(address)  # the answer keeps the older version: the next heartbeat re-reads
+        self._known[address] = (version, desc_digest, report_digest)
         return self._answer(desired, version)
 
     def _adopt(self, address: str, orphans: list[ReportedModel], now: float) -> list[dict[str, Any]]:
@@ -224,11 +236,10 @@ class HeartbeatRecorder:
                                     "overrides": model.overrides})
         return adopted
 
-    def _bump(self, address: str) -> int:
+    def _bump(self, address: str) -> None:
         with self.engine.begin() as conn:
-            return int(conn.execute(update(ModelServer).where(ModelServer.address == address)
-                                    .values(assignment_version=ModelServer.assignment_version + 1)
-                                    .returning(ModelServer.assignment_version)).scalar() or 0)
+            conn.execute(update(ModelServer).where(ModelServer.address == address)
+                         .values(assignment_version=ModelServer.assignment_version + 1))
 
     def _answer(self, desired: list[dict[str, Any]] | None, version: int) -> dict[str, Any]:
         answer: dict[str, Any] = {"desired_version": version,
@@ -279,10 +290,18 @@ class HeartbeatRecorder:
             # heartbeat misses the fast path and inserts it again.
             conn.execute(_LIVENESS, [{"addr": a, "now": t} for a, t in batch.items()])
 
+    def refresh(self) -> None:
+        """Reloads every server's (assignment version, digests) of this cell. (Ten times a
+        second per process, over every server.)"""
+        with self.reader.connect() as conn:
+            rows = conn.execute(_KNOWN, {"cell": self.settings.cell_name}).all()
+        self._known = {r[0]: tuple(r[1:]) for r in rows}
+
     def _run(self) -> None:
         while not self._stop.wait(self.flush_s):
             try:
                 self.flush()
+                self.refresh()
             except Exception:
                 log.exception("writing heartbeat times failed (will retry)")
 

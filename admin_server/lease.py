@@ -55,6 +55,12 @@ class LeaderLease:
         return (self.epoch is not None
                 and time.monotonic() - self._renewed_mono < self.ttl_s - self.margin_s)
 
+    def leading_until(self) -> float | None:
+        """The monotonic time this holder stops acting unless it renews (None: not leader)."""
+        if not self.is_leader():
+            return None
+        return self._renewed_mono + self.ttl_s - self.margin_s
+
     def step_down(self) -> None:
         if self.epoch is not None:
             log.warning("stepping down as leader of %s (epoch %s)", self.name, self.epoch)

@@ -37,7 +37,7 @@ class ModelId:
 
 
 def check_name(kind: str, name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name) or len(name) > MAX_NAME_LEN:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or len(name) > MAX_NAME_LEN:
         raise InvalidArgument(
             f"invalid {kind} name {name!r}: must match {NAME_RE.pattern} "
             f"(at most {MAX_NAME_LEN} characters)")
@@ -67,7 +67,7 @@ def parse_model_id(model_id: Any) -> ModelId:
 
 
 def check_model_path(model_path: Any) -> str:
-    if not isinstance(model_path, str) or not MODEL_PATH_RE.match(model_path) or len(model_path) > 255:
+    if not isinstance(model_path, str) or not MODEL_PATH_RE.fullmatch(model_path) or len(model_path) > 255:
         raise InvalidArgument(f"invalid model_path {model_path!r}: must match {MODEL_PATH_RE.pattern}")
     return model_path
 
@@ -78,7 +78,7 @@ def check_checkpoint(checkpoint: Any, allowed_roots: tuple[str, ...] = ()) -> st
         return None
     if not isinstance(checkpoint, str) or not checkpoint or len(checkpoint) > MAX_CHECKPOINT_LEN:
         raise InvalidArgument("checkpoint must be a path, a gs:// URL or None")
-    if not CHECKPOINT_RE.match(checkpoint):
+    if not CHECKPOINT_RE.fullmatch(checkpoint):
         raise InvalidArgument(f"invalid checkpoint {checkpoint!r}: unexpected characters")
     body = checkpoint[5:] if checkpoint.startswith("gs://") else checkpoint
     if ".." in body.split("/"):
@@ -92,7 +92,8 @@ def check_checkpoint(checkpoint: Any, allowed_roots: tuple[str, ...] = ()) -> st
 
 def check_replicas(replicas: Any, maximum: int) -> int:
     if isinstance(replicas, bool) or not isinstance(replicas, int):
-        if isinstance(replicas, str) and replicas.strip().isdigit():
+        # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+        if isinstance(replicas, str) and re.fullmatch(r"\s*[0-9]{1,9}\s*", replicas):
             replicas = int(replicas)
         else:
             raise InvalidArgument(f"replicas must be a non-negative integer, got {replicas!r}")
@@ -132,7 +133,7 @@ def _str_list(v: Any) -> list[str]:
 
 
 def _alias(v: Any) -> str:
-    if not isinstance(v, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9._:\-/]{0,127}$", v):
+    if not isinstance(v, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:\-/]{0,127}", v):
         raise InvalidArgument(f"expected an alias like 'my-model', got {v!r}")
     return v
 

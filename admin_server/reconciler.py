@@ -296,29 +296,33 @@ def apply(conn, p: Plan, now: float, touched: set[str] = frozenset()) -> None:  
 
 def fingerprint(conn, settings: AdminSettings, now: float) -> tuple[Any, ...]:  # type: ignore[no-untyped-def]
     """A cheap probe of everything that can make a reconcile pass act: the published
-    set's version, the newest replica status change, the live and dead server counts.
-    (Index lookups only: no hot counter row for heartbeats to contend on.)"""
+    set's version, the newest replica status change, the live and dead server counts,
+    and the servers' descriptions (their digests). (No hot counter row for heartbeats
+    to contend on.)"""
     version = conn.execute(select(CellState.version).where(CellState.cell == settings.cell_name)).scalar()
+    descriptions = hash(tuple(conn.execute(
+        select(ModelServer.desc_digest).where(ModelServer.cell == settings.cell_name)
+        .order_by(ModelServer.address)).scalars()))
     newest = conn.execute(select(func.max(Replica.updated_at))).scalar()
     dead_before = now - settings.dead_after_s
     servers = conn.execute(select(func.count()).select_from(ModelServer).where(
         ModelServer.cell == settings.cell_name)).scalar_one()
     dead = conn.execute(select(func.count()).select_from(ModelServer).where(
         ModelServer.cell == settings.cell_name, ModelServer.last_heartbeat < dead_before)).scalar_one()
-    return (version, newest, servers, dead)
+    return (version, newest, servers, dead, descriptions)
 
 
 class Reconciler:
     """Runs reconcile passes for the leader, skipping those that could not change anything.
 
     A pass runs when the probe (:func:`fingerprint`) moved, when a back-off ends,
-    or at least every `full_pass_s` (server descriptions can change unseen).
+    or at least every `full_pass_s` (a safety net: nothing is known to change unseen).
     """
 
     def __init__(self, engine: Engine, settings: AdminSettings, full_pass_s: float | None = None) -> None:
         self.engine = engine
         self.settings = settings
-        self.full_pass_s = full_pass_s or max(5.0, 5 * settings.reconcile_interval_s)
+        self.full_pass_s = full_pass_s or max(60.0, 60 * settings.reconcile_interval_s)
         self._last: tuple[Any, ...] | None = None
         self._last_at = 0.0
         self._next_due: float | None = None

@@ -5,22 +5,28 @@ depends on no other part).
 """
 from __future__ import annotations
 
+import json
+import math
+import re
 import select
 import socket
 from typing import Any, Callable
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
 
 def serve_wsgi(factory: Callable[[], Any], *, bind: str, workers: int, threads: int,
-               timeout: int = 60, graceful_timeout: int = 10,
+               timeout: int = 60, graceful_timeout: int = 10, worker_connections: int = 1000,
                worker_exit: Callable[[Any, Any], None] | None = None,
                post_worker_init: Callable[[Any], None] | None = None) -> None:
-    """Runs `factory()` in each gunicorn worker (no preload: nothing is shared across fork)."""
+    """Runs `factory()` in each gunicorn worker (no preload: nothing is shared across fork).
+    `worker_connections` bounds each worker's open (keep-alive) connections."""
     from gunicorn.app.base import BaseApplication
 
     options: dict[str, Any] = {
         "bind": bind, "workers": workers, "threads": threads, "worker_class": "gthread",
         "timeout": timeout, "graceful_timeout": graceful_timeout, "keepalive": 30,
-        "accesslog": None, "control_socket_disable": True,
+        "accesslog": None, "control_socket_disable": True, "worker_connections": worker_connections,
     }
     if worker_exit is not None:
         options["worker_exit"] = worker_exit
@@ -57,3 +63,43 @@ def hung_up(sock: socket.socket | None) -> bool:
         return False
     except (OSError, ValueError):
         return True
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is out of range")
+    return value
+
+
+def parse_json(raw: bytes) -> Any:
+    """`json.loads` for request bodies, raising ValueError for anything that is not JSON text:
+    also NaN and Infinity (Python's extensions), numbers beyond a double, nesting too deep for
+    the parser, and lone UTF-16 surrogate escapes ("\\ud800"), which decode to strings no UTF-8
+    text can hold (encoding them later would fail)."""
+    try:
+        data = json.loads(raw, parse_constant=_not_json, parse_float=_finite)
+        if _SURROGATE_ESCAPE.search(raw):
+            json.dumps(data, ensure_ascii=False).encode()
+    except RecursionError:
+        raise ValueError("the JSON is nested too deeply") from None
+    except UnicodeEncodeError:
+        raise ValueError("the JSON holds a lone UTF-16 surrogate (\\ud800-\\udfff), "
+                         "which is not Unicode text") from None
+    return data
+
+
+def read_body(request: Any) -> bytes:
+    """A Flask request's body, cached; 413 (RequestEntityTooLarge) past MAX_CONTENT_LENGTH also for
+    a chunked body, which werkzeug would otherwise cut at the limit without a word."""
+    from werkzeug.exceptions import RequestEntityTooLarge
+
+    raw = request.get_data(cache=True)
+    limit = request.max_content_length
+    if limit is not None and request.content_length is None and len(raw) >= limit:
+        raise RequestEntityTooLarge()
+    return raw

@@ -22,6 +22,8 @@ def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
     return int(env[name]) if env.get(name) else default
 
 
+MAX_BODY_BYTES = 1 << 20   # admin requests are small JSON documents: 413 past this
+
 @dataclass(frozen=True)
 class AdminSettings:
     cell: str = "/sax/test"

@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import Engine, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from admin_server.blobstore import BlobStore
+from admin_server.blobstore import BlobStore, BlobStoreError
 from admin_server.lease import LeaseLost, fence
 from admin_server.schema import CellState, ModelState, PublishedModel
 
@@ -32,9 +32,30 @@ def _model_record(m: Any) -> dict[str, Any]:
             "overrides": m.overrides or {}, "uuid": m.uuid, "generation": m.generation}
 
 
+class SnapshotDeadline(BlobStoreError):
+    """Not enough of the holder's lease left to write the snapshot safely."""
+
+
 def write_snapshot(engine: Engine, store: BlobStore, cell: str, lease_name: str, holder: str,
-                   epoch: int) -> bool:
-    """Writes the snapshot if the cell changed since the last one. Returns True if written."""
+                   epoch: int, *, deadline: float | None = None) -> bool:
+    """Writes the snapshot if the cell changed since the last one. Returns True if written.
+
+    No transaction is open during the blob-store calls (a slow or unreachable store must
+    not hold the lease row, which the leader renews, nor a connection). The write is fenced
+    instead: the epoch is checked right before it, it must be done by `deadline` (the
+    end of this holder's lease on its own monotonic clock, a margin before anyone else
+    may take the lease, so no new leader's snapshot can come in between), and
+    `snapshot_version` moves in a fenced transaction after it."""
+    def left() -> float | None:
+        """A blob-store call's timeout: half the time left, since the library's retries stop at
+        their timeout but the attempt then in flight may take as long again."""
+        if deadline is None:
+            return None
+        remaining = deadline - time.monotonic()
+        if remaining <= 0.1:
+            raise SnapshotDeadline("the lease ends before the snapshot could be written")
+        return remaining / 2
+
     with engine.connect() as conn:
         cs = conn.execute(select(CellState.version, CellState.snapshot_version)
                           .where(CellState.cell == cell)).first()
@@ -44,7 +65,7 @@ def write_snapshot(engine: Engine, store: BlobStore, cell: str, lease_name: str,
             PublishedModel.cell == cell, PublishedModel.state == ModelState.ACTIVE.value)
             .order_by(PublishedModel.model_id)).all()
         version = cs.version
-    existing = store.read(snapshot_path(cell))
+    existing = store.read(snapshot_path(cell), timeout=left())
     if existing:
         prior = json.loads(existing)
         if prior.get("epoch", 0) > epoch:
@@ -52,9 +73,11 @@ def write_snapshot(engine: Engine, store: BlobStore, cell: str, lease_name: str,
     doc = {"format": FORMAT_VERSION, "cell": f"/sax/{cell}", "epoch": epoch, "version": version,
            "written_at": time.time(), "models": [_model_record(m) for m in models]}
     with engine.begin() as conn:
-        fence(conn, lease_name, holder, epoch)  # still leader: hold the lease row while writing
-        store.write(snapshot_path(cell), json.dumps(doc, indent=1, sort_keys=True).encode())
-        conn.execute(update(CellState).where(CellState.cell == cell)
+        fence(conn, lease_name, holder, epoch)  # still leader, right before writing
+    store.write(snapshot_path(cell), json.dumps(doc, indent=1, sort_keys=True).encode(), timeout=left())
+    with engine.begin() as conn:
+        fence(conn, lease_name, holder, epoch)
+        conn.execute(update(CellState).where(CellState.cell == cell, CellState.snapshot_version < version)
                      .values(snapshot_version=version))
     log.info("wrote snapshot of %d models (version %d, epoch %d) to %s/%s", len(models), version,
              epoch, store.url, snapshot_path(cell))

@@ -34,6 +34,7 @@ from admin_server.leader import lease_name
 from admin_server.reconciler import Reconciler
 from admin_server.schema import CellState, ModelServer, PublishedModel
 from admin_server.settings import AdminSettings
+from bench.frontend import group_cpu_s
 
 GiB = 1 << 30
 
@@ -105,7 +106,9 @@ async def _post(reader, writer, path: str, body: bytes) -> bytes:  # type: ignor
     return payload
 
 
-async def heartbeat_load(port: int, n_servers: int, duration: float, interval: float) -> tuple[list[float], int]:
+async def heartbeat_load(port: int, n_servers: int, duration: float, interval: float,
+                         admin_pgid: int) -> tuple[list[float], int, float]:
+    """Returns (latencies, errors, admin CPU ms per heartbeat over the steady last three quarters)."""
     latencies: list[float] = []
     errors = 0
     stop_at = time.monotonic() + duration
@@ -139,8 +142,14 @@ async def heartbeat_load(port: int, n_servers: int, duration: float, interval: f
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
         writer.close()
 
-    await asyncio.gather(*(server(i) for i in range(n_servers)))
-    return latencies, errors
+    async def steady_cpu() -> float:
+        await asyncio.sleep(duration / 4)
+        cpu0, n0 = group_cpu_s(admin_pgid), len(latencies)
+        await asyncio.sleep(max(0.0, stop_at - time.monotonic()))
+        return (group_cpu_s(admin_pgid) - cpu0) / max(1, len(latencies) - n0) * 1000
+
+    *_, cpu_ms = await asyncio.gather(*(server(i) for i in range(n_servers)), steady_cpu())
+    return latencies, errors, cpu_ms
 
 
 def main() -> None:
@@ -151,6 +160,7 @@ def main() -> None:
     ap.add_argument("--interval", type=float, default=1.0)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=8)
+    ap.add_argument("--admin-log-level", default="WARNING", help="INFO shows the leader's non-empty passes")
     ap.add_argument("--pg", default=os.environ.get("SAX_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test"))
     args = ap.parse_args()
 
@@ -173,8 +183,9 @@ def main() -> None:
         env = {**os.environ, "SAX_CELL": "/sax/bench", "SAX_DB_URL": url, "SAX_ROOT": root,
                "SAX_HEARTBEAT_INTERVAL": str(args.interval), "SAX_HEARTBEAT_TIMEOUT": "30"}
         admin = subprocess.Popen([sys.executable, "-m", "admin_server", "--port", str(port), "--host",
-                                  "127.0.0.1", "--workers", str(args.workers), "--threads", str(args.threads), "--log-level", "WARNING"],
-                                 env=env, cwd=Path(__file__).resolve().parent.parent)
+                                  "127.0.0.1", "--workers", str(args.workers), "--threads", str(args.threads),
+                                  "--log-level", args.admin_log_level],
+                                 env=env, cwd=Path(__file__).resolve().parent.parent, start_new_session=True)
         import requests
         for _ in range(200):
             try:
@@ -182,11 +193,13 @@ def main() -> None:
                     break
             except requests.RequestException:
                 time.sleep(0.1)
-        lat, errors = asyncio.run(heartbeat_load(port, args.servers, args.duration, args.interval))
+        lat, errors, cpu_ms = asyncio.run(heartbeat_load(port, args.servers, args.duration, args.interval,
+                                                         admin.pid))
         steady = lat[len(lat) // 4:]  # skip the first round of replica state changes
         print(f"heartbeats: {len(lat)} in {args.duration:.0f}s ({len(lat) / args.duration:.0f}/s) from "
               f"{args.servers} servers, errors {errors}; latency p50 {pct(steady, 50) * 1000:.1f} ms, "
-              f"p99 {pct(steady, 99) * 1000:.1f} ms, max {max(steady) * 1000:.1f} ms")
+              f"p99 {pct(steady, 99) * 1000:.1f} ms, max {max(steady) * 1000:.1f} ms; admin CPU "
+              f"{cpu_ms:.2f} ms per steady heartbeat (leader included)")
     finally:
         if admin:
             admin.terminate()

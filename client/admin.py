@@ -41,8 +41,16 @@ class AdminClient:
         return body
 
     @staticmethod
-    def _path(model_id: str) -> str:
-        return "/models" + (model_id if model_id.startswith("/") else "/" + model_id)
+    def _path(model_id: str, prefix: str = "/models") -> str:
+        """`prefix` + the model id, refused unless it is a well-formed id: a caller's id goes
+        into the URL, where "/sax/c/../../leader" would name another route of the admin."""
+        from admin_server.naming import InvalidArgument, parse_model_id
+
+        try:
+            text = model_id if not isinstance(model_id, str) or model_id.startswith("/") else "/" + model_id
+            return prefix + str(parse_model_id(text))
+        except InvalidArgument as e:
+            raise errors.InvalidArgument(str(e), 400) from None
 
     # Mutations ------------------------------------------------------------------------
     def publish(self, model_id: str, model_path: str, checkpoint: str | None, replicas: int,
@@ -87,8 +95,8 @@ class AdminClient:
         params: dict[str, Any] = {}
         if version:
             params = {"version": version, "timeout": wait_s}
-        return self._call("GET", "/locate" + (model_id if model_id.startswith("/") else "/" + model_id),
-                          params=params, timeout=wait_s + self.timeout_s)
+        return self._call("GET", self._path(model_id, "/locate"), params=params,
+                          timeout=wait_s + self.timeout_s)
 
     def healthz(self) -> dict[str, Any]:
         return self._call("GET", "/healthz", timeout=5)

@@ -5,13 +5,16 @@ thread long-polls the admin and swaps in each new address set as soon as it
 changes. While the admin is unreachable the cache keeps serving. Each call
 goes to the ready replica with the fewest requests outstanding from this
 process, and is retried on another replica when it fails before any byte of
-the answer arrived (connection refused or reset, the replica no longer holds
-the model, or a retryable refusal).
+the answer reached the caller: connection refused or reset, the replica no
+longer holds the model, a retryable refusal, or (for an answer read whole with
+`RoutedResponse.content()` / `.json()`) a replica that dies between its headers
+and the end of its body.
 """
 from __future__ import annotations
 
 import logging
 import random
+import socket
 import threading
 import time
 from collections import Counter
@@ -159,14 +162,15 @@ class Router:
     # -- calls ----------------------------------------------------------------------------
     def post(self, model_id: str, path: str, body: Any, *, stream: bool = False,
              timeout: float | None = None, headers: dict[str, str] | None = None,
-             data: bytes | None = None) -> "RoutedResponse":
+             data: bytes | None = None, tried: set[str] | None = None) -> "RoutedResponse":
         """POSTs `body` (or raw `data`) to a ready replica of `model_id`, retrying on another
         replica before any byte of an answer. The caller must close() the response (or use
         it as a context manager); closing early drops the upstream connection, which
-        cancels the request on the replica."""
-        tried: set[str] = set()
+        cancels the request on the replica. `tried`: replicas that already failed this call
+        (they count against max_attempts and are not picked again)."""
+        tried = set(tried or ())
         last_error: errors.SaxError | None = None
-        for attempt in range(self.max_attempts):
+        for attempt in range(len(tried), self.max_attempts):
             try:
                 address = self.pick(model_id, tried)
             except errors.Unavailable:
@@ -201,8 +205,16 @@ class Router:
                 if resp.status_code == 404:
                     self.refresh(model_id)
                 continue
-            return RoutedResponse(resp, address, self)
-        assert last_error is not None
+            def replay(failed: str, tried: set[str] = set(tried)) -> RoutedResponse:
+                """The same call on another replica (this one broke off its answer)."""
+                self._mark_suspect(failed)
+                self.retries += 1
+                self.refresh(model_id)
+                return self.post(model_id, path, body, stream=stream, timeout=timeout, headers=headers,
+                                 data=data, tried=tried | {failed})
+            return RoutedResponse(resp, address, self, replay)
+        if last_error is None:
+            raise errors.Unavailable(f"every replica of {model_id} failed this call")
         raise last_error
 
     @staticmethod
@@ -224,11 +236,24 @@ def _json(resp: requests.Response) -> Any:
         return {"error": resp.text[:500]}
 
 
+def _timed_out(exc: BaseException) -> bool:
+    """Whether a failed body read was a read timeout (a deadline: not retried elsewhere)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (socket.timeout, TimeoutError, requests.Timeout)) or any(
+                "timed out" in str(a).lower() or "timeout" in type(a).__name__.lower() for a in seen.args):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 class RoutedResponse:
     """An upstream response that releases its replica's outstanding count when closed."""
 
-    def __init__(self, resp: requests.Response, address: str, router: Router) -> None:
+    def __init__(self, resp: requests.Response, address: str, router: Router,
+                 replay: Any = None) -> None:
         self.resp, self.address, self._router = resp, address, router
+        self._replay = replay   # replay(failed_address) -> RoutedResponse: the call on another replica
         self._closed = False
 
     @property
@@ -240,14 +265,30 @@ class RoutedResponse:
         return self.resp.headers
 
     def json(self) -> Any:
-        try:
-            return self.resp.json()
-        finally:
-            self.close()
+        self.content()  # read whole (on another replica if this one breaks off), then decoded
+        return self.resp.json()
 
     def content(self) -> bytes:
+        """The whole body. When the replica breaks off before its end, none of the answer has
+        reached the caller yet: the call goes to another replica (as a failure before the
+        first byte does) and its answer, status and headers included, replaces this one."""
         try:
-            return self.resp.content
+            while True:
+                try:
+                    return self.resp.content
+                except Exception as e:  # noqa: BLE001 - connection reset, incomplete read...
+                    if self._replay is None or _timed_out(e):
+                        raise
+                    failed, replay = self.address, self._replay
+                    log.info("replica %s broke off its answer (%s): trying another one", failed, e)
+                    self.close()
+                    try:
+                        again = replay(failed)
+                    except errors.SaxError:
+                        raise e from None
+                    # Take the new answer over (its release becomes ours).
+                    self.resp, self.address, self._replay = again.resp, again.address, again._replay
+                    self._closed, again._closed = False, True
         finally:
             self.close()
 

@@ -22,11 +22,13 @@ def serve(settings: FrontendSettings) -> None:
     if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Every worker writes its metrics to files here; /metrics sums them.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="sax-frontend-metrics-")
-    admission = Admission(settings.max_outstanding_per_model)  # shared memory, before the fork
+    # Shared memory, made before the fork: counts across every worker.
+    admission = Admission(settings.max_outstanding_per_model)
+    streams = Admission(settings.max_streams_per_key)
 
     def factory():  # type: ignore[no-untyped-def]
         from http_frontend.app import create_app
-        return create_app(settings, admission)
+        return create_app(settings, admission, streams)
 
     try:
         # Streams are long: no worker timeout; on SIGTERM in-flight streams drain for graceful_timeout.
@@ -60,6 +62,12 @@ def _worker_exit(server: Any, worker: Any) -> None:
 @click.option("--max-body-bytes", type=int, help="Largest request body (SAX_MAX_BODY_BYTES, default 16 MiB).")
 @click.option("--max-outstanding-per-model", type=int,
               help="Requests in flight per model before 429s (SAX_MAX_OUTSTANDING_PER_MODEL; 0: no limit).")
+@click.option("--max-n", type=click.IntRange(min=1),
+              help="Largest n (num_samples on /generate) passed on to a replica "
+                   "(SAX_FRONTEND_MAX_N, default 128).")
+@click.option("--max-streams-per-key", type=click.IntRange(min=0),
+              help="Streams open at once per API key, 429 beyond (SAX_MAX_STREAMS_PER_KEY; 0: no limit). "
+                   "Without --api-keys, all callers share one count.")
 @click.option("--alias", "aliases", multiple=True, metavar="NAME=MODEL_ID",
               help="An OpenAI model name for a Sax model id (repeatable; SAX_ALIASES, comma-separated).")
 @click.option("--default-model", help="Model for tokenizer calls that name none (SAX_DEFAULT_MODEL).")

@@ -1,11 +1,12 @@
-"""Admission: a bound on each model's outstanding requests through this frontend.
+"""Admission: a bound on what is outstanding per key across this frontend's workers: each
+model's requests in flight, and each API key's open streams (keyed by a hash of the key).
 
 The counts live in shared memory made before gunicorn forks its workers, so the
 bound holds across every worker of one frontend. Each worker counts in its own
-row (claimed on first use, keyed by pid); the outstanding total of a model is the
+row (claimed on first use, keyed by pid); the outstanding total of a key is the
 sum over rows. A worker that died without cleaning up (SIGKILL, OOM) cannot leak
 its counts: before refusing a request, rows of dead processes are reclaimed.
-Models map to columns through an open-addressing table of 64-bit hashes.
+Keys map to columns through an open-addressing table of 64-bit hashes.
 """
 from __future__ import annotations
 

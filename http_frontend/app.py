@@ -35,7 +35,8 @@ def is_openai_path(path: str) -> bool:
     return path.startswith(OPENAI_PATHS)
 
 
-def build_frontend(settings: FrontendSettings, admission: Admission | None = None) -> Frontend:
+def build_frontend(settings: FrontendSettings, admission: Admission | None = None,
+                   streams: Admission | None = None) -> Frontend:
     admin = AdminClient(settings.admin, token=settings.admin_token or "", timeout_s=10.0)
     pool_size = settings.threads + settings.fanout_threads
     router = Router(AdminClient(settings.admin, token="", timeout_s=10.0),
@@ -48,7 +49,8 @@ def build_frontend(settings: FrontendSettings, admission: Admission | None = Non
     pool = ThreadPoolExecutor(max_workers=settings.fanout_threads, thread_name_prefix="sax-fanout")
     return Frontend(settings=settings, admin=admin, router=router,
                     catalog=Catalog(admin, settings.alias_map, settings.models_cache_s), metrics=metrics,
-                    admission=admission, upstream=upstream, fanout=FanOut(upstream, pool), pool=pool)
+                    admission=admission, upstream=upstream, fanout=FanOut(upstream, pool), pool=pool,
+                    streams=streams or Admission(settings.max_streams_per_key))
 
 
 def _error_response(exc: FrontendError) -> Response:
@@ -68,13 +70,15 @@ def _cors(resp: Response, settings: FrontendSettings) -> None:
         resp.headers.add("Vary", "Origin")
 
 
-def create_app(settings: FrontendSettings, admission: Admission | None = None) -> Flask:
-    """One frontend worker. `admission` is shared across workers when the master made it."""
+def create_app(settings: FrontendSettings, admission: Admission | None = None,
+               streams: Admission | None = None) -> Flask:
+    """One frontend worker. `admission` (outstanding calls per model) and `streams` (open streams
+    per API key) are shared across workers when the master made them."""
     app = Flask("http_frontend")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.json.ensure_ascii = False  # type: ignore[attr-defined]
-    fe = build_frontend(settings, admission)
+    fe = build_frontend(settings, admission, streams)
     app.extensions["sax_frontend"] = fe
     app.register_blueprint(saxml_routes.bp)
     app.register_blueprint(openai_routes.bp)
@@ -156,6 +160,6 @@ def create_app(settings: FrontendSettings, admission: Admission | None = None) -
 
     @app.get("/openapi.json")
     def openapi():  # type: ignore[no-untyped-def]
-        return jsonify(document(request.host_url.rstrip("/")))
+        return jsonify(document(request.host_url.rstrip("/"), settings.max_n))
 
     return app

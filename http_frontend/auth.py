@@ -7,6 +7,7 @@ anything else -> 401; without one, they need what data routes need.
 """
 from __future__ import annotations
 
+import hashlib
 import hmac
 from functools import wraps
 from typing import Any, Callable
@@ -56,12 +57,30 @@ def check(settings: FrontendSettings, level: str) -> None:
                         "Missing API key: send it as Authorization: Bearer <key>.", code="invalid_api_key")
 
 
+def caller(settings: FrontendSettings) -> str:
+    """Whom a request counts against for per-key limits: a hash of its key when that is one of
+    the configured keys (or the admin token), else the one shared anonymous caller (an open
+    frontend takes any token: counting each apart would let callers mint fresh counts)."""
+    given = bearer()
+    if given is not None and (_is_key(given, settings.api_keys)
+                              or settings.admin_token and _matches(given, settings.admin_token)):
+        return "key:" + hashlib.sha256(given.encode()).hexdigest()[:32]
+    return "anonymous"
+
+
 def guarded(level: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Checks the caller's key for a route of `level` before the view runs."""
+    """Checks the caller's key for a route of `level` before the view runs. The view keeps its
+    level as `auth_level` (views without one are open: see `level_of`)."""
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         @wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             check(current_app.extensions["sax_frontend"].settings, level)
             return fn(*args, **kwargs)
+        wrapper.auth_level = level  # type: ignore[attr-defined]
         return wrapper
     return deco
+
+
+def level_of(view: Callable[..., Any]) -> str:
+    """The auth level a view function was declared with (OPEN when it has none)."""
+    return getattr(view, "auth_level", OPEN)

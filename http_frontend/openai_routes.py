@@ -11,8 +11,9 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request
 
 from http_frontend import auth, fanout
-from http_frontend.context import exchange, frontend, json_body
+from http_frontend.context import Frontend, check_n, exchange, frontend, json_body
 from http_frontend.errors import FrontendError
+from http_frontend.exchange import Exchange
 from http_frontend.upstream import body_response, dumps, stream_response
 
 bp = Blueprint("openai", __name__)
@@ -41,11 +42,28 @@ def _flag(body: dict[str, Any], key: str) -> bool:
     return value
 
 
+def admit_stream(fe: Frontend, ex: Exchange) -> None:
+    """Counts an open stream against the caller's key until the exchange ends (the last byte
+    written or the caller gone); 429 past --max-streams-per-key."""
+    limit = fe.settings.max_streams_per_key
+    if limit <= 0:
+        return
+    key = auth.caller(fe.settings)
+    if not fe.streams.try_acquire(key):
+        raise FrontendError(429, f"this API key has {limit} streams open, the most allowed at once; "
+                                 "retry when one ends", code="too_many_streams", retry_after=1.0)
+    ex.on_finish(lambda: fe.streams.release(key))
+
+
 def _proxy(path: str, *, fan_key: str | None = None, streams: bool = True) -> Response:
     fe, ex = frontend(), exchange()
     body = json_body()
     model_id, rename = _resolve(body)
     stream = _flag(body, "stream") if streams else False
+    if streams:
+        check_n(body.get("n"), fe.settings.max_n)
+    if stream:
+        admit_stream(fe, ex)
     items = fanout.split(body, fan_key) if fan_key else None
     fe.upstream.admit(ex, model_id, len(items) if items else 1)
     if items:

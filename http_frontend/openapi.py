@@ -20,118 +20,172 @@ def _obj(props: S, required: tuple[str, ...] = (), **extra: Any) -> S:
 STR, INT, NUM, BOOL = {"type": "string"}, {"type": "integer"}, {"type": "number"}, {"type": "boolean"}
 NONEMPTY = {"type": "string", "minLength": 1}
 TOKENS = {"type": "array", "items": {"type": "integer", "minimum": 0}}
+NAME = "[a-z]+[a-z0-9_-]*"
+MODEL_ID = {"type": "string", "pattern": f"^/sax/{NAME}/{NAME}$"}
+MODEL_PATH = {"type": "string", "pattern": "^[a-zA-Z]+[a-zA-Z0-9_.-]*$"}
+REPLICAS = {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 1024},
+                      {"type": "string", "pattern": "^[0-9]{1,4}$"}]}   # Saxml clients send "2" too
+CHECKPOINT = {"type": "string", "minLength": 1, "nullable": True,
+              "description": "A path, a gs:// URL, or \"None\" (random weights); no '..' segments"}
 
 
 def _nullable(schema: S) -> S:
     return {**schema, "nullable": True}
 
 
-SAMPLING: S = {
-    "temperature": _nullable({"type": "number", "minimum": 0, "maximum": 2}),
-    "top_p": _nullable({"type": "number", "minimum": 0, "maximum": 1}),
-    "top_k": _nullable({"type": "integer", "minimum": -1}),
-    "n": _nullable({"type": "integer", "minimum": 1, "maximum": 128}),
-    "seed": _nullable(INT),
-    "presence_penalty": _nullable({"type": "number", "minimum": -2, "maximum": 2}),
-    "frequency_penalty": _nullable({"type": "number", "minimum": -2, "maximum": 2}),
-    "repetition_penalty": _nullable({"type": "number", "minimum": 0.01, "maximum": 10}),
-    "logit_bias": _nullable({"type": "object", "additionalProperties": {"type": "number", "minimum": -100,
-                                                                        "maximum": 100}}),
-    "stop": _nullable({"oneOf": [STR, {"type": "array", "items": NONEMPTY, "maxItems": 4}]}),
-    "stop_token_ids": _nullable(TOKENS),
-    "ignore_eos": _nullable(BOOL),
-    "stream": _nullable(BOOL),
-    "stream_options": _nullable(_obj({"include_usage": BOOL})),
-    "user": STR,
-}
+def _json_or_text(schema: S) -> S:
+    """An override value: JSON, or JSON text (Saxml's overrides are strings)."""
+    return {"anyOf": [schema, STR]}
 
-USAGE = _obj({"prompt_tokens": INT, "completion_tokens": INT, "total_tokens": INT})
 
-SCHEMAS: S = {
-    "SaxError": _obj({"error": STR}, ("error",)),
-    "OpenAIError": _obj({"error": _obj({"message": STR, "type": STR, "param": _nullable(STR),
-                                        "code": _nullable(STR)}, ("message", "type"))}, ("error",)),
-    "Message": _obj({"message": STR}, ("message",)),
-    "PublishRequest": _obj({"model": NONEMPTY, "model_path": NONEMPTY, "checkpoint": _nullable(STR),
-                            "replicas": {"type": "integer", "minimum": 0, "maximum": 1024},
-                            "overrides": {"type": "object"}}, ("model", "model_path", "checkpoint", "replicas")),
-    "ModelEcho": _obj({"model": STR, "model_path": STR, "path": STR, "checkpoint": STR, "replicas": INT,
-                       "overrides": {"type": "object"}}, ("model", "model_path", "checkpoint", "replicas")),
-    "UnpublishRequest": _obj({"model": NONEMPTY}, ("model",)),
-    "UpdateRequest": _obj({"model": NONEMPTY, "model_path": NONEMPTY, "checkpoint": _nullable(STR),
-                           "replicas": {"type": "integer", "minimum": 0, "maximum": 1024}}, ("model",)),
-    "ListCell": _obj({"model": STR, "model_path": STR, "checkpoint": STR, "max_replicas": INT,
-                      "active_replicas": INT},
-                     ("model", "model_path", "checkpoint", "max_replicas", "active_replicas")),
-    "GenerateRequest": _obj({"model": NONEMPTY, "query": NONEMPTY, "extra_inputs": _obj({
-        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
-        "per_example_max_decode_steps": {"type": "integer", "minimum": 1},
-        "per_example_top_k": {"type": "integer", "minimum": 0},
-        "per_example_top_p": {"type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": 1},
-        "num_samples": {"type": "integer", "minimum": 1, "maximum": 128},
-        "seed": INT}, additionalProperties=False)}, ("model", "query")),
-    "GenerateResponse": {"type": "array", "items": {"type": "array", "minItems": 2, "maxItems": 2,
-                                                    "items": {"oneOf": [STR, NUM]}}},
-    "ScoreRequest": _obj({"model": NONEMPTY, "prefix": STR,
-                          "suffix": {"type": "array", "items": NONEMPTY, "minItems": 1, "maxItems": 128}},
-                         ("model", "suffix")),
-    "ScoreResponse": {"type": "array", "items": NUM},
-    "CompletionRequest": _obj({
-        "model": NONEMPTY,
-        "prompt": {"oneOf": [STR, {"type": "array", "items": STR, "minItems": 1},
-                             {**TOKENS, "minItems": 1},
-                             {"type": "array", "items": {**TOKENS, "minItems": 1}, "minItems": 1}]},
-        "max_tokens": _nullable({"type": "integer", "minimum": 0}),
-        "logprobs": _nullable({"type": "integer", "minimum": 0, "maximum": 20}),
-        "echo": _nullable(BOOL), "best_of": _nullable(INT), **SAMPLING}, ("model", "prompt")),
-    "Completion": _obj({"id": STR, "object": {"type": "string", "enum": ["text_completion"]}, "created": INT,
-                        "model": STR, "usage": USAGE, "choices": {"type": "array", "items": _obj({
-                            "index": INT, "text": STR, "finish_reason": _nullable(STR),
-                            "logprobs": _nullable(_obj({"tokens": {"type": "array", "items": STR},
-                                                        "token_logprobs": {"type": "array"},
-                                                        "top_logprobs": {"type": "array"},
-                                                        "text_offset": {"type": "array", "items": INT}}))})}},
-                       ("id", "object", "created", "model", "choices")),
-    "ChatMessage": _obj({"role": {"type": "string", "enum": ["system", "developer", "user", "assistant",
-                                                             "tool"]},
-                         "content": _nullable({"oneOf": [STR, {"type": "array", "items": _obj(
-                             {"type": {"type": "string", "enum": ["text"]}, "text": STR}, ("type", "text"))}]}),
-                         "name": STR}, ("role",)),
-    "ChatCompletionRequest": _obj({
-        "model": NONEMPTY,
-        "messages": {"type": "array", "items": _ref("ChatMessage"), "minItems": 1},
-        "max_tokens": _nullable({"type": "integer", "minimum": 1}),
-        "max_completion_tokens": _nullable({"type": "integer", "minimum": 1}),
-        "logprobs": _nullable(BOOL), "top_logprobs": _nullable({"type": "integer", "minimum": 0, "maximum": 20}),
-        "response_format": _nullable(_obj({"type": {"type": "string", "enum": ["text"]}})),
-        **SAMPLING}, ("model", "messages")),
-    "ChatCompletion": _obj({"id": STR, "object": {"type": "string", "enum": ["chat.completion"]},
-                            "created": INT, "model": STR, "usage": USAGE,
-                            "choices": {"type": "array", "items": _obj({
-                                "index": INT, "finish_reason": _nullable(STR),
-                                "message": _obj({"role": STR, "content": _nullable(STR)}),
-                                "logprobs": _nullable({"type": "object"})})}},
-                           ("id", "object", "created", "model", "choices")),
-    "EmbeddingRequest": _obj({"model": NONEMPTY,
-                              "input": {"oneOf": [NONEMPTY, {"type": "array", "items": NONEMPTY, "minItems": 1}]},
-                              "encoding_format": {"type": "string", "enum": ["float"]}, "user": STR},
-                             ("model", "input")),
-    "Embeddings": _obj({"object": STR, "model": STR, "usage": _obj({"prompt_tokens": INT, "total_tokens": INT}),
-                        "data": {"type": "array", "items": _obj({"object": STR, "index": INT,
-                                                                 "embedding": {"type": "array", "items": NUM}})}},
-                       ("object", "data", "model")),
-    "ModelList": _obj({"object": STR, "data": {"type": "array", "items": _ref("Model")}}, ("object", "data")),
-    "Model": _obj({"id": STR, "object": STR, "created": INT, "owned_by": STR, "root": STR},
-                  ("id", "object", "created", "owned_by")),
-    "TokenizeRequest": _obj({"model": NONEMPTY, "prompt": STR, "messages": {"type": "array",
-                                                                           "items": _ref("ChatMessage")},
-                             "add_special_tokens": BOOL}),
-    "Tokens": _obj({"tokens": TOKENS, "count": INT, "max_model_len": INT}, ("tokens",)),
-    "DetokenizeRequest": _obj({"model": NONEMPTY, "tokens": TOKENS}, ("tokens",)),
-    "Detokenized": _obj({"prompt": STR}, ("prompt",)),
-    "TokenizerInfo": {"type": "object"},
-    "Health": _obj({"status": STR, "admin": STR}, ("status",)),
-}
+def _sampling(max_n: int) -> S:
+    return {
+        "temperature": _nullable({"type": "number", "minimum": 0, "maximum": 2}),
+        "top_p": _nullable({"type": "number", "minimum": 0, "maximum": 1}),
+        "top_k": _nullable({"type": "integer", "minimum": -1, "maximum": 1 << 20}),
+        "n": _nullable({"type": "integer", "minimum": 1, "maximum": max_n}),
+        "seed": _nullable({"type": "integer", "minimum": -(1 << 63), "maximum": (1 << 64) - 1}),
+        "presence_penalty": _nullable({"type": "number", "minimum": -2, "maximum": 2}),
+        "frequency_penalty": _nullable({"type": "number", "minimum": -2, "maximum": 2}),
+        "repetition_penalty": _nullable({"type": "number", "minimum": 0.01, "maximum": 10}),
+        "logit_bias": _nullable({"type": "object", "description": "token id (as a string) -> bias",
+                                 "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}}),
+        "stop": _nullable({"oneOf": [NONEMPTY, {"type": "array", "items": NONEMPTY, "maxItems": 4}]}),
+        "stop_token_ids": _nullable(TOKENS),
+        "ignore_eos": _nullable(BOOL),
+        "stream": _nullable(BOOL),
+        "stream_options": _nullable(_obj({"include_usage": BOOL, "continuous_usage_stats": BOOL},
+                                         additionalProperties=False)),
+        "user": _nullable(STR),
+    }
+
+
+USAGE = _obj({"prompt_tokens": INT, "completion_tokens": INT, "total_tokens": INT},
+             ("prompt_tokens", "completion_tokens", "total_tokens"))
+FINISH = _nullable({"type": "string", "enum": ["stop", "length"]})
+OVERRIDES = _obj({
+    "num_slots": _json_or_text({"type": "integer", "minimum": 1, "maximum": 4096}),
+    "max_seq_len": _json_or_text({"type": "integer", "minimum": 1, "maximum": 1 << 20}),
+    "prefill_buckets": _json_or_text({"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 1}),
+    "dtype": {"type": "string", "enum": ["float32", "bfloat16"]},
+    "max_queue": _json_or_text({"type": "integer", "minimum": 0, "maximum": 1 << 20}),
+    "ram": _json_or_text({"type": "integer", "minimum": 0}),
+    "chip": {"anyOf": [NONEMPTY, {"type": "array", "items": NONEMPTY}]},
+    "constraints": _json_or_text({"type": "array", "items": NONEMPTY}),
+    "alias": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"},
+}, additionalProperties=False)
+
+
+def _schemas(max_n: int) -> S:
+    sampling = _sampling(max_n)
+    return {
+        "SaxError": _obj({"error": STR}, ("error",)),
+        "OpenAIError": _obj({"error": _obj({"message": STR, "type": STR, "param": _nullable(STR),
+                                            "code": _nullable(STR)}, ("message", "type", "param", "code"))},
+                            ("error",)),
+        "Message": _obj({"message": STR}, ("message",)),
+        "PublishRequest": _obj({"model": MODEL_ID, "model_path": MODEL_PATH, "checkpoint": CHECKPOINT,
+                                "replicas": REPLICAS, "overrides": OVERRIDES},
+                               ("model", "model_path", "replicas")),
+        "ModelEcho": _obj({"model": STR, "model_path": STR, "path": STR, "checkpoint": STR, "replicas": INT,
+                           "overrides": {"type": "object"}}, ("model", "model_path", "checkpoint", "replicas")),
+        "UnpublishRequest": _obj({"model": MODEL_ID}, ("model",)),
+        "UpdateRequest": _obj({"model": MODEL_ID, "model_path": MODEL_PATH, "checkpoint": CHECKPOINT,
+                               "replicas": REPLICAS}, ("model",),
+                              description="needs checkpoint and/or replicas; model_path must not change"),
+        "ListCell": _obj({"model": STR, "model_path": STR, "checkpoint": STR, "max_replicas": INT,
+                          "active_replicas": INT},
+                         ("model", "model_path", "checkpoint", "max_replicas", "active_replicas")),
+        "GenerateRequest": _obj({"model": NONEMPTY, "query": NONEMPTY, "extra_inputs": _nullable(_obj({
+            "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+            "per_example_max_decode_steps": {"type": "number", "minimum": 1},
+            "per_example_top_k": NUM,
+            "per_example_top_p": {"type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": 1},
+            "num_samples": {"type": "number", "minimum": 1, "maximum": max_n},
+            "seed": NUM}, additionalProperties=False))},
+            ("model", "query")),
+        "GenerateResponse": {"type": "array", "items": {"type": "array", "minItems": 2, "maxItems": 2,
+                                                        "items": {"oneOf": [STR, NUM]}}},
+        "ScoreRequest": _obj({"model": NONEMPTY, "prefix": STR,
+                              "suffix": {"oneOf": [NONEMPTY, {"type": "array", "items": NONEMPTY, "minItems": 1,
+                                                              "maxItems": 128}]}},
+                             ("model", "suffix")),
+        "ScoreResponse": {"type": "array", "items": NUM},
+        "CompletionRequest": _obj({
+            "model": NONEMPTY,
+            "prompt": {"oneOf": [NONEMPTY, {"type": "array", "items": NONEMPTY, "minItems": 1, "maxItems": 1024},
+                                 {**TOKENS, "minItems": 1},
+                                 {"type": "array", "items": {**TOKENS, "minItems": 1}, "minItems": 1,
+                                  "maxItems": 1024}]},
+            "max_tokens": _nullable({"type": "integer", "minimum": 0, "maximum": 1 << 24}),
+            "logprobs": _nullable({"type": "integer", "minimum": 0, "maximum": 20}),
+            "echo": _nullable(BOOL), "best_of": _nullable({"type": "integer", "minimum": 1, "maximum": max_n}),
+            **sampling}, ("model", "prompt"), additionalProperties=False,
+            description="Unknown fields are refused (400), as OpenAI does"),
+        "Completion": _obj({"id": STR, "object": {"type": "string", "enum": ["text_completion"]}, "created": INT,
+                            "model": STR, "usage": USAGE, "choices": {"type": "array", "items": _obj({
+                                "index": INT, "text": STR, "finish_reason": FINISH,
+                                "logprobs": _nullable(_obj({"tokens": {"type": "array", "items": STR},
+                                                            "token_logprobs": {"type": "array"},
+                                                            "top_logprobs": {"type": "array"},
+                                                            "text_offset": {"type": "array", "items": INT}}))},
+                                ("index", "text", "finish_reason", "logprobs"))}},
+                           ("id", "object", "created", "model", "choices", "usage")),
+        "ChatMessage": _obj({"role": {"type": "string", "enum": ["system", "developer", "user", "assistant",
+                                                                 "tool"]},
+                             "content": _nullable({"oneOf": [STR, {"type": "array", "items": _obj(
+                                 {"type": {"type": "string", "enum": ["text"]}, "text": STR},
+                                 ("type", "text"))}]}),
+                             "name": STR}, ("role",)),
+        "ChatCompletionRequest": _obj({
+            "model": NONEMPTY,
+            "messages": {"type": "array", "items": _ref("ChatMessage"), "minItems": 1},
+            "max_tokens": _nullable({"type": "integer", "minimum": 1, "maximum": 1 << 24}),
+            "max_completion_tokens": _nullable({"type": "integer", "minimum": 1, "maximum": 1 << 24}),
+            "logprobs": _nullable(BOOL),
+            "top_logprobs": _nullable({"type": "integer", "minimum": 0, "maximum": 20}),
+            "response_format": _nullable(_obj({"type": {"type": "string", "enum": ["text"]}}, ("type",),
+                                              additionalProperties=False)),
+            **sampling}, ("model", "messages"), additionalProperties=False,
+            description="Unknown fields are refused (400), as OpenAI does"),
+        "ChatCompletion": _obj({"id": STR, "object": {"type": "string", "enum": ["chat.completion"]},
+                                "created": INT, "model": STR, "usage": USAGE,
+                                "choices": {"type": "array", "items": _obj({
+                                    "index": INT, "finish_reason": FINISH,
+                                    "message": _obj({"role": {"type": "string", "enum": ["assistant"]},
+                                                     "content": _nullable(STR)}, ("role", "content")),
+                                    "logprobs": _nullable(_obj({"content": {"type": "array"}}, ("content",)))},
+                                    ("index", "finish_reason", "message", "logprobs"))}},
+                               ("id", "object", "created", "model", "choices", "usage")),
+        "EmbeddingRequest": _obj({"model": NONEMPTY,
+                                  "input": {"oneOf": [NONEMPTY, {"type": "array", "items": NONEMPTY, "minItems": 1,
+                                                                 "maxItems": 1024}]},
+                                  "encoding_format": {"type": "string", "enum": ["float", "base64"]},
+                                  "user": _nullable(STR)},
+                                 ("model", "input"), additionalProperties=False),
+        "Embeddings": _obj({"object": STR, "model": STR,
+                            "usage": _obj({"prompt_tokens": INT, "total_tokens": INT}),
+                            "data": {"type": "array", "items": _obj({
+                                "object": STR, "index": INT,
+                                "embedding": {"oneOf": [{"type": "array", "items": NUM}, STR]}},
+                                ("object", "index", "embedding"))}},
+                           ("object", "data", "model")),
+        "ModelList": _obj({"object": STR, "data": {"type": "array", "items": _ref("Model")}}, ("object", "data")),
+        "Model": _obj({"id": STR, "object": STR, "created": INT, "owned_by": STR, "root": STR},
+                      ("id", "object", "created", "owned_by")),
+        "TokenizeRequest": _obj({"model": _nullable(NONEMPTY), "prompt": STR,
+                                 "messages": {"type": "array", "items": _ref("ChatMessage"), "minItems": 1},
+                                 "add_special_tokens": _nullable(BOOL)},
+                                description="prompt or messages; model defaults to the only ready one"),
+        "Tokens": _obj({"tokens": TOKENS, "count": INT, "max_model_len": INT},
+                       ("tokens", "count", "max_model_len")),
+        "DetokenizeRequest": _obj({"model": _nullable(NONEMPTY), "tokens": TOKENS}, ("tokens",)),
+        "Detokenized": _obj({"prompt": STR}, ("prompt",)),
+        "TokenizerInfo": _obj({"tokenizer_class": STR, "vocab_size": INT, "model_max_length": INT,
+                               "eos_token": _nullable(STR), "bos_token": _nullable(STR)},
+                              ("vocab_size", "model_max_length")),
+        "Health": _obj({"status": STR, "admin": STR}, ("status",)),
+    }
 
 
 def _json(schema: S) -> S:
@@ -141,12 +195,15 @@ def _json(schema: S) -> S:
 def _errors(kind: str, codes: tuple[int, ...]) -> S:
     text = {400: "Invalid request", 401: "Missing or wrong API key", 403: "Key not allowed here",
             404: "Unknown model", 409: "Already published", 413: "Body too large",
-            429: "Too many requests in flight for this model (see Retry-After)",
-            503: "No ready replica (see Retry-After)", 504: "Upstream timeout"}
+            429: "Too many requests in flight for this model, or streams open for this key (see Retry-After)",
+            503: "No ready replica, or the admin cannot be reached (see Retry-After)", 504: "Upstream timeout"}
     return {str(c): {"description": text[c], "content": _json(_ref(kind))} for c in codes}
 
 
 DATA_ERRORS = (400, 401, 404, 413, 429, 503, 504)
+SSE_EVENT = _obj({"event": STR, "data": {"type": "string", "description": (
+    "a chunk as JSON (the non-streaming answer's shape, with `delta` for chat; the last may carry "
+    "only `usage`), an error envelope if the replica broke off, then the literal [DONE]")}}, ("data",))
 BEARER = [{"bearer": []}, {}]
 
 
@@ -156,8 +213,8 @@ def _op(summary: str, *, body: str | None = None, answer: S | None = None, error
     ok: S = {"description": "OK"}
     if answer is not None:
         ok["content"] = _json(answer)
-        if stream:
-            ok["content"]["text/event-stream"] = {"schema": {"type": "string"}}
+        if stream:  # the schema of one event (OpenAPI 3.0: `schema` of an event stream is per event)
+            ok["content"]["text/event-stream"] = {"schema": SSE_EVENT}
     op: S = {"summary": summary, "operationId": op_id, "responses": {"200": ok, **_errors(errors, codes)}}
     if body is not None:
         op["requestBody"] = {"required": True, "content": _json(_ref(body))}
@@ -172,9 +229,10 @@ def _query(name: str, required: bool) -> S:
     return {"name": name, "in": "query", "required": required, "schema": NONEMPTY}
 
 
-def document(server_url: str = "") -> S:
+def document(server_url: str = "", max_n: int = 128) -> S:
+    """The document; `max_n` is the frontend's --max-n (the bound on n and num_samples)."""
     sax_codes = (400, 401, 404, 413, 429, 503, 504)
-    admin_codes = (400, 401, 403, 404, 409, 413)
+    admin_codes = (400, 401, 403, 404, 409, 413, 503, 504)
     paths: S = {
         "/": {"get": _op("Frontend banner", answer=_ref("Message"), codes=(), security=None, op_id="index")},
         "/publish": {"post": _op("Publish a model", body="PublishRequest", answer=_ref("ModelEcho"),
@@ -186,9 +244,11 @@ def document(server_url: str = "") -> S:
                     for m in ("put", "post")},
         "/listall": {"get": _op("Model ids of a cell (also as a JSON body {sax_cell})",
                                 answer={"type": "array", "items": STR}, errors="SaxError",
-                                codes=(400, 401, 503), params=[_query("sax_cell", True)], op_id="listall")},
+                                codes=(400, 401, 503, 504), params=[_query("sax_cell", True)],
+                                op_id="listall")},
         "/listcell": {"get": _op("One model's state (also as a JSON body {model})", answer=_ref("ListCell"),
-                                 errors="SaxError", codes=(400, 401, 404, 503), params=[_query("model", True)],
+                                 errors="SaxError", codes=(400, 401, 404, 503, 504),
+                                 params=[_query("model", True)],
                                  op_id="listcell")},
         "/generate": {"post": _op("Generate (Saxml LM.Generate)", body="GenerateRequest",
                                   answer=_ref("GenerateResponse"), errors="SaxError", codes=sax_codes,
@@ -228,7 +288,7 @@ def document(server_url: str = "") -> S:
         "info": {"title": "Saxplane HTTP frontend", "version": "0.1.0",
                  "description": "Saxml HTTP API and OpenAI-compatible API over a Saxplane cell."},
         "paths": paths,
-        "components": {"schemas": SCHEMAS,
+        "components": {"schemas": _schemas(max_n),
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
     }
     if server_url:

@@ -19,7 +19,7 @@ from flask import Blueprint, jsonify, request
 from client import errors as sax_errors
 from client.admin import AdminClient
 from http_frontend import auth
-from http_frontend.context import exchange, frontend, json_body
+from http_frontend.context import check_n, exchange, frontend, json_body
 from http_frontend.errors import FrontendError, from_sax_error
 from http_frontend.upstream import dumps
 
@@ -45,8 +45,8 @@ def _replicas(body: dict[str, Any], *, required: bool = True) -> int | None:
     value = body.get("replicas")
     if value is None and not required:
         return None
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit() and len(value) < 10:
+        value = int(value)  # ASCII digits only: "²".isdigit() is true, int("²") fails
     elif isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -163,8 +163,8 @@ def _lm_call(path: str, body: dict[str, Any], name: str) -> Any:
     if resp.status_code >= 400:
         message, _ = sax_errors.error_message(payload if payload is not None else raw.decode(errors="replace"))
         retry = resp.headers.get("Retry-After")
-        raise FrontendError(resp.status_code, message, retry_after=float(retry) if retry and retry.isdigit()
-                            else None)
+        valid = retry is not None and retry.isascii() and retry.isdigit()
+        raise FrontendError(resp.status_code, message, retry_after=float(retry) if valid else None)
     if not isinstance(payload, dict):
         raise FrontendError(502, f"replica {resp.address} gave an answer that is not JSON")
     return payload
@@ -178,6 +178,8 @@ def generate():  # type: ignore[no-untyped-def]
     extra = body.get("extra_inputs")
     if extra is not None and not isinstance(extra, dict):
         raise FrontendError(400, "'extra_inputs' must be an object", param="extra_inputs")
+    if extra:
+        check_n(extra.get("num_samples"), frontend().settings.max_n, "extra_inputs.num_samples")
     payload = _lm_call("/lm/generate", {"text": query, **({"extra_inputs": extra} if extra else {})}, name)
     return jsonify(payload.get("results", []))
 

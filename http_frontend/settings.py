@@ -34,6 +34,8 @@ class FrontendSettings:
     allowed_origins: tuple[str, ...] = ()          # CORS origins ("*" for any); none: CORS off
     max_body_bytes: int = 16 << 20
     max_outstanding_per_model: int = 512           # 429 beyond (0: no limit)
+    max_n: int = 128                               # n / num_samples refused beyond, before routing
+    max_streams_per_key: int = 0                   # open streams per API key, 429 beyond (0: no limit)
     aliases: tuple[tuple[str, str], ...] = ()      # OpenAI model names -> Sax model ids
     default_model: str | None = None               # for calls that name no model (/tokenize, ...)
     workers: int = 2
@@ -64,6 +66,8 @@ class FrontendSettings:
             allowed_origins=_csv(env.get("SAX_ALLOWED_ORIGINS")),
             max_body_bytes=num("SAX_MAX_BODY_BYTES", cls.max_body_bytes),
             max_outstanding_per_model=num("SAX_MAX_OUTSTANDING_PER_MODEL", cls.max_outstanding_per_model),
+            max_n=num("SAX_FRONTEND_MAX_N", cls.max_n),
+            max_streams_per_key=num("SAX_MAX_STREAMS_PER_KEY", cls.max_streams_per_key),
             aliases=parse_aliases(_csv(env.get("SAX_ALIASES"))),
             default_model=env.get("SAX_DEFAULT_MODEL") or None,
             workers=num("SAX_FRONTEND_WORKERS", cls.workers),

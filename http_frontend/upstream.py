@@ -130,11 +130,15 @@ class Upstream:
                             retry_after=1.0)
 
     def read(self, ex: Exchange, resp: RoutedResponse) -> bytes:
+        """The whole answer. A replica that breaks off before its end has sent the caller
+        nothing yet: the router sends the call to another replica, whose answer this is then."""
         try:
-            body = resp.content()
+            with watching(ex.caller):
+                body = resp.content()
         except Exception as e:
             raise FrontendError(502, f"replica {resp.address} broke off its answer: {e}",
                                 code="bad_gateway") from None
+        ex.replica = resp.address
         ex.first_byte()
         return body
 

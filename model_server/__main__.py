@@ -38,7 +38,7 @@ def build_app(settings: ModelServerSettings):  # type: ignore[no-untyped-def]
     manager = ModelManager(cache_dir=settings.cache_dir)
     for m in settings.static_models:
         manager.ensure(m.model_id, 1, m.model_path, m.checkpoint, m.overrides, static=True)
-    app = create_app(manager)
+    app = create_app(manager, settings.limits)
     if settings.admin:
         from model_server.agent import HeartbeatAgent
 
@@ -73,6 +73,12 @@ def build_app(settings: ModelServerSettings):  # type: ignore[no-untyped-def]
               help="Override for the --model entries, e.g. num_slots=4 (repeatable).")
 @click.option("--threads", type=int, help="Request threads (streams hold one each).")
 @click.option("--compilation-cache", help="XLA compilation cache directory (SAX_COMPILATION_CACHE; '' = off).")
+@click.option("--max-prompt-tokens", type=click.IntRange(min=1),
+              help="Longest prompt in tokens (SAX_MAX_PROMPT_TOKENS; default: the model's context window).")
+@click.option("--max-tokens", type=click.IntRange(min=1),
+              help="Most tokens generated per request (SAX_MAX_TOKENS; default: up to the context window).")
+@click.option("--max-n", type=click.IntRange(min=1),
+              help="Most samples per request: n, num_samples (SAX_MAX_N, default 128).")
 @click.option("--log-level", default="INFO", show_default=True)
 def main(log_level: str, models: tuple[str, ...], overrides: tuple[str, ...], tags: str | None,
          **flags: Any) -> None:

@@ -9,23 +9,34 @@ from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException
 
+from admin_server.serving import hung_up, parse_json, read_body
 from model_server.api import openai as openai_api
+from model_server.api import params
 from model_server.api import sax as sax_api
 from model_server.api.errors import ApiError, invalid
 from model_server.manager import LOADED, ModelManager, ModelNotFound, ModelNotReady, ServedModel
 from model_server.metrics import make_registry
+from model_server.settings import RequestLimits
 
 log = logging.getLogger(__name__)
 bp = Blueprint("model_server", __name__)
 MAX_BODY_BYTES = 16 << 20
+EMBEDDING_KEYS = {"model", "input", "encoding_format", "user"}
 
 
 def manager() -> ModelManager:
     return current_app.extensions["sax_manager"]
 
 
+def limits() -> RequestLimits:
+    return current_app.extensions["sax_limits"]
+
+
 def json_body() -> dict[str, Any]:
-    data = request.get_json(silent=True, force=True)
+    try:
+        data = parse_json(read_body(request))
+    except ValueError as e:
+        raise invalid(f"request body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise invalid("request body must be a JSON object")
     return data
@@ -41,6 +52,11 @@ def served_for(body: dict[str, Any]) -> ServedModel:
                        retry_after=1.0) from None
 
 
+def caller_gone() -> bool:
+    """True once the caller of the current request closed its connection."""
+    return hung_up(request.environ.get("gunicorn.socket"))
+
+
 def sse_response(stream: Any) -> Response:
     return Response(stream_with_context(stream), mimetype="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -49,27 +65,46 @@ def sse_response(stream: Any) -> Response:
 @bp.post("/v1/completions")
 def completions():  # type: ignore[no-untyped-def]
     body = json_body()
-    payload, stream = openai_api.handle(served_for(body), body, chat=False)
+    payload, stream = openai_api.handle(served_for(body), body, chat=False, limits=limits(),
+                                        abandoned=caller_gone)
     return sse_response(stream) if stream is not None else jsonify(payload)
 
 
 @bp.post("/v1/chat/completions")
 def chat_completions():  # type: ignore[no-untyped-def]
     body = json_body()
-    payload, stream = openai_api.handle(served_for(body), body, chat=True)
+    payload, stream = openai_api.handle(served_for(body), body, chat=True, limits=limits(),
+                                        abandoned=caller_gone)
     return sse_response(stream) if stream is not None else jsonify(payload)
+
+
+def _encoded(vector: list[float], encoding: str) -> Any:
+    """An embedding as floats, or as OpenAI's base64 (little-endian float32; the openai SDK asks
+    for it unless told otherwise)."""
+    if encoding == "float":
+        return vector
+    import base64
+
+    import numpy as np
+    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
 
 
 @bp.post("/v1/embeddings")
 def embeddings():  # type: ignore[no-untyped-def]
     body = json_body()
+    params.check_known(body, EMBEDDING_KEYS)
+    params.string(body, "user")
     served = served_for(body)
+    encoding = body.get("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise invalid("encoding_format must be \"float\" or \"base64\"", "encoding_format")
     inputs = body.get("input")
     if isinstance(inputs, str):
         inputs = [inputs]
     if not isinstance(inputs, list) or not inputs or not all(isinstance(t, str) for t in inputs):
         raise invalid("'input' must be a string or a list of strings", "input")
-    data = [{"object": "embedding", "index": i, "embedding": sax_api.embed(served, t)}
+    data = [{"object": "embedding", "index": i,
+             "embedding": _encoded(sax_api.embed(served, t, limits(), "input"), encoding)}
             for i, t in enumerate(inputs)]
     tokens = sum(len(served.engine.tokenizer.encode(t)) for t in inputs)
     return jsonify({"object": "list", "data": data, "model": body["model"],
@@ -93,25 +128,25 @@ def list_models():  # type: ignore[no-untyped-def]
 @bp.post("/lm/generate")
 def lm_generate():  # type: ignore[no-untyped-def]
     body = json_body()
-    return jsonify({"results": sax_api.generate(served_for(body), body)})
+    return jsonify({"results": sax_api.generate(served_for(body), body, limits(), abandoned=caller_gone)})
 
 
 @bp.post("/lm/generate_stream")
 def lm_generate_stream():  # type: ignore[no-untyped-def]
     body = json_body()
-    return sse_response(sax_api.generate_stream(served_for(body), body))
+    return sse_response(sax_api.generate_stream(served_for(body), body, limits()))
 
 
 @bp.post("/lm/score")
 def lm_score():  # type: ignore[no-untyped-def]
     body = json_body()
-    return jsonify({"scores": sax_api.score(served_for(body), body)})
+    return jsonify({"scores": sax_api.score(served_for(body), body, limits())})
 
 
 @bp.post("/lm/embed")
 def lm_embed():  # type: ignore[no-untyped-def]
     body = json_body()
-    return jsonify({"embedding": sax_api.embed(served_for(body), body.get("text"))})
+    return jsonify({"embedding": sax_api.embed(served_for(body), body.get("text"), limits())})
 
 
 @bp.post("/tokenize")
@@ -120,15 +155,17 @@ def tokenize():  # type: ignore[no-untyped-def]
     body = json_body()
     served = served_for(body)
     tok = served.engine.tokenizer
+    add = params.boolean(body, "add_special_tokens", True)
     if "messages" in body:
+        if "prompt" in body:
+            raise invalid("send 'prompt' or 'messages', not both", "prompt")
         prep = openai_api.prepare_chat(served, {"model": body["model"], "messages": body["messages"]})
         ids = prep.prompts[0]
     else:
         prompt = body.get("prompt")
         if not isinstance(prompt, str):
             raise invalid("'prompt' must be a string", "prompt")
-        add = body.get("add_special_tokens", True)
-        ids = tok.encode(prompt, add_special_tokens=bool(add))
+        ids = tok.encode(prompt, add_special_tokens=add)
     return jsonify({"tokens": ids, "count": len(ids), "max_model_len": served.engine.max_seq_len})
 
 
@@ -136,8 +173,7 @@ def tokenize():  # type: ignore[no-untyped-def]
 def detokenize():  # type: ignore[no-untyped-def]
     body = json_body()
     served = served_for(body)
-    from model_server.api.params import token_list
-    ids = token_list(body.get("tokens"), "tokens", served.loaded.spec.vocab_size)
+    ids = params.token_list(body.get("tokens"), "tokens", served.loaded.spec.vocab_size)
     return jsonify({"prompt": served.engine.tokenizer.decode(ids, skip_special_tokens=False)})
 
 
@@ -177,8 +213,11 @@ def metrics():  # type: ignore[no-untyped-def]
     return Response(generate_latest(current_app.extensions["sax_metrics"][0]), mimetype=CONTENT_TYPE_LATEST)
 
 
+OPENAI_PATHS = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")  # vLLM's envelope on its tokenizer routes
+
+
 def _error(exc: ApiError) -> Response:
-    if request.path.startswith("/v1/"):
+    if request.path.startswith(OPENAI_PATHS):
         resp = jsonify(exc.openai_body())
     else:
         resp = jsonify({"error": exc.message, "code": exc.code, "param": exc.param})
@@ -187,12 +226,13 @@ def _error(exc: ApiError) -> Response:
     return resp
 
 
-def create_app(mgr: ModelManager) -> Flask:
+def create_app(mgr: ModelManager, limits: RequestLimits = RequestLimits()) -> Flask:
     app = Flask("model_server")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.json.ensure_ascii = False  # type: ignore[attr-defined]
     app.extensions["sax_manager"] = mgr
+    app.extensions["sax_limits"] = limits
     registry, req_counter, latency = make_registry(mgr)
     app.extensions["sax_metrics"] = (registry, req_counter, latency)
     app.register_blueprint(bp)

@@ -25,6 +25,14 @@ class StaticModel:
 
 
 @dataclass(frozen=True)
+class RequestLimits:
+    """Per-request bounds of the data API (400 beyond them)."""
+    max_prompt_tokens: int | None = None   # longest prompt; None: the model's context window
+    max_tokens: int | None = None          # most tokens generated per request; None: up to the window
+    max_n: int = 128                       # most samples per request (n, num_samples)
+
+
+@dataclass(frozen=True)
 class ModelServerSettings:
     host: str = "0.0.0.0"
     port: int = 10001
@@ -44,6 +52,13 @@ class ModelServerSettings:
     # XLA's persistent compilation cache: a restart or a second load of the same shapes
     # skips compilation (minutes for big models). "" turns it off.
     compilation_cache: str = os.path.expanduser("~/.cache/saxplane/xla")
+    max_prompt_tokens: int | None = None
+    max_tokens: int | None = None
+    max_n: int = 128
+
+    @property
+    def limits(self) -> RequestLimits:
+        return RequestLimits(self.max_prompt_tokens, self.max_tokens, self.max_n)
 
     @property
     def address(self) -> str:
@@ -64,6 +79,14 @@ class ModelServerSettings:
             cluster_token=env.get("SAX_CLUSTER_TOKEN") or None,
             cache_dir=env.get("SAX_CHECKPOINT_CACHE") or None,
             compilation_cache=env.get("SAX_COMPILATION_CACHE", cls.compilation_cache),
+            max_prompt_tokens=int(env["SAX_MAX_PROMPT_TOKENS"]) if env.get("SAX_MAX_PROMPT_TOKENS") else None,
+            max_tokens=int(env["SAX_MAX_TOKENS"]) if env.get("SAX_MAX_TOKENS") else None,
+            max_n=int(env.get("SAX_MAX_N") or cls.max_n),
         )
         known = {f.name for f in fields(cls)}
-        return replace(base, **{k: v for k, v in overrides.items() if k in known and v is not None})
+        out = replace(base, **{k: v for k, v in overrides.items() if k in known and v is not None})
+        for name in ("max_prompt_tokens", "max_tokens", "max_n"):
+            value = getattr(out, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        return out

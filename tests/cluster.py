@@ -67,28 +67,50 @@ def postgres_database() -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+class GcsEmulator:
+    """gcp-storage-emulator (in memory) on a fixed port: stop() and start() again on the same
+    port to simulate a blob-store outage (its buckets and objects are gone after a restart)."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.host = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30) -> "GcsEmulator":
+        exe = Path(sys.executable).with_name("gcp-storage-emulator")
+        self.proc = subprocess.Popen([str(exe), "start", "--host", "127.0.0.1", "--port", str(self.port),
+                                      "--in-memory", "-q"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                requests.get(f"{self.host}/storage/v1/b", timeout=1)
+                return self
+            except requests.RequestException:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.stop()
+                    raise RuntimeError("gcp-storage-emulator did not start")
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+
 @contextmanager
 def gcs_emulator() -> Iterator[str]:
     """gcp-storage-emulator on a free port; yields its host:port (STORAGE_EMULATOR_HOST value)."""
-    port = free_port()
-    exe = Path(sys.executable).with_name("gcp-storage-emulator")
-    proc = subprocess.Popen([str(exe), "start", "--host", "127.0.0.1", "--port", str(port),
-                             "--in-memory", "-q"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    host = f"http://127.0.0.1:{port}"
+    emulator = GcsEmulator()
+    emulator.start(timeout=20)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                requests.get(f"{host}/storage/v1/b", timeout=1)
-                break
-            except requests.RequestException:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("gcp-storage-emulator did not start")
-                time.sleep(0.1)
-        yield host
+        yield emulator.host
     finally:
-        proc.terminate()
-        proc.wait(10)
+        emulator.stop()
 
 
 def create_bucket(emulator_host: str, bucket: str) -> None:
@@ -121,8 +143,21 @@ class Proc:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
 
+    def pause(self) -> None:
+        """SIGSTOP the whole process group: a hung process (its sockets stay open)."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGCONT)
+
     def stop(self, timeout: float = 15) -> None:
         if self.proc and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGCONT)  # a paused group cannot act on SIGTERM
+            except ProcessLookupError:
+                pass
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
@@ -216,3 +251,227 @@ def warm_compilation_cache(overrides: dict | None = None) -> None:
             "m, e = default_loader('test.tiny', None, json.loads(sys.argv[1]), None); e.stop()")
     subprocess.run([sys.executable, "-c", code, json.dumps(overrides or TINY_OVERRIDES)], check=True,
                    timeout=600, cwd=REPO)
+
+
+class FrontendProcess(Proc):
+    """`python -m http_frontend` (gunicorn) in front of the admin at `admin` (a port on
+    127.0.0.1, or a host:port)."""
+
+    def __init__(self, tmp: Path, admin: int | str, *flags: str, name: str = "frontend",
+                 env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        address = f"127.0.0.1:{admin}" if isinstance(admin, int) else admin
+        args = [sys.executable, "-m", "http_frontend", "--port", str(self.port), "--host", "127.0.0.1",
+                "--admin", address, *flags]
+        super().__init__(args, env or {}, tmp / f"{name}-{self.port}.log")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "FrontendProcess":
+        super().start()
+        wait_http(f"{self.url}/healthz", proc=self.proc)
+        return self
+
+
+def sse_events(resp: requests.Response) -> list:
+    """The `data:` payloads of an SSE answer, decoded ("[DONE]" kept as a string)."""
+    out: list = []
+    for line in resp.iter_lines():
+        if line.startswith(b"data: "):
+            payload = line[6:]
+            out.append("[DONE]" if payload == b"[DONE]" else json.loads(payload))
+    return out
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """Sum of the samples of metric `name` at `url`/metrics whose labels include `labels`."""
+    import re
+
+    total = 0.0
+    text = requests.get(f"{url}/metrics", timeout=10).text
+    for m in re.finditer(r"^([^\s{#]+)\{([^}]*)\} (\S+)$", text, re.M):
+        if m.group(1) != name:
+            continue
+        have = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2)))
+        if all(have.get(k) == v for k, v in labels.items()):
+            total += float(m.group(3))
+    return total
+
+
+def postgres_bin_dir() -> Path:
+    """The newest /usr/lib/postgresql/<version>/bin holding initdb and pg_ctl."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"),
+                   key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0)
+    if not found:
+        raise RuntimeError("no PostgreSQL server binaries under /usr/lib/postgresql/*/bin")
+    return found[-1].parent
+
+
+class PrivatePostgres:
+    """A throwaway PostgreSQL server of its own (initdb in a temporary directory, a free port,
+    trust auth) that a test may stop, crash and restart without touching the shared one.
+
+    PostgreSQL refuses to run as root: when the tests run as root, the server runs as the
+    `postgres` user (through runuser) in a directory it owns."""
+
+    def __init__(self, port: int | None = None) -> None:
+        import pwd
+        import tempfile
+
+        self.port = port or free_port()
+        self.bin = postgres_bin_dir()
+        self.base = Path(tempfile.mkdtemp(prefix="sax-pg-"))
+        self.data = self.base / "data"
+        self.log_path = self.base / "server.log"
+        self._as: list[str] = []
+        if os.geteuid() == 0:
+            pw = pwd.getpwnam("postgres")
+            os.chown(self.base, pw.pw_uid, pw.pw_gid)
+            self._as = ["runuser", "-u", "postgres", "--"]
+        self.base.chmod(0o755)
+        self._initialized = False
+
+    @property
+    def url(self) -> str:
+        """SQLAlchemy URL of its `postgres` database."""
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *args: str, timeout: float = 120) -> None:
+        r = subprocess.run([*self._as, *args], capture_output=True, text=True, timeout=timeout)
+        if r.returncode != 0:
+            raise RuntimeError(f"{' '.join(args[:2])} failed ({r.returncode}): {r.stdout}{r.stderr}")
+
+    def start(self) -> "PrivatePostgres":
+        if not self._initialized:
+            self._run(str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres",
+                      "--no-sync", "--no-instructions")
+            self._initialized = True
+        opts = f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c fsync=on"
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log_path), "-o", opts,
+                  "-w", "-t", "60", "start")
+        return self
+
+    def stop(self, mode: str = "fast") -> None:
+        """`fast` (clean shutdown) or `immediate` (a crash: recovery from the WAL at next start)."""
+        if self._initialized and (self.data / "postmaster.pid").exists():
+            self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop")
+
+    def cleanup(self) -> None:
+        import shutil
+
+        try:
+            self.stop("immediate")
+        except Exception:
+            pass
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@contextmanager
+def private_postgres() -> Iterator[PrivatePostgres]:
+    pg = PrivatePostgres()
+    try:
+        yield pg.start()
+    finally:
+        pg.cleanup()
+
+
+class TcpProxy:
+    """A stand-in for a Kubernetes Service in front of several processes: each accepted
+    connection goes to the first backend in `backends` that accepts it; with none (or none
+    accepting) the caller's connection is closed at once. `backends` may change at any time,
+    as endpoints do when a pod dies."""
+
+    def __init__(self, backends: list[str] | None = None) -> None:
+        import threading
+
+        self.backends = list(backends or [])
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(256)
+        self.port = self._sock.getsockname()[1]
+        self._closed = threading.Event()
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True, name="tcp-proxy").start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def set_backends(self, backends: list[str]) -> None:
+        self.backends = list(backends)
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self._closed.is_set():
+            try:
+                client, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        import threading
+
+        upstream = None
+        for backend in list(self.backends):
+            host, port = backend.rsplit(":", 1)
+            try:
+                upstream = socket.create_connection((host, int(port)), timeout=2)
+                upstream.settimeout(None)
+                break
+            except OSError:
+                continue
+        if upstream is None:
+            client.close()
+            return
+        with self._lock:
+            self._conns.update((client, upstream))
+
+        def pipe(src: socket.socket, dst: socket.socket) -> None:
+            try:
+                while True:
+                    data = src.recv(65536)
+                    if not data:
+                        break
+                    dst.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for s in (src, dst):  # either side gone: both go (a reset reaches the caller)
+                    try:
+                        s.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+        t = threading.Thread(target=pipe, args=(upstream, client), daemon=True)
+        t.start()
+        pipe(client, upstream)
+        t.join()
+        with self._lock:
+            self._conns.discard(client)
+            self._conns.discard(upstream)
+        client.close()
+        upstream.close()
+
+    def drop_connections(self) -> None:
+        """Closes every proxied connection (what callers of a dead pod see)."""
+        with self._lock:
+            conns = list(self._conns)
+        for s in conns:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._closed.set()
+        self._sock.close()
+        self.drop_connections()

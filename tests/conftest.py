@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import pytest
 
 from tests.cluster import create_bucket, gcs_emulator, postgres_database, warm_compilation_cache
+
+if TYPE_CHECKING:
+    from tests.frontend.conftest import Cell
 
 # One XLA compilation cache for this test session (in-process JAX and every model
 # server process it starts): the same tiny shapes compile once, not once per server.
@@ -53,3 +56,18 @@ def gcs_bucket(gcs_host: str) -> str:
 def tiny_compiled() -> None:
     """test.tiny's programs (TINY_OVERRIDES shapes) are in the session's XLA cache."""
     warm_compilation_cache()
+
+
+@pytest.fixture(scope="session")
+def cell(tmp_path_factory: pytest.TempPathFactory, tiny_compiled: None) -> Iterator["Cell"]:
+    """One real cell for the session (tests/frontend/conftest.py describes it), shared by
+    tests/frontend and tests/security."""
+    from tests.frontend.conftest import start_cell
+
+    with start_cell(tmp_path_factory.mktemp("frontend-cell")) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def url(cell: "Cell") -> str:
+    return cell.url

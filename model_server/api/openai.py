@@ -11,11 +11,12 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from model_server.api import params as P
 from model_server.api.errors import ApiError, from_engine_error, invalid
 from model_server.manager import ServedModel
+from model_server.settings import RequestLimits
 
 COMPLETION_KEYS = {"model", "prompt", "max_tokens", "logprobs", "echo", "stream", "stream_options",
                    "suffix", "best_of", "user"} | P.SAMPLING_KEYS
@@ -36,14 +37,15 @@ class Prepared:
     echo: bool = False
     logprobs: int | None = None
     handles: list[Any] = field(default_factory=list)
+    abandoned: Callable[[], bool] | None = None   # "the caller hung up": cancels a non-streaming wait
 
 
-def _sampling_params(body: dict[str, Any], vocab_size: int, *, max_tokens: int, logprobs: int | None,
-                     prompt_logprobs: bool) -> Any:
+def _sampling_params(body: dict[str, Any], vocab_size: int, limits: RequestLimits, *, max_tokens: int,
+                     logprobs: int | None, prompt_logprobs: bool) -> Any:
     from model_server.engine import SamplingParams
 
     return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-                          **P.sampling_fields(body, vocab_size))
+                          **P.sampling_fields(body, vocab_size, limits.max_n))
 
 
 def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
@@ -54,11 +56,15 @@ def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
             raise invalid("'stream_options' is only allowed with stream: true", "stream_options")
         if not isinstance(opts, dict) or set(opts) - {"include_usage", "continuous_usage_stats"}:
             raise invalid("'stream_options' supports include_usage only", "stream_options")
+    if opts:
+        P.boolean(opts, "continuous_usage_stats")
     return stream, bool(opts and P.boolean(opts, "include_usage"))
 
 
-def prepare_completion(served: ServedModel, body: dict[str, Any]) -> Prepared:
+def prepare_completion(served: ServedModel, body: dict[str, Any],
+                       limits: RequestLimits = RequestLimits()) -> Prepared:
     P.check_known(body, COMPLETION_KEYS)
+    P.string(body, "user")
     engine = served.engine
     tok = engine.tokenizer
     vocab = served.loaded.spec.vocab_size
@@ -80,18 +86,20 @@ def prepare_completion(served: ServedModel, body: dict[str, Any]) -> Prepared:
                       "lists of token ids (non-empty)", "prompt")
     if any(not p for p in prompts):
         raise invalid("'prompt' must not be empty", "prompt")
-    if len(prompts) > P.MAX_N:
-        raise invalid(f"at most {P.MAX_N} prompts per request", "prompt")
-    best_of = body.get("best_of")
-    if best_of is not None and best_of != body.get("n", 1):
+    if len(prompts) > P.MAX_PROMPTS:
+        raise invalid(f"at most {P.MAX_PROMPTS} prompts per request", "prompt")
+    for ids in prompts:
+        P.check_prompt_tokens(ids, limits)
+    best_of = P.number(body, "best_of", None, 1, 1 << 20, integer=True)
+    if best_of is not None and best_of != (body.get("n") or 1):
         raise invalid("'best_of' other than n is not supported", "best_of")
     echo = P.boolean(body, "echo")
     logprobs = P.number(body, "logprobs", None, 0, P.MAX_LOGPROBS, integer=True)
-    max_tokens = P.number(body, "max_tokens", 16, 0, 1 << 24, integer=True)
+    max_tokens = P.max_tokens(body, "max_tokens", 16, limits)
     if max_tokens == 0 and not echo:
         raise invalid("'max_tokens' may be 0 only with echo (scoring)", "max_tokens")
     stream, include_usage = _stream_flags(body)
-    sampling = _sampling_params(body, vocab, max_tokens=max_tokens, logprobs=logprobs,
+    sampling = _sampling_params(body, vocab, limits, max_tokens=max_tokens, logprobs=logprobs,
                                 prompt_logprobs=echo and logprobs is not None)
     return Prepared(prompts, texts, sampling, stream, include_usage, echo, logprobs)
 
@@ -111,8 +119,10 @@ def _content_text(content: Any, index: int) -> str:
     raise invalid(f"messages[{index}].content must be a string or a list of text parts", "messages")
 
 
-def prepare_chat(served: ServedModel, body: dict[str, Any]) -> Prepared:
+def prepare_chat(served: ServedModel, body: dict[str, Any],
+                 limits: RequestLimits = RequestLimits()) -> Prepared:
     P.check_known(body, CHAT_KEYS)
+    P.string(body, "user")
     engine = served.engine
     tok = engine.tokenizer
     vocab = served.loaded.spec.vocab_size
@@ -124,6 +134,8 @@ def prepare_chat(served: ServedModel, body: dict[str, Any]) -> Prepared:
         if not isinstance(m, dict):
             raise invalid(f"messages[{i}] must be an object", "messages")
         role = m.get("role")
+        if "name" in m and not isinstance(m["name"], str):
+            raise invalid(f"messages[{i}].name must be a string", "messages")
         if role not in ROLES:
             raise invalid(f"messages[{i}].role must be one of {', '.join(sorted(ROLES))}, got {role!r}",
                           "messages")
@@ -139,22 +151,31 @@ def prepare_chat(served: ServedModel, body: dict[str, Any]) -> Prepared:
         ids = tok.encode_chat(clean)
     except TokenizerError as e:
         raise invalid(str(e), "messages") from None
+    P.check_prompt_tokens(ids, limits, "messages")
     want_logprobs = P.boolean(body, "logprobs")
     top = P.number(body, "top_logprobs", None, 0, P.MAX_LOGPROBS, integer=True)
     if top is not None and not want_logprobs:
         raise invalid("'top_logprobs' requires logprobs: true", "top_logprobs")
     default_max = max(engine.max_seq_len - len(ids), 1)
-    max_tokens = P.number(body, "max_completion_tokens", None, 1, 1 << 24, integer=True)
-    if max_tokens is None:
-        max_tokens = P.number(body, "max_tokens", default_max, 1, 1 << 24, integer=True)
+    max_tokens = P.max_tokens(body, "max_tokens", default_max, limits, lo=1)
+    if body.get("max_completion_tokens") is not None:  # the newer name wins; both are checked
+        max_tokens = P.max_tokens(body, "max_completion_tokens", default_max, limits, lo=1)
     stream, include_usage = _stream_flags(body)
     logprobs = (top or 0) if want_logprobs else None
-    sampling = _sampling_params(body, vocab, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=False)
+    sampling = _sampling_params(body, vocab, limits, max_tokens=max_tokens, logprobs=logprobs,
+                                prompt_logprobs=False)
     return Prepared([ids], [None], sampling, stream, include_usage, False, logprobs)
 
 
 def submit(served: ServedModel, prep: Prepared) -> None:
     """Submits every prompt; on a refusal, cancels what was already submitted."""
+    engine = served.engine
+    sequences = len(prep.prompts) * (prep.sampling.n if prep.sampling.max_tokens > 0 else 1)
+    if len(prep.prompts) > 1 and sequences > engine.num_slots + engine.max_queue:
+        # More than the engine ever holds at once: "at capacity, retry later" would never pass.
+        raise invalid(f"{len(prep.prompts)} prompts x n={prep.sampling.n} are {sequences} sequences, more than "
+                      f"this server holds at once ({engine.num_slots + engine.max_queue}); send fewer per call",
+                      "prompt")
     try:
         for ids in prep.prompts:
             prep.handles.append(served.engine.submit(ids, prep.sampling))
@@ -171,14 +192,14 @@ def cancel(prep: Prepared) -> None:
 def _merged(prep: Prepared) -> Iterator[tuple[int, Any]]:
     """(prompt index, Delta) from every handle as they come, whichever prompt they belong to."""
     if len(prep.handles) == 1:
-        for d in prep.handles[0]:
+        for d in prep.handles[0].deltas(prep.abandoned):
             yield 0, d
         return
     q: queue.Queue = queue.Queue()
 
     def pump(i: int, h: Any) -> None:
         try:
-            for d in h:
+            for d in h.deltas(prep.abandoned):
                 q.put((i, d))
         except Exception as e:  # surfaced to the consumer
             q.put((i, e))
@@ -395,10 +416,12 @@ def chat_stream(served: ServedModel, prep: Prepared, model_name: str) -> Iterato
         cancel(prep)
 
 
-def handle(served: ServedModel, body: dict[str, Any], *, chat: bool) -> tuple[dict[str, Any] | None,
-                                                                          Iterator[bytes] | None]:
-    """Runs a completion or chat request: (JSON body, None) or (None, SSE byte stream)."""
-    prep = (prepare_chat if chat else prepare_completion)(served, body)
+def handle(served: ServedModel, body: dict[str, Any], *, chat: bool, limits: RequestLimits = RequestLimits(),
+           abandoned: Callable[[], bool] | None = None) -> tuple[dict[str, Any] | None, Iterator[bytes] | None]:
+    """Runs a completion or chat request: (JSON body, None) or (None, SSE byte stream).
+    `abandoned` tells a non-streaming wait that the caller has gone (its slots are freed)."""
+    prep = (prepare_chat if chat else prepare_completion)(served, body, limits)
+    prep.abandoned = abandoned
     submit(served, prep)
     name = body["model"]
     if prep.stream:

@@ -4,10 +4,11 @@ from __future__ import annotations
 from typing import Any
 
 from model_server.api.errors import invalid
+from model_server.settings import RequestLimits
 
-MAX_N = 128
+MAX_PROMPTS = 128   # prompts per completions call, suffixes per score call
 MAX_LOGPROBS = 20
-MAX_STOP = 4
+MAX_STOP = 4        # OpenAI's bound on stop sequences
 
 
 def number(body: dict[str, Any], key: str, default: float | None, lo: float, hi: float,
@@ -29,6 +30,13 @@ def boolean(body: dict[str, Any], key: str, default: bool = False) -> bool:
         return default
     if not isinstance(value, bool):
         raise invalid(f"'{key}' must be a boolean, got {value!r}", key)
+    return value
+
+
+def string(body: dict[str, Any], key: str) -> str | None:
+    value = body.get(key)
+    if value is not None and not isinstance(value, str):
+        raise invalid(f"'{key}' must be a string, got {value!r}"[:200], key)
     return value
 
 
@@ -77,13 +85,34 @@ def logit_bias(body: dict[str, Any], vocab_size: int) -> dict[int, float]:
     return out
 
 
+def check_prompt_tokens(ids: list[int], limits: RequestLimits, param: str = "prompt") -> None:
+    """400 when a prompt is longer than the server's --max-prompt-tokens (the engine checks the
+    model's context window itself)."""
+    if limits.max_prompt_tokens is not None and len(ids) > limits.max_prompt_tokens:
+        raise invalid(f"the prompt has {len(ids)} tokens, more than this server's limit of "
+                      f"{limits.max_prompt_tokens} prompt tokens", param)
+
+
+def max_tokens(body: dict[str, Any], key: str, default: int, limits: RequestLimits, lo: int = 0) -> int:
+    """The tokens to generate: `body[key]` (refused past the server's --max-tokens), else the
+    default bounded by that limit."""
+    value = number(body, key, None, lo, 1 << 24, integer=True)
+    cap = limits.max_tokens
+    if value is None:
+        return default if cap is None else min(default, cap)
+    if cap is not None and value > cap:
+        raise invalid(f"'{key}' is {value}, more than this server's limit of {cap} generated tokens "
+                      "per request", key)
+    return value
+
+
 def check_known(body: dict[str, Any], known: set[str]) -> None:
     unknown = sorted(set(body) - known)
     if unknown:
         raise invalid(f"unrecognized request argument(s): {', '.join(unknown)}", unknown[0])
 
 
-def sampling_fields(body: dict[str, Any], vocab_size: int) -> dict[str, Any]:
+def sampling_fields(body: dict[str, Any], vocab_size: int, max_n: int) -> dict[str, Any]:
     """The sampling fields common to completions and chat (OpenAI names, plus top_k,
     repetition_penalty, ignore_eos and stop_token_ids as vLLM accepts them)."""
     top_k = number(body, "top_k", 0, -1, 1 << 20, integer=True)
@@ -92,7 +121,7 @@ def sampling_fields(body: dict[str, Any], vocab_size: int) -> dict[str, Any]:
         "temperature": float(number(body, "temperature", 1.0, 0.0, 2.0)),
         "top_p": float(number(body, "top_p", 1.0, 0.0, 1.0)) or 1.0,
         "top_k": max(top_k, 0),
-        "n": number(body, "n", 1, 1, MAX_N, integer=True),
+        "n": number(body, "n", 1, 1, max_n, integer=True),
         "seed": number(body, "seed", None, -(1 << 63), (1 << 64) - 1, integer=True),
         "presence_penalty": float(number(body, "presence_penalty", 0.0, -2.0, 2.0)),
         "frequency_penalty": float(number(body, "frequency_penalty", 0.0, -2.0, 2.0)),

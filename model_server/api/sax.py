@@ -5,12 +5,13 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from model_server.api import params as P
 from model_server.api.errors import from_engine_error, invalid
 from model_server.api.openai import DONE, sse
 from model_server.manager import ServedModel
+from model_server.settings import RequestLimits
 
 # Saxml's HTTP server defaults for generate.
 EXTRA_INPUT_DEFAULTS: dict[str, float] = {
@@ -30,7 +31,7 @@ def _text(body: dict[str, Any], key: str) -> str:
     return value
 
 
-def _sampling(served: ServedModel, body: dict[str, Any], prompt_len: int) -> Any:
+def _sampling(served: ServedModel, body: dict[str, Any], prompt_len: int, limits: RequestLimits) -> Any:
     from model_server.engine import SamplingParams
 
     extra = body.get("extra_inputs") or {}
@@ -48,14 +49,19 @@ def _sampling(served: ServedModel, body: dict[str, Any], prompt_len: int) -> Any
     steps = int(merged["per_example_max_decode_steps"])
     if steps < 1:
         raise invalid("per_example_max_decode_steps must be >= 1", "extra_inputs")
+    if limits.max_tokens is not None:
+        if "per_example_max_decode_steps" in extra and steps > limits.max_tokens:
+            raise invalid(f"per_example_max_decode_steps is {steps}, more than this server's limit of "
+                          f"{limits.max_tokens} generated tokens per request", "extra_inputs")
+        steps = min(steps, limits.max_tokens)
     if not 0 <= merged["temperature"] <= 2 or not 0 < merged["per_example_top_p"] <= 1:
         raise invalid("temperature must be in [0, 2] and per_example_top_p in (0, 1]", "extra_inputs")
     n = int(merged["num_samples"])
-    if not 1 <= n <= P.MAX_N:
-        raise invalid(f"num_samples must be in [1, {P.MAX_N}]", "extra_inputs")
+    if not 1 <= n <= limits.max_n:
+        raise invalid(f"num_samples must be in [1, {limits.max_n}]", "extra_inputs")
     seed = int(merged["seed"])
     return SamplingParams(max_tokens=max(1, min(steps, window)), temperature=float(merged["temperature"]),
-                          top_k=max(0, int(merged["per_example_top_k"])),
+                          top_k=min(max(0, int(merged["per_example_top_k"])), served.loaded.spec.vocab_size),
                           top_p=float(merged["per_example_top_p"]), n=n, logprobs=0,
                           seed=None if seed < 0 else seed)
 
@@ -67,15 +73,22 @@ def _submit(served: ServedModel, ids: list[int], sampling: Any) -> Any:
         raise from_engine_error(e) from e
 
 
-def generate(served: ServedModel, body: dict[str, Any]) -> list[list[Any]]:
-    """[[text, score], ...] with score the sum of the sampled tokens' log-probabilities."""
+def _prompt(served: ServedModel, body: dict[str, Any], limits: RequestLimits) -> list[int]:
     ids = served.engine.tokenizer.encode(_text(body, "text"))
-    sampling = _sampling(served, body, len(ids))
+    P.check_prompt_tokens(ids, limits, "text")
+    return ids
+
+
+def generate(served: ServedModel, body: dict[str, Any], limits: RequestLimits = RequestLimits(),
+             abandoned: Callable[[], bool] | None = None) -> list[list[Any]]:
+    """[[text, score], ...] with score the sum of the sampled tokens' log-probabilities."""
+    ids = _prompt(served, body, limits)
+    sampling = _sampling(served, body, len(ids), limits)
     handle = _submit(served, ids, sampling)
     texts = [""] * sampling.n
     scores = [0.0] * sampling.n
     try:
-        for d in handle:
+        for d in handle.deltas(abandoned):
             texts[d.index] += d.text
             scores[d.index] += sum(e.logprob for e in d.logprobs)
     finally:
@@ -83,10 +96,11 @@ def generate(served: ServedModel, body: dict[str, Any]) -> list[list[Any]]:
     return [[t, s] for t, s in zip(texts, scores)]
 
 
-def generate_stream(served: ServedModel, body: dict[str, Any]) -> Iterator[bytes]:
+def generate_stream(served: ServedModel, body: dict[str, Any], limits: RequestLimits = RequestLimits()
+                    ) -> Iterator[bytes]:
     """SSE events `{"index", "text" (new text), "score" (so far), "finish_reason"}`, then [DONE]."""
-    ids = served.engine.tokenizer.encode(_text(body, "text"))
-    sampling = _sampling(served, body, len(ids))
+    ids = _prompt(served, body, limits)
+    sampling = _sampling(served, body, len(ids), limits)
     handle = _submit(served, ids, sampling)
 
     def events() -> Iterator[bytes]:
@@ -114,7 +128,7 @@ def split_continuation(tok: Any, prefix: str, suffix: str) -> tuple[list[int], l
     return ctx, tok.encode(suffix, add_special_tokens=not ctx)
 
 
-def score(served: ServedModel, body: dict[str, Any]) -> list[float]:
+def score(served: ServedModel, body: dict[str, Any], limits: RequestLimits = RequestLimits()) -> list[float]:
     """log P(suffix | prefix) for each suffix."""
     from model_server.engine import SamplingParams
 
@@ -126,38 +140,47 @@ def score(served: ServedModel, body: dict[str, Any]) -> list[float]:
         suffixes = [suffixes]
     if not isinstance(suffixes, list) or not suffixes or not all(isinstance(s, str) and s for s in suffixes):
         raise invalid("'suffixes' must be a non-empty list of non-empty strings", "suffixes")
-    if len(suffixes) > P.MAX_N:
-        raise invalid(f"at most {P.MAX_N} suffixes per call", "suffixes")
+    if len(suffixes) > P.MAX_PROMPTS:
+        raise invalid(f"at most {P.MAX_PROMPTS} suffixes per call", "suffixes")
     tok = served.engine.tokenizer
     jobs = []
     for s in suffixes:
         ctx, cont = split_continuation(tok, prefix, s)
         ids = ctx + cont
+        P.check_prompt_tokens(ids, limits, "suffixes")
         if len(ids) < 2 and not ctx:
             ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + ids
         jobs.append((ids, len(cont)))
-    handles = [_submit(served, ids, SamplingParams(max_tokens=0, prompt_logprobs=True, logprobs=0))
-               for ids, _ in jobs]
-    out = []
-    try:
-        for h, (ids, n_cont) in zip(handles, jobs):
-            for _ in h:
-                pass
-            lps = h.prompt_logprobs or []
-            tail = lps[len(ids) - n_cont:]
-            if any(e is None for e in tail):
-                raise invalid("the suffix needs a non-empty prefix or a BOS token to be scored", "prefix")
-            out.append(sum(e.logprob for e in tail))
-    finally:
-        for h in handles:
-            h.cancel()
+    # In waves of one slot's worth each: a call with more suffixes than the engine queues at once
+    # is not refused as "at capacity, retry" (which no retry could cure).
+    out: list[float] = []
+    wave = max(1, served.engine.num_slots)
+    scoring = SamplingParams(max_tokens=0, prompt_logprobs=True, logprobs=0)
+    for start in range(0, len(jobs), wave):
+        handles: list[Any] = []
+        try:
+            for ids, _ in jobs[start:start + wave]:
+                handles.append(_submit(served, ids, scoring))
+            for h, (ids, n_cont) in zip(handles, jobs[start:start + wave]):
+                for _ in h:
+                    pass
+                lps = h.prompt_logprobs or []
+                tail = lps[len(ids) - n_cont:]
+                if any(e is None for e in tail):
+                    raise invalid("the suffix needs a non-empty prefix or a BOS token to be scored", "prefix")
+                out.append(sum(e.logprob for e in tail))
+        finally:
+            for h in handles:
+                h.cancel()
     return out
 
 
-def embed(served: ServedModel, text: Any) -> list[float]:
+def embed(served: ServedModel, text: Any, limits: RequestLimits = RequestLimits(), param: str = "text"
+          ) -> list[float]:
     if not isinstance(text, str) or not text:
-        raise invalid("'text' must be a non-empty string", "text")
+        raise invalid(f"'{param}' must be a non-empty string", param)
     ids = served.engine.tokenizer.encode(text)
+    P.check_prompt_tokens(ids, limits, param)
     try:
         return served.engine.embed(ids)
     except Exception as e:

@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import jax
 import jax.monitoring
@@ -118,8 +118,28 @@ class RequestHandle:
         self._done = threading.Event()
 
     def __iter__(self) -> Iterator[Delta]:
+        return self.deltas()
+
+    def deltas(self, abandoned: Optional[Callable[[], bool]] = None, poll_s: float = 0.05) -> Iterator[Delta]:
+        """The request's deltas as they come. With `abandoned` (e.g. "the caller hung up"),
+        it is asked every `poll_s` while waiting; once it says so the request is cancelled
+        and the deltas end."""
+        next_check = time.monotonic() + poll_s
         while True:
-            item = self._q.get()
+            if abandoned is None:
+                item = self._q.get()
+            else:
+                try:
+                    item = self._q.get(timeout=max(0.0, next_check - time.monotonic()))
+                except queue.Empty:
+                    item = None
+                if time.monotonic() >= next_check:
+                    if abandoned():
+                        self.cancel()
+                        return
+                    next_check = time.monotonic() + poll_s
+                if item is None:
+                    continue
             if item is _END:
                 self._q.put(_END)  # a second iteration ends at once
                 return
@@ -131,10 +151,10 @@ class RequestHandle:
     def cancel(self) -> None:
         self._engine._cancel(self)
 
-    def result(self) -> list[Completion]:
-        """Iterate to the end and assemble each sample's completion."""
+    def result(self, abandoned: Optional[Callable[[], bool]] = None) -> list[Completion]:
+        """Iterate to the end and assemble each sample's completion (see `deltas`)."""
         outs = [Completion(i, "", [], [], None) for i in range(self.n)]
-        for d in self:
+        for d in self.deltas(abandoned):
             c = outs[d.index]
             c.text += d.text
             c.token_ids += d.token_ids
@@ -417,7 +437,8 @@ class Engine:
         need(integer(p.n) and 1 <= p.n <= self.num_slots,
              f"n must be between 1 and {self.num_slots}", "n")
         need(num(p.temperature) and 0 <= p.temperature <= 100, "temperature must be >= 0", "temperature")
-        need(integer(p.top_k) and p.top_k >= 0, "top_k must be a non-negative integer (0 = off)", "top_k")
+        need(integer(p.top_k) and 0 <= p.top_k < 1 << 31, "top_k must be a non-negative integer (0 = off)",
+             "top_k")  # it goes into an int32 array: a bigger one would fail the engine loop
         need(num(p.top_p) and 0 < p.top_p <= 1, "top_p must be in (0, 1]", "top_p")
         need(p.seed is None or integer(p.seed), "seed must be an integer", "seed")
         need(num(p.presence_penalty) and -2 <= p.presence_penalty <= 2,

@@ -156,7 +156,8 @@ def test_tokens_guard_mutations_and_heartbeats(make_app) -> None:  # type: ignor
     for call in (lambda h: client.delete("/models/sax/test/lm", headers=h),
                  lambda h: client.patch("/models/sax/test/lm", json={"replicas": 2}, headers=h)):
         assert call({}).status_code == 401
-        assert call({"Authorization": "Bearer wrong"}).status_code == 403
+        assert call({"Authorization": "Bearer wrong"}).status_code == 401
+        assert call({"Authorization": "Bearer clu-secret"}).status_code == 403
 
 
 def test_healthz(make_app) -> None:  # type: ignore[no-untyped-def]
@@ -195,3 +196,72 @@ def test_heartbeat_fast_path_answers_unchanged_until_the_desired_set_moves(make_
     time.sleep(0.2)
     age = client.get("/servers").json["servers"][0]["last_heartbeat_age_s"]
     assert age < 0.45  # the last full write is a second old by now
+
+
+def test_heartbeat_route_refuses_bad_requests_in_the_error_shape(make_app) -> None:  # type: ignore[no-untyped-def]
+    client = make_app().test_client()
+    for resp, status, code in (
+            (client.get("/heartbeat"), 405, "METHOD_NOT_ALLOWED"),
+            (client.post("/heartbeat", data=b"{not json", content_type="application/json"), 400, "INVALID_ARGUMENT"),
+            (client.post("/heartbeat", json=[1, 2]), 400, "INVALID_ARGUMENT"),
+            (client.post("/heartbeat", data=b"\xff\xfe", content_type="application/json"), 400, "INVALID_ARGUMENT"),
+            (client.post("/heartbeat", json={"server": {"address": 7}}), 400, "INVALID_ARGUMENT"),
+            (client.post("/heartbeat", data=b"{}" + b" " * (2 << 20), content_type="application/json"),
+             413, "REQUEST_ENTITY_TOO_LARGE")):
+        assert resp.status_code == status and resp.json["error"]["code"] == code, resp.data[:200]
+        assert resp.json["error"]["message"]
+    assert beat(client)["desired"] == []  # and the route still serves
+
+
+def test_fast_path_sees_the_leaders_changes_within_a_refresh(make_app) -> None:  # type: ignore[no-untyped-def]
+    """The in-memory fast path never hides a change for longer than its refresh interval."""
+    app = make_app()
+    client = app.test_client()
+    first = beat(client)
+    publish(client)
+    moved = wait_until(lambda: (lambda a: a if not a.get("unchanged") else None)(client.post(
+        "/heartbeat", json={"server": SERVER, "models": [], "desired_version": first["desired_version"]}).json),
+        timeout=10, what="desired set change")
+    assert [d["model_id"] for d in moved["desired"]] == ["/sax/test/lm"]
+    # Unpublish: the leader unassigns; the answer moves again though the report is the same.
+    assert client.delete("/models/sax/test/lm").status_code == 200
+    gone = wait_until(lambda: (lambda a: a if not a.get("unchanged") else None)(client.post(
+        "/heartbeat", json={"server": SERVER, "models": [], "desired_version": moved["desired_version"]}).json),
+        timeout=10, what="unassignment")
+    assert gone["desired"] == [] and gone["desired_version"] > moved["desired_version"]
+
+
+def test_hostile_input_is_a_400_never_a_500(client) -> None:  # type: ignore[no-untyped-def]
+    """Inputs that once slipped through or failed inside: names with a trailing newline (`$`
+    matches before one), digits int() refuses ("²"), digit strings past int()'s limit, NaN,
+    lone surrogates, nesting deeper than the parser, a long-poll timeout of nan (waited forever)."""
+    def err(r) -> None:  # type: ignore[no-untyped-def]
+        assert r.status_code == 400, r.json
+        assert r.json["error"]["code"] == "INVALID_ARGUMENT"
+
+    err(publish(client, "/sax/test/lm\n"))
+    err(client.post("/models", json={"model_id": "/sax/test/lm", "model_path": "test.tiny\n", "checkpoint": "None",
+                                     "replicas": 1}))
+    err(publish(client, checkpoint="/ckpt/a\n"))
+    err(publish(client, overrides={"alias": "tiny\n"}))
+    for replicas in ("²", "٣", "9" * 5000, "-1", " ", 1.0):
+        err(publish(client, replicas=replicas))
+    assert publish(client, replicas=" 2 ").json["max_replicas"] == 2
+    for raw in (b'{"model_id": "/sax/test/x", "replicas": NaN}', b'{"model_id": "/sax/test/\\ud800"}',
+                b"[" * 100_000 + b"]" * 100_000, b'{"replicas": 1' + b"0" * 5000 + b"}", b'{"a": 1e999}'):
+        err(client.post("/models", data=raw, content_type="application/json"))
+    for timeout in ("nan", "inf", "x"):
+        err(client.get(f"/locate/sax/test/lm?version=0&timeout={timeout}"))
+    assert client.get("/models").json == {"models": ["/sax/test/lm"]}
+
+
+def test_checkpoint_roots(make_app) -> None:  # type: ignore[no-untyped-def]
+    client = make_app(checkpoint_roots=("/data/ckpt", "gs://bucket/models/")).test_client()
+    for bad in ("/data/ckptx/m", "/data/ckpt/../etc", "/data", "/etc/passwd", "//data/ckpt/m", "data/ckpt/m",
+                "gs://bucket/models-evil/m", "gs://bucket/models/../x", "gs://other/models/m", "file:///data/ckpt/m"):
+        r = publish(client, checkpoint=bad)
+        assert r.status_code == 400 and r.json["error"]["code"] == "INVALID_ARGUMENT", bad
+    for i, ok in enumerate(("/data/ckpt", "/data/ckpt/m", "/data/ckpt/./m", "gs://bucket/models/m", "None")):
+        assert publish(client, f"/sax/test/m{i}", checkpoint=ok).status_code == 201, ok
+    r = client.patch("/models/sax/test/m1", json={"checkpoint": "/etc/passwd"})
+    assert r.status_code == 400

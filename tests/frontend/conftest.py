@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import json
 import socket
-import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator
 
-import pytest
 import requests
 
-from tests.cluster import (TINY_OVERRIDES, AdminProcess, ModelServerProcess, Proc, free_port, publish_and_wait,
+from tests.cluster import (TINY_OVERRIDES, AdminProcess, FrontendProcess, ModelServerProcess, free_port,  # noqa: F401
+                           metric, publish_and_wait, sse_events,
                            wait_http, wait_until)
 from tests.sim_servers import SimServer
 
@@ -32,23 +32,6 @@ ADMIN_TOKEN = "admin-secret"
 ORIGIN = "https://app.example"
 # test.tiny with the suite-wide shapes (already in the session's XLA cache), named `tiny` too.
 TINY_OVERRIDES_ALIASED = {**TINY_OVERRIDES, "alias": ALIAS}
-
-
-class FrontendProcess(Proc):
-    def __init__(self, tmp: Path, admin_port: int, *flags: str, name: str = "frontend") -> None:
-        self.port = free_port()
-        args = [sys.executable, "-m", "http_frontend", "--port", str(self.port), "--host", "127.0.0.1",
-                "--admin", f"127.0.0.1:{admin_port}", *flags]
-        super().__init__(args, {}, tmp / f"{name}-{self.port}.log")
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> "FrontendProcess":
-        super().start()
-        wait_http(f"{self.url}/healthz", proc=self.proc)
-        return self
 
 
 def publish(admin_url: str, model_id: str, model_path: str, replicas: int,
@@ -184,9 +167,10 @@ class Cell:
         return requests.post(self.model_server_urls[i] + path, json=body, timeout=60)
 
 
-@pytest.fixture(scope="session")
-def cell(tmp_path_factory: pytest.TempPathFactory, tiny_compiled: None) -> Iterator[Cell]:
-    tmp = tmp_path_factory.mktemp("frontend-cell")
+@contextmanager
+def start_cell(tmp: Path) -> Iterator[Cell]:
+    """Starts the cell (the session fixture `cell` in tests/conftest.py, shared by tests/frontend
+    and tests/security); stops it on exit."""
     procs: list[Any] = []
     try:
         admin = AdminProcess(tmp, root=str(tmp / "root")).start()
@@ -219,34 +203,3 @@ def cell(tmp_path_factory: pytest.TempPathFactory, tiny_compiled: None) -> Itera
     finally:
         for p in reversed(procs):
             p.stop()
-
-
-@pytest.fixture(scope="session")
-def url(cell: Cell) -> str:
-    return cell.url
-
-
-def sse_events(resp: requests.Response) -> list[Any]:
-    """The `data:` payloads of an SSE answer, decoded ("[DONE]" kept as a string)."""
-    out: list[Any] = []
-    for line in resp.iter_lines():
-        if line.startswith(b"data: "):
-            payload = line[6:]
-            out.append("[DONE]" if payload == b"[DONE]" else json.loads(payload))
-    return out
-
-
-
-def metric(url: str, name: str, **labels: str) -> float:
-    """Sum of the samples of metric `name` at `url`/metrics whose labels include `labels`."""
-    import re
-
-    total = 0.0
-    text = requests.get(f"{url}/metrics", timeout=10).text
-    for m in re.finditer(r"^([^\s{#]+)\{([^}]*)\} (\S+)$", text, re.M):
-        if m.group(1) != name:
-            continue
-        have = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2)))
-        if all(have.get(k) == v for k, v in labels.items()):
-            total += float(m.group(3))
-    return total

@@ -14,6 +14,7 @@ from model_server import registry
 from model_server.engine import (Engine, EngineError, InvalidRequest, QueueFull, SamplingParams,
                                  compile_count)
 from model_server.models import base
+from tests.cluster import wait_until
 
 SLOTS, WINDOW = 4, 64
 
@@ -360,6 +361,25 @@ def test_cancel_frees_the_slot_at_once(engine, model):
         list(h)
     s = engine.stats()
     assert s["slots_used"] == 0 and s["running"] == 0 and s["requests_finished_total"]["cancelled"] >= 4
+
+
+def test_an_abandoned_wait_cancels_the_request(engine, model):
+    """`result(abandoned)` (the caller of a non-streaming request hung up) frees the slots."""
+    p, sp = _long(model)
+    before = engine.stats()["requests_finished_total"]["cancelled"]
+    h = engine.submit(p, sp)
+    asked = []
+
+    def gone() -> bool:
+        asked.append(1)
+        return len(asked) > 1  # asked every millisecond: gone at the second question
+
+    got = list(h.deltas(gone, poll_s=0.001))
+    wait_until(lambda: h.finished, timeout=10)  # the engine loop applies the cancel
+    assert h.finish_reasons == ["cancelled"] and not any(d.finish_reason for d in got)
+    assert sum(len(d.token_ids) for d in got) < sp.max_tokens
+    wait_until(lambda: engine.stats()["slots_used"] == 0, timeout=10)
+    assert engine.stats()["requests_finished_total"]["cancelled"] == before + 1
 
 
 def test_embed_is_mean_of_hidden_states(engine, model):
