@@ -95,7 +95,8 @@ def embeddings():  # type: ignore[no-untyped-def]
     params.check_known(body, EMBEDDING_KEYS)
     params.string(body, "user")
     served = served_for(body)
-    encoding = body.get("encoding_format") or "float"
+    encoding = body.get("encoding_format")
+    encoding = "float" if encoding is None else encoding
     if encoding not in ("float", "base64"):
         raise invalid("encoding_format must be \"float\" or \"base64\"", "encoding_format")
     inputs = body.get("input")

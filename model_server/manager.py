@@ -47,7 +47,18 @@ class ServedModel:
     def alias(self) -> str | None:
         return self.overrides.get("alias")
 
+    def check_engine(self) -> str:
+        """The status, after turning a LOADED model whose engine loop died into FAILED: the admin
+        then places the replica elsewhere (and the error shows), instead of routing to a
+        replica that refuses everything."""
+        failure = self.engine.failure if self.status == LOADED and self.engine is not None else None
+        if failure:
+            log.error("%s generation %d: engine failed: %s", self.model_id, self.generation, failure)
+            self.status, self.error = FAILED, f"the engine failed: {failure}"
+        return self.status
+
     def report(self) -> dict[str, Any]:
+        self.check_engine()
         return {"model_id": self.model_id, "generation": self.generation, "status": self.status,
                 "checkpoint": self.checkpoint if self.checkpoint is not None else "None",
                 "error": self.error, "memory_bytes": self.memory_bytes, "load_time_s": self.load_time_s}
@@ -172,7 +183,7 @@ class ModelManager:
             matches = [m for m in self._models.values() if m.model_id == name or m.alias == name]
         if not matches:
             raise ModelNotFound(f"model {name} is not served here")
-        ready = [m for m in matches if m.status == LOADED]
+        ready = [m for m in matches if m.check_engine() == LOADED]
         if not ready:
             states = ", ".join(sorted({m.status for m in matches}))
             raise ModelNotReady(f"model {name} is not ready ({states})")

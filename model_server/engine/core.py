@@ -379,6 +379,13 @@ class Engine:
     def healthy(self) -> bool:
         return self._running and self._error is None
 
+    @property
+    def failure(self) -> Optional[str]:
+        """Why the engine refuses every request (its loop died, or it was stopped); None if it serves."""
+        if self._error is not None:
+            return f"{type(self._error).__name__}: {self._error}"
+        return None if self._running else "the engine is not running"
+
     def compiles_since_ready(self) -> int:
         """XLA compilations in this process since `start()` returned (0 in steady state)."""
         return compile_count() - self._compiles_at_ready

@@ -46,9 +46,11 @@ def test_replica_death_under_load(fault_cell: FaultCell) -> None:
         # Freeze the victim until a stream is stalled on it (streams on the other replica keep moving).
         frozen: list = []
         silent = killed = 0.0
-        for _ in range(6):
-            wait_until(lambda: any(s.in_progress for s in streams.snapshot()), timeout=30, interval=0.02,
-                       what="a stream in flight")
+        for _ in range(10):
+            # Freeze only once a stream has had its first event (past the replica's queue): a stream
+            # still queued says nothing about where it runs.
+            wait_until(lambda: any(s.in_progress and s.last_event is not None for s in streams.snapshot()),
+                       timeout=30, interval=0.02, what="a stream in flight")
             victim.pause()
             silent = time.monotonic()
             time.sleep(STALL_S + 0.5)

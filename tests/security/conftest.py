@@ -1,12 +1,12 @@
-"""A locked-down cell for the security suite, started once per session.
+"""A locked-down cell for the security suite, started once for the package.
 
 admin (admin token, cluster token, allowed checkpoint roots) + one model server
 (cluster token, small request limits: prompt tokens, generated tokens, n) holding
 `/sax/test/lm` + a fake replica holding `/sax/test/fake` (streams until the reader
 leaves) + a frontend (API keys, admin token, small --max-n, streams per key, body
 limit). Limits are set partly by flags, partly by SAX_* variables, so both paths
-are exercised. The suite also uses the frontend suite's session `cell`
-(tests/conftest.py) for fuzzing and bad input.
+are exercised. It lives while tests/security runs; the suite also uses the frontend
+suite's session `cell` (tests/conftest.py) for fuzzing and bad input.
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def admin_publish(admin_url: str, model_id: str, model_path: str, replicas: int,
     assert r.status_code == 201, r.text
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # stopped once tests/security is done: no load on the suites after it
 def locked(tmp_path_factory: pytest.TempPathFactory, tiny_compiled: None) -> Iterator[Locked]:
     tmp = tmp_path_factory.mktemp("locked-cell")
     root = tmp / "checkpoints"

@@ -135,6 +135,7 @@ WRONG_TYPES = [
     (CHAT, {"model": MODEL, "messages": msgs(), "tools": [{"type": "function"}]}, "tools"),
     ("/v1/embeddings", {"model": MODEL, "input": [1, 2]}, "input"),
     ("/v1/embeddings", {"model": MODEL, "input": "x", "encoding_format": "binary"}, "encoding_format"),
+    ("/v1/embeddings", {"model": MODEL, "input": "x", "encoding_format": ""}, "encoding_format"),
     ("/tokenize", {"model": MODEL, "prompt": "x", "add_special_tokens": "no"}, "add_special_tokens"),
     ("/tokenize", {"model": MODEL, "prompt": "x", "messages": msgs()}, "prompt"),
     ("/detokenize", {"model": MODEL, "tokens": "1 2 3"}, "tokens"),

@@ -13,7 +13,7 @@ import time
 import requests
 
 from tests.frontend.conftest import ALIAS, FLAG_ALIAS, MODEL, Cell
-from tests.security.conftest import ADMIN, KEY, Locked
+from tests.security.conftest import ADMIN, FAKE, KEY, Locked
 from tests.security.fuzz import Report, Target, fuzz, schema_from
 
 OPEN_BUDGET = {  # generated cases per operation, on the open frontend
@@ -54,3 +54,7 @@ def test_fuzz_every_route(cell: Cell, locked: Locked) -> None:
             assert r.json()["usage"]["completion_tokens"] >= 1
     for server in cell.model_server_urls + [locked.model_server.url]:
         assert "LOADED" in requests.get(f"{server}/healthz", timeout=10).json()["models"].values()
+    # What the fuzzed publishes left behind goes, so the locked cell's reconciler idles again.
+    for model_id in requests.get(f"{locked.admin.url}/models", timeout=10).json()["models"]:
+        if model_id not in (MODEL, FAKE):
+            requests.delete(f"{locked.admin.url}/models{model_id}", headers=ADMIN, timeout=10)
