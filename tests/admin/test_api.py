@@ -92,7 +92,8 @@ def test_unpublishing_model_cannot_be_republished_until_unloaded(make_app) -> No
     r = publish(client)
     assert r.status_code == 409 and r.json["error"]["code"] == "UNAVAILABLE"
     assert "being unpublished" in r.json["error"]["message"]
-    assert beat(client, [{"model_id": "/sax/test/lm", "generation": 1, "status": "LOADED"}])["desired"] == []
+    wait_until(lambda: beat(client, [{"model_id": "/sax/test/lm", "generation": 1, "status": "LOADED"}])
+               ["desired"] == [], timeout=10, what="the leader unassigning it")
     beat(client, [])  # the server unloaded it
     wait_until(lambda: publish(client).status_code == 201, what="republish after unload")
 
