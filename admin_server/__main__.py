@@ -1,4 +1,4 @@
-"""`python -m admin_server`: the admin server under gunicorn (gthread workers).
+"""`python -m admin_server`: the admin server under gunicorn (uvicorn workers, see asgi.py).
 
 Flags override SAX_* environment variables (see admin_server.settings).
 """
@@ -14,40 +14,13 @@ from admin_server.settings import AdminSettings
 
 def serve(settings: AdminSettings) -> None:
     from admin_server.app import create_app, prepare_database
-    from admin_server.serving import serve_wsgi
+    from admin_server.asgi import AdminAsgi
+    from admin_server.serving import run_gunicorn
 
     prepare_database(settings)  # once, in the master, before workers fork
-    serve_wsgi(lambda: create_app(settings, prepare=False), bind=f"{settings.host}:{settings.port}",
-               workers=settings.workers, threads=settings.threads, worker_exit=_worker_exit,
-               post_worker_init=_stop_leading_on_term,
-               worker_connections=8192)  # every model server holds a keep-alive connection
-
-
-def _stop_leading_on_term(worker: Any) -> None:
-    """A worker told to stop (SIGTERM) gives up leadership at once, before it drains its
-    requests: a draining leader must not judge servers whose heartbeats it no longer takes."""
-    import signal
-    import threading
-
-    ctx = getattr(worker.wsgi, "extensions", {}).get("sax_admin")
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def on_term(signum: int, frame: Any) -> None:
-        if ctx is not None and ctx.leader is not None:
-            threading.Thread(target=ctx.leader.stop, daemon=True).start()
-        if callable(previous):
-            previous(signum, frame)
-
-    signal.signal(signal.SIGTERM, on_term)
-
-
-def _worker_exit(server: Any, worker: Any) -> None:
-    """On a worker's graceful exit, release the lease so a peer takes over at once."""
-    ctx = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("sax_admin")
-    if ctx is not None:
-        ctx.heartbeats.stop()
-        if ctx.leader is not None:
-            ctx.leader.stop()
+    run_gunicorn(lambda: AdminAsgi(create_app(settings, prepare=False)),
+               bind=f"{settings.host}:{settings.port}", workers=settings.workers, threads=settings.threads,
+               worker_class="admin_server.asgi.AdminWorker")
 
 
 @click.command()

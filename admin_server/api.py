@@ -33,7 +33,7 @@ def ctx():  # type: ignore[no-untyped-def]
 
 
 def error_response(status: int, code: str, message: str) -> tuple[Response, int]:
-    """The admin's error shape (the heartbeat endpoint in heartbeat_route.py writes the same)."""
+    """The admin's error shape (asgi.py's heartbeat route writes the same)."""
     return jsonify({"error": {"code": code, "message": message}}), status
 
 
@@ -89,7 +89,11 @@ def require(token_attr: str) -> Callable:  # type: ignore[type-arg]
 
 
 def body() -> dict[str, Any]:
-    raw = read_body(request)
+    return json_object(read_body(request))
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object ({} when empty); InvalidArgument otherwise."""
     if not raw:
         return {}
     try:
@@ -173,6 +177,14 @@ def unpublish(name: str):  # type: ignore[no-untyped-def]
         state.unpublish(s, c.settings, _model_id(name))
     c.wake_leader()
     return jsonify({"model_id": _model_id(name)})
+
+
+@bp.post("/heartbeat")
+@require("cluster_token")
+def heartbeat():  # type: ignore[no-untyped-def]
+    """A model server's heartbeat. Under the admin's ASGI entry (asgi.py) this route is
+    answered in the event loop instead; this one serves the WSGI app (tests, other servers)."""
+    return jsonify(ctx().heartbeats.record(body()))
 
 
 @bp.get("/servers")

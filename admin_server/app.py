@@ -48,8 +48,6 @@ def prepare_database(settings: AdminSettings) -> None:
         raise SystemExit(f"database schema is at {current}, expected {head}: run `saxutil migrate`")
 
 
-
-
 def create_app(settings: AdminSettings | None = None, *, prepare: bool = True) -> Flask:
     settings = settings or AdminSettings.from_env()
     if prepare:
@@ -65,9 +63,7 @@ def create_app(settings: AdminSettings | None = None, *, prepare: bool = True) -
     app.extensions["sax_admin"] = AdminContext(settings, engine, session_factory(engine), store, leader,
                                                heartbeats)
     from admin_server.api import bp
-    from admin_server.heartbeat_route import HeartbeatRoute
     app.register_blueprint(bp)
-    app.wsgi_app = HeartbeatRoute(app.wsgi_app, heartbeats, settings)  # type: ignore[method-assign]
     atexit.register(heartbeats.stop)
     if leader:
         leader.start()

@@ -43,6 +43,17 @@ class ReportedModel:
     load_time_s: float | None
 
 
+@dataclass
+class Heartbeat:
+    """A validated heartbeat with the digests the in-memory fast path compares."""
+    desc: dict[str, Any]
+    reported: list[ReportedModel]
+    known_version: Any
+    now: float
+    desc_digest: str
+    report_digest: str
+
+
 _SERVER_FIELDS = {"chip": str, "topology": str, "device_count": int, "memory_bytes": int}
 _STATUSES = {o.value for o in Observed}
 
@@ -151,17 +162,32 @@ class HeartbeatRecorder:
 
     def record(self, body: dict[str, Any]) -> dict[str, Any]:
         """Handles one heartbeat; returns the server's desired set (or `unchanged`)."""
+        beat = self.prepare(body)
+        answer = self.from_memory(beat)
+        return answer if answer is not None else self.record_changed(beat)
+
+    def prepare(self, body: dict[str, Any]) -> Heartbeat:
+        """Validates a heartbeat body (InvalidArgument) and digests what it reports."""
         desc, reported = parse_heartbeat(body)
-        known_version = body.get("desired_version")
-        now = time.time()
+        return Heartbeat(desc, reported, body.get("desired_version"), time.time(),
+                         _digest([desc[c] for c in _DESC_COLUMNS]),
+                         _digest(sorted([m.model_id, m.generation, m.status, m.error, m.memory_bytes,
+                                         m.load_time_s] for m in reported)))
+
+    def from_memory(self, beat: Heartbeat) -> dict[str, Any] | None:
+        """The `unchanged` answer when nothing moved for this server (no I/O), else None."""
+        address = beat.desc["address"]
+        if self._known.get(address) != (beat.known_version, beat.desc_digest, beat.report_digest):
+            return None
+        with self._lock:
+            self._pending[address] = beat.now
+        return self._answer(None, beat.known_version)
+
+    def record_changed(self, beat: Heartbeat) -> dict[str, Any]:
+        """Reads the server's replicas, writes what changed and answers the whole desired set."""
+        desc, reported, now = beat.desc, beat.reported, beat.now
+        desc_digest, report_digest = beat.desc_digest, beat.report_digest
         address = desc["address"]
-        desc_digest = _digest([desc[c] for c in _DESC_COLUMNS])
-        report_digest = _digest(sorted([m.model_id, m.generation, m.status, m.error, m.memory_bytes,
-                                        m.load_time_s] for m in reported))
-        if self._known.get(address) == (known_version, desc_digest, report_digest):
-            with self._lock:
-                self._pending[address] = now
-            return self._answer(None, known_version)
         with self.reader.connect() as conn:
             # The version is read before the replicas: a change the leader commits in between
             # is answered under the older version, so the next heartbeat asks again.
@@ -294,8 +320,9 @@ class HeartbeatRecorder:
         """Reloads every server's (assignment version, digests) of this cell. (Ten times a
         second per process, over every server.)"""
         with self.reader.connect() as conn:
-            rows = conn.execute(_KNOWN, {"cell": self.settings.cell_name}).all()
-        self._known = {r[0]: tuple(r[1:]) for r in rows}
+            # Plain columns: the driver's tuples, without building a Row for each.
+            rows = conn.execute(_KNOWN, {"cell": self.settings.cell_name}).cursor.fetchall()
+        self._known = {r[0]: (r[1], r[2], r[3]) for r in rows}
 
     def _run(self) -> None:
         while not self._stop.wait(self.flush_s):

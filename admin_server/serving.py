@@ -1,4 +1,4 @@
-"""Running a Flask app factory under gunicorn with gthread workers.
+"""Running an app factory under gunicorn (gthread workers for WSGI apps by default).
 
 Shared by every part's `__main__` (the admin server owns it because it
 depends on no other part).
@@ -15,23 +15,21 @@ from typing import Any, Callable
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
-def serve_wsgi(factory: Callable[[], Any], *, bind: str, workers: int, threads: int,
-               timeout: int = 60, graceful_timeout: int = 10, worker_connections: int = 1000,
-               worker_exit: Callable[[Any, Any], None] | None = None,
-               post_worker_init: Callable[[Any], None] | None = None) -> None:
+def run_gunicorn(factory: Callable[[], Any], *, bind: str, workers: int, threads: int,
+               worker_class: str = "gthread", timeout: int = 60, graceful_timeout: int = 10,
+               worker_connections: int = 1000,
+               worker_exit: Callable[[Any, Any], None] | None = None) -> None:
     """Runs `factory()` in each gunicorn worker (no preload: nothing is shared across fork).
     `worker_connections` bounds each worker's open (keep-alive) connections."""
     from gunicorn.app.base import BaseApplication
 
     options: dict[str, Any] = {
-        "bind": bind, "workers": workers, "threads": threads, "worker_class": "gthread",
+        "bind": bind, "workers": workers, "threads": threads, "worker_class": worker_class,
         "timeout": timeout, "graceful_timeout": graceful_timeout, "keepalive": 30,
         "accesslog": None, "control_socket_disable": True, "worker_connections": worker_connections,
     }
     if worker_exit is not None:
         options["worker_exit"] = worker_exit
-    if post_worker_init is not None:
-        options["post_worker_init"] = post_worker_init
 
     class _App(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:

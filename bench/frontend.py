@@ -8,6 +8,12 @@ requests/s and latency p50/p99 at 1 and 32 concurrent keep-alive clients, on bot
 in alternating rounds (so drifting machine load hits both alike); then the time to the
 first byte of a stream on both paths. Prints a table with what the frontend adds.
 Targets: < 2 ms added at p50, < 5% fewer requests/s at 32 clients.
+
+Layouts of the local cell (--layout): `split` (the default on two or more CPUs) runs the
+frontend on its own CPU and the admin, the model server and the load on the others, as a
+cell deploys them (a frontend is its own pod, on its own cores), so the throughput cost
+is the frontend's capacity and latency; `shared` lets every process use every CPU, so the
+frontend's CPU time is taken from the model server's.
 """
 from __future__ import annotations
 
@@ -114,9 +120,14 @@ def ttfb(url: str, body: bytes) -> float:
 class LocalCell:
     """admin + one model server + one frontend, in a temporary directory."""
 
-    def __init__(self, workers: int, slots: int) -> None:
+    def __init__(self, workers: int, slots: int, frontend_cpus: set[int] | None = None) -> None:
+        """With `frontend_cpus`, the frontend runs on those CPUs and everything else (this process
+        included, so the load it makes) on the rest."""
         from tests.cluster import AdminProcess, Proc, free_port, wait_http, wait_until
 
+        all_cpus = os.sched_getaffinity(0)
+        cell_cpus = all_cpus - frontend_cpus if frontend_cpus else all_cpus
+        os.sched_setaffinity(0, cell_cpus)  # children inherit it
         self.tmp = Path(tempfile.mkdtemp(prefix="bench-frontend-"))
         self.procs: list[Any] = []
         env = {"SAX_CELL": "/sax/bench"}  # (model servers keep an XLA compilation cache by default)
@@ -134,10 +145,12 @@ class LocalCell:
             "model_id": MODEL, "model_path": "test.tiny", "checkpoint": "None", "replicas": 1,
             "overrides": {"num_slots": slots, "max_seq_len": 128, "prefill_buckets": [32, 128]}})
         r.raise_for_status()
+        os.sched_setaffinity(0, frontend_cpus or all_cpus)
         fe = Proc([sys.executable, "-m", "http_frontend", "--port", str(fe_port), "--host", "127.0.0.1",
                    "--admin", f"127.0.0.1:{admin.port}", "--workers", str(workers), "--threads", "64",
                    "--log-level", "WARNING"], {}, self.tmp / "frontend.log")
         self.procs.append(fe.start())
+        os.sched_setaffinity(0, cell_cpus)
         self.frontend_pgid = fe.pid
         self.frontend = f"http://127.0.0.1:{fe_port}"
         wait_http(f"{self.frontend}/healthz", timeout=60, proc=fe.proc)
@@ -167,6 +180,9 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=40, help="streams timed for TTFB, per path")
     ap.add_argument("--workers", type=int, default=1, help="frontend workers (own cell only)")
     ap.add_argument("--slots", type=int, default=32, help="decode slots (own cell only)")
+    ap.add_argument("--layout", choices=("split", "shared"),
+                    default="split" if len(os.sched_getaffinity(0)) >= 2 else "shared",
+                    help="split: the frontend on its own CPU; shared: every process on every CPU")
     args = ap.parse_args()
 
     cell = None
@@ -174,7 +190,8 @@ def main() -> None:
         fe_url, ms_url = args.frontend.rstrip("/"), args.model_server.rstrip("/")
     else:
         print("starting a local cell (admin, model server, frontend)...", file=sys.stderr)
-        cell = LocalCell(args.workers, args.slots)
+        cpus = sorted(os.sched_getaffinity(0))
+        cell = LocalCell(args.workers, args.slots, {cpus[-1]} if args.layout == "split" else None)
         fe_url, ms_url = cell.frontend, cell.model_server
     paths = {"direct": ms_url, "frontend": fe_url}
     body = json.dumps({"model": args.model, "prompt": "Hello world", "max_tokens": args.max_tokens,
@@ -216,7 +233,8 @@ def main() -> None:
             cell.stop()
 
     ms = 1e3
-    print(f"\nHTTP frontend overhead ({os.cpu_count()} CPUs; /v1/completions, {args.max_tokens} greedy tokens; "
+    layout = "" if cell is None else f"layout {args.layout}; "
+    print(f"\nHTTP frontend overhead ({os.cpu_count()} CPUs; {layout}/v1/completions, {args.max_tokens} greedy tokens; "
           f"{args.duration:.0f}s per cell in {args.rounds} alternating rounds)\n")
     print("| clients | direct req/s | frontend req/s | throughput cost | direct p50 ms | frontend p50 ms "
           "| added p50 ms | direct p99 ms | frontend p99 ms | added p99 ms |")

@@ -16,7 +16,7 @@ from http_frontend.settings import FrontendSettings, parse_aliases
 
 
 def serve(settings: FrontendSettings) -> None:
-    from admin_server.serving import serve_wsgi
+    from admin_server.serving import run_gunicorn
     from http_frontend.admission import Admission
 
     if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -32,7 +32,7 @@ def serve(settings: FrontendSettings) -> None:
 
     try:
         # Streams are long: no worker timeout; on SIGTERM in-flight streams drain for graceful_timeout.
-        serve_wsgi(factory, bind=f"{settings.host}:{settings.port}", workers=settings.workers,
+        run_gunicorn(factory, bind=f"{settings.host}:{settings.port}", workers=settings.workers,
                    threads=settings.threads, timeout=0, graceful_timeout=settings.graceful_timeout_s,
                    worker_exit=_worker_exit)
     finally:

@@ -100,10 +100,10 @@ def main(log_level: str, models: tuple[str, ...], overrides: tuple[str, ...], ta
     settings = ModelServerSettings.from_env(
         **flags, tags=tuple(t for t in tags.split(",") if t) if tags else None,
         static_models=tuple(dataclasses.replace(StaticModel.parse(m), overrides=extra) for m in models) or None)
-    from admin_server.serving import serve_wsgi
+    from admin_server.serving import run_gunicorn
 
     # One worker: the models live in its memory. Streams are long: no worker timeout.
-    serve_wsgi(lambda: build_app(settings), bind=f"{settings.host}:{settings.port}", workers=1,
+    run_gunicorn(lambda: build_app(settings), bind=f"{settings.host}:{settings.port}", workers=1,
                threads=settings.threads, timeout=0, graceful_timeout=30)
 
 

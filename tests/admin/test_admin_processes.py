@@ -1,6 +1,7 @@
 """The admin server as real gunicorn processes: durability, snapshot restore, leader failover."""
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -129,6 +130,76 @@ def test_graceful_stop_releases_the_lease(tmp_path: Path, pg_url: str) -> None:
         a.stop()
         wait_until(lambda: requests.get(f"{b.url}/leader", timeout=5).json().get("valid")
                    and _leader_pgid(b.url) == b.pid, timeout=5, what="takeover after graceful stop")
+    finally:
+        a.stop()
+        b.stop()
+
+
+SERVER = {"address": "10.9.8.7:10001", "chip": "cpu", "topology": "1", "device_count": 1,
+          "memory_bytes": 1 << 34, "servable_model_paths": ["test.tiny"]}
+
+
+def test_heartbeats_and_chunked_bodies_over_http(tmp_path: Path) -> None:
+    """The event-loop heartbeat route of the real process: a full answer, then `unchanged` from
+    memory over one keep-alive connection; a publish (sent chunked, with no Content-Length)
+    moves the answer; refusals keep the shape."""
+    admin = AdminProcess(tmp_path, root=str(tmp_path / "root")).start()
+    try:
+        http = requests.Session()
+
+        def beat(version: object, models: list[dict[str, object]]) -> dict[str, object]:
+            r = http.post(f"{admin.url}/heartbeat", json={"server": SERVER, "models": models,
+                                                         "desired_version": version}, timeout=10)
+            assert r.status_code == 200 and r.headers["Content-Type"] == "application/json", r.text
+            return r.json()
+
+        first = beat(None, [])
+        assert first["desired"] == [] and first["cell"] == "/sax/test"
+        assert all(beat(first["desired_version"], [])["unchanged"] for _ in range(20))
+        spec = json.dumps({"model_id": "/sax/test/hb", "model_path": "test.tiny", "checkpoint": "None",
+                           "replicas": 1}).encode()
+        r = requests.post(f"{admin.url}/models", data=iter([spec[:10], spec[10:]]), timeout=10)
+        assert r.status_code == 201, r.text
+        moved = wait_until(lambda: (lambda a: a if not a.get("unchanged") else None)(
+            beat(first["desired_version"], [])), timeout=15, what="the assignment to reach the server")
+        assert [d["model_id"] for d in moved["desired"]] == ["/sax/test/hb"]
+        loaded = [{"model_id": "/sax/test/hb", "generation": 1, "status": "LOADED"}]
+        assert beat(moved["desired_version"], loaded)["desired"]  # a new report is written
+        wait_until(lambda: beat(moved["desired_version"], loaded).get("unchanged"), timeout=5,
+                   what="the fast path")
+        located = requests.get(f"{admin.url}/locate/sax/test/hb", timeout=10).json()
+        assert located["addresses"] == [SERVER["address"]]
+        for method, status, code in (("GET", 405, "METHOD_NOT_ALLOWED"), ("PUT", 405, "METHOD_NOT_ALLOWED")):
+            r = http.request(method, f"{admin.url}/heartbeat", timeout=10)
+            assert (r.status_code, r.json()["error"]["code"]) == (status, code), r.text
+        r = http.post(f"{admin.url}/heartbeat", data=b"[1]", timeout=10)
+        assert (r.status_code, r.json()["error"]["code"]) == (400, "INVALID_ARGUMENT")
+        assert beat(moved["desired_version"], loaded)["unchanged"]  # the connection still serves
+    finally:
+        admin.stop()
+
+
+def test_sigterm_gives_up_the_lease_before_draining(tmp_path: Path, pg_url: str) -> None:
+    """A stopping leader resigns at once, while a long poll still holds it open."""
+    import signal
+    import threading
+
+    a = AdminProcess(tmp_path, root=str(tmp_path / "root"), db_url=pg_url, name="a").start()
+    wait_until(lambda: requests.get(f"{a.url}/leader", timeout=5).json().get("valid"), what="leader")
+    b = AdminProcess(tmp_path, root=str(tmp_path / "root"), db_url=pg_url, name="b").start()
+    try:
+        assert _leader_pgid(b.url) == a.pid
+        assert publish(a.url, "idle", replicas=0).status_code == 201
+        version = requests.get(f"{a.url}/locate/sax/test/idle", timeout=5).json()["version"]
+        poll = threading.Thread(target=lambda: requests.get(
+            f"{a.url}/locate/sax/test/idle", params={"version": version, "timeout": 8}, timeout=30))
+        poll.start()
+        time.sleep(1.0)  # the long poll is in flight
+        os.killpg(a.pid, signal.SIGTERM)
+        wait_until(lambda: requests.get(f"{b.url}/leader", timeout=5).json().get("valid")
+                   and _leader_pgid(b.url) == b.pid, timeout=5, what="takeover while the leader drains")
+        assert a.proc is not None and a.proc.poll() is None, "a should still be draining its long poll"
+        poll.join(30)
     finally:
         a.stop()
         b.stop()
