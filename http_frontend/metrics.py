@@ -73,6 +73,13 @@ class FrontendMetrics:
                 self.child(self.retries, model, a.replica, a.outcome).inc()
 
 
+    def record_replays(self, model: str, broken: str, attempts: list["Attempt"]) -> None:
+        """Attempts made after replica `broken` broke off a whole answer: a retry of it, then the
+        replays (each one that broke off too is a retry of its own)."""
+        self.child(self.retries, model, broken, "broken_body").inc()
+        self.record_attempts(model, attempts)
+
+
 def _forget_dead_workers(directory: str) -> None:
     """Drops the live-gauge files of workers that died without cleaning up (e.g. SIGKILL)."""
     for name in os.listdir(directory):

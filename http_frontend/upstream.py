@@ -132,12 +132,16 @@ class Upstream:
     def read(self, ex: Exchange, resp: RoutedResponse) -> bytes:
         """The whole answer. A replica that breaks off before its end has sent the caller
         nothing yet: the router sends the call to another replica, whose answer this is then."""
-        try:
-            with watching(ex.caller):
+        first = resp.address
+        with observe_attempts() as replays, watching(ex.caller):
+            try:
                 body = resp.content()
-        except Exception as e:
-            raise FrontendError(502, f"replica {resp.address} broke off its answer: {e}",
-                                code="bad_gateway") from None
+            except Exception as e:
+                raise FrontendError(502, f"replica {resp.address} broke off its answer: {e}",
+                                    code="bad_gateway") from None
+            finally:
+                if replays:  # calls sent again after `first` broke off its answer
+                    self.metrics.record_replays(ex.model, first, replays)
         ex.replica = resp.address
         ex.first_byte()
         return body

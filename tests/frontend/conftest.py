@@ -76,6 +76,15 @@ class _FakeHandler(BaseHTTPRequestHandler):
         if prompt == "refuse":
             return self._json(503, {"error": {"message": "queue full", "type": "overloaded_error",
                                               "param": None, "code": "queue_full"}}, {"Retry-After": "1"})
+        if prompt == f"cut:{fake.address}":  # dies between its headers and the end of its body
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b'{"id": "cmpl-cut", "choi')
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return None
         if prompt == "hang":
             fake.hanging += 1
             fake.release.wait(30)
@@ -110,7 +119,7 @@ class _FakeHandler(BaseHTTPRequestHandler):
 class FakeReplica:
     """A stand-in model server: heartbeats like one (SimServer) and answers /v1/completions by
     prompt: "hang" waits for `release`, "refuse" is a retryable 503, "break" dies mid-stream,
-    "count:N" streams N events, anything else answers (streams go on until the reader leaves)."""
+    "cut:<its address>" dies in the middle of a whole answer, "count:N" streams N events, anything else answers (streams go on until the reader leaves)."""
     admin_url: str
     servable: str
     listen: bool = True

@@ -25,6 +25,28 @@ def test_dead_replica_is_retried_before_the_first_byte(cell: Cell) -> None:
                   replica=cell.flaky_dead.address) >= 1
 
 
+def test_answer_cut_off_mid_body_is_replayed_and_counted(cell: Cell) -> None:
+    """A replica that dies after its headers has sent the caller nothing yet: the call goes to the
+    other replica, and the retry counts under reason `broken_body`."""
+    from tests.frontend.conftest import FakeReplica, active, publish
+
+    cutter, other = FakeReplica(cell.admin.url, "test.cut").start(), FakeReplica(cell.admin.url, "test.cut").start()
+    try:
+        publish(cell.admin.url, "/sax/test/cut", "test.cut", 2)
+        wait_until(lambda: active(cell.admin.url, "/sax/test/cut") == 2, timeout=60, what="two replicas")
+        for _ in range(12):
+            r = requests.post(f"{cell.url}/v1/completions", timeout=30,
+                              json={"model": "/sax/test/cut", "prompt": f"cut:{cutter.address}"})
+            assert r.status_code == 200 and r.json()["choices"][0]["text"] == f"fake:{other.address}", r.text
+        assert any(b.get("prompt") == f"cut:{cutter.address}" for b, _ in cutter.seen)
+        assert metric(cell.url, "sax_frontend_retries_total", model="/sax/test/cut", reason="broken_body",
+                      replica=cutter.address) >= 1
+    finally:
+        requests.delete(f"{cell.admin.url}/models/sax/test/cut", timeout=10)
+        cutter.stop()
+        other.stop()
+
+
 def test_replica_at_capacity_is_a_429(cell: Cell) -> None:
     r = requests.post(f"{cell.url}/v1/completions", json={"model": "/sax/test/fake", "prompt": "refuse"},
                       timeout=30)
