@@ -13,7 +13,8 @@ from admin_server.serving import hung_up, parse_json, read_body
 from model_server.api import openai as openai_api
 from model_server.api import params
 from model_server.api import sax as sax_api
-from model_server.api.errors import ApiError, invalid
+from model_server.api.errors import ApiError, from_engine_error, invalid
+from model_server.engine import InvalidRequest, QueueFull
 from model_server.manager import LOADED, ModelManager, ModelNotFound, ModelNotReady, ServedModel
 from model_server.metrics import make_registry
 from model_server.settings import RequestLimits
@@ -241,6 +242,11 @@ def create_app(mgr: ModelManager, limits: RequestLimits = RequestLimits()) -> Fl
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError):  # type: ignore[no-untyped-def]
         return _error(exc)
+
+    @app.errorhandler(InvalidRequest)
+    @app.errorhandler(QueueFull)
+    def _engine_refusal(exc: Exception):  # type: ignore[no-untyped-def]
+        return _error(from_engine_error(exc))
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):  # type: ignore[no-untyped-def]

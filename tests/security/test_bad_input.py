@@ -229,6 +229,18 @@ def test_100k_token_prompts_are_a_clear_400(served: Cell, path: str, body: dict[
         assert "context window of 128 tokens" in (err if isinstance(err, str) else err["message"]), err
 
 
+def test_megabyte_prompts_are_refused_before_tokenizing(served: Cell) -> None:
+    """A text that cannot fit the context window is refused by its length in characters, before
+    the tokenizer spends seconds of CPU on it."""
+    text = "ab " * 400_000
+    for path, body in ((CMPL, {"model": MODEL, "prompt": text, "max_tokens": 1}),
+                       (CHAT, {"model": MODEL, "messages": msgs(text)}),
+                       ("/generate", {"model": MODEL, "query": text})):
+        err = check_refusal(post(served.url, path, body), path)
+        message = err if isinstance(err, str) else err["message"]
+        assert "characters, more than" in message and "context window of 128 tokens" in message, message
+
+
 def test_n_and_stop_limits(served: Cell) -> None:
     for stream in (False, True):
         err = check_refusal(post(served.url, CMPL, {"model": MODEL, "prompt": "x", "n": 1000}, stream=stream),
