@@ -36,6 +36,8 @@ def serve(settings: AdminSettings) -> None:
 @click.option("--lease-ttl", "lease_ttl_s", type=float, help="Leader lease time to live, seconds.")
 @click.option("--reconcile-interval", "reconcile_interval_s", type=float, help="Seconds between reconcile passes.")
 @click.option("--retry-backoff", "retry_backoff_s", type=float, help="First back-off after a failed load, seconds.")
+@click.option("--db-timeout", "db_timeout_s", type=float,
+              help="PostgreSQL: longest statement, lock wait or connect, seconds (SAX_DB_TIMEOUT, default 30).")
 @click.option("--migrate/--no-migrate", "auto_migrate", default=None, help="Run migrations at start (default: SQLite only).")
 @click.option("--log-level", default="INFO", show_default=True)
 def main(log_level: str, **flags: Any) -> None:

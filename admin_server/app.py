@@ -52,7 +52,7 @@ def create_app(settings: AdminSettings | None = None, *, prepare: bool = True) -
     settings = settings or AdminSettings.from_env()
     if prepare:
         prepare_database(settings)
-    engine = make_engine(settings.database_url, pool_size=settings.threads)
+    engine = make_engine(settings.database_url, pool_size=settings.threads, timeout_s=settings.db_timeout_s)
     store = open_blobstore(settings.root)
     ensure_cell(engine, store, settings.cell_name)
     leader = LeaderLoop(engine, store, settings) if settings.run_leader else None

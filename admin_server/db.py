@@ -2,7 +2,9 @@
 
 SQLite gets WAL, a busy timeout, foreign keys and BEGIN IMMEDIATE (so two
 writers queue instead of failing on a lock upgrade); on PostgreSQL a
-connection lost to a server restart is retried once on a fresh one.
+connection lost to a server restart is retried once on a fresh one, and with
+`timeout_s` no statement, lock wait or connect lasts longer (a request then
+fails with 503 instead of hanging behind a stuck lock or an unreachable host).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 
-def make_engine(url: str, *, pool_size: int = 10) -> Engine:
+def make_engine(url: str, *, pool_size: int = 10, timeout_s: float | None = None) -> Engine:
     u = make_url(url)
     if u.get_backend_name() == "sqlite":
         if u.database and u.database != ":memory:":
@@ -45,7 +47,16 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
     # No pre-ping (a round trip per checkout, a fifth of a heartbeat's cost): after a
     # database restart the first statement on a dead connection fails, SQLAlchemy
     # then invalidates the whole pool, and callers retry (see `retrying`).
-    return create_engine(url, pool_size=pool_size, max_overflow=2 * pool_size, pool_recycle=1800)
+    connect_args = {}
+    if timeout_s:
+        ms = int(timeout_s * 1000)
+        connect_args = {"connect_timeout": max(1, round(timeout_s)),
+                        "options": f"-c statement_timeout={ms} -c lock_timeout={ms}",
+                        # a peer gone silent (a cut network) ends the connection too
+                        "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+                        "keepalives_count": 3, "tcp_user_timeout": ms}
+    return create_engine(url, pool_size=pool_size, max_overflow=2 * pool_size, pool_recycle=1800,
+                         connect_args=connect_args)
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -203,3 +203,22 @@ def test_sigterm_gives_up_the_lease_before_draining(tmp_path: Path, pg_url: str)
     finally:
         a.stop()
         b.stop()
+
+
+def test_a_stuck_lock_is_a_503_not_a_hang(tmp_path: Path, pg_url: str) -> None:
+    """With --db-timeout 1, a call waiting behind a lock another session holds answers 503
+    UNAVAILABLE after about a second; once the lock goes, everything is there."""
+    admin = AdminProcess(tmp_path, root=str(tmp_path / "root"), db_url=pg_url,
+                         extra_args=["--db-timeout", "1"]).start()
+    try:
+        assert publish(admin.url, "kept", replicas=0).status_code == 201
+        with psycopg.connect(pg_url.replace("postgresql+psycopg://", "postgresql://")) as blocker:
+            blocker.execute("LOCK TABLE models IN ACCESS EXCLUSIVE MODE")  # held until the block ends
+            for call in (lambda: requests.get(f"{admin.url}/models", timeout=15),
+                         lambda: publish(admin.url, "blocked", replicas=0)):
+                r = call()
+                assert (r.status_code, r.json()["error"]["code"]) == (503, "UNAVAILABLE"), r.text
+        assert models(admin.url) == ["/sax/test/kept"]
+        assert publish(admin.url, "after", replicas=0).status_code == 201
+    finally:
+        admin.stop()
