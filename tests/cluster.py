@@ -40,6 +40,25 @@ def wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen | None = N
     raise TimeoutError(f"{url} did not become healthy in {timeout}s ({last})")
 
 
+def recv_request(conn: socket.socket, buf: bytes = b"") -> tuple[bytes, bytes, bytes] | None:
+    """Reads one HTTP/1.1 request with a Content-Length body from `conn` (after the bytes
+    already in `buf`): (head, body, what followed it), or None when the peer closed first."""
+    while b"\r\n\r\n" not in buf:
+        data = conn.recv(65536)
+        if not data:
+            return None
+        buf += data
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(rest) < length:
+        data = conn.recv(65536)
+        if not data:
+            return None
+        rest += data
+    return head, rest[:length], rest[length:]
+
+
 def wait_until(pred, timeout: float = 30.0, interval: float = 0.1, what: str = "condition"):  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while True:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -121,15 +123,25 @@ def test_two_admins_one_leader_and_failover_after_kill9(tmp_path: Path, pg_url: 
         b.stop()
 
 
-def test_graceful_stop_releases_the_lease(tmp_path: Path, pg_url: str) -> None:
+def _leader_then_follower(tmp_path: Path, pg_url: str) -> tuple[AdminProcess, AdminProcess]:
+    """Two admins on one database: `a` started first and leading, then `b`."""
     a = AdminProcess(tmp_path, root=str(tmp_path / "root"), db_url=pg_url, name="a").start()
     wait_until(lambda: requests.get(f"{a.url}/leader", timeout=5).json().get("valid"), what="leader")
     b = AdminProcess(tmp_path, root=str(tmp_path / "root"), db_url=pg_url, name="b").start()
+    assert _leader_pgid(b.url) == a.pid
+    return a, b
+
+
+def _leads(admin: AdminProcess) -> bool:
+    return bool(requests.get(f"{admin.url}/leader", timeout=5).json().get("valid")) and \
+        _leader_pgid(admin.url) == admin.pid
+
+
+def test_graceful_stop_releases_the_lease(tmp_path: Path, pg_url: str) -> None:
+    a, b = _leader_then_follower(tmp_path, pg_url)
     try:
-        assert _leader_pgid(b.url) == a.pid
         a.stop()
-        wait_until(lambda: requests.get(f"{b.url}/leader", timeout=5).json().get("valid")
-                   and _leader_pgid(b.url) == b.pid, timeout=5, what="takeover after graceful stop")
+        wait_until(lambda: _leads(b), timeout=5, what="takeover after graceful stop")
     finally:
         a.stop()
         b.stop()
@@ -181,14 +193,8 @@ def test_heartbeats_and_chunked_bodies_over_http(tmp_path: Path) -> None:
 
 def test_sigterm_gives_up_the_lease_before_draining(tmp_path: Path, pg_url: str) -> None:
     """A stopping leader resigns at once, while a long poll still holds it open."""
-    import signal
-    import threading
-
-    a = AdminProcess(tmp_path, root=str(tmp_path / "root"), db_url=pg_url, name="a").start()
-    wait_until(lambda: requests.get(f"{a.url}/leader", timeout=5).json().get("valid"), what="leader")
-    b = AdminProcess(tmp_path, root=str(tmp_path / "root"), db_url=pg_url, name="b").start()
+    a, b = _leader_then_follower(tmp_path, pg_url)
     try:
-        assert _leader_pgid(b.url) == a.pid
         assert publish(a.url, "idle", replicas=0).status_code == 201
         version = requests.get(f"{a.url}/locate/sax/test/idle", timeout=5).json()["version"]
         poll = threading.Thread(target=lambda: requests.get(
@@ -196,8 +202,7 @@ def test_sigterm_gives_up_the_lease_before_draining(tmp_path: Path, pg_url: str)
         poll.start()
         time.sleep(1.0)  # the long poll is in flight
         os.killpg(a.pid, signal.SIGTERM)
-        wait_until(lambda: requests.get(f"{b.url}/leader", timeout=5).json().get("valid")
-                   and _leader_pgid(b.url) == b.pid, timeout=5, what="takeover while the leader drains")
+        wait_until(lambda: _leads(b), timeout=5, what="takeover while the leader drains")
         assert a.proc is not None and a.proc.poll() is None, "a should still be draining its long poll"
         poll.join(30)
     finally:

@@ -16,6 +16,7 @@ import pytest
 from client import errors
 from client.router import Router
 from http_frontend.transport import Session as FrontendSession
+from tests.cluster import recv_request
 
 ANSWER = b'{"choices": [{"text": "from the good replica"}]}'
 
@@ -58,17 +59,8 @@ class _Replica:
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                data += chunk
-            head, _, rest = data.partition(b"\r\n\r\n")
-            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                           if line.lower().startswith(b"content-length:")), 0)
-            while len(rest) < length:
-                rest += conn.recv(65536)
+            if recv_request(conn) is None:
+                return
             self.calls += 1
             headers = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
                        b"Connection: close\r\n\r\n" % len(ANSWER))

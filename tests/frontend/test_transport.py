@@ -10,6 +10,7 @@ import pytest
 import requests
 
 from http_frontend.transport import Session
+from tests.cluster import recv_request
 
 
 @pytest.fixture
@@ -25,17 +26,11 @@ def canned() -> Iterator[tuple[str, list[bytes], list[bytes]]]:
         with conn:
             buf = b""
             while not stop.is_set():
-                while b"\r\n\r\n" not in buf:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    buf += data
-                head, _, buf = buf.partition(b"\r\n\r\n")
-                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-                while len(buf) < length:
-                    buf += conn.recv(65536)
-                requests_seen.append(head + b"\r\n\r\n" + buf[:length])
-                buf = buf[length:]
+                got = recv_request(conn, buf)
+                if got is None:
+                    return
+                head, body, buf = got
+                requests_seen.append(head + b"\r\n\r\n" + body)
                 answer = answers[len(requests_seen) - 1]
                 conn.sendall(answer.removesuffix(b"<close>"))
                 if answer.endswith(b"<close>"):
