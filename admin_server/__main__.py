@@ -19,8 +19,8 @@ def serve(settings: AdminSettings) -> None:
 
     prepare_database(settings)  # once, in the master, before workers fork
     run_gunicorn(lambda: AdminAsgi(create_app(settings, prepare=False)),
-               bind=f"{settings.host}:{settings.port}", workers=settings.workers, threads=settings.threads,
-               worker_class="admin_server.asgi.AdminWorker")
+                 bind=f"{settings.host}:{settings.port}", workers=settings.workers, threads=settings.threads,
+                 worker_class="admin_server.asgi.AdminWorker")
 
 
 @click.command()

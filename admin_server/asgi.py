@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +26,6 @@ from admin_server.api import check_token, describe_error, json_object
 from admin_server.naming import InvalidArgument
 from admin_server.settings import MAX_BODY_BYTES
 
-log = logging.getLogger(__name__)
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 

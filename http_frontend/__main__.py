@@ -33,8 +33,8 @@ def serve(settings: FrontendSettings) -> None:
     try:
         # Streams are long: no worker timeout; on SIGTERM in-flight streams drain for graceful_timeout.
         run_gunicorn(factory, bind=f"{settings.host}:{settings.port}", workers=settings.workers,
-                   threads=settings.threads, timeout=0, graceful_timeout=settings.graceful_timeout_s,
-                   worker_exit=_worker_exit)
+                     threads=settings.threads, timeout=0, graceful_timeout=settings.graceful_timeout_s,
+                     worker_exit=_worker_exit)
     finally:
         metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
         if metrics_dir.startswith(os.path.join(tempfile.gettempdir(), "sax-frontend-metrics-")):

@@ -72,7 +72,6 @@ class FrontendMetrics:
             if i < len(attempts) - 1:
                 self.child(self.retries, model, a.replica, a.outcome).inc()
 
-
     def record_replays(self, model: str, broken: str, attempts: list["Attempt"]) -> None:
         """Attempts made after replica `broken` broke off a whole answer: a retry of it, then the
         replays (each one that broke off too is a retry of its own)."""

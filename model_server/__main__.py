@@ -104,7 +104,7 @@ def main(log_level: str, models: tuple[str, ...], overrides: tuple[str, ...], ta
 
     # One worker: the models live in its memory. Streams are long: no worker timeout.
     run_gunicorn(lambda: build_app(settings), bind=f"{settings.host}:{settings.port}", workers=1,
-               threads=settings.threads, timeout=0, graceful_timeout=30)
+                 threads=settings.threads, timeout=0, graceful_timeout=30)
 
 
 if __name__ == "__main__":
