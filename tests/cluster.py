@@ -7,11 +7,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import requests
 
@@ -38,6 +39,20 @@ def wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen | None = N
             last = e
         time.sleep(0.1)
     raise TimeoutError(f"{url} did not become healthy in {timeout}s ({last})")
+
+
+def serve_connections(listener: socket.socket, serve: Callable[[socket.socket], None]) -> None:
+    """In a daemon thread: accepts connections on `listener` until it is closed, each one
+    served by `serve(conn)` in a thread of its own."""
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
 
 
 def recv_request(conn: socket.socket, buf: bytes = b"") -> tuple[bytes, bytes, bytes] | None:
@@ -406,18 +421,15 @@ class TcpProxy:
     as endpoints do when a pod dies."""
 
     def __init__(self, backends: list[str] | None = None) -> None:
-        import threading
-
         self.backends = list(backends or [])
         self._sock = socket.socket()
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind(("127.0.0.1", 0))
         self._sock.listen(256)
         self.port = self._sock.getsockname()[1]
-        self._closed = threading.Event()
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True, name="tcp-proxy").start()
+        serve_connections(self._sock, self._serve)
 
     @property
     def address(self) -> str:
@@ -426,19 +438,7 @@ class TcpProxy:
     def set_backends(self, backends: list[str]) -> None:
         self.backends = list(backends)
 
-    def _accept(self) -> None:
-        import threading
-
-        while not self._closed.is_set():
-            try:
-                client, _ = self._sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
-
     def _serve(self, client: socket.socket) -> None:
-        import threading
-
         upstream = None
         for backend in list(self.backends):
             host, port = backend.rsplit(":", 1)
@@ -491,6 +491,5 @@ class TcpProxy:
                 pass
 
     def close(self) -> None:
-        self._closed.set()
         self._sock.close()
         self.drop_connections()

@@ -59,7 +59,33 @@ class Outcome:
         return self.error is None
 
 
-class Load:
+class ClientThreads:
+    """`clients` daemon threads running `_run` until `_stop` is set."""
+
+    def __init__(self, clients: int, name: str) -> None:
+        self.clients, self._name = clients, name
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self):  # type: ignore[no-untyped-def]
+        for i in range(self.clients):
+            t = threading.Thread(target=self._run, name=f"{self._name}-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def _join(self, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        assert not any(t.is_alive() for t in self._threads), what
+
+
+class Load(ClientThreads):
     """`clients` threads, each sending one non-streaming completion after another through
     `url` until stop(); every outcome is kept (`failures` lists the bad ones).
 
@@ -68,20 +94,11 @@ class Load:
 
     def __init__(self, url: str, model: str, *, clients: int = 32, max_tokens: int = 4,
                  timeout: float = 60.0, prompt: str = "Once upon a time", nice: int = 10) -> None:
-        self.url, self.model, self.clients, self.nice = url, model, clients, nice
+        super().__init__(clients, "load")
+        self.url, self.model, self.nice = url, model, nice
         self.body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0}
         self.timeout = timeout
         self.outcomes: list[Outcome] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-
-    def start(self) -> "Load":
-        for i in range(self.clients):
-            t = threading.Thread(target=self._run, name=f"load-{i}", daemon=True)
-            t.start()
-            self._threads.append(t)
-        return self
 
     def _run(self) -> None:
         if self.nice:
@@ -110,9 +127,7 @@ class Load:
 
     def stop(self) -> "Load":
         self._stop.set()
-        for t in self._threads:
-            t.join(self.timeout + 15)
-        assert not any(t.is_alive() for t in self._threads), "a load client hung"
+        self._join(self.timeout + 15, "a load client hung")
         return self
 
     def snapshot(self) -> list[Outcome]:
@@ -150,27 +165,18 @@ class Stream:
         return next((p for _, p in self.events if isinstance(p, dict) and "error" in p), None)
 
 
-class StreamLoad:
+class StreamLoad(ClientThreads):
     """`clients` threads, each running one streaming completion after another (long ones:
     `max_tokens` with ignore_eos) and recording every event with its arrival time."""
 
     def __init__(self, url: str, model: str, *, clients: int = 6, max_tokens: int = 100,
                  read_timeout: float = 30.0) -> None:
+        super().__init__(clients, "stream")
         self.url = url
         self.body = {"model": model, "prompt": "Once upon a time", "max_tokens": max_tokens,
                      "ignore_eos": True, "temperature": 0.0, "stream": True}
-        self.clients, self.read_timeout = clients, read_timeout
+        self.read_timeout = read_timeout
         self.streams: list[Stream] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-
-    def start(self) -> "StreamLoad":
-        for i in range(self.clients):
-            t = threading.Thread(target=self._run, name=f"stream-{i}", daemon=True)
-            t.start()
-            self._threads.append(t)
-        return self
 
     def _run(self) -> None:
         session = requests.Session()
@@ -215,10 +221,7 @@ class StreamLoad:
         self._stop.set()
 
     def join(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        for t in self._threads:
-            t.join(max(0.0, deadline - time.monotonic()))
-        assert not any(t.is_alive() for t in self._threads), "a stream did not end in time"
+        self._join(timeout, "a stream did not end in time")
 
     def snapshot(self) -> list[Stream]:
         with self._lock:

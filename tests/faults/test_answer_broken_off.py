@@ -16,7 +16,7 @@ import pytest
 from client import errors
 from client.router import Router
 from http_frontend.transport import Session as FrontendSession
-from tests.cluster import recv_request
+from tests.cluster import recv_request, serve_connections
 
 ANSWER = b'{"choices": [{"text": "from the good replica"}]}'
 
@@ -47,15 +47,7 @@ class _Replica:
         self.sock.listen(16)
         self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
         self.release = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        serve_connections(self.sock, self._serve)
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:

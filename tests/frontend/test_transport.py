@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from http_frontend.transport import Session
-from tests.cluster import recv_request
+from tests.cluster import recv_request, serve_connections
 
 
 @pytest.fixture
@@ -36,15 +36,7 @@ def canned() -> Iterator[tuple[str, list[bytes], list[bytes]]]:
                 if answer.endswith(b"<close>"):
                     return
 
-    def accept() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
+    serve_connections(listener, serve)
     yield f"http://127.0.0.1:{listener.getsockname()[1]}", answers, requests_seen
     stop.set()
     listener.close()
