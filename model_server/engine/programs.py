@@ -171,7 +171,7 @@ class Programs:
 
     def _prefill_fn(self, t: int, b: int) -> Callable:
         spec, n, s, r = self.spec, self.n, self.s, self.first_rows
-        fwd_last = base.make_forward_last(spec)
+        fwd_last = base.make_forward_last(spec, fresh=True)
 
         def prefill(params, cache, state, tokens, slot_ids, lens):
             t_idx = jnp.arange(t, dtype=jnp.int32)[None, :]

@@ -207,9 +207,9 @@ def init_cache(spec: ModelSpec, num_slots: int, max_seq_len: int, dtype: Any,
 # --------------------------------------------------------------------------- forward
 
 def hidden_states(spec: ModelSpec, params: Params, tokens: jax.Array, positions: jax.Array,
-                  cache: Optional[KVCache], slot_ids: Optional[jax.Array]):
-    """Final normalised hidden states [B, T, D] and the updated cache."""
-    return family_module(spec).apply(spec, params, tokens, positions, cache, slot_ids)
+                  cache: Optional[KVCache], slot_ids: Optional[jax.Array], *, fresh: bool = False):
+    """Final normalised hidden states [B, T, D] and the updated cache (`fresh`: see forward_last)."""
+    return family_module(spec).apply(spec, params, tokens, positions, cache, slot_ids, fresh)
 
 
 def logits_from_hidden(spec: ModelSpec, params: Params, hidden: jax.Array) -> jax.Array:
@@ -239,21 +239,24 @@ def make_forward(spec: ModelSpec, *, return_hidden: bool = False) -> Callable:
 
 
 def forward_last(spec: ModelSpec, params: Params, tokens: jax.Array, positions: jax.Array,
-                 cache: Optional[KVCache], slot_ids: Optional[jax.Array], last_index: jax.Array):
+                 cache: Optional[KVCache], slot_ids: Optional[jax.Array], last_index: jax.Array, *,
+                 fresh: bool = False):
     """Prefill variant: logits only at token `last_index[b]` of each row -> ([B, V] float32, cache).
 
-    Skips the [B, T, V] projection (large for big vocabularies and long buckets).
+    Skips the [B, T, V] projection (large for big vocabularies and long buckets). `fresh`: the
+    tokens open their sequences (each row's positions start at 0, or lie beyond the window for
+    padding rows), so they attend to one another only, not to the whole cache window.
     """
-    hidden, new_cache = hidden_states(spec, params, tokens, positions, cache, slot_ids)
+    hidden, new_cache = hidden_states(spec, params, tokens, positions, cache, slot_ids, fresh=fresh)
     rows = jnp.arange(hidden.shape[0])
     last = hidden[rows, last_index][:, None, :]  # [B, 1, D]
     return logits_from_hidden(spec, params, last)[:, 0, :], new_cache
 
 
 @functools.lru_cache(maxsize=64)
-def make_forward_last(spec: ModelSpec) -> Callable:
+def make_forward_last(spec: ModelSpec, *, fresh: bool = False) -> Callable:
     """`f(params, tokens, positions, cache, slot_ids, last_index)`; see `forward_last`."""
-    return functools.partial(forward_last, spec)
+    return functools.partial(forward_last, spec, fresh=fresh)
 
 
 @functools.lru_cache(maxsize=64)

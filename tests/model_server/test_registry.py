@@ -15,7 +15,7 @@ import pytest
 
 from model_server import registry
 from model_server.knobs import OverrideError, ServingKnobs, parse_overrides
-from model_server.models import base, tiny
+from model_server.models import base, layers, tiny
 from model_server.registry import ModelPathError
 
 
@@ -197,6 +197,33 @@ def test_forward_last_for_prefill(model):
     bad[:, 12:] = 10**6
     out, _ = jax.jit(model.forward_fn())(model.params, bad, pos, None, None)
     assert np.isfinite(np.asarray(out)).all()
+
+
+def test_fresh_prefill_matches_attending_the_cache(model):
+    """A fresh prefill attends within its tokens, in causal blocks (a long and a short prompt,
+    over more than one block, and a padding row beyond the window): same logits and cache as
+    attending the whole cache window, and as the cache-free pass."""
+    t = 2 * layers.CAUSAL_BLOCK + 9
+    toks = np.zeros((3, t), np.int32)
+    toks[0] = np.arange(t) % 50 + 3
+    toks[1, :7] = np.arange(40, 47)
+    pos = np.tile(np.arange(t, dtype=np.int32), (3, 1))
+    pos[2] += 2 * t  # a padding row: its writes fall beyond the window and are dropped
+    slots = np.array([2, 0, 1], np.int32)
+    last_index = np.array([t - 1, 6, 0], np.int32)
+
+    def run(fresh):
+        cache = base.init_cache(model.spec, 3, 2 * t, jnp.float32)
+        fn = jax.jit(base.make_forward_last(model.spec, fresh=fresh))
+        return fn(model.params, toks, pos, cache, slots, last_index)
+
+    (fresh, cache_f), (full, cache_c) = run(True), run(False)
+    np.testing.assert_allclose(np.asarray(fresh)[:2], np.asarray(full)[:2], atol=1e-5)
+    for (kf, vf), (kc, vc) in zip(cache_f, cache_c):
+        np.testing.assert_allclose(np.asarray(kf), np.asarray(kc), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(vf), np.asarray(vc), atol=1e-5)
+    nocache, _ = jax.jit(base.make_forward(model.spec))(model.params, toks[:1], pos[:1], None, None)
+    np.testing.assert_allclose(np.asarray(fresh)[0], np.asarray(nocache)[0, -1], atol=1e-5)
 
 
 def test_hidden_states_for_embed(model):
