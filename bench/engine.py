@@ -133,7 +133,7 @@ ENGINE_COMPILES = [0]
 
 def run_ours(engine, prompts, new_tokens, stagger=0.0):
     """Submit `prompts` (every `stagger` seconds); returns (makespan, ttfts, tokens)."""
-    from model_server.engine import SamplingParams, compile_count
+    from model_server.engine import compile_count
 
     c0 = compile_count()
     try:

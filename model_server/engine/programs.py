@@ -197,7 +197,7 @@ class Programs:
 
     def _first_fn(self) -> Callable:
         """Sample the first token of freshly prefilled slots from their last-prompt logits."""
-        n, r = self.n, self.first_rows
+        n = self.n
 
         def first(state, sp, logits, slot_ids, valid):
             p = jax.tree.map(lambda a: a[slot_ids], sp)
