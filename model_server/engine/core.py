@@ -303,6 +303,8 @@ class Engine:
         self._sp_dirty = True
         self._rows_key: Optional[tuple] = None
         self._rows_dev = None
+        #: per slot, a bound on the position its next decode step feeds (picks the cache blocks)
+        self._slot_pos = np.zeros((self.num_slots,), np.int64)
 
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
@@ -370,7 +372,7 @@ class Engine:
         jax.tree.map(np.asarray, out)
         self._cache, self._state = pr.copy(self._cache, self._state,
                                            *self._put(*[np.int32(0)] * 4))
-        for b, fn in pr.decode.items():
+        for (b, _), fn in pr.decode.items():
             rows = self._put(np.arange(b, dtype=np.int32))[0]
             self._cache, self._state, out = fn(self.params, self._cache, self._state, self._sp_dev, rows)
             jax.tree.map(np.asarray, out)
@@ -785,6 +787,7 @@ class Engine:
     def _activate(self, s: _Sample) -> None:
         r, p, slot, sp = s.req, s.req.params, s.slot, self._sp
         self._slots[slot] = s
+        self._slot_pos[slot] = len(r.prompt)  # the first step feeds position len - 1 or len
         s.detok = self.tokenizer.detokenizer(r.prompt)
         s.last_time = r.admitted
         sp["active"][slot] = True
@@ -830,7 +833,12 @@ class Engine:
             self._rows_key = rows
         if self._sp_dirty:
             self._upload_sp()
-        self._cache, self._state, out = self.programs.decode[b](
+        # The fewest cache blocks that hold every active row's position (the steps already
+        # dispatched are counted: this one may run before their tokens are read).
+        reach = base.kv_blocks_for(self.max_seq_len, int(self._slot_pos[active].max()) + 1)
+        kb = self.programs.kv_variants[bisect.bisect_left(self.programs.kv_variants, reach)]
+        self._slot_pos[active] += 1
+        self._cache, self._state, out = self.programs.decode[(b, kb)](
             self.params, self._cache, self._state, self._sp_dev, self._rows_dev)
         snapshot = [self._slots[r] for r in rows]
         with self._lock:

@@ -5,9 +5,10 @@
   return the last prompt token's logits (padded to the most rows any prefill takes).
 * ``first``: sample the first token of the prefilled slots from those logits (same sampling
   code and counters as a decode step) and advance their state.
-* ``decode[B]``: one token for B rows of slots (B == num_slots: all slots, no gather; smaller B:
-  the rows' cache is gathered, worth it while few slots are busy): forward + sampling +
-  logprobs in one call; the cache and state are donated.
+* ``decode[(B, K)]``: one token for B rows of slots (B == num_slots: all slots, no gather;
+  smaller B: the rows' cache is gathered, worth it while few slots are busy), reading and
+  writing only the first K blocks of the KV cache (the engine picks the fewest that hold every
+  row's position): forward + sampling + logprobs in one call; the cache and state are donated.
 * ``copy``: copy one slot's KV cache and prompt to another (n > 1 samples share one prefill;
   the copy samples its own first token in the next decode step by re-feeding the last prompt
   token).
@@ -34,7 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from model_server.engine import sampling
 from model_server.engine.types import MAX_LOGIT_BIAS, MAX_LOGPROBS
-from model_server.models import base
+from model_server.models import base, layers
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,15 @@ def default_decode_buckets(num_slots: int) -> list[int]:
     return out + [num_slots]
 
 
+def kv_block_variants(blocks: int) -> list[int]:
+    """Cache-block counts the decode programs are compiled for: powers of two and all of them."""
+    out, k = [], 1
+    while k < blocks:
+        out.append(k)
+        k *= 2
+    return out + [blocks]
+
+
 def _score_chunk(t: int) -> int:
     if t <= SCORE_CHUNK:
         return t
@@ -89,7 +99,8 @@ class Programs:
         self.rep = NamedSharding(mesh, P())
         self.cache_sharding = cache_sharding
         self.prefill: dict[tuple[int, int], Any] = {}
-        self.decode: dict[int, Any] = {}
+        self.decode: dict[tuple[int, int], Any] = {}
+        self.kv_variants = kv_block_variants(len(layers.kv_block_sizes(max_seq_len)))
         self.score: dict[tuple[int, int], Any] = {}
         self.embed: dict[int, Any] = {}
         self.copy: Any = None
@@ -132,9 +143,9 @@ class Programs:
 
     # ------------------------------------------------------------------ functions
 
-    def _decode_fn(self, b: int) -> Callable:
+    def _decode_fn(self, b: int, kv_blocks: int) -> Callable:
         spec, n = self.spec, self.n
-        fwd_last = base.make_forward_last(spec)
+        fwd_last = base.make_forward_last(spec, kv_blocks=kv_blocks)
         full = b == n
 
         def decode(params, cache, state, sp, rows):
@@ -171,7 +182,7 @@ class Programs:
 
     def _prefill_fn(self, t: int, b: int) -> Callable:
         spec, n, s, r = self.spec, self.n, self.s, self.first_rows
-        fwd_last = base.make_forward_last(spec, fresh=True)
+        fwd_last = base.make_forward_last(spec, fresh=True, kv_blocks=base.kv_blocks_for(s, t))
 
         def prefill(params, cache, state, tokens, slot_ids, lens):
             t_idx = jnp.arange(t, dtype=jnp.int32)[None, :]
@@ -222,7 +233,7 @@ class Programs:
         def copy(cache, state, src, dst, token, position):
             """Slot `dst` gets `src`'s KV cache and prompt, and re-feeds the last prompt token
             (`token` at `position`) in the next decode step to sample its own first token."""
-            cache = [(k.at[dst].set(k[src]), v.at[dst].set(v[src])) for k, v in cache]
+            cache = jax.tree.map(lambda a: a.at[dst].set(a[src]), cache)
             state = dict(state)
             state["prompt_mask"] = state["prompt_mask"].at[dst].set(state["prompt_mask"][src])
             state["counts"] = state["counts"].at[dst].set(0)
@@ -285,14 +296,15 @@ class Programs:
                     threads: Optional[int] = None) -> dict[str, float]:
         """Lower and compile every variant (in parallel threads); returns timings."""
         rep, cs = self.rep, self.cache_sharding
-        cache_out = [(cs, cs) for _ in cache]
+        cache_out = jax.tree.map(lambda _: cs, cache)
         jobs: list[tuple[str, Any, Callable]] = []
         i32 = np.int32
 
         for b in self.decode_buckets:
-            fn = jax.jit(self._decode_fn(b), donate_argnums=(1, 2), out_shardings=(cache_out, rep, rep))
-            jobs.append((f"decode[{b}]", ("decode", b),
-                         functools.partial(fn.lower, params, cache, state, sp_dev, self._arg((b,), i32))))
+            for kb in self.kv_variants:
+                fn = jax.jit(self._decode_fn(b, kb), donate_argnums=(1, 2), out_shardings=(cache_out, rep, rep))
+                jobs.append((f"decode[{b}x{kb}]", ("decode", (b, kb)),
+                             functools.partial(fn.lower, params, cache, state, sp_dev, self._arg((b,), i32))))
         for t in self.buckets:
             for b in self.prefill_rows(t):
                 fn = jax.jit(self._prefill_fn(t, b), donate_argnums=(1, 2), out_shardings=(cache_out, rep, rep))

@@ -3,9 +3,11 @@
 Contract (all functions are pure and jit-friendly; `spec` is static/hashable):
 
 * ``init_cache(spec, num_slots, max_seq_len, dtype)`` -> ``KVCache``: a list with one
-  ``(k, v)`` tuple per layer, each array shaped ``[num_slots, num_kv_heads, max_seq_len,
-  head_dim]`` (head-major, one buffer per layer: a stacked ``[layers, ...]`` cache or a
-  sequence-major layout were measured slower).
+  ``(k_blocks, v_blocks)`` pair per layer; block ``j`` of each is an array shaped
+  ``[num_slots, num_kv_heads, size_j, head_dim]`` holding positions ``[j * KV_BLOCK, ...)``
+  (head-major buffers per layer: a stacked ``[layers, ...]`` cache or a sequence-major layout
+  were measured slower; blocks let a step read only the part of the window in use, as slicing
+  one buffer would copy it).
 
 * ``forward(spec, params, tokens, positions, cache, slot_ids)`` ->
   ``(logits[B, T, V] float32, new_cache)``; ``make_forward(spec)`` closes over `spec` and
@@ -50,7 +52,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-KVCache = list  # list[tuple[jax.Array, jax.Array]], one (k, v) per layer
+from model_server.models import layers
+
+KVCache = list  # list[tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]], (k, v) blocks per layer
 Params = Any  # nested dict/list of arrays
 
 FAMILIES = ("llama", "gpt2")
@@ -194,22 +198,33 @@ def _is_shape(x: Any) -> bool:
 
 def init_cache(spec: ModelSpec, num_slots: int, max_seq_len: int, dtype: Any,
                sharding: Optional[jax.sharding.Sharding] = None) -> KVCache:
-    """Zeroed KV cache: list (per layer) of (k, v), each [num_slots, kv_heads, max_seq_len, head_dim]."""
-    shape = (num_slots, spec.num_kv_heads, max_seq_len, spec.head_dim)
+    """Zeroed KV cache: list (per layer) of (k blocks, v blocks), block j
+    [num_slots, kv_heads, size_j, head_dim] (see layers.kv_block_sizes)."""
     dt = jnp.dtype(dtype)
-    if sharding is None:
-        zeros = lambda: jnp.zeros(shape, dt)  # noqa: E731
-    else:
-        zeros = jax.jit(lambda: jnp.zeros(shape, dt), out_shardings=sharding)
-    return [(zeros(), zeros()) for _ in range(spec.num_layers)]
+
+    def zeros(size: int) -> jax.Array:
+        shape = (num_slots, spec.num_kv_heads, size, spec.head_dim)
+        if sharding is None:
+            return jnp.zeros(shape, dt)
+        return jax.jit(lambda: jnp.zeros(shape, dt), out_shardings=sharding)()
+
+    sizes = layers.kv_block_sizes(max_seq_len)
+    return [(tuple(zeros(n) for n in sizes), tuple(zeros(n) for n in sizes)) for _ in range(spec.num_layers)]
+
+
+def kv_blocks_for(max_seq_len: int, positions: int) -> int:
+    """Leading cache blocks that hold positions [0, positions)."""
+    return min(len(layers.kv_block_sizes(max_seq_len)), max(1, -(-positions // layers.KV_BLOCK)))
 
 
 # --------------------------------------------------------------------------- forward
 
 def hidden_states(spec: ModelSpec, params: Params, tokens: jax.Array, positions: jax.Array,
-                  cache: Optional[KVCache], slot_ids: Optional[jax.Array], *, fresh: bool = False):
-    """Final normalised hidden states [B, T, D] and the updated cache (`fresh`: see forward_last)."""
-    return family_module(spec).apply(spec, params, tokens, positions, cache, slot_ids, fresh)
+                  cache: Optional[KVCache], slot_ids: Optional[jax.Array], *, fresh: bool = False,
+                  kv_blocks: Optional[int] = None):
+    """Final normalised hidden states [B, T, D] and the updated cache (`fresh`, `kv_blocks`:
+    see forward_last)."""
+    return family_module(spec).apply(spec, params, tokens, positions, cache, slot_ids, fresh, kv_blocks)
 
 
 def logits_from_hidden(spec: ModelSpec, params: Params, hidden: jax.Array) -> jax.Array:
@@ -240,23 +255,26 @@ def make_forward(spec: ModelSpec, *, return_hidden: bool = False) -> Callable:
 
 def forward_last(spec: ModelSpec, params: Params, tokens: jax.Array, positions: jax.Array,
                  cache: Optional[KVCache], slot_ids: Optional[jax.Array], last_index: jax.Array, *,
-                 fresh: bool = False):
+                 fresh: bool = False, kv_blocks: Optional[int] = None):
     """Prefill variant: logits only at token `last_index[b]` of each row -> ([B, V] float32, cache).
 
     Skips the [B, T, V] projection (large for big vocabularies and long buckets). `fresh`: the
     tokens open their sequences (each row's positions start at 0, or lie beyond the window for
     padding rows), so they attend to one another only, not to the whole cache window.
+    `kv_blocks`: only that many leading cache blocks are touched (the call's positions must
+    lie in them; see `kv_blocks_for`); None: all.
     """
-    hidden, new_cache = hidden_states(spec, params, tokens, positions, cache, slot_ids, fresh=fresh)
+    hidden, new_cache = hidden_states(spec, params, tokens, positions, cache, slot_ids, fresh=fresh,
+                                      kv_blocks=kv_blocks)
     rows = jnp.arange(hidden.shape[0])
     last = hidden[rows, last_index][:, None, :]  # [B, 1, D]
     return logits_from_hidden(spec, params, last)[:, 0, :], new_cache
 
 
 @functools.lru_cache(maxsize=64)
-def make_forward_last(spec: ModelSpec, *, fresh: bool = False) -> Callable:
+def make_forward_last(spec: ModelSpec, *, fresh: bool = False, kv_blocks: Optional[int] = None) -> Callable:
     """`f(params, tokens, positions, cache, slot_ids, last_index)`; see `forward_last`."""
-    return functools.partial(forward_last, spec, fresh=fresh)
+    return functools.partial(forward_last, spec, fresh=fresh, kv_blocks=kv_blocks)
 
 
 @functools.lru_cache(maxsize=64)

@@ -108,7 +108,8 @@ def partition_specs(spec: ModelSpec, axis: str, size: int) -> dict:
 
 
 def apply(spec: ModelSpec, params: dict, tokens: jax.Array, positions: jax.Array,
-          cache: list | None, slot_ids: jax.Array | None, fresh: bool = False):
+          cache: list | None, slot_ids: jax.Array | None, fresh: bool = False,
+          kv_blocks: int | None = None):
     b, t = tokens.shape
     h_, hd = spec.num_heads, spec.head_dim
     act = L.ACTIVATIONS[spec.activation]
@@ -124,7 +125,7 @@ def apply(spec: ModelSpec, params: dict, tokens: jax.Array, positions: jax.Array
         k = L.linear(h, p["wk"], p["bk"]).reshape(b, t, h_, hd)
         v = L.linear(h, p["wv"], p["bv"]).reshape(b, t, h_, hd)
         o, layer_cache = L.attention(q, k, v, positions, None if cache is None else cache[i],
-                                     slot_ids, scale, fresh)
+                                     slot_ids, scale, fresh, kv_blocks)
         x = x + L.linear(o, p["wo"], p["bo"])
         h = L.layer_norm(x, p["mlp_norm"], p["mlp_norm_b"], spec.norm_eps)
         x = x + L.linear(act(L.linear(h, p["w_fc"], p["b_fc"])), p["w_proj"], p["b_proj"])

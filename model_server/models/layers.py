@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -72,30 +72,51 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 
 #: Query rows per block of causal self-attention: key blocks past a query block are skipped.
 CAUSAL_BLOCK = 64
+#: Positions per KV-cache block. A decode step reads (and writes) only the leading blocks that
+#: hold its rows' positions, so short sequences in a long window do not pay for the whole window.
+KV_BLOCK = 256
+
+
+def kv_block_sizes(max_seq_len: int) -> list[int]:
+    """Sizes of the cache blocks covering positions [0, max_seq_len)."""
+    return [min(KV_BLOCK, max_seq_len - start) for start in range(0, max_seq_len, KV_BLOCK)]
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
-              layer_cache: Optional[tuple[jax.Array, jax.Array]], slot_ids: Optional[jax.Array],
-              scale: float, fresh: bool = False):
+              layer_cache: Optional[tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]],
+              slot_ids: Optional[jax.Array], scale: float, fresh: bool = False,
+              kv_blocks: Optional[int] = None):
     """Grouped-query attention with an optional slot KV cache.
 
     q: [B, T, H, D]; k, v: [B, T, KV, D]; positions: [B, T].
-    layer_cache: (k, v) each [N, KV, S, D] or None. Returns (out [B, T, H*D], new layer cache).
+    layer_cache: (k blocks, v blocks), block j [N, KV, size_j, D] holding positions
+    [j * KV_BLOCK, j * KV_BLOCK + size_j); or None. Returns (out [B, T, H*D], new layer cache).
     With a cache the new k/v are written at their positions and the tokens attend to the
     cache, unless `fresh`: the tokens open their sequences, so they attend to one another only
-    (a prefill: the T x T causal product instead of T x S).
+    (a prefill: the T x T causal product instead of T x S). `kv_blocks`: only the first that
+    many blocks are written and read (every position the call writes or attends must lie in
+    them; other writes are dropped); None: all.
     """
     new_cache = None
     if layer_cache is not None:
-        ck, cv = layer_cache
+        kb, vb = layer_cache
+        used = len(kb) if kv_blocks is None else kv_blocks
         rows = jnp.arange(q.shape[0], dtype=jnp.int32) if slot_ids is None else slot_ids
-        idx = (rows[:, None], slice(None), positions)
-        ck = ck.at[idx].set(k.astype(ck.dtype), mode="drop")  # value [B, T, KV, D]
-        cv = cv.at[idx].set(v.astype(cv.dtype), mode="drop")
-        new_cache = (ck, cv)
+        kb, vb = list(kb), list(vb)
+        for j in range(used):
+            size = kb[j].shape[2]
+            local = positions - j * KV_BLOCK
+            local = jnp.where((local >= 0) & (local < size), local, size)  # elsewhere: dropped
+            idx = (rows[:, None], slice(None), local)
+            kb[j] = kb[j].at[idx].set(k.astype(kb[j].dtype), mode="drop")  # value [B, T, KV, D]
+            vb[j] = vb[j].at[idx].set(v.astype(vb[j].dtype), mode="drop")
+        new_cache = (tuple(kb), tuple(vb))
         if not fresh:
-            keys, vals = (ck, cv) if slot_ids is None else (ck[slot_ids], cv[slot_ids])
-            mask = jnp.arange(ck.shape[2], dtype=positions.dtype)[None, None, :] <= positions[:, :, None]
+            keys, vals = kb[:used], vb[:used]
+            if slot_ids is not None:
+                keys, vals = [a[slot_ids] for a in keys], [a[slot_ids] for a in vals]
+            span = sum(a.shape[2] for a in keys)
+            mask = jnp.arange(span, dtype=positions.dtype)[None, None, :] <= positions[:, :, None]
             return _attend(q, keys, vals, mask, scale), new_cache
     return causal_self_attention(q, k, v, positions, scale), new_cache
 
@@ -114,23 +135,31 @@ def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: j
     for start in range(0, t, CAUSAL_BLOCK):
         stop = min(t, start + CAUSAL_BLOCK)
         mask = positions[:, None, :stop] <= positions[:, start:stop, None]  # [B, Tq, Tk]
-        outs.append(_attend(q[:, start:stop], keys[:, :, :stop], vals[:, :, :stop], mask, scale))
+        outs.append(_attend(q[:, start:stop], [keys[:, :, :stop]], [vals[:, :, :stop]], mask, scale))
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
-def _attend(q: jax.Array, keys: jax.Array, vals: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
-    """q [B, T, H, D] against keys/vals [B, KV, S, D] under mask [B, T, S] -> [B, T, H*D].
+def _attend(q: jax.Array, keys: Sequence[jax.Array], vals: Sequence[jax.Array], mask: jax.Array,
+            scale: float) -> jax.Array:
+    """q [B, T, H, D] against consecutive key/value blocks [B, KV, S_j, D] under mask
+    [B, T, sum S_j] -> [B, T, H*D].
 
     Scores and their sums are float32; the output is normalised after the value product
     (a [T, D] division instead of a [T, S] one).
     """
     b, t, h, d = q.shape
-    kv = keys.shape[1]
-    qg = q.reshape(b, t, kv, h // kv, d).astype(keys.dtype)
-    scores = jnp.einsum("btkgd,bksd->bkgts", qg, keys, preferred_element_type=F32) * scale
+    kv = keys[0].shape[1]
+    qg = q.reshape(b, t, kv, h // kv, d).astype(keys[0].dtype)
+    parts = [jnp.einsum("btkgd,bksd->bkgts", qg, kb, preferred_element_type=F32) for kb in keys]
+    scores = (parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)) * scale
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(F32).min)
     e = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
-    out = jnp.einsum("bkgts,bksd->btkgd", e.astype(vals.dtype), vals).astype(F32)
+    out, start = None, 0
+    for vb in vals:
+        part = e[..., start:start + vb.shape[2]] if len(vals) > 1 else e
+        start += vb.shape[2]
+        o = jnp.einsum("bkgts,bksd->btkgd", part.astype(vb.dtype), vb).astype(F32)
+        out = o if out is None else out + o
     out = out / jnp.moveaxis(jnp.sum(e, axis=-1), -1, 1)[..., None]  # [B, T, KV, G, 1]
     return out.reshape(b, t, h * d).astype(q.dtype)
 

@@ -188,7 +188,8 @@ def partition_specs(spec: ModelSpec, axis: str, size: int) -> dict:
 
 
 def apply(spec: ModelSpec, params: dict, tokens: jax.Array, positions: jax.Array,
-          cache: list | None, slot_ids: jax.Array | None, fresh: bool = False):
+          cache: list | None, slot_ids: jax.Array | None, fresh: bool = False,
+          kv_blocks: int | None = None):
     """Transformer body: returns (final-normed hidden [B, T, D], new cache or None)."""
     b, t = tokens.shape
     h_, kv_, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
@@ -207,7 +208,7 @@ def apply(spec: ModelSpec, params: dict, tokens: jax.Array, positions: jax.Array
         q = L.apply_rope(q, positions, inv_freq)
         k = L.apply_rope(k, positions, inv_freq)
         o, layer_cache = L.attention(q, k, v, positions, None if cache is None else cache[i],
-                                     slot_ids, scale, fresh)
+                                     slot_ids, scale, fresh, kv_blocks)
         x = x + L.linear(o, p["wo"], p.get("bo"))
         h = L.rms_norm(x, p["mlp_norm"], spec.norm_eps)
         g = act(L.linear(h, p["w_gate"], p.get("b_gate"))) * L.linear(h, p["w_up"], p.get("b_up"))

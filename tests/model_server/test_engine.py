@@ -13,7 +13,7 @@ import pytest
 from model_server import registry
 from model_server.engine import (Engine, EngineError, InvalidRequest, QueueFull, SamplingParams,
                                  compile_count)
-from model_server.models import base
+from model_server.models import base, layers
 from tests.cluster import wait_until
 
 SLOTS, WINDOW = 4, 64
@@ -26,11 +26,16 @@ def model():
 
 @pytest.fixture(scope="module")
 def engine(model):
-    eng = Engine(model, num_slots=SLOTS, max_seq_len=WINDOW, prefill_buckets=[16, 64], max_queue=2,
-                 dtype="float32", decode_buckets=[2])
-    eng.start()
-    yield eng
-    eng.stop()
+    """Cache blocks of 16 positions: every test's sequences cross block boundaries, and decode
+    steps switch between the 1-, 2- and 4-block programs as they grow."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(layers, "KV_BLOCK", 16)
+        eng = Engine(model, num_slots=SLOTS, max_seq_len=WINDOW, prefill_buckets=[16, 64], max_queue=2,
+                     dtype="float32", decode_buckets=[2])
+        eng.start()
+        assert eng.programs.kv_variants == [1, 2, 4]
+        yield eng
+        eng.stop()
 
 
 # --------------------------------------------------------------------------- reference

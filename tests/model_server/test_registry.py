@@ -121,7 +121,7 @@ def test_loaded_model_knobs_and_memory(model):
     assert model.stats()["memory_bytes"] == model.memory_bytes()
     cache = model.init_cache()
     assert len(cache) == spec.num_layers
-    assert cache[0][0].shape == (4, spec.num_kv_heads, 64, spec.head_dim)
+    assert [a.shape for a in cache[0][0]] == [(4, spec.num_kv_heads, 64, spec.head_dim)]
 
 
 def test_unload():
@@ -219,11 +219,38 @@ def test_fresh_prefill_matches_attending_the_cache(model):
 
     (fresh, cache_f), (full, cache_c) = run(True), run(False)
     np.testing.assert_allclose(np.asarray(fresh)[:2], np.asarray(full)[:2], atol=1e-5)
-    for (kf, vf), (kc, vc) in zip(cache_f, cache_c):
-        np.testing.assert_allclose(np.asarray(kf), np.asarray(kc), atol=1e-5)
-        np.testing.assert_allclose(np.asarray(vf), np.asarray(vc), atol=1e-5)
+    for a, b in zip(jax.tree.leaves(cache_f), jax.tree.leaves(cache_c), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
     nocache, _ = jax.jit(base.make_forward(model.spec))(model.params, toks[:1], pos[:1], None, None)
     np.testing.assert_allclose(np.asarray(fresh)[0], np.asarray(nocache)[0, -1], atol=1e-5)
+
+
+def test_decode_touches_only_the_cache_blocks_it_needs(model, monkeypatch):
+    """Blocks of 16 positions: a 20-token prefill, then decode steps that each read and write
+    only the blocks up to their position (1 to 3 of 4) give the cache-free forward's logits,
+    and leave the blocks past the position untouched."""
+    monkeypatch.setattr(layers, "KV_BLOCK", 16)
+    spec, window = model.spec, 64
+    seq = list(np.arange(40) % 50 + 3)
+    want = np.asarray(jax.jit(base.make_forward(spec))(
+        model.params, np.array([seq], np.int32), np.arange(40, dtype=np.int32)[None], None, None)[0][0])
+    cache = base.init_cache(spec, 2, window, jnp.float32)
+    assert [a.shape[2] for a in cache[0][0]] == [16, 16, 16, 16]
+    slots = np.array([1], np.int32)
+    prefill = jax.jit(base.make_forward_last(spec, fresh=True, kv_blocks=base.kv_blocks_for(window, 20)))
+    logits, cache = prefill(model.params, np.array([seq[:20]], np.int32), np.arange(20, dtype=np.int32)[None],
+                            cache, slots, np.array([19], np.int32))
+    np.testing.assert_allclose(np.asarray(logits)[0], want[19], atol=1e-5)
+    steps = {}
+    for pos in range(20, 40):
+        kb = base.kv_blocks_for(window, pos + 1)
+        if kb not in steps:
+            steps[kb] = jax.jit(base.make_forward_last(spec, kv_blocks=kb))
+        logits, cache = steps[kb](model.params, np.array([[seq[pos]]], np.int32), np.array([[pos]], np.int32),
+                                  cache, slots, np.array([0], np.int32))
+        np.testing.assert_allclose(np.asarray(logits)[0], want[pos], atol=1e-5, err_msg=f"position {pos}")
+    assert sorted(steps) == [2, 3]
+    assert not np.asarray(cache[0][0][3]).any()  # positions 48.. never written
 
 
 def test_hidden_states_for_embed(model):
@@ -241,7 +268,7 @@ def test_hidden_states_for_embed(model):
 def test_bfloat16_model():
     m = registry.load_model("test.tiny", None, {"dtype": "bfloat16", "num_slots": 2, "max_seq_len": 32})
     cache = m.init_cache()
-    assert cache[0][0].dtype == jnp.bfloat16
+    assert cache[0][0][0].dtype == jnp.bfloat16
     logits, cache = jax.jit(m.forward_fn(), donate_argnums=(3,))(
         m.params, np.ones((2, 1), np.int32), np.zeros((2, 1), np.int32), cache, None)
     assert logits.dtype == jnp.float32 and logits.shape == (2, 1, m.spec.vocab_size)
@@ -272,7 +299,7 @@ def test_tensor_parallel_matches_single_device(tmp_path):
             f = jax.jit(m.forward_fn(), donate_argnums=(3,))
             logits, cache = f(m.params, toks, pos, m.init_cache(), None)
             outs.append(np.asarray(logits))
-            outs.append(len(cache[0][0].sharding.device_set))
+            outs.append(len(cache[0][0][0].sharding.device_set))
         assert outs[1] == 2 and outs[3] == 1  # kv heads sharded over both devices
         for i in (4, 6):
             assert outs[i + 1] == 2
