@@ -89,8 +89,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
     """Grouped-query attention with an optional slot KV cache.
 
     q: [B, T, H, D]; k, v: [B, T, KV, D]; positions: [B, T].
-    layer_cache: (k blocks, v blocks), block j [N, KV, size_j, D] holding positions
-    [j * KV_BLOCK, j * KV_BLOCK + size_j); or None. Returns (out [B, T, H*D], new layer cache).
+    layer_cache: (k blocks, v blocks), block j [N, KV, size_j, D] holding the size_j positions
+    after those of the blocks before it; or None. Returns (out [B, T, H*D], new layer cache).
     With a cache the new k/v are written at their positions and the tokens attend to the
     cache, unless `fresh`: the tokens open their sequences, so they attend to one another only
     (a prefill: the T x T causal product instead of T x S). `kv_blocks`: only the first that
@@ -103,13 +103,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
         used = len(kb) if kv_blocks is None else kv_blocks
         rows = jnp.arange(q.shape[0], dtype=jnp.int32) if slot_ids is None else slot_ids
         kb, vb = list(kb), list(vb)
+        offset = 0
         for j in range(used):
             size = kb[j].shape[2]
-            local = positions - j * KV_BLOCK
+            local = positions - offset
             local = jnp.where((local >= 0) & (local < size), local, size)  # elsewhere: dropped
             idx = (rows[:, None], slice(None), local)
             kb[j] = kb[j].at[idx].set(k.astype(kb[j].dtype), mode="drop")  # value [B, T, KV, D]
             vb[j] = vb[j].at[idx].set(v.astype(vb[j].dtype), mode="drop")
+            offset += size
         new_cache = (tuple(kb), tuple(vb))
         if not fresh:
             keys, vals = kb[:used], vb[:used]
