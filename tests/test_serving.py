@@ -17,7 +17,6 @@ def test_gthread_worker_serves_and_throttles_its_heartbeat(tmp_path):
     (its file's ctime moves within the timeout) while requests do not each pay an fchmod."""
     port = free_port()
     script = textwrap.dedent(f"""
-        import os
         from admin_server.serving import run_gunicorn, ThreadWorker
         calls = [0]
         base_notify = ThreadWorker.__mro__[1].notify

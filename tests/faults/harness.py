@@ -7,6 +7,7 @@ lists them all at the end either way).
 """
 from __future__ import annotations
 
+import abc
 import json
 import os
 import threading
@@ -59,7 +60,7 @@ class Outcome:
         return self.error is None
 
 
-class ClientThreads:
+class ClientThreads(abc.ABC):
     """`clients` daemon threads running `_run` until `_stop` is set."""
 
     def __init__(self, clients: int, name: str) -> None:
@@ -75,8 +76,9 @@ class ClientThreads:
             self._threads.append(t)
         return self
 
+    @abc.abstractmethod
     def _run(self) -> None:
-        raise NotImplementedError
+        """One client's loop."""
 
     def _join(self, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
