@@ -79,17 +79,18 @@ def torch_model(spec, params):
                      layer_norm_epsilon=spec.norm_eps, activation_function=spec.activation)
     model = GPT2LMHeadModel(cfg).eval()
     t = lambda a: torch.from_numpy(np.ascontiguousarray(np.asarray(a, np.float32)))  # noqa: E731
+    tt = lambda a: t(np.asarray(a).T)  # noqa: E731  ours [out, in] -> Conv1D [in, out]
     sd = {"transformer.wte.weight": t(params["embed"]), "transformer.wpe.weight": t(params["pos_embed"]),
           "transformer.ln_f.weight": t(params["final_norm"]), "transformer.ln_f.bias": t(params["final_norm_b"])}
     for i, p in enumerate(params["layers"]):
         pre = f"transformer.h.{i}."
         sd[pre + "ln_1.weight"], sd[pre + "ln_1.bias"] = t(p["attn_norm"]), t(p["attn_norm_b"])
         sd[pre + "ln_2.weight"], sd[pre + "ln_2.bias"] = t(p["mlp_norm"]), t(p["mlp_norm_b"])
-        sd[pre + "attn.c_attn.weight"] = t(np.concatenate([p["wq"], p["wk"], p["wv"]], axis=1))
+        sd[pre + "attn.c_attn.weight"] = tt(np.concatenate([p["wq"], p["wk"], p["wv"]], axis=0))
         sd[pre + "attn.c_attn.bias"] = t(np.concatenate([p["bq"], p["bk"], p["bv"]]))
-        sd[pre + "attn.c_proj.weight"], sd[pre + "attn.c_proj.bias"] = t(p["wo"]), t(p["bo"])
-        sd[pre + "mlp.c_fc.weight"], sd[pre + "mlp.c_fc.bias"] = t(p["w_fc"]), t(p["b_fc"])
-        sd[pre + "mlp.c_proj.weight"], sd[pre + "mlp.c_proj.bias"] = t(p["w_proj"]), t(p["b_proj"])
+        sd[pre + "attn.c_proj.weight"], sd[pre + "attn.c_proj.bias"] = tt(p["wo"]), t(p["bo"])
+        sd[pre + "mlp.c_fc.weight"], sd[pre + "mlp.c_fc.bias"] = tt(p["w_fc"]), t(p["b_fc"])
+        sd[pre + "mlp.c_proj.weight"], sd[pre + "mlp.c_proj.bias"] = tt(p["w_proj"]), t(p["b_proj"])
     missing, unexpected = model.load_state_dict(sd, strict=False)
     assert not unexpected and all("lm_head" in m or "attn.bias" in m for m in missing), (missing, unexpected)
     model.tie_weights()

@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 ORBAX_MARKER = "saxplane.json"
 ORBAX_PARAMS_DIR = "params"
-ORBAX_FORMAT_VERSION = 1
+#: 2: matrices [out, in] (torch Linear's layout); 1 held them [in, out].
+ORBAX_FORMAT_VERSION = 2
 CACHE_ENV = "SAX_CHECKPOINT_CACHE"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt")
 
@@ -311,6 +312,10 @@ def open_checkpoint(source: str | os.PathLike, *, cache_dir: str | os.PathLike |
         raise CheckpointError(f"{source}: {e}") from e
     marker = _read_json(local / ORBAX_MARKER, required=False)
     if marker is not None:
+        if marker.get("format") == "orbax" and marker.get("version") == 1:
+            raise CheckpointError(f"{source}: this Orbax checkpoint was converted by an older "
+                                  f"release (weight layout version 1); convert the Hugging Face "
+                                  f"checkpoint again with `python -m model_server.convert`")
         if marker.get("format") != "orbax" or marker.get("version") != ORBAX_FORMAT_VERSION:
             raise CheckpointError(f"{source}: unsupported {ORBAX_MARKER}: {marker}")
         if not (local / ORBAX_PARAMS_DIR).is_dir():

@@ -344,7 +344,9 @@ def spec_from_hf_config(config: dict, generation_config: Optional[dict] = None) 
 def random_params(spec: ModelSpec, seed: int = 0, dtype: Any = "float32") -> Params:
     """Deterministic random params from numpy's PCG64 (identical on every machine).
 
-    Norm weights are 1, biases small, matrices N(0, 1/fan_in), embeddings N(0, 1).
+    Norm weights are 1, biases small, matrices N(0, 1/fan_in), embeddings N(0, 1). Matrices
+    are [out, in]; they are drawn [in, out] and transposed, so the values stay those of the
+    earlier [in, out] layout.
     """
     rng = np.random.default_rng(seed)
     dt = dtype_of(dtype)
@@ -362,7 +364,7 @@ def random_params(spec: ModelSpec, seed: int = 0, dtype: Any = "float32") -> Par
         elif name in ("embed", "pos_embed"):
             arr = rng.standard_normal(shape, dtype=np.float32)
         else:
-            arr = rng.standard_normal(shape, dtype=np.float32) / np.float32(math.sqrt(shape[0]))
-        return arr.astype(dt)
+            arr = (rng.standard_normal(shape[::-1], dtype=np.float32) / np.float32(math.sqrt(shape[1]))).T
+        return np.ascontiguousarray(arr.astype(dt))
 
     return build(param_shapes(spec))

@@ -1,7 +1,8 @@
 """GPT-2: learned position embeddings, pre-LayerNorm, fused qkv (split at load), GELU MLP.
 
-HF GPT-2 uses Conv1D, whose weights are already [in, out]; the fused c_attn [D, 3D] is
-split into wq/wk/wv so that heads shard cleanly. Embeddings are always tied.
+HF GPT-2 uses Conv1D, whose weights are [in, out]; ours are [out, in] (as every family's),
+so they are transposed at load. The fused c_attn [D, 3D] is split into wq/wk/wv so that
+heads shard cleanly. Embeddings are always tied.
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def _layer_shapes(spec: ModelSpec) -> dict[str, tuple]:
         "wq": (d, d), "wk": (d, d), "wv": (d, d), "bq": (d,), "bk": (d,), "bv": (d,),
         "wo": (d, d), "bo": (d,),
         "mlp_norm": (d,), "mlp_norm_b": (d,),
-        "w_fc": (d, f), "b_fc": (f,), "w_proj": (f, d), "b_proj": (d,),
+        "w_fc": (f, d), "b_fc": (f,), "w_proj": (d, f), "b_proj": (d,),
     }
 
 
@@ -75,18 +76,18 @@ def hf_rules(spec: ModelSpec) -> list[Rule]:
     for i in range(spec.num_layers):
         pre = f"transformer.h.{i}."
         for j, n in enumerate("qkv"):
-            rules.append(Rule(("layers", i, f"w{n}"), pre + "attn.c_attn.weight", split=(1, j, 3)))
+            rules.append(Rule(("layers", i, f"w{n}"), pre + "attn.c_attn.weight", True, split=(1, j, 3)))
             rules.append(Rule(("layers", i, f"b{n}"), pre + "attn.c_attn.bias", split=(0, j, 3)))
         rules += [
             Rule(("layers", i, "attn_norm"), pre + "ln_1.weight"),
             Rule(("layers", i, "attn_norm_b"), pre + "ln_1.bias"),
-            Rule(("layers", i, "wo"), pre + "attn.c_proj.weight"),
+            Rule(("layers", i, "wo"), pre + "attn.c_proj.weight", True),
             Rule(("layers", i, "bo"), pre + "attn.c_proj.bias"),
             Rule(("layers", i, "mlp_norm"), pre + "ln_2.weight"),
             Rule(("layers", i, "mlp_norm_b"), pre + "ln_2.bias"),
-            Rule(("layers", i, "w_fc"), pre + "mlp.c_fc.weight"),
+            Rule(("layers", i, "w_fc"), pre + "mlp.c_fc.weight", True),
             Rule(("layers", i, "b_fc"), pre + "mlp.c_fc.bias"),
-            Rule(("layers", i, "w_proj"), pre + "mlp.c_proj.weight"),
+            Rule(("layers", i, "w_proj"), pre + "mlp.c_proj.weight", True),
             Rule(("layers", i, "b_proj"), pre + "mlp.c_proj.bias"),
         ]
     return rules
@@ -95,8 +96,9 @@ def hf_rules(spec: ModelSpec) -> list[Rule]:
 def partition_specs(spec: ModelSpec, axis: str, size: int) -> dict:
     heads_ok = size > 1 and spec.num_heads % size == 0
     ffn_ok = size > 1 and spec.intermediate_size % size == 0
-    col_h, row_h = (P(None, axis), P(axis, None)) if heads_ok else (P(), P())
-    col_f, row_f = (P(None, axis), P(axis, None)) if ffn_ok else (P(), P())
+    # [out, in]: column-parallel splits axis 0, row-parallel axis 1
+    col_h, row_h = (P(axis, None), P(None, axis)) if heads_ok else (P(), P())
+    col_f, row_f = (P(axis, None), P(None, axis)) if ffn_ok else (P(), P())
     vec_h, vec_f = (P(axis) if heads_ok else P()), (P(axis) if ffn_ok else P())
     layer = {
         "attn_norm": P(), "attn_norm_b": P(), "mlp_norm": P(), "mlp_norm_b": P(),

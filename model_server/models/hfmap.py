@@ -14,8 +14,8 @@ class Rule:
     """Our param at `path` is HF tensor `hf_name`, optionally split then transposed.
 
     `split=(axis, index, parts)` takes chunk `index` of `parts` equal chunks along `axis`
-    of the HF tensor (GPT-2's fused c_attn); `transpose` turns torch Linear [out, in]
-    into our [in, out].
+    of the HF tensor (GPT-2's fused c_attn); `transpose` turns GPT-2's Conv1D [in, out]
+    into our [out, in] (torch Linear's layout, which needs none).
     """
 
     path: Path

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from model_server import kernels
+
 F32 = jnp.float32
 
 
@@ -115,6 +117,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
         new_cache = (tuple(kb), tuple(vb))
         if not fresh:
             keys, vals = kb[:used], vb[:used]
+            if q.shape[1] == 1 and kernels.enabled():  # a decode step on the CPU: no gather
+                b, _, h, d = q.shape
+                out = kernels.decode_attention(q[:, 0], rows, positions[:, 0], keys, vals, scale)
+                return out.reshape(b, 1, h * d).astype(q.dtype), new_cache
             if slot_ids is not None:
                 keys, vals = [a[slot_ids] for a in keys], [a[slot_ids] for a in vals]
             span = sum(a.shape[2] for a in keys)
@@ -167,5 +173,7 @@ def _attend(q: jax.Array, keys: Sequence[jax.Array], vals: Sequence[jax.Array], 
 
 
 def linear(x: jax.Array, w: jax.Array, b: Optional[jax.Array] = None) -> jax.Array:
-    y = jnp.einsum("...i,io->...o", x, w)
+    """x [..., in] times w [out, in] (torch Linear's layout): on XLA:CPU 10-25% faster than
+    [in, out] at decode shapes (measured at 1, 8 and 32 rows, GPT-2-small)."""
+    y = jnp.einsum("...i,oi->...o", x, w)
     return y if b is None else y + b

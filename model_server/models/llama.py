@@ -2,7 +2,7 @@
 
 RMSNorm, RoPE, grouped-query attention, SwiGLU, tied or untied embeddings, optional
 q/k/v biases (Qwen2) and o/mlp biases (Llama `attention_bias` / `mlp_bias`).
-Weights are stored [in, out] (torch Linear weights transposed).
+Weights are stored [out, in], as torch Linear stores them.
 """
 from __future__ import annotations
 
@@ -105,8 +105,8 @@ def _layer_shapes(spec: ModelSpec) -> dict[str, tuple]:
     d, f = spec.hidden_size, spec.intermediate_size
     qd, kvd = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
     s: dict[str, tuple] = {
-        "attn_norm": (d,), "wq": (d, qd), "wk": (d, kvd), "wv": (d, kvd), "wo": (qd, d),
-        "mlp_norm": (d,), "w_gate": (d, f), "w_up": (d, f), "w_down": (f, d),
+        "attn_norm": (d,), "wq": (qd, d), "wk": (kvd, d), "wv": (kvd, d), "wo": (d, qd),
+        "mlp_norm": (d,), "w_gate": (f, d), "w_up": (f, d), "w_down": (d, f),
     }
     if spec.qkv_bias:
         s.update(bq=(qd,), bk=(kvd,), bv=(kvd,))
@@ -124,21 +124,21 @@ def param_shapes(spec: ModelSpec) -> dict:
         "final_norm": (spec.hidden_size,),
     }
     if not spec.tie_word_embeddings:
-        shapes["lm_head"] = (spec.hidden_size, spec.vocab_size)
+        shapes["lm_head"] = (spec.vocab_size, spec.hidden_size)
     return shapes
 
 
-# Our layer param -> (HF name under model.layers.{i}., transpose). The one HF mapping.
+# Our layer param -> HF name under model.layers.{i}. (same layout). The one HF mapping.
 _LAYER_MAP = {
-    "attn_norm": ("input_layernorm.weight", False),
-    "wq": ("self_attn.q_proj.weight", True), "bq": ("self_attn.q_proj.bias", False),
-    "wk": ("self_attn.k_proj.weight", True), "bk": ("self_attn.k_proj.bias", False),
-    "wv": ("self_attn.v_proj.weight", True), "bv": ("self_attn.v_proj.bias", False),
-    "wo": ("self_attn.o_proj.weight", True), "bo": ("self_attn.o_proj.bias", False),
-    "mlp_norm": ("post_attention_layernorm.weight", False),
-    "w_gate": ("mlp.gate_proj.weight", True), "b_gate": ("mlp.gate_proj.bias", False),
-    "w_up": ("mlp.up_proj.weight", True), "b_up": ("mlp.up_proj.bias", False),
-    "w_down": ("mlp.down_proj.weight", True), "b_down": ("mlp.down_proj.bias", False),
+    "attn_norm": "input_layernorm.weight",
+    "wq": "self_attn.q_proj.weight", "bq": "self_attn.q_proj.bias",
+    "wk": "self_attn.k_proj.weight", "bk": "self_attn.k_proj.bias",
+    "wv": "self_attn.v_proj.weight", "bv": "self_attn.v_proj.bias",
+    "wo": "self_attn.o_proj.weight", "bo": "self_attn.o_proj.bias",
+    "mlp_norm": "post_attention_layernorm.weight",
+    "w_gate": "mlp.gate_proj.weight", "b_gate": "mlp.gate_proj.bias",
+    "w_up": "mlp.up_proj.weight", "b_up": "mlp.up_proj.bias",
+    "w_down": "mlp.down_proj.weight", "b_down": "mlp.down_proj.bias",
 }
 HF_PREFIX = "model."  # some exports omit it; the loader also tries without
 
@@ -148,21 +148,20 @@ def hf_rules(spec: ModelSpec) -> list[Rule]:
              Rule(("final_norm",), "model.norm.weight")]
     for i in range(spec.num_layers):
         for name in _layer_shapes(spec):
-            hf, transpose = _LAYER_MAP[name]
-            rules.append(Rule(("layers", i, name), f"model.layers.{i}.{hf}", transpose))
+            rules.append(Rule(("layers", i, name), f"model.layers.{i}.{_LAYER_MAP[name]}"))
     if not spec.tie_word_embeddings:
-        rules.append(Rule(("lm_head",), "lm_head.weight", True))
+        rules.append(Rule(("lm_head",), "lm_head.weight"))
     return rules
 
 
 def partition_specs(spec: ModelSpec, axis: str, size: int) -> dict:
-    def col(n: int, heads: int | None = None) -> P:
-        ok = size > 1 and n % size == 0 and (heads is None or heads % size == 0)
-        return P(None, axis) if ok else P()
-
-    def row(n: int, heads: int | None = None) -> P:
+    def col(n: int, heads: int | None = None) -> P:  # split the output dimension (axis 0)
         ok = size > 1 and n % size == 0 and (heads is None or heads % size == 0)
         return P(axis, None) if ok else P()
+
+    def row(n: int, heads: int | None = None) -> P:  # split the input dimension (axis 1)
+        ok = size > 1 and n % size == 0 and (heads is None or heads % size == 0)
+        return P(None, axis) if ok else P()
 
     def vec(p: P) -> P:
         return P(axis) if p != P() else P()
@@ -221,4 +220,4 @@ def apply(spec: ModelSpec, params: dict, tokens: jax.Array, positions: jax.Array
 def logits(spec: ModelSpec, params: dict, hidden: jax.Array) -> jax.Array:
     if spec.tie_word_embeddings:
         return jnp.einsum("btd,vd->btv", hidden, params["embed"], preferred_element_type=jnp.float32)
-    return jnp.einsum("btd,dv->btv", hidden, params["lm_head"], preferred_element_type=jnp.float32)
+    return jnp.einsum("btd,vd->btv", hidden, params["lm_head"], preferred_element_type=jnp.float32)

@@ -263,3 +263,14 @@ def test_broken_orbax(tiny_hf_dir, tmp_path):
     shutil.rmtree(out / "params")
     with pytest.raises(CheckpointError, match="params/"):
         registry.load_model("lm.hf", str(out))
+
+
+def test_orbax_of_the_old_weight_layout_is_refused(tiny_hf_dir, tmp_path):
+    """Version-1 conversions hold [in, out] matrices: refused with what to do, never misread."""
+    out = tmp_path / "orbax"
+    assert convert.main([str(tiny_hf_dir), str(out)]) == 0
+    marker = json.loads((out / ck.ORBAX_MARKER).read_text())
+    assert marker["version"] == ck.ORBAX_FORMAT_VERSION == 2
+    (out / ck.ORBAX_MARKER).write_text(json.dumps(dict(marker, version=1)))
+    with pytest.raises(CheckpointError, match="convert the Hugging Face checkpoint again"):
+        registry.load_model("lm.hf", str(out))

@@ -67,8 +67,8 @@ def test_four_devices_match_one(model):
     out = json.loads(proc.stdout.split("RESULT ", 1)[1])
     assert out["devices"] == 4
     # MLP and vocabulary projections really are split four ways
-    assert out["w_gate_spec"] in ("P(None, 'tp')", "PartitionSpec(None, 'tp')") and out["w_gate_shard"] == [64, 32]
-    assert out["lm_head_shard"] == [64, 96]
+    assert out["w_gate_spec"] in ("P('tp', None)", "PartitionSpec('tp', None)") and out["w_gate_shard"] == [32, 64]
+    assert out["lm_head_shard"] == [96, 64]
     for p, toks, lps in zip(prompts, out["tokens"], out["logprobs"]):
         want, steps = ref_greedy(model, p, 8)
         assert toks == want

@@ -1,0 +1,82 @@
+"""The CPU decode-attention kernel (XLA FFI custom call) against the pure-JAX attention."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model_server import kernels
+from model_server.models import base, layers
+
+pytestmark = pytest.mark.skipif(not kernels.enabled(), reason="no C++ compiler: the pure-JAX path serves")
+
+
+def reference(q, slots, positions, k_blocks, v_blocks, scale):
+    """layers._attend on the gathered slots, in float32 (the kernel's precision)."""
+    keys = [jnp.asarray(a)[slots].astype(jnp.float32) for a in k_blocks]
+    vals = [jnp.asarray(a)[slots].astype(jnp.float32) for a in v_blocks]
+    span = sum(a.shape[2] for a in k_blocks)
+    mask = jnp.arange(span)[None, None, :] <= jnp.asarray(positions)[:, None, None]
+    b, h, d = q.shape
+    return np.asarray(layers._attend(jnp.asarray(q)[:, None], keys, vals, mask, scale)).reshape(b, h, d)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dim,kv_heads,group", [(64, 2, 3), (16, 3, 1), (128, 1, 4)])
+def test_kernel_matches_pure_jax(dtype, dim, kv_heads, group):
+    rng = np.random.default_rng(dim + group)
+    slots_total, sizes = 5, [16, 16, 8]
+    k_blocks = [jnp.asarray(rng.standard_normal((slots_total, kv_heads, s, dim)), dtype) for s in sizes]
+    v_blocks = [jnp.asarray(rng.standard_normal((slots_total, kv_heads, s, dim)), dtype) for s in sizes]
+    heads = kv_heads * group
+    q = rng.standard_normal((6, heads, dim)).astype(np.float32)
+    slots = np.array([3, 0, 4, 1, 2, 3], np.int32)
+    # first position only, inside the first block, a block boundary, the last position, past the end
+    positions = np.array([0, 9, 16, 39, 70, 31], np.int32)
+    scale = 1 / np.sqrt(dim)
+    got = jax.jit(lambda *a: kernels.decode_attention(*a, scale))(q, slots, positions, k_blocks, v_blocks)
+    np.testing.assert_allclose(np.asarray(got), reference(q, slots, positions, k_blocks, v_blocks, scale),
+                               atol=2e-6, rtol=1e-5)
+
+
+def test_decode_steps_call_the_kernel_and_match_without_it(monkeypatch):
+    """A decode step's program holds the custom call, gathers no cache, and gives the logits of
+    the pure-JAX program (SAX_CPU_KERNELS=0) on a prefilled cache of several blocks."""
+    monkeypatch.setattr(layers, "KV_BLOCK", 16)
+    spec = base.ModelSpec(family="llama", model_type="llama", vocab_size=64, hidden_size=32, num_layers=2,
+                          num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=64,
+                          max_position_embeddings=64)
+    params = base.random_params(spec, seed=3)
+    seqs = np.random.default_rng(0).integers(0, 64, size=(3, 40)).astype(np.int32)
+    slots = np.array([2, 0, 1], np.int32)
+    prefill = jax.jit(base.make_forward_last(spec, fresh=True))
+    _, cache = prefill(params, seqs[:, :39], np.tile(np.arange(39, dtype=np.int32), (3, 1)),
+                       base.init_cache(spec, 4, 48, jnp.float32), slots, np.full((3,), 38, np.int32))
+    args = (params, seqs[:, 39:], np.full((3, 1), 39, np.int32), cache, slots, np.zeros((3,), np.int32))
+    step = base.make_forward_last(spec)
+    with_kernel = jax.jit(lambda *a: step(*a)).lower(*args)  # a new function each: traced anew
+    assert "saxplane_decode_attention" in with_kernel.as_text()
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    without = jax.jit(lambda *a: step(*a)).lower(*args)
+    assert "saxplane_decode_attention" not in without.as_text()
+    (a, cache_a), (b, cache_b) = with_kernel.compile()(*args), without.compile()(*args)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    for x, y in zip(jax.tree.leaves(cache_a), jax.tree.leaves(cache_b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)  # later layers: ~1e-7 apart
+
+
+def test_without_a_compiler_the_pure_jax_path_serves(tmp_path):
+    """A failed build is logged and turns the kernels off; nothing else changes."""
+    code = ("import logging; logging.basicConfig(level=logging.WARNING)\n"
+            "from model_server import kernels\n"
+            "print('ENABLED', kernels.enabled())\n")
+    env = dict(os.environ, CXX="/bin/false", SAX_KERNEL_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "ENABLED False" in proc.stdout
+    assert "CPU kernels unavailable, using pure JAX" in proc.stderr
