@@ -62,7 +62,8 @@ def _build() -> Path:
     """The compiled library for this source, jaxlib, flags and CPU (built if missing)."""
     source = _SOURCE.read_bytes()
     flags = " ".join(_COMPILE_FLAGS + _LINK_FLAGS)
-    key = hashlib.sha256(source + jaxlib.__version__.encode() + flags.encode() + _cpu_identity()).hexdigest()[:16]
+    ident = b"\0".join([source, jaxlib.__version__.encode(), flags.encode(), _cpu_identity()])
+    key = hashlib.sha256(ident).hexdigest()[:16]
     out = _cache_dir() / f"decode_attention-{key}.so"
     if out.exists():
         return out

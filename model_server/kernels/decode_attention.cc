@@ -197,7 +197,7 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
     if (k.has_error() || v.has_error()) return ffi::Error::InvalidArgument("bad cache block");
     auto kd = k->dimensions(), vd = v->dimensions();
     if (kd.size() != 4 || vd.size() != 4 || kd[3] != p.dim || vd[3] != p.dim || kd[2] != vd[2] ||
-        kd[1] != vd[1] || k->element_type() != v->element_type()) {
+        kd[1] != vd[1] || kd[0] != vd[0] || k->element_type() != v->element_type()) {
       return ffi::Error::InvalidArgument("cache blocks must be [slots, kv_heads, size, dim]");
     }
     if (j == 0) {
@@ -208,9 +208,11 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
         return ffi::Error::InvalidArgument("cache blocks must be float32 or bfloat16");
       }
     }
-    if (kd[0] != p.num_slots || kd[1] != p.kv_heads || p.heads % p.kv_heads) {
-      return ffi::Error::InvalidArgument("heads must be a multiple of the cache's kv heads");
+    const auto dtype = p.bf16 ? ffi::DataType::BF16 : ffi::DataType::F32;
+    if (kd[0] != p.num_slots || kd[1] != p.kv_heads || k->element_type() != dtype) {
+      return ffi::Error::InvalidArgument("cache blocks must share their slots, kv heads and dtype");
     }
+    if (p.heads % p.kv_heads) return ffi::Error::InvalidArgument("heads must be a multiple of kv heads");
     p.blocks.push_back(Block{k->untyped_data(), v->untyped_data(), kd[2]});
     p.span += kd[2];
   }
