@@ -21,6 +21,8 @@ _ENGINE_METRICS = {
     "prompt_tokens_total": ("vllm:prompt_tokens", "counter", "Prompt tokens processed."),
     "generation_tokens_total": ("vllm:generation_tokens", "counter", "Tokens generated."),
     "requests_refused_total": ("sax:requests_refused", "counter", "Requests refused (queue full)."),
+    "decode_steps_total": ("sax:engine_decode_steps", "counter", "Decode steps (a token for each busy slot)."),
+    "prefill_calls_total": ("sax:engine_prefill_calls", "counter", "Prefill calls (several prompts each)."),
 }
 _ENGINE_HISTOGRAMS = {
     "time_to_first_token_seconds": ("vllm:time_to_first_token_seconds", "Time to first token."),

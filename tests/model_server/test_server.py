@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from typing import Iterator
 
@@ -151,3 +152,8 @@ def test_health_models_and_metrics(server: str) -> None:
     for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:prompt_tokens",
                  "vllm:generation_tokens", "sax:http_requests_total"):
         assert name in text, name
+    # one prefill and at least one decode step for the 2-token completion above
+    counts = {name: float(v) for name, v in re.findall(
+        r"^(sax:engine_(?:decode_steps|prefill_calls)_total)\{[^}]*\} (\S+)$", text, re.M)}
+    assert counts["sax:engine_prefill_calls_total"] >= 1, counts
+    assert counts["sax:engine_decode_steps_total"] >= 1, counts
