@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -13,7 +14,15 @@ import pytest
 from model_server import kernels
 from model_server.models import base, layers
 
-pytestmark = pytest.mark.skipif(not kernels.enabled(), reason="no C++ compiler: the pure-JAX path serves")
+#: Only a machine without any C++ compiler skips the kernel tests; where one exists a failed
+#: build fails `test_the_kernel_builds_where_a_compiler_exists` instead of hiding.
+needs_compiler = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                                    reason="no C++ compiler: the pure-JAX path serves")
+
+
+@needs_compiler
+def test_the_kernel_builds_where_a_compiler_exists():
+    assert kernels.enabled(), "the decode-attention kernel did not build or load (see the log)"
 
 
 def reference(q, slots, positions, k_blocks, v_blocks, scale):
@@ -26,6 +35,7 @@ def reference(q, slots, positions, k_blocks, v_blocks, scale):
     return np.asarray(layers._attend(jnp.asarray(q)[:, None], keys, vals, mask, scale)).reshape(b, h, d)
 
 
+@needs_compiler
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("dim,kv_heads,group", [(64, 2, 3), (16, 3, 1), (128, 1, 4)])
 def test_kernel_matches_pure_jax(dtype, dim, kv_heads, group):
@@ -44,9 +54,10 @@ def test_kernel_matches_pure_jax(dtype, dim, kv_heads, group):
                                atol=2e-6, rtol=1e-5)
 
 
+@needs_compiler
 def test_decode_steps_call_the_kernel_and_match_without_it(monkeypatch):
-    """A decode step's program holds the custom call, gathers no cache, and gives the logits of
-    the pure-JAX program (SAX_CPU_KERNELS=0) on a prefilled cache of several blocks."""
+    """A decode step's program holds the custom call and gives the logits and cache of the
+    pure-JAX program (SAX_CPU_KERNELS=0) on a prefilled cache of several blocks."""
     monkeypatch.setattr(layers, "KV_BLOCK", 16)
     spec = base.ModelSpec(family="llama", model_type="llama", vocab_size=64, hidden_size=32, num_layers=2,
                           num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=64,
