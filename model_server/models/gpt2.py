@@ -137,4 +137,4 @@ def apply(spec: ModelSpec, params: dict, tokens: jax.Array, positions: jax.Array
 
 
 def logits(spec: ModelSpec, params: dict, hidden: jax.Array) -> jax.Array:
-    return jnp.einsum("btd,vd->btv", hidden, params["embed"], preferred_element_type=jnp.float32)
+    return L.linear(hidden, params["embed"], out_dtype=jnp.float32)

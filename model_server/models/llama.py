@@ -219,5 +219,5 @@ def apply(spec: ModelSpec, params: dict, tokens: jax.Array, positions: jax.Array
 
 def logits(spec: ModelSpec, params: dict, hidden: jax.Array) -> jax.Array:
     if spec.tie_word_embeddings:
-        return jnp.einsum("btd,vd->btv", hidden, params["embed"], preferred_element_type=jnp.float32)
-    return jnp.einsum("btd,vd->btv", hidden, params["lm_head"], preferred_element_type=jnp.float32)
+        return L.linear(hidden, params["embed"], out_dtype=jnp.float32)
+    return L.linear(hidden, params["lm_head"], out_dtype=jnp.float32)

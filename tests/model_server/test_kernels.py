@@ -1,4 +1,4 @@
-"""The CPU decode-attention kernel (XLA FFI custom call) against the pure-JAX attention."""
+"""The CPU kernels (XLA FFI custom calls) against the pure-JAX code they stand in for."""
 from __future__ import annotations
 
 import os
@@ -54,10 +54,30 @@ def test_kernel_matches_pure_jax(dtype, dim, kv_heads, group):
                                atol=2e-6, rtol=1e-5)
 
 
+needs_avx512 = pytest.mark.skipif(not kernels._has_avx512(), reason="no AVX-512: XLA's dot serves")
+
+
+@needs_compiler
+@needs_avx512
+@pytest.mark.parametrize("m", [1, 2, 4, 5, 8, 9, 16, 17, 32, 33, 64])
+def test_matmul_matches_xla_dot(m):
+    """Every tile shape and tail: rows around the 4-row and 16/32-row tiles, outputs around the
+    6- and 12-output tiles, K below, at and off the vector width."""
+    rng = np.random.default_rng(m)
+    fn = jax.jit(kernels.matmul)
+    for n, k in [(1, 1), (5, 15), (6, 16), (13, 48), (50, 100), (97, 768)]:
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        w = rng.standard_normal((n, k)).astype(np.float32)
+        want = x.astype(np.float64) @ w.astype(np.float64).T
+        np.testing.assert_allclose(np.asarray(fn(x, w)), want, rtol=1e-5, atol=1e-4 * np.sqrt(k),
+                                   err_msg=f"m={m} n={n} k={k}")
+
+
 @needs_compiler
 def test_decode_steps_call_the_kernel_and_match_without_it(monkeypatch):
-    """A decode step's program holds the custom call and gives the logits and cache of the
-    pure-JAX program (SAX_CPU_KERNELS=0) on a prefilled cache of several blocks."""
+    """A decode step's program holds the custom calls and gives the logits and cache of the
+    pure-JAX program (SAX_CPU_KERNELS=0) on a prefilled cache of several blocks; the prefill's
+    layers (more rows than the matmul kernel takes) keep XLA's dot."""
     monkeypatch.setattr(layers, "KV_BLOCK", 16)
     spec = base.ModelSpec(family="llama", model_type="llama", vocab_size=64, hidden_size=32, num_layers=2,
                           num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=64,
@@ -65,16 +85,21 @@ def test_decode_steps_call_the_kernel_and_match_without_it(monkeypatch):
     params = base.random_params(spec, seed=3)
     seqs = np.random.default_rng(0).integers(0, 64, size=(3, 40)).astype(np.int32)
     slots = np.array([2, 0, 1], np.int32)
-    prefill = jax.jit(base.make_forward_last(spec, fresh=True))
-    _, cache = prefill(params, seqs[:, :39], np.tile(np.arange(39, dtype=np.int32), (3, 1)),
-                       base.init_cache(spec, 4, 48, jnp.float32), slots, np.full((3,), 38, np.int32))
+    prefill_args = (params, seqs[:, :39], np.tile(np.arange(39, dtype=np.int32), (3, 1)),
+                    base.init_cache(spec, 4, 48, jnp.float32), slots, np.full((3,), 38, np.int32))
+    prefill = jax.jit(base.make_forward_last(spec, fresh=True)).lower(*prefill_args)
+    calls = [line for line in prefill.as_text().splitlines() if "@saxplane_matmul" in line]
+    assert all("(tensor<3x32xf32>" in line for line in calls)  # the last tokens' logits only
+    _, cache = prefill.compile()(*prefill_args)
     args = (params, seqs[:, 39:], np.full((3, 1), 39, np.int32), cache, slots, np.zeros((3,), np.int32))
     step = base.make_forward_last(spec)
     with_kernel = jax.jit(lambda *a: step(*a)).lower(*args)  # a new function each: traced anew
     assert "saxplane_decode_attention" in with_kernel.as_text()
+    assert ("saxplane_matmul" in with_kernel.as_text()) == kernels._has_avx512()
     monkeypatch.setenv(kernels.ENV_SWITCH, "0")
     without = jax.jit(lambda *a: step(*a)).lower(*args)
     assert "saxplane_decode_attention" not in without.as_text()
+    assert "saxplane_matmul" not in without.as_text()
     (a, cache_a), (b, cache_b) = with_kernel.compile()(*args), without.compile()(*args)
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
     for x, y in zip(jax.tree.leaves(cache_a), jax.tree.leaves(cache_b)):

@@ -1,0 +1,303 @@
+// y = x . w^T for float32 x [M, K] and weights w [N, K] (the models' [out, in] layout), an XLA
+// FFI custom call for the CPU.
+//
+// Why: XLA:CPU's dot reaches about half of the machine's FMA peak on the few rows of a decode
+// step (M <= 64) and streams the weights below the memory bandwidth at M = 1. Here each tile
+// of MR rows x NR outputs keeps MR * NR vector accumulators over K (dot-product form, no
+// packing: both operands are read along K, where they are contiguous), so a weight vector
+// loaded once serves MR rows and an input vector NR outputs; tiles of outputs are spread over
+// XLA's intra-op threads and each reads its weight rows from memory once per block of rows.
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+constexpr int kMR = 4;  // 4 x 6 accumulators + 4 + 6 operands: 34 of 32 zmm, the compiler
+constexpr int kNR = 6;  // streams the inputs through memory operands
+#else
+constexpr int kLanes = 8;
+constexpr int kMR = 2;
+constexpr int kNR = 4;
+#endif
+
+typedef float Vec __attribute__((vector_size(kLanes * 4), aligned(4)));
+
+inline Vec load(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline float hsum(Vec v) {
+  float s = 0.f;
+  for (int l = 0; l < kLanes; ++l) s += v[l];
+  return s;
+}
+
+struct Problem {
+  const float* x;  // [M, K]
+  const float* w;  // [N, K]
+  float* y;        // [M, N]
+  int64_t m, n, k;
+  int64_t mc;           // rows per block: a block's inputs stay in the L2 cache
+  int64_t tiles_per_item;  // NR-output tiles per work item
+  int64_t n_items, m_blocks;
+};
+
+// y[m0:m0+MR, n0:n0+NR] = x[m0:m0+MR] . w[n0:n0+NR]^T over all of K.
+template <int MR, int NR>
+inline void tile(const Problem& p, int64_t m0, int64_t n0) {
+  const int64_t k = p.k, kv = k - k % kLanes;
+  const float* __restrict__ xs[MR];
+  const float* __restrict__ ws[NR];
+  for (int i = 0; i < MR; ++i) xs[i] = p.x + (m0 + i) * k;
+  for (int j = 0; j < NR; ++j) ws[j] = p.w + (n0 + j) * k;
+  Vec acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = Vec{} ;
+  // The next tile's weight rows follow these in memory: fetch them while this one computes
+  // (short row streams leave the hardware prefetcher too little time to ramp up).
+  const bool ahead = n0 + 2 * NR <= p.n;
+  for (int64_t kk = 0; kk < kv; kk += kLanes) {
+    Vec wv[NR];
+    for (int j = 0; j < NR; ++j) {
+      if (ahead) __builtin_prefetch(ws[j] + NR * k + kk);
+      wv[j] = load(ws[j] + kk);
+    }
+    for (int i = 0; i < MR; ++i) {
+      const Vec xv = load(xs[i] + kk);
+      for (int j = 0; j < NR; ++j) acc[i][j] += xv * wv[j];
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    float* __restrict__ out = p.y + (m0 + i) * p.n + n0;
+    for (int j = 0; j < NR; ++j) {
+      float s = hsum(acc[i][j]);
+      for (int64_t kk = kv; kk < k; ++kk) s += xs[i][kk] * ws[j][kk];
+      out[j] = s;
+    }
+  }
+}
+
+template <int MR>
+inline void tile_n(const Problem& p, int64_t m0, int64_t n0, int64_t nr) {
+  switch (nr) {
+    case kNR: return tile<MR, kNR>(p, m0, n0);
+    default: break;
+  }
+  // a last, narrower tile of outputs: one output at a time
+  for (int64_t j = 0; j < nr; ++j) tile<MR, 1>(p, m0, n0 + j);
+}
+
+// One row of inputs: the weight rows one after another (a single sequential stream per
+// thread, which the hardware prefetcher follows best), four accumulators each.
+inline void gemv_rows(const Problem& p, int64_t m0, int64_t n0, int64_t nr) {
+  const int64_t k = p.k, kv = k - k % (4 * kLanes);
+  const float* __restrict__ x = p.x + m0 * k;
+  for (int64_t j = 0; j < nr; ++j) {
+    const float* __restrict__ w = p.w + (n0 + j) * k;
+    Vec a0{}, a1{}, a2{}, a3{};
+    for (int64_t kk = 0; kk < kv; kk += 4 * kLanes) {
+      a0 += load(x + kk) * load(w + kk);
+      a1 += load(x + kk + kLanes) * load(w + kk + kLanes);
+      a2 += load(x + kk + 2 * kLanes) * load(w + kk + 2 * kLanes);
+      a3 += load(x + kk + 3 * kLanes) * load(w + kk + 3 * kLanes);
+    }
+    float s = hsum((a0 + a1) + (a2 + a3));
+    for (int64_t kk = kv; kk < k; ++kk) s += x[kk] * w[kk];
+    p.y[m0 * p.n + n0 + j] = s;
+  }
+}
+
+inline void tile_mn(const Problem& p, int64_t m0, int64_t mr, int64_t n0, int64_t nr) {
+  if (p.m == 1) return gemv_rows(p, m0, n0, nr);
+  if (mr == kMR) return tile_n<kMR>(p, m0, n0, nr);
+  for (int64_t i = 0; i < mr; ++i) tile_n<1>(p, m0 + i, n0, nr);
+}
+
+// Work item `item`: one block of rows x one run of output tiles, tile after tile, each over
+// every row of the block (its weight rows are read from memory once and reused from cache).
+void run_item(const Problem& p, int64_t item) {
+  const int64_t mb = item / p.n_items, ni = item % p.n_items;
+  const int64_t m_begin = mb * p.mc, m_end = std::min(p.m, m_begin + p.mc);
+  const int64_t n_begin = ni * p.tiles_per_item * kNR;
+  const int64_t n_end = std::min(p.n, n_begin + p.tiles_per_item * kNR);
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kNR) {
+    const int64_t nr = std::min<int64_t>(kNR, n_end - n0);
+    for (int64_t m0 = m_begin; m0 < m_end; m0 += kMR) {
+      tile_mn(p, m0, std::min<int64_t>(kMR, m_end - m0), n0, nr);
+    }
+  }
+}
+
+// ---- many rows: broadcast form on the transposed inputs -----------------------------------
+//
+// xt [K, Mp] holds the inputs transposed (rows padded to a multiple of kLanes * MV with zeros),
+// so a vector of kLanes consecutive rows at one k is contiguous. acc[v][j] += xt[k, rows of v]
+// * broadcast(w[n0 + j, k]): MV vector loads and NR scalar broadcasts per MV * NR FMAs, no
+// horizontal sums; each weight row is read once per block of rows, sequentially along K.
+
+struct Panel {
+  const float* xt;  // [K, mp]
+  const float* w;   // [N, K]
+  float* y;         // [M, N]
+  int64_t m, mp, n, k;
+  int64_t mc;              // rows per block (a multiple of kLanes * kMV)
+  int64_t tiles_per_item;  // kPanelNR-output tiles per work item
+  int64_t n_items, m_blocks;
+};
+
+constexpr int kMV = 2;       // row vectors per tile: 2 x 16 = 32 rows with AVX-512
+constexpr int kPanelNR = 12;  // outputs per tile: 24 accumulators
+
+template <int MV, int NR>
+inline void panel_tile(const Panel& p, int64_t m0, int64_t n0) {
+  Vec acc[MV][NR];
+  for (int v = 0; v < MV; ++v)
+    for (int j = 0; j < NR; ++j) acc[v][j] = Vec{};
+  const float* __restrict__ ws[NR];
+  for (int j = 0; j < NR; ++j) ws[j] = p.w + (n0 + j) * p.k;
+  const float* __restrict__ xt = p.xt + m0;
+  for (int64_t kk = 0; kk < p.k; ++kk) {
+    Vec xv[MV];
+    for (int v = 0; v < MV; ++v) xv[v] = load(xt + kk * p.mp + v * kLanes);
+    for (int j = 0; j < NR; ++j) {
+      const float b = ws[j][kk];
+      for (int v = 0; v < MV; ++v) acc[v][j] += xv[v] * b;
+    }
+  }
+  for (int v = 0; v < MV; ++v) {
+    const int64_t r0 = m0 + v * kLanes;
+    const int64_t rows = std::min<int64_t>(kLanes, p.m - r0);
+    for (int64_t l = 0; l < rows; ++l) {
+      float* __restrict__ out = p.y + (r0 + l) * p.n + n0;
+      for (int j = 0; j < NR; ++j) out[j] = acc[v][j][l];
+    }
+  }
+}
+
+void panel_item(const Panel& p, int64_t item) {
+  const int64_t mb = item / p.n_items, ni = item % p.n_items;
+  const int64_t m_begin = mb * p.mc, m_end = std::min(p.mp, m_begin + p.mc);
+  const int64_t n_begin = ni * p.tiles_per_item * kPanelNR;
+  const int64_t n_end = std::min(p.n, n_begin + p.tiles_per_item * kPanelNR);
+  constexpr int64_t step = kLanes * kMV;
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kPanelNR) {
+    const int64_t nr = std::min<int64_t>(kPanelNR, n_end - n0);
+    for (int64_t m0 = m_begin; m0 < m_end; m0 += step) {
+      if (m0 + step > p.m && m0 + kLanes >= p.m) {  // one vector of rows left
+        if (nr == kPanelNR) {
+          panel_tile<1, kPanelNR>(p, m0, n0);
+        } else {
+          for (int64_t j = 0; j < nr; ++j) panel_tile<1, 1>(p, m0, n0 + j);
+        }
+      } else if (nr == kPanelNR) {
+        panel_tile<kMV, kPanelNR>(p, m0, n0);
+      } else {
+        for (int64_t j = 0; j < nr; ++j) panel_tile<kMV, 1>(p, m0, n0 + j);
+      }
+    }
+  }
+}
+
+// Workers take items from a shared counter; the caller works too and waits only for items
+// already taken, so it never depends on a pool thread being free.
+template <typename P, void (*Item)(const P&, int64_t)>
+struct Work {
+  P problem;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t total = 0;
+
+  void run() {
+    for (;;) {
+      const int64_t i = next.fetch_add(1, std::memory_order_relaxed);
+      if (i >= total) return;
+      Item(problem, i);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  void run_on(ffi::ThreadPool& pool, const std::shared_ptr<Work>& self) {
+    const int64_t helpers = std::min<int64_t>(pool.num_threads(), total - 1);
+    for (int64_t i = 0; i < helpers; ++i) pool.Schedule([self] { self->run(); });
+    run();
+    while (done.load(std::memory_order_acquire) < total) std::this_thread::yield();
+  }
+};
+
+// Output tiles per work item: enough items for every thread to take several (load balance).
+int64_t tiles_per_item(int64_t n_tiles, int64_t threads) {
+  return std::max<int64_t>(1, std::min<int64_t>(16, n_tiles / (4 * threads)));
+}
+
+//: Up to this many rows the dot-product form (no transposition) is used.
+constexpr int64_t kDotRows = 8;
+
+ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                      ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1]) {
+    return ffi::Error::InvalidArgument("expected x [M, K] and w [N, K]");
+  }
+  const int64_t m = xd[0], n = wd[0], k = xd[1];
+  if (m == 0 || n == 0) return ffi::Error::Success();
+  const int64_t threads = pool.num_threads() + 1;
+  if (m <= kDotRows) {
+    auto work = std::make_shared<Work<Problem, run_item>>();
+    Problem& p = work->problem;
+    p.x = x.typed_data();
+    p.w = w.typed_data();
+    p.y = y->typed_data();
+    p.m = m, p.n = n, p.k = k;
+    p.mc = m;
+    p.m_blocks = 1;
+    const int64_t n_tiles = (n + kNR - 1) / kNR;
+    p.tiles_per_item = tiles_per_item(n_tiles, threads);
+    p.n_items = (n_tiles + p.tiles_per_item - 1) / p.tiles_per_item;
+    work->total = p.n_items;
+    work->run_on(pool, work);
+    return ffi::Error::Success();
+  }
+  auto work = std::make_shared<Work<Panel, panel_item>>();
+  Panel& p = work->problem;
+  constexpr int64_t step = kLanes * kMV;
+  p.m = m, p.n = n, p.k = k;
+  p.mp = (m + step - 1) / step * step;
+  std::vector<float> xt(static_cast<size_t>(k * p.mp), 0.f);
+  const float* xs = x.typed_data();
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t kk = 0; kk < k; ++kk) xt[kk * p.mp + r] = xs[r * k + kk];
+  p.xt = xt.data();
+  p.w = w.typed_data();
+  p.y = y->typed_data();
+  // Rows per block: their transposed inputs (mc * K floats) stay within about 512 KB of L2.
+  p.mc = std::min(p.mp, std::max<int64_t>(step, (131072 / std::max<int64_t>(k, 1)) / step * step));
+  p.m_blocks = (p.mp + p.mc - 1) / p.mc;
+  const int64_t n_tiles = (n + kPanelNR - 1) / kPanelNR;
+  p.tiles_per_item = tiles_per_item(n_tiles, threads);
+  p.n_items = (n_tiles + p.tiles_per_item - 1) / p.tiles_per_item;
+  work->total = p.m_blocks * p.n_items;
+  work->run_on(pool, work);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SaxMatmul, MatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
