@@ -2,6 +2,7 @@
 
 * ``decode_attention``: a decode step's attention straight from the KV cache
   (decode_attention.cc);
+* ``prefill_attention``: a prefill's causal self-attention, float32 (prefill_attention.cc);
 * ``matmul``: ``x . w^T`` for the few rows of a decode step, float32 (matmul.cc); larger
   products stay with XLA's dot, which is as fast there.
 
@@ -34,9 +35,14 @@ log = logging.getLogger(__name__)
 
 ENV_SWITCH = "SAX_CPU_KERNELS"
 ENV_CACHE = "SAX_KERNEL_CACHE"
-_SOURCES = sorted(Path(__file__).parent.glob("*.cc"))
+_HERE = Path(__file__).parent
+_SOURCES = sorted(_HERE.glob("*.cc"))
+_HEADERS = sorted(_HERE.glob("*.h"))
 #: FFI target name -> the handler symbol the library exports
-_TARGETS = {"saxplane_decode_attention": "SaxDecodeAttention", "saxplane_matmul": "SaxMatmul"}
+_TARGETS = {"saxplane_decode_attention": "SaxDecodeAttention", "saxplane_matmul": "SaxMatmul",
+            "saxplane_prefill_attention": "SaxPrefillAttention"}
+#: Head dims the prefill kernel takes (multiples of the vector width it has tiles for).
+PREFILL_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
 #: Most rows `matmul` takes (more: XLA's dot). Measured on AVX-512 CPUs (GPT-2-small shapes):
 #: 1.2-3x XLA's speed from 2 to 64 rows, level at 1, slower from 128 rows.
 MATMUL_MAX_ROWS = 64
@@ -70,7 +76,7 @@ def _cpu_identity() -> bytes:
 def _build() -> Path:
     """The compiled library for these sources, jaxlib, flags and CPU (built if missing)."""
     flags = " ".join(_COMPILE_FLAGS + _LINK_FLAGS)
-    ident = b"\0".join([*(f.name.encode() + f.read_bytes() for f in _SOURCES),
+    ident = b"\0".join([*(f.name.encode() + f.read_bytes() for f in _SOURCES + _HEADERS),
                          jaxlib.__version__.encode(), flags.encode(), _cpu_identity()])
     key = hashlib.sha256(ident).hexdigest()[:16]
     out = _cache_dir() / f"kernels-{key}.so"
@@ -121,6 +127,11 @@ def enabled() -> bool:
     return _load()
 
 
+def _require() -> None:
+    if not _load():
+        raise RuntimeError("the CPU kernels are unavailable (see the log)")
+
+
 def _has_avx512() -> bool:
     try:
         return " avx512f" in Path("/proc/cpuinfo").read_text()
@@ -128,11 +139,21 @@ def _has_avx512() -> bool:
         return False
 
 
+def _tiled_ok(*dtypes) -> bool:
+    """The register-tiled kernels (matmul, prefill attention): float32 only, and tiles sized
+    for AVX-512's 32 vector registers (other CPUs keep XLA's code)."""
+    return (all(jnp.dtype(d) == jnp.float32 for d in dtypes) and enabled()
+            and bool(_state.setdefault("avx512", _has_avx512())))
+
+
 def use_matmul(rows: int, *dtypes) -> bool:
-    """Whether a float32 product of `rows` rows traced now should call `matmul` (its tiles
-    are sized for AVX-512's 32 vector registers; other CPUs keep XLA's dot)."""
-    return (rows <= MATMUL_MAX_ROWS and all(jnp.dtype(d) == jnp.float32 for d in dtypes)
-            and enabled() and _state.setdefault("avx512", _has_avx512()))
+    """Whether a product of `rows` rows traced now should call `matmul`."""
+    return rows <= MATMUL_MAX_ROWS and _tiled_ok(*dtypes)
+
+
+def use_prefill_attention(head_dim: int, *dtypes) -> bool:
+    """Whether a causal self-attention traced now should call `prefill_attention`."""
+    return head_dim in PREFILL_HEAD_DIMS and _tiled_ok(*dtypes)
 
 
 def decode_attention(q: jax.Array, slot_ids: jax.Array, positions: jax.Array,
@@ -142,6 +163,7 @@ def decode_attention(q: jax.Array, slot_ids: jax.Array, positions: jax.Array,
     q [B, H, D]; slot_ids, positions [B] int32; blocks [N, KV, S_j, D] (float32 or bfloat16,
     consecutive positions). Returns [B, H, D] float32 (see decode_attention.cc).
     """
+    _require()
     call = jax.ffi.ffi_call("saxplane_decode_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32))
     return call(q.astype(jnp.float32), slot_ids.astype(jnp.int32), positions.astype(jnp.int32),
                 *k_blocks, *v_blocks, scale=np.float32(scale))
@@ -149,5 +171,14 @@ def decode_attention(q: jax.Array, slot_ids: jax.Array, positions: jax.Array,
 
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [M, K] . w [N, K]^T -> [M, N], all float32 (see matmul.cc)."""
+    _require()
     call = jax.ffi.ffi_call("saxplane_matmul", jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32))
     return call(x, w)
+
+
+def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, scale: float) -> jax.Array:
+    """Causal (by position) self-attention: q [B, T, H, D], k, v [B, T, KV, D] float32,
+    positions [B, T] not decreasing along a row. Returns [B, T, H, D] float32."""
+    _require()
+    call = jax.ffi.ffi_call("saxplane_prefill_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    return call(q, k, v, positions.astype(jnp.int32), scale=np.float32(scale))

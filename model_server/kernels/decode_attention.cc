@@ -11,14 +11,12 @@
 // for all the query heads of its group, and the pairs are spread over XLA's intra-op
 // threads.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -147,28 +145,15 @@ void attend(const Problem& p, int64_t item, std::vector<float>& scores, std::vec
   }
 }
 
-// Workers take items from a shared counter; the caller works too and waits only for items
-// already taken, so it never depends on a pool thread being free.
-struct Work {
-  Problem problem;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t total = 0;
-
-  void run() {
-    std::vector<float> scores, tmp;
-    for (;;) {
-      const int64_t i = next.fetch_add(1, std::memory_order_relaxed);
-      if (i >= total) return;
-      if (problem.bf16) {
-        attend<true>(problem, i, scores, tmp);
-      } else {
-        attend<false>(problem, i, scores, tmp);
-      }
-      done.fetch_add(1, std::memory_order_release);
-    }
+void attend_any(const Problem& p, int64_t item) {
+  // per-thread scratch, reused across items and calls
+  thread_local std::vector<float> scores, tmp;
+  if (p.bf16) {
+    attend<true>(p, item, scores, tmp);
+  } else {
+    attend<false>(p, item, scores, tmp);
   }
-};
+}
 
 ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                                ffi::Buffer<ffi::S32> slot_ids, ffi::Buffer<ffi::S32> positions,
@@ -179,8 +164,7 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   if (cache.size() == 0 || cache.size() % 2) {
     return ffi::Error::InvalidArgument("expected key blocks then as many value blocks");
   }
-  auto work = std::make_shared<Work>();
-  Problem& p = work->problem;
+  Problem p;
   p.rows = qd[0];
   p.heads = qd[1];
   p.dim = qd[2];
@@ -216,11 +200,7 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
     p.blocks.push_back(Block{k->untyped_data(), v->untyped_data(), kd[2]});
     p.span += kd[2];
   }
-  work->total = p.rows * p.kv_heads;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->total - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->run(); });
-  work->run();
-  while (work->done.load(std::memory_order_acquire) < work->total) std::this_thread::yield();
+  saxplane::parallel_for(pool, p.rows * p.kv_heads, [&p](int64_t i) { attend_any(p, i); });
   return ffi::Error::Success();
 }
 

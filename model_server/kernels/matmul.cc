@@ -2,57 +2,43 @@
 // FFI custom call for the CPU.
 //
 // Why: XLA:CPU's dot reaches about half of the machine's FMA peak on the few rows of a decode
-// step (M <= 64) and streams the weights below the memory bandwidth at M = 1. Here each tile
-// of MR rows x NR outputs keeps MR * NR vector accumulators over K (dot-product form, no
-// packing: both operands are read along K, where they are contiguous), so a weight vector
-// loaded once serves MR rows and an input vector NR outputs; tiles of outputs are spread over
-// XLA's intra-op threads and each reads its weight rows from memory once per block of rows.
+// step (2 to 64 rows). Two forms, both without packing the weights, whose rows are read once
+// per call (per block of rows for many rows), sequentially along K:
+// * up to kDotRows rows, dot products: a tile of MR rows x NR outputs keeps MR * NR vector
+//   accumulators along K (both operands contiguous there), summed across lanes at the end;
+// * more rows, broadcast form on the inputs transposed once per call (see Panel).
+// Runs of output tiles are spread over XLA's intra-op threads.
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <cstring>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "parallel.h"
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
+using saxplane::hsum;
+using saxplane::kLanes;
+using saxplane::load;
+using saxplane::Vec;
+
 #if defined(__AVX512F__)
-constexpr int kLanes = 16;
-constexpr int kMR = 4;  // 4 x 6 accumulators + 4 + 6 operands: 34 of 32 zmm, the compiler
-constexpr int kNR = 6;  // streams the inputs through memory operands
+constexpr int kMR = 4;  // 4 x 6 accumulators + operands: the compiler streams one side
+constexpr int kNR = 6;  // through memory operands
 #else
-constexpr int kLanes = 8;
 constexpr int kMR = 2;
 constexpr int kNR = 4;
 #endif
-
-typedef float Vec __attribute__((vector_size(kLanes * 4), aligned(4)));
-
-inline Vec load(const float* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline float hsum(Vec v) {
-  float s = 0.f;
-  for (int l = 0; l < kLanes; ++l) s += v[l];
-  return s;
-}
 
 struct Problem {
   const float* x;  // [M, K]
   const float* w;  // [N, K]
   float* y;        // [M, N]
   int64_t m, n, k;
-  int64_t mc;           // rows per block: a block's inputs stay in the L2 cache
   int64_t tiles_per_item;  // NR-output tiles per work item
-  int64_t n_items, m_blocks;
 };
 
 // y[m0:m0+MR, n0:n0+NR] = x[m0:m0+MR] . w[n0:n0+NR]^T over all of K.
@@ -65,7 +51,7 @@ inline void tile(const Problem& p, int64_t m0, int64_t n0) {
   for (int j = 0; j < NR; ++j) ws[j] = p.w + (n0 + j) * k;
   Vec acc[MR][NR];
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = Vec{} ;
+    for (int j = 0; j < NR; ++j) acc[i][j] = Vec{};
   // The next tile's weight rows follow these in memory: fetch them while this one computes
   // (short row streams leave the hardware prefetcher too little time to ramp up).
   const bool ahead = n0 + 2 * NR <= p.n;
@@ -126,18 +112,14 @@ inline void tile_mn(const Problem& p, int64_t m0, int64_t mr, int64_t n0, int64_
   for (int64_t i = 0; i < mr; ++i) tile_n<1>(p, m0 + i, n0, nr);
 }
 
-// Work item `item`: one block of rows x one run of output tiles, tile after tile, each over
-// every row of the block (its weight rows are read from memory once and reused from cache).
+// Work item `item`: one run of output tiles, tile after tile, each over every row (its weight
+// rows are read from memory once and reused from cache).
 void run_item(const Problem& p, int64_t item) {
-  const int64_t mb = item / p.n_items, ni = item % p.n_items;
-  const int64_t m_begin = mb * p.mc, m_end = std::min(p.m, m_begin + p.mc);
-  const int64_t n_begin = ni * p.tiles_per_item * kNR;
+  const int64_t n_begin = item * p.tiles_per_item * kNR;
   const int64_t n_end = std::min(p.n, n_begin + p.tiles_per_item * kNR);
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kNR) {
     const int64_t nr = std::min<int64_t>(kNR, n_end - n0);
-    for (int64_t m0 = m_begin; m0 < m_end; m0 += kMR) {
-      tile_mn(p, m0, std::min<int64_t>(kMR, m_end - m0), n0, nr);
-    }
+    for (int64_t m0 = 0; m0 < p.m; m0 += kMR) tile_mn(p, m0, std::min<int64_t>(kMR, p.m - m0), n0, nr);
   }
 }
 
@@ -211,38 +193,12 @@ void panel_item(const Panel& p, int64_t item) {
   }
 }
 
-// Workers take items from a shared counter; the caller works too and waits only for items
-// already taken, so it never depends on a pool thread being free.
-template <typename P, void (*Item)(const P&, int64_t)>
-struct Work {
-  P problem;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t total = 0;
-
-  void run() {
-    for (;;) {
-      const int64_t i = next.fetch_add(1, std::memory_order_relaxed);
-      if (i >= total) return;
-      Item(problem, i);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-
-  void run_on(ffi::ThreadPool& pool, const std::shared_ptr<Work>& self) {
-    const int64_t helpers = std::min<int64_t>(pool.num_threads(), total - 1);
-    for (int64_t i = 0; i < helpers; ++i) pool.Schedule([self] { self->run(); });
-    run();
-    while (done.load(std::memory_order_acquire) < total) std::this_thread::yield();
-  }
-};
-
 // Output tiles per work item: enough items for every thread to take several (load balance).
 int64_t tiles_per_item(int64_t n_tiles, int64_t threads) {
   return std::max<int64_t>(1, std::min<int64_t>(16, n_tiles / (4 * threads)));
 }
 
-//: Up to this many rows the dot-product form (no transposition) is used.
+// Up to this many rows the dot-product form (no transposition) is used.
 constexpr int64_t kDotRows = 8;
 
 ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
@@ -255,23 +211,18 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   if (m == 0 || n == 0) return ffi::Error::Success();
   const int64_t threads = pool.num_threads() + 1;
   if (m <= kDotRows) {
-    auto work = std::make_shared<Work<Problem, run_item>>();
-    Problem& p = work->problem;
+    Problem p;
     p.x = x.typed_data();
     p.w = w.typed_data();
     p.y = y->typed_data();
     p.m = m, p.n = n, p.k = k;
-    p.mc = m;
-    p.m_blocks = 1;
     const int64_t n_tiles = (n + kNR - 1) / kNR;
     p.tiles_per_item = tiles_per_item(n_tiles, threads);
-    p.n_items = (n_tiles + p.tiles_per_item - 1) / p.tiles_per_item;
-    work->total = p.n_items;
-    work->run_on(pool, work);
+    const int64_t items = (n_tiles + p.tiles_per_item - 1) / p.tiles_per_item;
+    saxplane::parallel_for(pool, items, [&p](int64_t i) { run_item(p, i); });
     return ffi::Error::Success();
   }
-  auto work = std::make_shared<Work<Panel, panel_item>>();
-  Panel& p = work->problem;
+  Panel p;
   constexpr int64_t step = kLanes * kMV;
   p.m = m, p.n = n, p.k = k;
   p.mp = (m + step - 1) / step * step;
@@ -288,8 +239,7 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const int64_t n_tiles = (n + kPanelNR - 1) / kPanelNR;
   p.tiles_per_item = tiles_per_item(n_tiles, threads);
   p.n_items = (n_tiles + p.tiles_per_item - 1) / p.tiles_per_item;
-  work->total = p.m_blocks * p.n_items;
-  work->run_on(pool, work);
+  saxplane::parallel_for(pool, p.m_blocks * p.n_items, [&p](int64_t i) { panel_item(p, i); });
   return ffi::Error::Success();
 }
 

@@ -137,7 +137,9 @@ def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: j
     attends to keys after its last row and those key blocks are skipped: about half the work
     of the full T x T product for long prompts.
     """
-    t = q.shape[1]
+    b, t, h, d = q.shape
+    if kernels.use_prefill_attention(d, q.dtype, k.dtype, v.dtype):
+        return kernels.prefill_attention(q, k, v, positions, scale).reshape(b, t, h * d)
     keys, vals = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, KV, T, D]
     outs = []
     for start in range(0, t, CAUSAL_BLOCK):

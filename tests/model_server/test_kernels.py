@@ -74,13 +74,40 @@ def test_matmul_matches_xla_dot(m):
 
 
 @needs_compiler
+@needs_avx512
+@pytest.mark.parametrize("batch,t,heads,kv_heads,dim", [
+    (1, 1, 4, 4, 32),     # a one-token prompt
+    (2, 37, 6, 2, 16),    # a partial query block, GQA groups of 3
+    (3, 100, 8, 1, 128),  # one kv head for all, several blocks and a partial key tile
+    (2, 65, 4, 2, 80),    # a head dim of 5 vectors
+    (1, 256, 12, 12, 64),  # GPT-2's heads, whole key tiles
+])
+def test_prefill_attention_matches_pure_jax(monkeypatch, batch, t, heads, kv_heads, dim):
+    rng = np.random.default_rng(t)
+    q = rng.standard_normal((batch, t, heads, dim)).astype(np.float32)
+    k = rng.standard_normal((batch, t, kv_heads, dim)).astype(np.float32)
+    v = rng.standard_normal((batch, t, kv_heads, dim)).astype(np.float32)
+    positions = np.tile(np.arange(t, dtype=np.int32), (batch, 1))
+    positions[-1] += 1000  # a padding row of a prefill: positions past the window
+    if t > 8:
+        positions[0, t // 2:] += 3  # a jump: still causal by position
+    scale = dim ** -0.5
+    got = jax.jit(lambda *a: kernels.prefill_attention(*a, scale))(q, k, v, positions)
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    want = jax.jit(lambda *a: layers.causal_self_attention(*a, scale))(q, k, v, positions)
+    np.testing.assert_allclose(np.asarray(got).reshape(batch, t, heads * dim), np.asarray(want),
+                               atol=2e-6, rtol=1e-5)
+
+
+@needs_compiler
 def test_decode_steps_call_the_kernel_and_match_without_it(monkeypatch):
     """A decode step's program holds the custom calls and gives the logits and cache of the
-    pure-JAX program (SAX_CPU_KERNELS=0) on a prefilled cache of several blocks; the prefill's
-    layers (more rows than the matmul kernel takes) keep XLA's dot."""
+    pure-JAX program (SAX_CPU_KERNELS=0) on a prefilled cache of several blocks; the prefill
+    calls the prefill-attention kernel, and its layers (more rows than the matmul kernel
+    takes) keep XLA's dot."""
     monkeypatch.setattr(layers, "KV_BLOCK", 16)
-    spec = base.ModelSpec(family="llama", model_type="llama", vocab_size=64, hidden_size=32, num_layers=2,
-                          num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=64,
+    spec = base.ModelSpec(family="llama", model_type="llama", vocab_size=64, hidden_size=64, num_layers=2,
+                          num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=64,
                           max_position_embeddings=64)
     params = base.random_params(spec, seed=3)
     seqs = np.random.default_rng(0).integers(0, 64, size=(3, 40)).astype(np.int32)
@@ -89,7 +116,8 @@ def test_decode_steps_call_the_kernel_and_match_without_it(monkeypatch):
                     base.init_cache(spec, 4, 48, jnp.float32), slots, np.full((3,), 38, np.int32))
     prefill = jax.jit(base.make_forward_last(spec, fresh=True)).lower(*prefill_args)
     calls = [line for line in prefill.as_text().splitlines() if "@saxplane_matmul" in line]
-    assert all("(tensor<3x32xf32>" in line for line in calls)  # the last tokens' logits only
+    assert all("(tensor<3x64xf32>" in line for line in calls)  # the last tokens' logits only
+    assert ("saxplane_prefill_attention" in prefill.as_text()) == kernels._has_avx512()
     _, cache = prefill.compile()(*prefill_args)
     args = (params, seqs[:, 39:], np.full((3, 1), 39, np.int32), cache, slots, np.zeros((3,), np.int32))
     step = base.make_forward_last(spec)
