@@ -3,8 +3,8 @@
 * ``decode_attention``: a decode step's attention straight from the KV cache
   (decode_attention.cc);
 * ``prefill_attention``: a prefill's causal self-attention, float32 (prefill_attention.cc);
-* ``matmul``: ``x . w^T`` for the few rows of a decode step, float32 (matmul.cc); larger
-  products stay with XLA's dot, which is as fast there.
+* ``matmul``: ``x . w^T`` for the few rows of a decode step, float32 (matmul.cc); one row and
+  larger products stay with XLA's dot, which is as fast or faster there.
 
 Only for the CPU backend on a single device (a multi-device mesh, GPU and TPU keep the
 pure-JAX code). The C++ sources beside this file are compiled at first use with the
@@ -43,9 +43,10 @@ _TARGETS = {"saxplane_decode_attention": "SaxDecodeAttention", "saxplane_matmul"
             "saxplane_prefill_attention": "SaxPrefillAttention"}
 #: Head dims the prefill kernel takes (multiples of the vector width it has tiles for).
 PREFILL_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
-#: Most rows `matmul` takes (more: XLA's dot). Measured on AVX-512 CPUs (GPT-2-small shapes):
-#: 1.2-3x XLA's speed from 2 to 64 rows, level at 1, slower from 128 rows.
-MATMUL_MAX_ROWS = 64
+#: Rows `matmul` takes (others: XLA's dot). Measured on AVX-512 CPUs (GPT-2-small shapes):
+#: 1.2-3x XLA's speed from 2 to 64 rows, slower from 128 rows; at 1 row (a GEMV, bound by
+#: memory) XLA's dot streams the weights about 10% faster.
+MATMUL_MIN_ROWS, MATMUL_MAX_ROWS = 2, 64
 #: Compiled with fast math (vectorised exp from glibc's libmvec, reassociated sums) but linked
 #: without it: GCC < 13 would link crtfastmath.o into the library, which switches the whole
 #: process to flushing denormals when it is loaded.
@@ -148,7 +149,7 @@ def _tiled_ok(*dtypes) -> bool:
 
 def use_matmul(rows: int, *dtypes) -> bool:
     """Whether a product of `rows` rows traced now should call `matmul`."""
-    return rows <= MATMUL_MAX_ROWS and _tiled_ok(*dtypes)
+    return MATMUL_MIN_ROWS <= rows <= MATMUL_MAX_ROWS and _tiled_ok(*dtypes)
 
 
 def use_prefill_attention(head_dim: int, *dtypes) -> bool:

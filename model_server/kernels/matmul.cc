@@ -2,7 +2,7 @@
 // FFI custom call for the CPU.
 //
 // Why: XLA:CPU's dot reaches about half of the machine's FMA peak on the few rows of a decode
-// step (2 to 64 rows). Two forms, both without packing the weights, whose rows are read once
+// step (2 to 64 rows; the engine keeps XLA's dot for one row, where memory bounds both). Two forms, both without packing the weights, whose rows are read once
 // per call (per block of rows for many rows), sequentially along K:
 // * up to kDotRows rows, dot products: a tile of MR rows x NR outputs keeps MR * NR vector
 //   accumulators along K (both operands contiguous there), summed across lanes at the end;
@@ -86,28 +86,7 @@ inline void tile_n(const Problem& p, int64_t m0, int64_t n0, int64_t nr) {
   for (int64_t j = 0; j < nr; ++j) tile<MR, 1>(p, m0, n0 + j);
 }
 
-// One row of inputs: the weight rows one after another (a single sequential stream per
-// thread, which the hardware prefetcher follows best), four accumulators each.
-inline void gemv_rows(const Problem& p, int64_t m0, int64_t n0, int64_t nr) {
-  const int64_t k = p.k, kv = k - k % (4 * kLanes);
-  const float* __restrict__ x = p.x + m0 * k;
-  for (int64_t j = 0; j < nr; ++j) {
-    const float* __restrict__ w = p.w + (n0 + j) * k;
-    Vec a0{}, a1{}, a2{}, a3{};
-    for (int64_t kk = 0; kk < kv; kk += 4 * kLanes) {
-      a0 += load(x + kk) * load(w + kk);
-      a1 += load(x + kk + kLanes) * load(w + kk + kLanes);
-      a2 += load(x + kk + 2 * kLanes) * load(w + kk + 2 * kLanes);
-      a3 += load(x + kk + 3 * kLanes) * load(w + kk + 3 * kLanes);
-    }
-    float s = hsum((a0 + a1) + (a2 + a3));
-    for (int64_t kk = kv; kk < k; ++kk) s += x[kk] * w[kk];
-    p.y[m0 * p.n + n0 + j] = s;
-  }
-}
-
 inline void tile_mn(const Problem& p, int64_t m0, int64_t mr, int64_t n0, int64_t nr) {
-  if (p.m == 1) return gemv_rows(p, m0, n0, nr);
   if (mr == kMR) return tile_n<kMR>(p, m0, n0, nr);
   for (int64_t i = 0; i < mr; ++i) tile_n<1>(p, m0 + i, n0, nr);
 }
