@@ -217,7 +217,7 @@ def main(argv=None) -> int:
                     "a longer window shows what reading only the KV-cache blocks in use saves")
     ap.add_argument("--stagger", type=float, default=0.05, help="seconds between the 32 arrivals")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds; best figure kept")
-    ap.add_argument("--rounds-32", type=int, default=1, help="rounds that include the 32-sequence run")
+    ap.add_argument("--rounds-32", type=int, default=2, help="rounds that include the 32-sequence run")
     ap.add_argument("--skip-hf", action="store_true")
     args = ap.parse_args(argv)
 

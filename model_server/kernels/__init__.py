@@ -2,6 +2,7 @@
 
 * ``decode_attention``: a decode step's attention straight from the KV cache
   (decode_attention.cc);
+* ``argmax``: the greedy pick over a decode step's logits (argmax.cc);
 * ``prefill_attention``: a prefill's causal self-attention, float32 (prefill_attention.cc);
 * ``matmul``: ``x . w^T`` for the few rows of a decode step, float32 (matmul.cc); one row and
   larger products stay with XLA's dot, which is as fast or faster there.
@@ -40,7 +41,7 @@ _SOURCES = sorted(_HERE.glob("*.cc"))
 _HEADERS = sorted(_HERE.glob("*.h"))
 #: FFI target name -> the handler symbol the library exports
 _TARGETS = {"saxplane_decode_attention": "SaxDecodeAttention", "saxplane_matmul": "SaxMatmul",
-            "saxplane_prefill_attention": "SaxPrefillAttention"}
+            "saxplane_prefill_attention": "SaxPrefillAttention", "saxplane_argmax": "SaxArgmax"}
 #: Head dims the prefill kernel takes (multiples of the vector width it has tiles for).
 PREFILL_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
 #: Rows `matmul` takes (others: XLA's dot). Measured on AVX-512 CPUs (GPT-2-small shapes):
@@ -183,3 +184,10 @@ def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.A
     _require()
     call = jax.ffi.ffi_call("saxplane_prefill_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32))
     return call(q, k, v, positions.astype(jnp.int32), scale=np.float32(scale))
+
+
+def argmax(x: jax.Array) -> jax.Array:
+    """Row-wise argmax of float32 x [B, V] (first index on ties) -> [B] int32 (see argmax.cc)."""
+    _require()
+    call = jax.ffi.ffi_call("saxplane_argmax", jax.ShapeDtypeStruct(x.shape[:1], jnp.int32))
+    return call(x)

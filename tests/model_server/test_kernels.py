@@ -100,6 +100,19 @@ def test_prefill_attention_matches_pure_jax(monkeypatch, batch, t, heads, kv_hea
 
 
 @needs_compiler
+def test_argmax_matches_numpy_with_ties():
+    rng = np.random.default_rng(7)
+    fn = jax.jit(kernels.argmax)
+    for b, v in [(1, 1), (3, 15), (2, 16), (5, 50257), (32, 1000)]:
+        x = rng.standard_normal((b, v)).astype(np.float32)
+        x[0, v // 2] = x[0, v - 1] = 9.0  # a tie: the first index wins
+        np.testing.assert_array_equal(np.asarray(fn(x)), np.argmax(x, axis=-1), err_msg=f"b={b} v={v}")
+    x = np.full((2, 40), -np.inf, np.float32)
+    x[1, 33] = 0.0
+    np.testing.assert_array_equal(np.asarray(fn(x)), [0, 33])
+
+
+@needs_compiler
 def test_decode_steps_call_the_kernel_and_match_without_it(monkeypatch):
     """A decode step's program holds the custom calls and gives the logits and cache of the
     pure-JAX program (SAX_CPU_KERNELS=0) on a prefilled cache of several blocks; the prefill
