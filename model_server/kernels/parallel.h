@@ -36,7 +36,10 @@ void parallel_for(xla::ffi::ThreadPool& pool, int64_t total, F item) {
   if (total <= 0) return;
   auto state = std::make_shared<State>(std::move(item));
   state->total = total;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), total - 1);
+  // The caller is itself one of the pool's threads (XLA:CPU runs thunks on it): the others
+  // help, so the kernel runs on as many threads as the pool has (measured: one more, queued
+  // behind the caller, only costs a wake-up).
+  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, total - 1);
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([state] { state->run(); });
   state->run();
   while (state->done.load(std::memory_order_acquire) < total) std::this_thread::yield();
