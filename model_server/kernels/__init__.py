@@ -17,6 +17,7 @@ logs why and falls back to the pure-JAX path. ``SAX_CPU_KERNELS=0`` turns the ke
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -134,6 +135,7 @@ def _require() -> None:
         raise RuntimeError("the CPU kernels are unavailable (see the log)")
 
 
+@functools.lru_cache(maxsize=None)
 def _has_avx512() -> bool:
     try:
         return " avx512f" in Path("/proc/cpuinfo").read_text()
@@ -145,7 +147,7 @@ def _tiled_ok(*dtypes) -> bool:
     """The register-tiled kernels (matmul, prefill attention): float32 only, and tiles sized
     for AVX-512's 32 vector registers (other CPUs keep XLA's code)."""
     return (all(jnp.dtype(d) == jnp.float32 for d in dtypes) and enabled()
-            and bool(_state.setdefault("avx512", _has_avx512())))
+            and _has_avx512())
 
 
 def use_matmul(rows: int, *dtypes) -> bool:
