@@ -218,6 +218,5 @@ def apply(spec: ModelSpec, params: dict, tokens: jax.Array, positions: jax.Array
 
 
 def logits(spec: ModelSpec, params: dict, hidden: jax.Array) -> jax.Array:
-    if spec.tie_word_embeddings:
-        return L.linear(hidden, params["embed"], out_dtype=jnp.float32)
-    return L.linear(hidden, params["lm_head"], out_dtype=jnp.float32)
+    head = params["embed"] if spec.tie_word_embeddings else params["lm_head"]
+    return L.linear(hidden, head, out_dtype=jnp.float32)
