@@ -2,8 +2,9 @@
 // FFI custom call for the CPU.
 //
 // Why: XLA:CPU's dot reaches about half of the machine's FMA peak on the few rows of a decode
-// step (2 to 64 rows; the engine keeps XLA's dot for one row, where memory bounds both). Two forms, both without packing the weights, whose rows are read once
-// per call (per block of rows for many rows), sequentially along K:
+// step (2 to 64 rows; the engine keeps XLA's dot for one row, where memory bounds both). Two
+// forms, both without packing the weights, whose rows are read once per call (per block of
+// rows for many rows), sequentially along K:
 // * up to kDotRows rows, dot products: a tile of MR rows x NR outputs keeps MR * NR vector
 //   accumulators along K (both operands contiguous there), summed across lanes at the end;
 // * more rows, broadcast form on the inputs transposed once per call (see Panel).
@@ -52,15 +53,9 @@ inline void tile(const Problem& p, int64_t m0, int64_t n0) {
   Vec acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = Vec{};
-  // The next tile's weight rows follow these in memory: fetch them while this one computes
-  // (short row streams leave the hardware prefetcher too little time to ramp up).
-  const bool ahead = n0 + 2 * NR <= p.n;
   for (int64_t kk = 0; kk < kv; kk += kLanes) {
     Vec wv[NR];
-    for (int j = 0; j < NR; ++j) {
-      if (ahead) __builtin_prefetch(ws[j] + NR * k + kk);
-      wv[j] = load(ws[j] + kk);
-    }
+    for (int j = 0; j < NR; ++j) wv[j] = load(ws[j] + kk);
     for (int i = 0; i < MR; ++i) {
       const Vec xv = load(xs[i] + kk);
       for (int j = 0; j < NR; ++j) acc[i][j] += xv * wv[j];
@@ -78,12 +73,8 @@ inline void tile(const Problem& p, int64_t m0, int64_t n0) {
 
 template <int MR>
 inline void tile_n(const Problem& p, int64_t m0, int64_t n0, int64_t nr) {
-  switch (nr) {
-    case kNR: return tile<MR, kNR>(p, m0, n0);
-    default: break;
-  }
-  // a last, narrower tile of outputs: one output at a time
-  for (int64_t j = 0; j < nr; ++j) tile<MR, 1>(p, m0, n0 + j);
+  if (nr == kNR) return tile<MR, kNR>(p, m0, n0);
+  for (int64_t j = 0; j < nr; ++j) tile<MR, 1>(p, m0, n0 + j);  // a last, narrower tile
 }
 
 inline void tile_mn(const Problem& p, int64_t m0, int64_t mr, int64_t n0, int64_t nr) {
@@ -188,7 +179,7 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   }
   const int64_t m = xd[0], n = wd[0], k = xd[1];
   if (m == 0 || n == 0) return ffi::Error::Success();
-  const int64_t threads = pool.num_threads() + 1;
+  const int64_t threads = pool.num_threads();  // the caller is one of them (parallel.h)
   if (m <= kDotRows) {
     Problem p;
     p.x = x.typed_data();

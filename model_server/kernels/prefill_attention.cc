@@ -162,6 +162,11 @@ void attend_block(const Problem& p, int64_t item, std::vector<float>& scratch) {
   value_rows<(DV >= 8 ? 2 : (DV > 4 ? 4 : 6)), DV>(p, s, p.tp, v, n, sums, out, rows);
 }
 
+// Head dims (in vectors) with an instantiation below.
+constexpr bool supported_head_vectors(int64_t dv) {
+  return dv == 1 || dv == 2 || dv == 4 || dv == 5 || dv == 6 || dv == 8 || dv == 10 || dv == 12 || dv == 16;
+}
+
 void attend(const Problem& p, int64_t item) {
   thread_local std::vector<float> scratch;  // per-thread, reused across items and calls
   switch (p.d / kLanes) {
@@ -173,7 +178,7 @@ void attend(const Problem& p, int64_t item) {
     case 10: return attend_block<10>(p, item, scratch);
     case 12: return attend_block<12>(p, item, scratch);
     case 16: return attend_block<16>(p, item, scratch);
-    default: return attend_block<1>(p, item, scratch);  // only reached when d == kLanes
+    default: return attend_block<1>(p, item, scratch);  // d == kLanes (checked by the caller)
   }
 }
 
@@ -191,9 +196,7 @@ ffi::Error PrefillAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
   }
   if (vd[2] != p.kv || pd[0] != p.b || pd[1] != p.t) return ffi::Error::InvalidArgument("shapes disagree");
   if (p.kv == 0 || p.h % p.kv) return ffi::Error::InvalidArgument("heads must be a multiple of kv heads");
-  const int64_t dv = p.d / kLanes;
-  if (p.d % kLanes || !(dv == 1 || dv == 2 || dv == 4 || dv == 5 || dv == 6 || dv == 8 || dv == 10 ||
-                        dv == 12 || dv == 16)) {
+  if (p.d % kLanes || !supported_head_vectors(p.d / kLanes)) {
     return ffi::Error::InvalidArgument("unsupported head dim");
   }
   if (p.b == 0 || p.t == 0) return ffi::Error::Success();
