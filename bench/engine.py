@@ -9,6 +9,10 @@ uses every core (`torch.set_num_threads(os.cpu_count())`), XLA its defaults. Mea
 
 * memory read bandwidth (arrays the size of the weights; numpy single-thread as well as the
   best of several multi-threaded readers) and the batch-1 ceiling = bandwidth / weight bytes;
+* the batch-1 share of the ceiling *of the moment*: rounds of [1 s of XLA row sums, a batch-1
+  decode, 1 s of row sums], each decode against the mean of the two readings around it (a
+  shared VM's bandwidth swings by 1.5x within seconds, so a burst's best taken minutes away
+  says little about the bandwidth a decode had);
 * decode throughput at 1 and 8 concurrent sequences (128-token prompts, 128 new tokens):
   B * (new - 1) / (T(new tokens) - T(1 token)), i.e. prefill excluded on both sides;
 * 32 sequences: ours through continuous batching with requests arriving over time
@@ -128,6 +132,39 @@ def memory_bandwidth(nbytes: int, reps: int = 5) -> dict[str, float]:
     return out
 
 
+class SustainedReader:
+    """The read bandwidth the machine gives now, sustained (not a burst's best): the higher of
+    XLA's row sums and numpy's sums on every core, each repeated for half the time, over
+    arrays the size of the weights."""
+
+    def __init__(self, nbytes: int):
+        import jax
+        import jax.numpy as jnp
+
+        a = np.ones(((nbytes // 16384), 4096), np.float32)
+        self.nbytes = a.nbytes
+        x = jnp.asarray(a)
+        f = jax.jit(lambda x: jnp.sum(x, axis=1))
+        chunks = np.array_split(a, os.cpu_count() or 1)
+        self.pool = ThreadPoolExecutor(len(chunks))
+        self.readers = [lambda: f(x).block_until_ready(), lambda: list(self.pool.map(np.sum, chunks))]
+        for r in self.readers:
+            r()
+
+    def __call__(self, seconds: float = 1.0) -> float:
+        rates = []
+        for read in self.readers:
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds / len(self.readers):
+                read()
+                n += 1
+            rates.append(n * self.nbytes / (time.perf_counter() - t0))
+        return max(rates)
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+
 # --------------------------------------------------------------------------- ours
 
 ENGINE_COMPILES = [0]
@@ -218,6 +255,8 @@ def main(argv=None) -> int:
     ap.add_argument("--stagger", type=float, default=0.05, help="seconds between the 32 arrivals")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds; best figure kept")
     ap.add_argument("--rounds-32", type=int, default=2, help="rounds that include the 32-sequence run")
+    ap.add_argument("--share-rounds", type=int, default=5,
+                    help="batch-1 decodes measured against the bandwidth read just before and after")
     ap.add_argument("--skip-hf", action="store_true")
     args = ap.parse_args(argv)
 
@@ -314,6 +353,18 @@ def main(argv=None) -> int:
         print(f"#   [{rnd}] prefill {pf}: ours {results['ours']['prefill']:.0f} tok/s"
               + (f", transformers {results['transformers']['prefill']:.0f} tok/s" if hf_model is not None else ""),
               flush=True)
+    # Batch-1 share of the bandwidth of the moment (see the module docstring).
+    reader, shares = SustainedReader(wbytes), []
+    one = sets[min(args.concurrency)][:1]
+    for rnd in range(args.share_rounds):
+        before = reader()
+        t1 = min(run_ours(eng, one, 1)[0] for _ in range(2))
+        tps = (nt - 1) / (run_ours(eng, one, nt)[0] - t1)
+        after = reader()
+        shares.append(tps * wbytes / ((before + after) / 2))
+        print(f"#   [{rnd}] batch-1 {tps:.1f} tok/s between {before / 1e9:.1f} and {after / 1e9:.1f} GB/s "
+              f"(sustained reads): {100 * shares[-1]:.0f}%", flush=True)
+    reader.close()
     recompiles = ENGINE_COMPILES[0]
     check_prompt = sets[min(args.concurrency)][:1]
     ours_tokens = eng.submit(check_prompt[0], SamplingParams(max_tokens=min(16, nt), temperature=0.0,
@@ -350,6 +401,9 @@ def main(argv=None) -> int:
           f"at {b1:.1f} tok/s:")
     for k, v in bw.items():
         print(f"  {k:<24} {v / 1e9:6.1f} GB/s -> ceiling {v / wbytes:6.1f} tok/s -> {100 * b1 * wbytes / v:5.0f}%")
+    if shares:
+        print(f"  share of the sustained bandwidth read just before and after each batch-1 decode: median "
+              f"{100 * statistics.median(shares):.0f}% (rounds: {', '.join(f'{100 * x:.0f}%' for x in shares)})")
     print(f"XLA compilations while the engines served (after warm-up): {recompiles}")
     return 0
 

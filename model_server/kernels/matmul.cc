@@ -2,9 +2,10 @@
 // FFI custom call for the CPU.
 //
 // Why: XLA:CPU's dot reaches about half of the machine's FMA peak on the few rows of a decode
-// step (2 to 64 rows; the engine keeps XLA's dot for one row, where memory bounds both). Two
-// forms, both without packing the weights, whose rows are read once per call (per block of
-// rows for many rows), sequentially along K:
+// step (2 to 64 rows), and at one row, where memory bounds it, reads the weights more slowly
+// than a plain stream does. Three forms, none packing the weights, whose rows are read once
+// per call (per block of rows for many rows), sequentially along K:
+// * one row, a matrix-vector product streaming the weights (see gemv);
 // * up to kDotRows rows, dot products: a tile of MR rows x NR outputs keeps MR * NR vector
 //   accumulators along K (both operands contiguous there), summed across lanes at the end;
 // * more rows, broadcast form on the inputs transposed once per call (see Panel).
@@ -163,6 +164,33 @@ void panel_item(const Panel& p, int64_t item) {
   }
 }
 
+// ---- one row: a matrix-vector product, bound by the weights' read bandwidth ---------------
+//
+// Each work item is a contiguous run of weight rows, read front to back one row at a time (one
+// sequential stream per thread, as the hardware prefetcher likes it best); x stays in L1.
+// Measured on GPT-2-small's chain of products: 5-20% faster than XLA's dot, at the speed of
+// XLA's own row sums over the same matrices. Several rows side by side, or software prefetch,
+// were slower.
+inline float dot_row(const float* __restrict__ x, const float* __restrict__ w, int64_t k) {
+  const int64_t kv = k - k % kLanes;
+  Vec acc{};
+  for (int64_t kk = 0; kk < kv; kk += kLanes) acc += load(x + kk) * load(w + kk);
+  float s = hsum(acc);
+  for (int64_t kk = kv; kk < k; ++kk) s += x[kk] * w[kk];
+  return s;
+}
+
+// Work items per thread: enough for a thread that starts late to leave its share to the others.
+constexpr int64_t kGemvItemsPerThread = 8;
+
+void gemv(ffi::ThreadPool& pool, const float* x, const float* w, float* y, int64_t n, int64_t k) {
+  const int64_t items = std::min<int64_t>(n, kGemvItemsPerThread * pool.num_threads());
+  const int64_t per = (n + items - 1) / items;
+  saxplane::parallel_for(pool, items, [=](int64_t i) {
+    for (int64_t r = i * per, e = std::min(n, r + per); r < e; ++r) y[r] = dot_row(x, w + r * k, k);
+  });
+}
+
 // Output tiles per work item: enough items for every thread to take several (load balance).
 int64_t tiles_per_item(int64_t n_tiles, int64_t threads) {
   return std::max<int64_t>(1, std::min<int64_t>(16, n_tiles / (4 * threads)));
@@ -179,6 +207,10 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   }
   const int64_t m = xd[0], n = wd[0], k = xd[1];
   if (m == 0 || n == 0) return ffi::Error::Success();
+  if (m == 1) {
+    gemv(pool, x.typed_data(), w.typed_data(), y->typed_data(), n, k);
+    return ffi::Error::Success();
+  }
   const int64_t threads = pool.num_threads();  // the caller is one of them (parallel.h)
   if (m <= kDotRows) {
     Problem p;

@@ -61,11 +61,12 @@ needs_avx512 = pytest.mark.skipif(not kernels._has_avx512(), reason="no AVX-512:
 @needs_avx512
 @pytest.mark.parametrize("m", [1, 2, 4, 5, 8, 9, 16, 17, 32, 33, 64])
 def test_matmul_matches_xla_dot(m):
-    """Every tile shape and tail: rows around the 4-row and 16/32-row tiles, outputs around the
-    6- and 12-output tiles, K below, at and off the vector width."""
+    """Every tile shape and tail: one row (the matrix-vector form, its rows split unevenly over
+    the work items), rows around the 4-row and 16/32-row tiles, outputs around the 6- and
+    12-output tiles, K below, at and off the vector width."""
     rng = np.random.default_rng(m)
     fn = jax.jit(kernels.matmul)
-    for n, k in [(1, 1), (5, 15), (6, 16), (13, 48), (50, 100), (97, 768)]:
+    for n, k in [(1, 1), (5, 15), (6, 16), (13, 48), (50, 100), (97, 768), (1001, 77)]:
         x = rng.standard_normal((m, k)).astype(np.float32)
         w = rng.standard_normal((n, k)).astype(np.float32)
         want = x.astype(np.float64) @ w.astype(np.float64).T
