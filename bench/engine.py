@@ -9,10 +9,10 @@ uses every core (`torch.set_num_threads(os.cpu_count())`), XLA its defaults. Mea
 
 * memory read bandwidth (arrays the size of the weights; numpy single-thread as well as the
   best of several multi-threaded readers) and the batch-1 ceiling = bandwidth / weight bytes;
-* the batch-1 share of the ceiling *of the moment*: rounds of [1 s of XLA row sums, a batch-1
-  decode, 1 s of row sums], each decode against the mean of the two readings around it (a
-  shared VM's bandwidth swings by 1.5x within seconds, so a burst's best taken minutes away
-  says little about the bandwidth a decode had);
+* the batch-1 share of the ceiling *of the moment*: rounds of [1 s of sustained reads, a
+  batch-1 decode, 1 s of reads] (see SustainedReader), each decode against the mean of the
+  two readings around it, median round reported (a shared VM's bandwidth swings by 1.5x within
+  seconds, so a burst's best taken minutes away says little about the bandwidth a decode had);
 * decode throughput at 1 and 8 concurrent sequences (128-token prompts, 128 new tokens):
   B * (new - 1) / (T(new tokens) - T(1 token)), i.e. prefill excluded on both sides;
 * 32 sequences: ours through continuous batching with requests arriving over time

@@ -9,11 +9,20 @@ in alternating rounds (so drifting machine load hits both alike); then the time 
 first byte of a stream on both paths. Prints a table with what the frontend adds.
 Targets: < 2 ms added at p50, < 5% fewer requests/s at 32 clients.
 
-Layouts of the local cell (--layout): `split` (the default on two or more CPUs) runs the
-frontend on its own CPU and the admin, the model server and the load on the others, as a
-cell deploys them (a frontend is its own pod, on its own cores), so the throughput cost
-is the frontend's capacity and latency; `shared` lets every process use every CPU, so the
-frontend's CPU time is taken from the model server's.
+Layouts of the local cell (--layout), none of them a cell's (three roles, two CPUs):
+* `split` (the default on two or more CPUs): the frontend alone on its CPU, the admin, the
+  model server and the load on the other. The frontend has its cores to itself, as in a
+  cell; the model server shares its CPU with the load, and the direct path has its client
+  beside the model server (wake-ups within one CPU) where the frontend path crosses CPUs.
+* `isolated`: the model server (and the idle admin) alone on its CPU, the frontend and the
+  load on the other. The model server has its cores to itself and every caller, the
+  frontend or a direct client, is elsewhere, as in a cell; the frontend shares its CPU with
+  the load, which slows it.
+* `shared`: every process on every CPU, so the frontend's CPU time is taken from the model
+  server's.
+The model server's engine counters show how well each path's requests were batched (decode
+steps and prefill calls per request): at 32 clients that, more than the frontend's own CPU,
+is what the frontend path costs.
 """
 from __future__ import annotations
 
@@ -101,6 +110,21 @@ def group_cpu_s(pgid: int) -> float:
     return total
 
 
+ENGINE_COUNTERS = ("sax:engine_decode_steps_total", "sax:engine_prefill_calls_total")
+
+
+def engine_counts(ms_url: str) -> tuple[float, ...]:
+    """The model server's engine counters (decode steps, prefill calls), summed over models:
+    how well requests were batched."""
+    text = requests.get(f"{ms_url}/metrics", timeout=10).text
+    totals = dict.fromkeys(ENGINE_COUNTERS, 0.0)
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in totals:
+            totals[name] += float(line.rsplit(" ", 1)[1])
+    return tuple(totals.values())
+
+
 def ttfb(url: str, body: bytes) -> float:
     """Seconds from sending a streaming request to the first `data:` bytes."""
     conn = _connect(url)
@@ -120,9 +144,10 @@ def ttfb(url: str, body: bytes) -> float:
 class LocalCell:
     """admin + one model server + one frontend, in a temporary directory."""
 
-    def __init__(self, workers: int, slots: int, frontend_cpus: set[int] | None = None) -> None:
-        """With `frontend_cpus`, the frontend runs on those CPUs and everything else (this process
-        included, so the load it makes) on the rest."""
+    def __init__(self, workers: int, slots: int, frontend_cpus: set[int] | None = None,
+                 load_with_frontend: bool = False) -> None:
+        """With `frontend_cpus`, the frontend runs on those CPUs and everything else on the rest;
+        this process (so the load it makes) too, unless `load_with_frontend`."""
         from tests.cluster import AdminProcess, Proc, free_port, wait_http, wait_until
 
         all_cpus = os.sched_getaffinity(0)
@@ -150,7 +175,7 @@ class LocalCell:
                    "--admin", f"127.0.0.1:{admin.port}", "--workers", str(workers), "--threads", "64",
                    "--log-level", "WARNING"], {}, self.tmp / "frontend.log")
         self.procs.append(fe.start())
-        os.sched_setaffinity(0, cell_cpus)
+        os.sched_setaffinity(0, frontend_cpus if frontend_cpus and load_with_frontend else cell_cpus)
         self.frontend_pgid = fe.pid
         self.frontend = f"http://127.0.0.1:{fe_port}"
         wait_http(f"{self.frontend}/healthz", timeout=60, proc=fe.proc)
@@ -180,9 +205,10 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=40, help="streams timed for TTFB, per path")
     ap.add_argument("--workers", type=int, default=1, help="frontend workers (own cell only)")
     ap.add_argument("--slots", type=int, default=32, help="decode slots (own cell only)")
-    ap.add_argument("--layout", choices=("split", "shared"),
+    ap.add_argument("--layout", choices=("split", "isolated", "shared"),
                     default="split" if len(os.sched_getaffinity(0)) >= 2 else "shared",
-                    help="split: the frontend on its own CPU; shared: every process on every CPU")
+                    help="split: the frontend alone on a CPU; isolated: the model server alone on a "
+                         "CPU; shared: every process on every CPU (see above)")
     args = ap.parse_args()
 
     cell = None
@@ -191,7 +217,8 @@ def main() -> None:
     else:
         print("starting a local cell (admin, model server, frontend)...", file=sys.stderr)
         cpus = sorted(os.sched_getaffinity(0))
-        cell = LocalCell(args.workers, args.slots, {cpus[-1]} if args.layout == "split" else None)
+        cell = LocalCell(args.workers, args.slots, {cpus[-1]} if args.layout != "shared" else None,
+                         load_with_frontend=args.layout == "isolated")
         fe_url, ms_url = cell.frontend, cell.model_server
     paths = {"direct": ms_url, "frontend": fe_url}
     body = json.dumps({"model": args.model, "prompt": "Hello world", "max_tokens": args.max_tokens,
@@ -204,6 +231,7 @@ def main() -> None:
         rows = []
         cpu_per_req: dict[str, list[float]] = {"frontend": [], "model server (direct)": [],
                                                "model server (frontend)": []}
+        batching: dict[tuple[int, str], list[float]] = {}  # (clients, path) -> [steps, prefills, requests]
         for clients in (int(c) for c in args.concurrency.split(",")):
             done = {k: 0 for k in paths}
             elapsed = {k: 0.0 for k in paths}
@@ -211,10 +239,16 @@ def main() -> None:
             for r in range(args.rounds):
                 order = list(paths) if r % 2 == 0 else list(reversed(paths))
                 for name in order:
+                    eng0 = engine_counts(ms_url)  # (scraped outside the CPU window)
                     cpu0 = cpu_now(cell)
                     n, ls, el = run_load(paths[name], body, clients, args.duration / args.rounds)
+                    cpu1 = cpu_now(cell)
+                    eng1 = engine_counts(ms_url)
+                    acc = batching.setdefault((clients, name), [0.0, 0.0, 0.0])
+                    acc[0] += eng1[0] - eng0[0]
+                    acc[1] += eng1[1] - eng0[1]
+                    acc[2] += n
                     if cell is not None:
-                        cpu1 = cpu_now(cell)
                         if name == "frontend":
                             cpu_per_req["frontend"].append((cpu1[0] - cpu0[0]) / n)
                         cpu_per_req[f"model server ({name})"].append((cpu1[1] - cpu0[1]) / n)
@@ -255,6 +289,9 @@ def main() -> None:
         print(f"\nCPU per request (mean over all rounds): model server {d:.2f} ms when called directly; "
               f"through the frontend: frontend {f:.2f} ms + model server {m:.2f} ms "
               f"(the frontend's share of the CPU work: {f / (f + m) * 100:.0f}%)")
+    print("\nBatching in the model server's engine, per request (fewer: more requests per step):")
+    for (clients, name), (steps, prefills, n) in batching.items():
+        print(f"  {clients} clients, {name}: {steps / n:.3f} decode steps, {prefills / n:.3f} prefill calls")
     print(f"\nmean TTFB: direct {statistics.mean(ttfbs['direct']) * ms:.2f} ms, "
           f"frontend {statistics.mean(ttfbs['frontend']) * ms:.2f} ms")
 
