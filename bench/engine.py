@@ -10,7 +10,7 @@ uses every core (`torch.set_num_threads(os.cpu_count())`), XLA its defaults. Mea
 * memory read bandwidth (arrays the size of the weights; numpy single-thread as well as the
   best of several multi-threaded readers) and the batch-1 ceiling = bandwidth / weight bytes;
 * the batch-1 share of the ceiling *of the moment*: rounds of [1 s of sustained reads, a
-  batch-1 decode, 1 s of reads] (see SustainedReader), each decode against the mean of the
+  batch-1 decode, 1 s of reads] (see BandwidthReaders.sustained), each decode against the mean of the
   two readings around it, median round reported (a shared VM's bandwidth swings by 1.5x within
   seconds, so a burst's best taken minutes away says little about the bandwidth a decode had);
 * decode throughput at 1 and 8 concurrent sequences (128-token prompts, 128 new tokens):
@@ -103,59 +103,47 @@ def torch_model(spec, params):
 
 # --------------------------------------------------------------------------- bandwidth
 
-def memory_bandwidth(nbytes: int, reps: int = 5) -> dict[str, float]:
-    """Read bandwidth (bytes/s) over an array of `nbytes`, best of `reps`, several readers."""
-    import jax
-    import jax.numpy as jnp
-
-    a = np.ones((nbytes // 16384) * 4096, np.float32)
-    out: dict[str, float] = {}
-
-    def best(fn) -> float:
-        b = float("inf")
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            b = min(b, time.perf_counter() - t0)
-        return a.nbytes / b
-
-    out["numpy sum (1 thread)"] = best(a.sum)
-    n = os.cpu_count() or 1
-    chunks = np.array_split(a, n)
-    with ThreadPoolExecutor(n) as ex:
-        out[f"numpy sum ({n} threads)"] = best(lambda: list(ex.map(np.sum, chunks)))
-    x = jnp.asarray(a.reshape(-1, 4096))
-    f = jax.jit(lambda x: jnp.sum(x, axis=1))
-    f(x).block_until_ready()
-    out["XLA row sums"] = best(lambda: f(x).block_until_ready())
-    del x
-    return out
-
-
-class SustainedReader:
-    """The read bandwidth the machine gives now, sustained (not a burst's best): the higher of
-    XLA's row sums and numpy's sums on every core, each repeated for half the time, over
-    arrays the size of the weights."""
+class BandwidthReaders:
+    """Readers of an array the size of the weights: numpy on one thread, numpy on every core
+    and XLA's row sums, as bursts (each reader's best of a few reads) or sustained."""
 
     def __init__(self, nbytes: int):
         import jax
         import jax.numpy as jnp
 
-        a = np.ones(((nbytes // 16384), 4096), np.float32)
+        a = np.ones((nbytes // 16384) * 4096, np.float32)
         self.nbytes = a.nbytes
-        x = jnp.asarray(a)
-        f = jax.jit(lambda x: jnp.sum(x, axis=1))
-        chunks = np.array_split(a, os.cpu_count() or 1)
-        self.pool = ThreadPoolExecutor(len(chunks))
-        self.readers = [lambda: f(x).block_until_ready(), lambda: list(self.pool.map(np.sum, chunks))]
-        for r in self.readers:
-            r()
+        x = jnp.asarray(a.reshape(-1, 4096))
+        row_sums = jax.jit(lambda x: jnp.sum(x, axis=1))
+        n = os.cpu_count() or 1
+        chunks = np.array_split(a, n)
+        self.pool = ThreadPoolExecutor(n)
+        #: the readers on every core (those a sustained reading takes)
+        self.parallel = {f"numpy sum ({n} threads)": lambda: list(self.pool.map(np.sum, chunks)),
+                         "XLA row sums": lambda: row_sums(x).block_until_ready()}
+        self.readers = {"numpy sum (1 thread)": a.sum, **self.parallel}
+        for read in self.readers.values():
+            read()
 
-    def __call__(self, seconds: float = 1.0) -> float:
+    def burst(self, reps: int = 5) -> dict[str, float]:
+        """Read bandwidth (bytes/s) of each reader, best of `reps`."""
+        out = {}
+        for name, read in self.readers.items():
+            best = float("inf")
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                read()
+                best = min(best, time.perf_counter() - t0)
+            out[name] = self.nbytes / best
+        return out
+
+    def sustained(self, seconds: float = 1.0) -> float:
+        """The bandwidth the machine gives now, sustained (not a burst's best): the better of
+        the multi-threaded readers, each repeated for half the time."""
         rates = []
-        for read in self.readers:
+        for read in self.parallel.values():
             n, t0 = 0, time.perf_counter()
-            while time.perf_counter() - t0 < seconds / len(self.readers):
+            while time.perf_counter() - t0 < seconds / len(self.parallel):
                 read()
                 n += 1
             rates.append(n * self.nbytes / (time.perf_counter() - t0))
@@ -280,7 +268,8 @@ def main(argv=None) -> int:
           f"({jax.default_backend()}), torch {torch.__version__} ({torch.get_num_threads()} threads)", flush=True)
     hf_tok = synthetic_tokenizer()
 
-    bw = memory_bandwidth(wbytes)
+    readers = BandwidthReaders(wbytes)
+    bw = readers.burst()
 
     pl, nt = args.prompt_tokens, args.new_tokens
     max_conc = max(args.concurrency)
@@ -318,7 +307,7 @@ def main(argv=None) -> int:
     # machine may be shared: the best run is the least disturbed one).
     for rnd in range(args.rounds):
         if rnd:
-            for k, v in memory_bandwidth(wbytes).items():
+            for k, v in readers.burst().items():
                 bw[k] = max(bw[k], v)
         for b in args.concurrency:
             ps = sets[b]
@@ -354,17 +343,17 @@ def main(argv=None) -> int:
               + (f", transformers {results['transformers']['prefill']:.0f} tok/s" if hf_model is not None else ""),
               flush=True)
     # Batch-1 share of the bandwidth of the moment (see the module docstring).
-    reader, shares = SustainedReader(wbytes), []
+    shares = []
     one = sets[min(args.concurrency)][:1]
     for rnd in range(args.share_rounds):
-        before = reader()
+        before = readers.sustained()
         t1 = min(run_ours(eng, one, 1)[0] for _ in range(2))
         tps = (nt - 1) / (run_ours(eng, one, nt)[0] - t1)
-        after = reader()
+        after = readers.sustained()
         shares.append(tps * wbytes / ((before + after) / 2))
         print(f"#   [{rnd}] batch-1 {tps:.1f} tok/s between {before / 1e9:.1f} and {after / 1e9:.1f} GB/s "
               f"(sustained reads): {100 * shares[-1]:.0f}%", flush=True)
-    reader.close()
+    readers.close()
     recompiles = ENGINE_COMPILES[0]
     check_prompt = sets[min(args.concurrency)][:1]
     ours_tokens = eng.submit(check_prompt[0], SamplingParams(max_tokens=min(16, nt), temperature=0.0,
