@@ -54,6 +54,8 @@ MATMUL_MIN_ROWS, MATMUL_MAX_ROWS = 1, 64
 #: process to flushing denormals when it is loaded.
 _COMPILE_FLAGS = ["-O3", "-march=native", "-std=c++17", "-fPIC", "-ffast-math", "-pthread"]
 _LINK_FLAGS = ["-shared", "-pthread"]
+#: Tuning per CPU vendor (see matmul.cc's gemv): measured, not assumed.
+_VENDOR_DEFINES = {"GenuineIntel": ["-DSAX_GEMV_PREFETCH_ROWS=4"]}
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -64,21 +66,34 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
 def _cpu_identity() -> bytes:
     """The CPU's model and feature flags: `-march=native` code must not run on another CPU
     (a cache directory may be shared between machines)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
+    text = _cpuinfo()
+    if not text:
         import platform
         return platform.processor().encode()
     keep = [line for line in text.splitlines() if line.startswith(("model name", "flags", "Features"))]
     return "\n".join(sorted(set(keep))).encode()
 
 
+def _compile_flags() -> list[str]:
+    vendor = next((line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines()
+                   if line.startswith("vendor_id")), "")
+    return _COMPILE_FLAGS + _VENDOR_DEFINES.get(vendor, [])
+
+
 def _build() -> Path:
     """The compiled library for these sources, jaxlib, flags and CPU (built if missing)."""
-    flags = " ".join(_COMPILE_FLAGS + _LINK_FLAGS)
+    compile_flags = _compile_flags()
+    flags = " ".join(compile_flags + _LINK_FLAGS)
     ident = b"\0".join([*(f.name.encode() + f.read_bytes() for f in _SOURCES + _HEADERS),
                          jaxlib.__version__.encode(), flags.encode(), _cpu_identity()])
     key = hashlib.sha256(ident).hexdigest()[:16]
@@ -93,7 +108,7 @@ def _build() -> Path:
         objs, lib = [os.path.join(tmp, f"{f.stem}.o") for f in _SOURCES], os.path.join(tmp, "kernels.so")
         try:
             for src, obj in zip(_SOURCES, objs):
-                subprocess.run([cxx, *_COMPILE_FLAGS, "-I", jax.ffi.include_dir(), "-c", str(src), "-o", obj],
+                subprocess.run([cxx, *compile_flags, "-I", jax.ffi.include_dir(), "-c", str(src), "-o", obj],
                                check=True, capture_output=True, text=True, timeout=300)
             subprocess.run([cxx, *_LINK_FLAGS, *objs, "-o", lib], check=True, capture_output=True, text=True,
                            timeout=300)
@@ -137,10 +152,7 @@ def _require() -> None:
 
 @functools.lru_cache(maxsize=None)
 def _has_avx512() -> bool:
-    try:
-        return " avx512f" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    return " avx512f" in _cpuinfo()
 
 
 def _tiled_ok(*dtypes) -> bool:
