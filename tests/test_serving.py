@@ -47,3 +47,57 @@ def test_gthread_worker_serves_and_throttles_its_heartbeat(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def _serve_thread_ids(tmp_path, threads: int):
+    """A gunicorn process whose app answers with the id of the thread that served the request."""
+    port = free_port()
+    script = textwrap.dedent(f"""
+        import threading
+        from admin_server.serving import run_gunicorn
+        def app(environ, start_response):
+            body = str(threading.get_ident()).encode()
+            start_response("200 OK", [("Content-Length", str(len(body)))])
+            return [body]
+        run_gunicorn(lambda: app, bind="127.0.0.1:{port}", workers=1, threads={threads}, timeout=8)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=os.getcwd(),
+                            stdout=open(tmp_path / "out.log", "wb"), stderr=subprocess.STDOUT)
+    wait_http(f"http://127.0.0.1:{port}/", timeout=30, proc=proc)
+    return proc, f"http://127.0.0.1:{port}/"
+
+
+def test_kept_alive_connection_stays_with_its_thread(tmp_path):
+    """Back-to-back requests on one connection are served by the thread that served the first
+    (no trip through the main loop); after KEEP_S idle the connection is still served."""
+    from admin_server.serving import ThreadWorker
+
+    proc, url = _serve_thread_ids(tmp_path, threads=8)
+    try:
+        with requests.Session() as s:
+            ids = {s.get(url, timeout=5).text for _ in range(50)}
+            assert len(ids) == 1, ids
+            time.sleep(ThreadWorker.KEEP_S + 0.3)  # back to the poller, then a thread again
+            assert s.get(url, timeout=5).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_waiting_threads_leave_room_for_other_connections(tmp_path):
+    """With 2 threads at most one waits on its connection: three connections taking turns are
+    all served without waiting out KEEP_S (30 requests would take 15 s if they queued behind
+    waiting threads)."""
+    proc, url = _serve_thread_ids(tmp_path, threads=2)
+    sessions = [requests.Session() for _ in range(3)]
+    try:
+        t0 = time.monotonic()
+        for _ in range(10):
+            for s in sessions:
+                assert s.get(url, timeout=5).status_code == 200
+        assert time.monotonic() - t0 < 5.0
+    finally:
+        for s in sessions:
+            s.close()
+        proc.terminate()
+        proc.wait(timeout=20)
