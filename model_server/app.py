@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, stream_with_context
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -53,9 +53,11 @@ def served_for(body: dict[str, Any]) -> ServedModel:
                        retry_after=1.0) from None
 
 
-def caller_gone() -> bool:
-    """True once the caller of the current request closed its connection."""
-    return hung_up(request.environ.get("gunicorn.socket"))
+def caller_watch() -> Callable[[], bool]:
+    """A check that the current request's caller closed its connection, callable from any
+    thread (a prompt list's per-prompt waits run outside the request context)."""
+    sock = request.environ.get("gunicorn.socket")
+    return lambda: hung_up(sock)
 
 
 def sse_response(stream: Any) -> Response:
@@ -67,7 +69,7 @@ def sse_response(stream: Any) -> Response:
 def completions():  # type: ignore[no-untyped-def]
     body = json_body()
     payload, stream = openai_api.handle(served_for(body), body, chat=False, limits=limits(),
-                                        abandoned=caller_gone)
+                                        abandoned=caller_watch())
     return sse_response(stream) if stream is not None else jsonify(payload)
 
 
@@ -75,7 +77,7 @@ def completions():  # type: ignore[no-untyped-def]
 def chat_completions():  # type: ignore[no-untyped-def]
     body = json_body()
     payload, stream = openai_api.handle(served_for(body), body, chat=True, limits=limits(),
-                                        abandoned=caller_gone)
+                                        abandoned=caller_watch())
     return sse_response(stream) if stream is not None else jsonify(payload)
 
 
@@ -130,7 +132,7 @@ def list_models():  # type: ignore[no-untyped-def]
 @bp.post("/lm/generate")
 def lm_generate():  # type: ignore[no-untyped-def]
     body = json_body()
-    return jsonify({"results": sax_api.generate(served_for(body), body, limits(), abandoned=caller_gone)})
+    return jsonify({"results": sax_api.generate(served_for(body), body, limits(), abandoned=caller_watch())})
 
 
 @bp.post("/lm/generate_stream")

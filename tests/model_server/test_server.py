@@ -157,3 +157,25 @@ def test_health_models_and_metrics(server: str) -> None:
         r"^(sax:engine_(?:decode_steps|prefill_calls)_total)\{[^}]*\} (\S+)$", text, re.M)}
     assert counts["sax:engine_prefill_calls_total"] >= 1, counts
     assert counts["sax:engine_decode_steps_total"] >= 1, counts
+
+
+def test_caller_watch_works_from_other_threads() -> None:
+    """A prompt list waits for each prompt on its own thread, outside the request context:
+    the hang-up check must work there (it once raised "Working outside of request context")."""
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    import flask
+
+    from model_server.app import caller_watch
+
+    ours, theirs = socket.socketpair()
+    try:
+        with flask.Flask("t").test_request_context(environ_base={"gunicorn.socket": ours}):
+            gone = caller_watch()
+        with ThreadPoolExecutor(1) as pool:
+            assert pool.submit(gone).result() is False
+            theirs.close()
+            assert pool.submit(gone).result() is True
+    finally:
+        ours.close()
