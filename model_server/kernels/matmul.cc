@@ -181,8 +181,8 @@ void panel_item(const Panel& p, int64_t item) {
 // Each work item is a contiguous run of weight rows, read front to back one row at a time (one
 // sequential stream per thread, as the hardware prefetcher likes it best); x stays in L1.
 // Measured on GPT-2-small's chain of products: 5-20% faster than XLA's dot, at the speed of
-// XLA's own row sums over the same matrices. Several rows side by side, or software prefetch,
-// were slower.
+// XLA's own row sums over the same matrices. Several rows side by side were slower; software
+// prefetch depends on the CPU (SAX_GEMV_PREFETCH_ROWS below).
 inline float dot_row(const float* __restrict__ x, const float* __restrict__ w, int64_t k) {
   const int64_t kv = k - k % kLanes;
   Vec acc{};
