@@ -50,13 +50,20 @@ def test_gthread_worker_serves_and_throttles_its_heartbeat(tmp_path):
 
 
 def _serve_thread_ids(tmp_path, threads: int):
-    """A gunicorn process whose app answers with the id of the thread that served the request."""
+    """A gunicorn process whose app answers "<id of the serving thread> <requests the worker's
+    main loop has handed to its pool so far>"."""
     port = free_port()
     script = textwrap.dedent(f"""
         import threading
-        from admin_server.serving import run_gunicorn
+        from admin_server.serving import run_gunicorn, ThreadWorker
+        handed = [0]
+        base_enqueue = ThreadWorker.enqueue_req
+        def counting(self, conn):
+            handed[0] += 1
+            base_enqueue(self, conn)
+        ThreadWorker.enqueue_req = counting
         def app(environ, start_response):
-            body = str(threading.get_ident()).encode()
+            body = f"{{threading.get_ident()}} {{handed[0]}}".encode()
             start_response("200 OK", [("Content-Length", str(len(body)))])
             return [body]
         run_gunicorn(lambda: app, bind="127.0.0.1:{port}", workers=1, threads={threads}, timeout=8)
@@ -68,17 +75,21 @@ def _serve_thread_ids(tmp_path, threads: int):
 
 
 def test_kept_alive_connection_stays_with_its_thread(tmp_path):
-    """Back-to-back requests on one connection are served by the thread that served the first
-    (no trip through the main loop); after KEEP_S idle the connection is still served."""
+    """Back-to-back requests on one connection are served by the thread that served the first,
+    without going through the worker's main loop (stock gthread hands every request to its
+    pool from there); after KEEP_S idle the connection is handed back and still served."""
     from admin_server.serving import ThreadWorker
 
     proc, url = _serve_thread_ids(tmp_path, threads=8)
     try:
         with requests.Session() as s:
-            ids = {s.get(url, timeout=5).text for _ in range(50)}
-            assert len(ids) == 1, ids
+            answers = [s.get(url, timeout=5).text.split() for _ in range(50)]
+            handed = int(answers[-1][1]) - int(answers[0][1])
+            assert handed <= 2, handed  # (a stall past KEEP_S would cost one hand-off)
+            assert len({thread for thread, _ in answers}) <= 1 + handed
             time.sleep(ThreadWorker.KEEP_S + 0.3)  # back to the poller, then a thread again
-            assert s.get(url, timeout=5).status_code == 200
+            r = s.get(url, timeout=5)
+            assert r.status_code == 200 and int(r.text.split()[1]) > int(answers[-1][1])
     finally:
         proc.terminate()
         proc.wait(timeout=20)
