@@ -97,8 +97,8 @@ def test_kept_alive_connection_stays_with_its_thread(tmp_path):
 
 def test_waiting_threads_leave_room_for_other_connections(tmp_path):
     """With 2 threads at most one waits on its connection: three connections taking turns are
-    all served without waiting out KEEP_S (30 requests would take 15 s if they queued behind
-    waiting threads)."""
+    all served without queueing behind waiting threads for up to KEEP_S each (without that
+    cap these 30 requests took 7 s)."""
     proc, url = _serve_thread_ids(tmp_path, threads=2)
     sessions = [requests.Session() for _ in range(3)]
     try:
