@@ -66,6 +66,7 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
+@functools.lru_cache(maxsize=None)
 def _cpuinfo() -> str:
     try:
         return Path("/proc/cpuinfo").read_text()
@@ -150,7 +151,6 @@ def _require() -> None:
         raise RuntimeError("the CPU kernels are unavailable (see the log)")
 
 
-@functools.lru_cache(maxsize=None)
 def _has_avx512() -> bool:
     return " avx512f" in _cpuinfo()
 

@@ -43,6 +43,15 @@ struct Problem {
   int64_t tiles_per_item;  // NR-output tiles per work item
 };
 
+// The weight rows of the tile after the one whose rows are `ws` (at output n0), which a tile
+// fetches a line per row while it computes: each row is only K floats long, too short a stream
+// for the hardware prefetcher to ramp up on. Rows past the end: the tile's own (cached).
+template <int NR>
+inline void next_tile_rows(const float* __restrict__ const* ws, int64_t n0, int64_t n, int64_t k,
+                           const float** next) {
+  for (int j = 0; j < NR; ++j) next[j] = n0 + NR + j < n ? ws[j] + NR * k : ws[j];
+}
+
 // y[m0:m0+MR, n0:n0+NR] = x[m0:m0+MR] . w[n0:n0+NR]^T over all of K.
 template <int MR, int NR>
 inline void tile(const Problem& p, int64_t m0, int64_t n0) {
@@ -54,8 +63,8 @@ inline void tile(const Problem& p, int64_t m0, int64_t n0) {
   Vec acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = Vec{};
-  const float* next[NR];  // the next tile's weight rows, fetched as in panel_tile
-  for (int j = 0; j < NR; ++j) next[j] = n0 + NR + j < p.n ? ws[j] + NR * k : ws[j];
+  const float* next[NR];
+  next_tile_rows<NR>(ws, n0, p.n, k, next);
   for (int64_t kk = 0; kk < kv; kk += kLanes) {
     Vec wv[NR];
     for (int j = 0; j < NR; ++j) __builtin_prefetch(next[j] + kk, 0, 3);
@@ -125,11 +134,8 @@ inline void panel_tile(const Panel& p, int64_t m0, int64_t n0) {
   const float* __restrict__ ws[NR];
   for (int j = 0; j < NR; ++j) ws[j] = p.w + (n0 + j) * p.k;
   const float* __restrict__ xt = p.xt + m0;
-  // The next tile's weight rows (the tile after this one in w), fetched a line per row while
-  // this tile computes: each row is only K floats long, too short a stream for the hardware
-  // prefetcher to ramp up on.
   const float* next[NR];
-  for (int j = 0; j < NR; ++j) next[j] = n0 + NR + j < p.n ? ws[j] + NR * p.k : ws[j];
+  next_tile_rows<NR>(ws, n0, p.n, p.k, next);
   for (int64_t k0 = 0; k0 < p.k; k0 += kLanes) {
     for (int j = 0; j < NR; ++j) __builtin_prefetch(next[j] + k0, 0, 3);
     const int64_t k1 = std::min<int64_t>(p.k, k0 + kLanes);
