@@ -31,7 +31,8 @@ Contract (all functions are pure and jit-friendly; `spec` is static/hashable):
 
 * ``forward_last(spec, params, tokens, positions, cache, slot_ids, last_index[B])`` ->
   ``(logits[B, V] float32, new_cache)``: logits of one token per row only (prefill: the last
-  real prompt token), skipping the [B, T, V] projection; ``make_forward_last(spec)`` likewise.
+  real prompt token), skipping the [B, T, V] projection and, in the last layer, all but the
+  other tokens' keys and values; ``make_forward_last(spec)`` likewise.
 
 * ``hidden_states(...)`` (same arguments) -> ``(hidden[B, T, D], new_cache)``: the final
   normalised hidden states without the vocabulary projection (for ``embed``);
@@ -221,10 +222,12 @@ def kv_blocks_for(max_seq_len: int, positions: int) -> int:
 
 def hidden_states(spec: ModelSpec, params: Params, tokens: jax.Array, positions: jax.Array,
                   cache: Optional[KVCache], slot_ids: Optional[jax.Array], *, fresh: bool = False,
-                  kv_blocks: Optional[int] = None):
+                  kv_blocks: Optional[int] = None, last_index: Optional[jax.Array] = None):
     """Final normalised hidden states [B, T, D] and the updated cache (`fresh`, `kv_blocks`:
-    see forward_last)."""
-    return family_module(spec).apply(spec, params, tokens, positions, cache, slot_ids, fresh, kv_blocks)
+    see forward_last). With `last_index` [B], only token `last_index[b]` of each row: [B, 1, D];
+    the last layer then computes the other tokens' keys and values only (for the cache)."""
+    return family_module(spec).apply(spec, params, tokens, positions, cache, slot_ids, fresh, kv_blocks,
+                                     last_index)
 
 
 def logits_from_hidden(spec: ModelSpec, params: Params, hidden: jax.Array) -> jax.Array:
@@ -258,16 +261,15 @@ def forward_last(spec: ModelSpec, params: Params, tokens: jax.Array, positions: 
                  fresh: bool = False, kv_blocks: Optional[int] = None):
     """Prefill variant: logits only at token `last_index[b]` of each row -> ([B, V] float32, cache).
 
-    Skips the [B, T, V] projection (large for big vocabularies and long buckets). `fresh`: the
+    Skips the [B, T, V] projection (large for big vocabularies and long buckets) and, in the
+    last layer, everything but the keys and values of the other tokens. `fresh`: the
     tokens open their sequences (each row's positions start at 0, or lie beyond the window for
     padding rows), so they attend to one another only, not to the whole cache window.
     `kv_blocks`: only that many leading cache blocks are touched (the call's positions must
     lie in them; see `kv_blocks_for`); None: all.
     """
-    hidden, new_cache = hidden_states(spec, params, tokens, positions, cache, slot_ids, fresh=fresh,
-                                      kv_blocks=kv_blocks)
-    rows = jnp.arange(hidden.shape[0])
-    last = hidden[rows, last_index][:, None, :]  # [B, 1, D]
+    last, new_cache = hidden_states(spec, params, tokens, positions, cache, slot_ids, fresh=fresh,
+                                    kv_blocks=kv_blocks, last_index=last_index)  # [B, 1, D]
     return logits_from_hidden(spec, params, last)[:, 0, :], new_cache
 
 

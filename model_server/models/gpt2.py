@@ -111,7 +111,9 @@ def partition_specs(spec: ModelSpec, axis: str, size: int) -> dict:
 
 def apply(spec: ModelSpec, params: dict, tokens: jax.Array, positions: jax.Array,
           cache: list | None, slot_ids: jax.Array | None, fresh: bool = False,
-          kv_blocks: int | None = None):
+          kv_blocks: int | None = None, last_index: jax.Array | None = None):
+    """Transformer body: (final-normed hidden [B, T, D], new cache or None); with `last_index`
+    the hidden state of token `last_index[b]` only, [B, 1, D] (see base.hidden_states)."""
     b, t = tokens.shape
     h_, hd = spec.num_heads, spec.head_dim
     act = L.ACTIVATIONS[spec.activation]
@@ -123,11 +125,12 @@ def apply(spec: ModelSpec, params: dict, tokens: jax.Array, positions: jax.Array
         if spec.attn_scale_by_layer:
             scale /= float(i + 1)
         h = L.layer_norm(x, p["attn_norm"], p["attn_norm_b"], spec.norm_eps)
-        q = L.linear(h, p["wq"], p["bq"]).reshape(b, t, h_, hd)
         k = L.linear(h, p["wk"], p["bk"]).reshape(b, t, h_, hd)
         v = L.linear(h, p["wv"], p["bv"]).reshape(b, t, h_, hd)
+        x, h, q_pos = L.last_layer_rows(i, len(params["layers"]), last_index, x, h, positions)
+        q = L.linear(h, p["wq"], p["bq"]).reshape(b, -1, h_, hd)
         o, layer_cache = L.attention(q, k, v, positions, None if cache is None else cache[i],
-                                     slot_ids, scale, fresh, kv_blocks)
+                                     slot_ids, scale, fresh, kv_blocks, q_pos)
         x = x + L.linear(o, p["wo"], p["bo"])
         h = L.layer_norm(x, p["mlp_norm"], p["mlp_norm_b"], spec.norm_eps)
         x = x + L.linear(act(L.linear(h, p["w_fc"], p["b_fc"])), p["w_proj"], p["b_proj"])

@@ -84,13 +84,35 @@ def kv_block_sizes(max_seq_len: int) -> list[int]:
     return [min(KV_BLOCK, max_seq_len - start) for start in range(0, max_seq_len, KV_BLOCK)]
 
 
+def take_rows(x: jax.Array, index: jax.Array) -> jax.Array:
+    """Token `index[b]` of each row: [B, T, ...] -> [B, 1, ...]."""
+    return jnp.take_along_axis(x, index.reshape((-1, 1) + (1,) * (x.ndim - 2)), axis=1)
+
+
+def last_layer_rows(layer: int, num_layers: int, last_index: Optional[jax.Array], x: jax.Array,
+                    h: jax.Array, positions: jax.Array):
+    """(x, h, query positions) for a layer's queries, attention output and MLP.
+
+    In the last layer, when only token `last_index[b]` of each row is wanted (a prefill, whose
+    other positions need only their keys and values in the cache), that token alone:
+    x, h [B, 1, D] and its positions [B, 1]. The layer's keys and values are computed from
+    the whole `h` before this. Elsewhere: unchanged, and None (the queries' positions are the
+    tokens').
+    """
+    if last_index is None or layer != num_layers - 1 or x.shape[1] == 1:
+        return x, h, None
+    return take_rows(x, last_index), take_rows(h, last_index), take_rows(positions, last_index)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
               layer_cache: Optional[tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]],
               slot_ids: Optional[jax.Array], scale: float, fresh: bool = False,
-              kv_blocks: Optional[int] = None):
+              kv_blocks: Optional[int] = None, q_positions: Optional[jax.Array] = None):
     """Grouped-query attention with an optional slot KV cache.
 
-    q: [B, T, H, D]; k, v: [B, T, KV, D]; positions: [B, T].
+    q: [B, T, H, D]; k, v: [B, T, KV, D]; positions: [B, T]. `q_positions` [B, Tq]: the
+    positions of the queries when they are fewer than the keys (q [B, Tq, H, D]; e.g. the
+    last token only, when nothing else of the layer's output is used); None: `positions`.
     layer_cache: (k blocks, v blocks), block j [N, KV, size_j, D] holding the size_j positions
     after those of the blocks before it; or None. Returns (out [B, T, H*D], new layer cache).
     With a cache the new k/v are written at their positions and the tokens attend to the
@@ -100,6 +122,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
     them; other writes are dropped); None: all.
     """
     new_cache = None
+    qpos = positions if q_positions is None else q_positions
     if layer_cache is not None:
         kb, vb = layer_cache
         used = len(kb) if kv_blocks is None else kv_blocks
@@ -119,13 +142,16 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
             keys, vals = kb[:used], vb[:used]
             if q.shape[1] == 1 and kernels.enabled():  # a decode step on the CPU: no gather
                 b, _, h, d = q.shape
-                out = kernels.decode_attention(q[:, 0], rows, positions[:, 0], keys, vals, scale)
+                out = kernels.decode_attention(q[:, 0], rows, qpos[:, 0], keys, vals, scale)
                 return out.reshape(b, 1, h * d).astype(q.dtype), new_cache
             if slot_ids is not None:
                 keys, vals = [a[slot_ids] for a in keys], [a[slot_ids] for a in vals]
             span = sum(a.shape[2] for a in keys)
-            mask = jnp.arange(span, dtype=positions.dtype)[None, None, :] <= positions[:, :, None]
+            mask = jnp.arange(span, dtype=positions.dtype)[None, None, :] <= qpos[:, :, None]
             return _attend(q, keys, vals, mask, scale), new_cache
+    if q_positions is not None:
+        mask = positions[:, None, :] <= q_positions[:, :, None]  # [B, Tq, T]
+        return _attend(q, [jnp.swapaxes(k, 1, 2)], [jnp.swapaxes(v, 1, 2)], mask, scale), new_cache
     return causal_self_attention(q, k, v, positions, scale), new_cache
 
 

@@ -188,8 +188,9 @@ def partition_specs(spec: ModelSpec, axis: str, size: int) -> dict:
 
 def apply(spec: ModelSpec, params: dict, tokens: jax.Array, positions: jax.Array,
           cache: list | None, slot_ids: jax.Array | None, fresh: bool = False,
-          kv_blocks: int | None = None):
-    """Transformer body: returns (final-normed hidden [B, T, D], new cache or None)."""
+          kv_blocks: int | None = None, last_index: jax.Array | None = None):
+    """Transformer body: (final-normed hidden [B, T, D], new cache or None); with `last_index`
+    the hidden state of token `last_index[b]` only, [B, 1, D] (see base.hidden_states)."""
     b, t = tokens.shape
     h_, kv_, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
     act = L.ACTIVATIONS[spec.activation]
@@ -201,13 +202,14 @@ def apply(spec: ModelSpec, params: dict, tokens: jax.Array, positions: jax.Array
     new_cache = [] if cache is not None else None
     for i, p in enumerate(params["layers"]):
         h = L.rms_norm(x, p["attn_norm"], spec.norm_eps)
-        q = L.linear(h, p["wq"], p.get("bq")).reshape(b, t, h_, hd)
         k = L.linear(h, p["wk"], p.get("bk")).reshape(b, t, kv_, hd)
         v = L.linear(h, p["wv"], p.get("bv")).reshape(b, t, kv_, hd)
-        q = L.apply_rope(q, positions, inv_freq)
         k = L.apply_rope(k, positions, inv_freq)
+        x, h, q_pos = L.last_layer_rows(i, len(params["layers"]), last_index, x, h, positions)
+        q = L.linear(h, p["wq"], p.get("bq")).reshape(b, -1, h_, hd)
+        q = L.apply_rope(q, positions if q_pos is None else q_pos, inv_freq)
         o, layer_cache = L.attention(q, k, v, positions, None if cache is None else cache[i],
-                                     slot_ids, scale, fresh, kv_blocks)
+                                     slot_ids, scale, fresh, kv_blocks, q_pos)
         x = x + L.linear(o, p["wo"], p.get("bo"))
         h = L.rms_norm(x, p["mlp_norm"], spec.norm_eps)
         g = act(L.linear(h, p["w_gate"], p.get("b_gate"))) * L.linear(h, p["w_up"], p.get("b_up"))

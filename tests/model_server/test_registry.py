@@ -180,21 +180,59 @@ def test_decode_with_slot_ids_matches_identity(model):
         np.testing.assert_allclose(np.asarray(ka), np.asarray(kb), atol=1e-6)
 
 
-def test_forward_last_for_prefill(model):
+def _tiny_gpt2_spec() -> base.ModelSpec:
+    return base.ModelSpec(family="gpt2", model_type="gpt2", vocab_size=97, hidden_size=32, num_layers=2,
+                          num_heads=4, num_kv_heads=4, head_dim=8, intermediate_size=64,
+                          max_position_embeddings=64, norm_eps=1e-5, activation="gelu_new",
+                          tie_word_embeddings=True, qkv_bias=True, o_bias=True, mlp_bias=True)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("fresh", [True, False])
+def test_forward_last_for_prefill(model, family, fresh):
+    """Logits at one token per row (the last layer computing the other tokens' keys and values
+    only) equal the full forward's at that token, and every layer's cache is the same."""
+    spec, params = model.spec, model.params
+    if family == "gpt2":
+        spec = _tiny_gpt2_spec()
+        params = jax.device_put(base.random_params(spec, seed=3))
     toks = np.zeros((2, 16), np.int32)
     toks[0, :5], toks[1, :10] = np.arange(1, 6), np.arange(20, 30)
     pos = np.tile(np.arange(16, dtype=np.int32), (2, 1))
     last_index = np.array([4, 9], np.int32)
     slots = np.array([1, 3], np.int32)
-    full, cache_full = jax.jit(model.forward_fn())(model.params, toks, pos, model.init_cache(), slots)
-    last, cache_last = jax.jit(model.forward_last_fn())(model.params, toks, pos, model.init_cache(), slots,
-                                                        last_index)
-    assert last.shape == (2, model.spec.vocab_size)
+    full, cache_full = jax.jit(base.make_forward(spec))(params, toks, pos, base.init_cache(spec, 4, 64, jnp.float32),
+                                                        slots)
+    last, cache_last = jax.jit(base.make_forward_last(spec, fresh=fresh))(
+        params, toks, pos, base.init_cache(spec, 4, 64, jnp.float32), slots, last_index)
+    assert last.shape == (2, spec.vocab_size)
     np.testing.assert_allclose(np.asarray(last), np.asarray(full)[[0, 1], last_index], atol=1e-5)
-    np.testing.assert_allclose(np.asarray(cache_last[1][0]), np.asarray(cache_full[1][0]), atol=1e-6)
-    # out-of-range ids (garbage padding) are clipped, never NaN
-    bad = toks.copy()
+    for a, b in zip(jax.tree.leaves(cache_last), jax.tree.leaves(cache_full), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_forward_last_skips_the_last_layer_for_other_tokens():
+    """XLA's cost analysis: logits at one token of 16 cost fewer FLOPs than the hidden states of
+    all 16 (the last layer's queries, attention output and MLP run for that token only)."""
+    spec = _tiny_gpt2_spec()
+    params = jax.device_put(base.random_params(spec, seed=3))
+    toks, pos = np.ones((2, 16), np.int32), np.tile(np.arange(16, dtype=np.int32), (2, 1))
+
+    def flops(fn, *args):
+        cost = jax.jit(fn).lower(params, toks, pos, None, None, *args).compile().cost_analysis()
+        return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+    last = flops(base.make_forward_last(spec, fresh=True), np.array([4, 9], np.int32))
+    hidden = flops(base.make_hidden_fn(spec))
+    per_layer = hidden / spec.num_layers
+    assert last < hidden - 0.5 * per_layer, (last, hidden)
+
+
+def test_out_of_range_ids_are_clipped(model):
+    """Garbage padding ids are clipped, never NaN."""
+    bad = np.zeros((2, 16), np.int32)
     bad[:, 12:] = 10**6
+    pos = np.tile(np.arange(16, dtype=np.int32), (2, 1))
     out, _ = jax.jit(model.forward_fn())(model.params, bad, pos, None, None)
     assert np.isfinite(np.asarray(out)).all()
 
