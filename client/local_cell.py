@@ -82,21 +82,23 @@ def up(root: str, admin_port: int, model_server_port: int, frontend_port: int, m
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "SAX_CELL": cell, "SAX_ADMIN": admin}
     py = sys.executable
     children: list[_Child] = []
-    stopping = False
+    interrupted = False
 
-    def stop_all(*_: object) -> None:
-        nonlocal stopping
-        if stopping:
-            return
-        stopping = True
+    def stop_all() -> None:
         click.echo("\nstopping the cell...", err=True)
         for child in reversed(children):
             child.stop()
         click.echo("stopped", err=True)
 
     def on_signal(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
+        # Only the first Ctrl-C (or SIGTERM) interrupts: a second one must not cut the stop
+        # short, as the children run in their own sessions and nothing else would stop them.
+        nonlocal interrupted
+        if not interrupted:
+            interrupted = True
+            raise KeyboardInterrupt
 
+    signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
         children.append(_Child("admin", [py, "-m", "admin_server", "--root", str(root_path), "--cell", cell,

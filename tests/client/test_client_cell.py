@@ -265,7 +265,11 @@ def test_generation_continues_from_cache_while_admin_is_down(cell: Cell) -> None
                                   port=cell.admin.port).start()
 
 
-def test_saxutil_up_serves_and_stops_cleanly_on_sigint(tmp_path: Path, tiny_compiled: None) -> None:
+@pytest.mark.parametrize("interrupts", [1, 2])
+def test_saxutil_up_serves_and_stops_cleanly_on_sigint(tmp_path: Path, tiny_compiled: None,
+                                                        interrupts: int) -> None:
+    """Ctrl-C stops every process of the cell; so does an impatient second Ctrl-C, which
+    arrives while the first is stopping them."""
     ports = [free_port() for _ in range(3)]
     proc = subprocess.Popen([sys.executable, "-m", "client.cli", "up", "--root", str(tmp_path / "root"),
                              "--admin-port", str(ports[0]), "--model-server-port", str(ports[1]),
@@ -291,7 +295,9 @@ def test_saxutil_up_serves_and_stops_cleanly_on_sigint(tmp_path: Path, tiny_comp
         assert json.loads(r.stdout)["object"] == "text_completion"
         children = descendants(proc.pid)
         assert len(children) >= 3  # admin, model server, frontend and their workers
-        proc.send_signal(signal.SIGINT)
+        for _ in range(interrupts):
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.2)
         proc.wait(60)
         assert proc.returncode == 0
         time.sleep(0.5)
