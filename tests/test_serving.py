@@ -112,3 +112,34 @@ def test_waiting_threads_leave_room_for_other_connections(tmp_path):
             s.close()
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_settled_config_reads_as_the_config_without_its_lookups(monkeypatch):
+    """Every setting and the properties a request reads give the Config's values, without a
+    `Config.__getattr__` call; anything else still comes from the Config."""
+    from gunicorn.config import Config
+
+    from admin_server.serving import SettledConfig
+
+    cfg = Config()
+    cfg.set("keepalive", 30)
+    cfg.set("limit_request_line", 1234)
+    settled = SettledConfig(cfg)
+    names = [*cfg.settings, *SettledConfig.PROPERTIES]
+    assert {name: getattr(settled, name) for name in names} == {name: getattr(cfg, name) for name in names}
+    # (a Config property of a setting's name, e.g. worker_class, wins, and is read through)
+    resolved = [name for name in names if name in vars(settled)]
+    assert len(resolved) > 100 and "is_ssl" in resolved and "worker_class" not in resolved
+    lookups = [0]
+    base_getattr = Config.__getattr__
+
+    def counting(self, name):
+        lookups[0] += 1
+        return base_getattr(self, name)
+    monkeypatch.setattr(Config, "__getattr__", counting)
+    for name in resolved:
+        getattr(settled, name)
+    assert (settled.keepalive, settled.limit_request_line) == (30, 1234)
+    assert lookups[0] == 0
+    assert settled.forwarded_allow_networks() == cfg.forwarded_allow_networks()  # a method
+    assert settled.env == cfg.env  # another property, read through
