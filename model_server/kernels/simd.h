@@ -3,7 +3,6 @@
 #ifndef SAXPLANE_KERNELS_SIMD_H_
 #define SAXPLANE_KERNELS_SIMD_H_
 
-#include <cstring>
 
 namespace saxplane {
 
@@ -15,13 +14,12 @@ constexpr int kLanes = 8;
 
 typedef float Vec __attribute__((vector_size(kLanes * 4), aligned(4)));
 
-inline Vec load(const float* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
+// The same vector, allowed at any float's address and to alias float arrays.
+typedef float VecMem __attribute__((vector_size(kLanes * 4), aligned(4), may_alias));
 
-inline void store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
+inline Vec load(const float* p) { return *reinterpret_cast<const VecMem*>(p); }
+
+inline void store(float* p, Vec v) { *reinterpret_cast<VecMem*>(p) = v; }
 
 inline float hsum(Vec v) {
   float s = 0.f;
