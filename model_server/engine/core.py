@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from model_server import host_memory
 from model_server.engine import metrics
 from model_server.engine.programs import Programs, default_decode_buckets
 from model_server.engine.types import (MAX_LOGIT_BIAS, MAX_LOGPROBS, Completion, Delta, EngineError,
@@ -329,6 +330,7 @@ class Engine:
         self.h_queue = metrics.Histogram(metrics.LATENCY_BUCKETS)
         self.h_e2e = metrics.Histogram(metrics.LATENCY_BUCKETS)
         self.warmup_seconds = 0.0
+        self.huge_page_bytes = 0
         self.compile_timings: dict[str, float] = {}
         self._compiles_at_ready = 0
 
@@ -348,14 +350,17 @@ class Engine:
         self.compile_timings = self.programs.compile_all(self.params, self._cache, self._state,
                                                          self._sp_dev, self._compile_threads)
         self._exercise()
+        # After the first calls: the steps donate the cache, so these buffers are the ones
+        # every later step reads and writes in place.
+        self.huge_page_bytes = host_memory.advise_huge_pages((self.params, self._cache))
         self.warmup_seconds = time.monotonic() - t0
         self._compiles_at_ready = compile_count()
         self._running = True
         self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
         self._thread.start()
-        log.info("engine ready in %.1fs: %d slots, max_seq_len %d, buckets %s, %d programs",
-                 self.warmup_seconds, self.num_slots, self.max_seq_len, self.prefill_buckets,
-                 len(self.compile_timings))
+        log.info("engine ready in %.1fs: %d slots, max_seq_len %d, buckets %s, %d programs, "
+                 "%d MB on huge pages", self.warmup_seconds, self.num_slots, self.max_seq_len,
+                 self.prefill_buckets, len(self.compile_timings), self.huge_page_bytes >> 20)
 
     def _exercise(self) -> None:
         """Run every compiled program once with dummy inputs (first-call costs, and so that
