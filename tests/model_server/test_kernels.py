@@ -101,6 +101,24 @@ def test_prefill_attention_matches_pure_jax(monkeypatch, batch, t, heads, kv_hea
 
 
 @needs_compiler
+@needs_avx512
+def test_vector_loads_and_stores_stay_in_registers(tmp_path):
+    """simd.h's load/store must compile to plain vector moves whatever GCC tunes for. With a
+    64-byte memcpy, `-march=native` on a CPU GCC takes for Rocket Lake (session 10's Intel
+    Xeon) split each load into two 256-bit halves through the stack: a store-forwarding stall
+    per load, the decode a third of its speed."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    src = tmp_path / "probe.cc"
+    src.write_text('#include "simd.h"\n'
+                   "saxplane::Vec twice(const float* p) { return saxplane::load(p) * saxplane::load(p + 16); }\n"
+                   "void put(float* p, saxplane::Vec v) { saxplane::store(p, v + v); }\n")
+    for tune in ([], ["-mtune=rocketlake"]):
+        asm = subprocess.run([cxx, *kernels._COMPILE_FLAGS, *tune, "-S", "-o", "-", "-I", str(kernels._HERE), str(src)],
+                             check=True, capture_output=True, text=True).stdout
+        assert "vmulps" in asm and "(%rsp)" not in asm and "(%rbp)" not in asm, asm
+
+
+@needs_compiler
 def test_argmax_matches_numpy_with_ties():
     rng = np.random.default_rng(7)
     fn = jax.jit(kernels.argmax)
