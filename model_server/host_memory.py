@@ -18,7 +18,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import jax
 
@@ -56,7 +56,7 @@ def available() -> bool:
     return "[never]" not in setting and _libc_madvise() is not None
 
 
-def _buffers(tree: Any):
+def _buffers(tree: Any) -> Iterator[tuple[int, int]]:
     """(address, bytes) of every CPU buffer of at least MIN_BYTES in `tree`'s arrays."""
     for leaf in jax.tree.leaves(tree):
         if not isinstance(leaf, jax.Array) or leaf.is_deleted():

@@ -3,7 +3,6 @@
 #ifndef SAXPLANE_KERNELS_SIMD_H_
 #define SAXPLANE_KERNELS_SIMD_H_
 
-
 namespace saxplane {
 
 #if defined(__AVX512F__)
