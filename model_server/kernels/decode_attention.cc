@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "parallel.h"
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -98,9 +99,10 @@ void attend_item(const Problem& p, int64_t item, std::vector<float>& scores, std
   const int64_t n = std::clamp<int64_t>(static_cast<int64_t>(p.positions[b]) + 1, 1, p.span);
   const float* __restrict__ q = p.q + (b * p.heads + kvh * group) * dim;  // [group, dim]
   float* __restrict__ out = p.out + (b * p.heads + kvh * group) * dim;
-  scores.resize(group * n + group * dim);
+  scores.resize(group * n + group * dim + group);
   float* __restrict__ sc = scores.data();
   float* __restrict__ acc = sc + group * n;  // [group, dim] output accumulators
+  float* __restrict__ sums = acc + group * dim;  // [group] softmax denominators
   tmp.resize(dim);
 
   // scores[g, s] = q[g] . k[s] * scale
@@ -112,13 +114,8 @@ void attend_item(const Problem& p, int64_t item, std::vector<float>& scores, std
       sc[g * n + s] = dot * p.scale;
     }
   });
-  // softmax numerators; the sums divide the output at the end
-  for (int64_t g = 0; g < group; ++g) {
-    float* __restrict__ row = sc + g * n;
-    float mx = row[0];
-    for (int64_t s = 1; s < n; ++s) mx = std::max(mx, row[s]);
-    for (int64_t s = 0; s < n; ++s) row[s] = std::exp(row[s] - mx);
-  }
+  // softmax numerators; their sums divide the output at the end
+  for (int64_t g = 0; g < group; ++g) sums[g] = saxplane::softmax_numerators(sc + g * n, n);
   std::fill(acc, acc + group * dim, 0.f);
   // acc[g] = sum_s e[g, s] v[s]
   for_rows<BF16>(p, &Block::v, slot, kvh, n, dim, tmp.data(), [&](int64_t s, const float* __restrict__ v) {
@@ -129,9 +126,7 @@ void attend_item(const Problem& p, int64_t item, std::vector<float>& scores, std
     }
   });
   for (int64_t g = 0; g < group; ++g) {
-    float sum = 0.f;
-    for (int64_t s = 0; s < n; ++s) sum += sc[g * n + s];
-    const float inv = 1.f / sum;
+    const float inv = 1.f / sums[g];
     for (int64_t d = 0; d < dim; ++d) out[g * dim + d] = acc[g * dim + d] * inv;
   }
 }

@@ -147,13 +147,7 @@ void attend_block(const Problem& p, int64_t item, std::vector<float>& scratch) {
     float* row = s + r * p.tp;
     const int32_t pi = pos[q0 + r];
     const int64_t seen = std::upper_bound(pos, pos + n, pi) - pos;
-    float mx = row[0];
-    for (int64_t j = 1; j < seen; ++j) mx = std::max(mx, row[j]);
-    float sum = 0.f;
-    for (int64_t j = 0; j < seen; ++j) {
-      row[j] = std::exp(row[j] - mx);
-      sum += row[j];
-    }
+    const float sum = saxplane::softmax_numerators(row, seen);
     std::fill(row + seen, row + n, 0.f);
     sums[r] = sum;
   }
@@ -207,7 +201,10 @@ ffi::Error PrefillAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
   p.out = out->typed_data();
   p.scale = scale;
   p.tp = (p.t + kKV * kLanes - 1) / (kKV * kLanes) * (kKV * kLanes);
-  std::vector<float> kt(static_cast<size_t>(p.b * p.kv * p.d * p.tp));
+  // The caller's own buffer, kept across calls: a fresh one of a few MB costs its page faults
+  // on every call (transpose_keys writes all of it, padding included).
+  thread_local std::vector<float> kt;
+  kt.resize(static_cast<size_t>(p.b * p.kv * p.d * p.tp));
   p.kt = kt.data();
   saxplane::parallel_for(pool, p.b * p.kv, [&p](int64_t i) { transpose_keys(p, i); });
   const int64_t blocks = (p.t + kQB - 1) / kQB;

@@ -3,6 +3,9 @@
 #ifndef SAXPLANE_KERNELS_SIMD_H_
 #define SAXPLANE_KERNELS_SIMD_H_
 
+#include <cmath>
+#include <cstdint>
+
 namespace saxplane {
 
 #if defined(__AVX512F__)
@@ -23,6 +26,66 @@ inline void store(float* p, Vec v) { *reinterpret_cast<VecMem*>(p) = v; }
 inline float hsum(Vec v) {
   float s = 0.f;
   for (int l = 0; l < kLanes; ++l) s += v[l];
+  return s;
+}
+
+inline float hmax(Vec v) {
+  float m = v[0];
+  for (int l = 1; l < kLanes; ++l) m = v[l] > m ? v[l] : m;
+  return m;
+}
+
+typedef int32_t VecI __attribute__((vector_size(kLanes * 4)));
+
+// exp(x) lane by lane for x <= 0 (a softmax's shifted scores), within 2 ulp of std::exp down to
+// x = -87 (below: ~1e-38 where std::exp underflows to 0). Cephes' expf: x = n ln2 + r with
+// |r| <= ln2 / 2, exp(r) by a degree-7 polynomial, 2^n built in the exponent bits. libmvec's
+// vector expf, which GCC would call instead, is not used at the full AVX-512 width by its
+// tuning (8 lanes, through a call per vector), and was the costliest part of the prefill's
+// softmax.
+inline Vec exp_nonpositive(Vec x) {
+  const Vec lo = Vec{} - 87.f;
+  x = x < lo ? lo : x;
+  // n = round(x / ln2): truncation of a non-positive t - 0.5 is its ceiling, the nearest
+  // integer to t (not the magic-number trick, which -ffast-math folds away).
+  const VecI ni = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, VecI);
+  const Vec n = __builtin_convertvector(ni, Vec);
+  const Vec r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  Vec y = Vec{} + 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.f;
+  const VecI bits = (ni + 127) << 23;
+  return y * __builtin_bit_cast(Vec, bits);
+}
+
+// row[j] = exp(row[j] - max(row[0:n])) for j < n; returns their sum (n >= 1).
+inline float softmax_numerators(float* row, int64_t n) {
+  const int64_t nv = n - n % kLanes;
+  float mx = row[0];
+  if (nv) {
+    Vec m = load(row);
+    for (int64_t j = kLanes; j < nv; j += kLanes) {
+      const Vec x = load(row + j);
+      m = x > m ? x : m;
+    }
+    mx = hmax(m);
+  }
+  for (int64_t j = nv; j < n; ++j) mx = row[j] > mx ? row[j] : mx;
+  Vec sum{};
+  for (int64_t j = 0; j < nv; j += kLanes) {
+    const Vec e = exp_nonpositive(load(row + j) - mx);
+    store(row + j, e);
+    sum += e;
+  }
+  float s = hsum(sum);
+  for (int64_t j = nv; j < n; ++j) {
+    row[j] = std::exp(row[j] - mx);
+    s += row[j];
+  }
   return s;
 }
 
