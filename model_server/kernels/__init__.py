@@ -4,8 +4,9 @@
   (decode_attention.cc);
 * ``argmax``: the greedy pick over a decode step's logits (argmax.cc);
 * ``prefill_attention``: a prefill's causal self-attention, float32 (prefill_attention.cc);
-* ``matmul``: ``x . w^T`` for the few rows of a decode step, float32 (matmul.cc); larger
-  products stay with XLA's dot, which is as fast or faster there.
+* ``matmul``: ``x . w^T`` for the few rows of a decode step, float32, one call for several
+  weights of the same x (matmul.cc); larger products stay with XLA's dot, which is as fast or
+  faster there.
 
 Only for the CPU backend on a single device (a multi-device mesh, GPU and TPU keep the
 pure-JAX code). The C++ sources beside this file are compiled at first use with the
@@ -185,11 +186,13 @@ def decode_attention(q: jax.Array, slot_ids: jax.Array, positions: jax.Array,
                 *k_blocks, *v_blocks, scale=np.float32(scale))
 
 
-def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [M, K] . w [N, K]^T -> [M, N], all float32 (see matmul.cc)."""
+def matmul(x: jax.Array, *ws: jax.Array) -> list[jax.Array]:
+    """x [M, K] . w [N, K]^T -> [M, N] for each weight, all float32, in one call (see
+    matmul.cc)."""
     _require()
-    call = jax.ffi.ffi_call("saxplane_matmul", jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32))
-    return call(x, w)
+    call = jax.ffi.ffi_call("saxplane_matmul", [jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32)
+                                                for w in ws])
+    return list(call(x, *ws))
 
 
 def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, scale: float) -> jax.Array:

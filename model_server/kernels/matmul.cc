@@ -1,5 +1,7 @@
-// y = x . w^T for float32 x [M, K] and weights w [N, K] (the models' [out, in] layout), an XLA
-// FFI custom call for the CPU.
+// y_j = x . w_j^T for float32 x [M, K] and one or more weights w_j [N_j, K] (the models'
+// [out, in] layout), an XLA FFI custom call for the CPU. Several weights (a layer's queries,
+// keys and values; a gated MLP's gate and up projections) share the inputs and one spread of
+// the work over the threads.
 //
 // Why: XLA:CPU's dot reaches about half of the machine's FMA peak on the few rows of a decode
 // step (2 to 64 rows), and at one row, where memory bounds it, reads the weights more slowly
@@ -41,6 +43,7 @@ struct Problem {
   float* y;        // [M, N]
   int64_t m, n, k;
   int64_t tiles_per_item;  // NR-output tiles per work item
+  int64_t items;
 };
 
 // The weight rows of the tile after the one whose rows are `ws` (at output n0), which a tile
@@ -120,7 +123,7 @@ struct Panel {
   int64_t m, mp, n, k;
   int64_t mc;              // rows per block (a multiple of kLanes * kMV)
   int64_t tiles_per_item;  // kPanelNR-output tiles per work item
-  int64_t n_items, m_blocks;
+  int64_t n_items, m_blocks, items;
 };
 
 constexpr int kMV = 2;       // row vectors per tile: 2 x 16 = 32 rows with AVX-512
@@ -215,18 +218,23 @@ constexpr int64_t kGemvItemsPerThread = 8;
 #define SAX_GEMV_PREFETCH_ROWS 0
 #endif
 
-void gemv(ffi::ThreadPool& pool, const float* x, const float* w, float* y, int64_t n, int64_t k) {
-  const int64_t items = std::min<int64_t>(n, kGemvItemsPerThread * pool.num_threads());
-  const int64_t per = (n + items - 1) / items;
-  saxplane::parallel_for(pool, items, [=](int64_t i) {
-    for (int64_t r = i * per, e = std::min(n, r + per); r < e; ++r) {
-      if constexpr (SAX_GEMV_PREFETCH_ROWS > 0) {
-        const float* ahead = w + std::min<int64_t>(e - 1, r + SAX_GEMV_PREFETCH_ROWS) * k;
-        for (int64_t kk = 0; kk < k; kk += kLanes) __builtin_prefetch(ahead + kk, 0, 3);
-      }
-      y[r] = dot_row(x, w + r * k, k);
+struct Gemv {
+  const float* x;  // [K]
+  const float* w;  // [N, K]
+  float* y;        // [N]
+  int64_t n, k;
+  int64_t per;  // rows per work item
+  int64_t items;
+};
+
+void gemv_item(const Gemv& p, int64_t i) {
+  for (int64_t r = i * p.per, e = std::min(p.n, r + p.per); r < e; ++r) {
+    if constexpr (SAX_GEMV_PREFETCH_ROWS > 0) {
+      const float* ahead = p.w + std::min<int64_t>(e - 1, r + SAX_GEMV_PREFETCH_ROWS) * p.k;
+      for (int64_t kk = 0; kk < p.k; kk += kLanes) __builtin_prefetch(ahead + kk, 0, 3);
     }
-  });
+    p.y[r] = dot_row(p.x, p.w + r * p.k, p.k);
+  }
 }
 
 // Output tiles per work item: enough items for every thread to take several (load balance).
@@ -237,49 +245,95 @@ int64_t tiles_per_item(int64_t n_tiles, int64_t threads) {
 // Up to this many rows the dot-product form (no transposition) is used.
 constexpr int64_t kDotRows = 8;
 
-ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                      ffi::ResultBuffer<ffi::F32> y) {
-  auto xd = x.dimensions(), wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1]) {
-    return ffi::Error::InvalidArgument("expected x [M, K] and w [N, K]");
-  }
-  const int64_t m = xd[0], n = wd[0], k = xd[1];
-  if (m == 0 || n == 0) return ffi::Error::Success();
-  if (m == 1) {
-    gemv(pool, x.typed_data(), w.typed_data(), y->typed_data(), n, k);
-    return ffi::Error::Success();
-  }
+// One product of a call: a weight matrix and its output.
+struct Output {
+  const float* w;  // [N, K]
+  float* y;        // [M, N]
+  int64_t n;
+};
+
+// Runs every work item of every part (`part.items` each) as one loop over the thread pool:
+// one start and one join for all of a call's products.
+template <typename Part, typename F>
+void run_parts(ffi::ThreadPool& pool, const std::vector<Part>& parts, F run) {
+  std::vector<int64_t> start{0};
+  for (const Part& part : parts) start.push_back(start.back() + part.items);
+  saxplane::parallel_for(pool, start.back(), [&](int64_t i) {
+    const size_t j = std::upper_bound(start.begin(), start.end(), i) - start.begin() - 1;
+    run(parts[j], i - start[j]);
+  });
+}
+
+void matmul(ffi::ThreadPool& pool, const float* x, int64_t m, int64_t k, const std::vector<Output>& outs) {
   const int64_t threads = pool.num_threads();  // the caller is one of them (parallel.h)
-  if (m <= kDotRows) {
-    Problem p;
-    p.x = x.typed_data();
-    p.w = w.typed_data();
-    p.y = y->typed_data();
-    p.m = m, p.n = n, p.k = k;
-    const int64_t n_tiles = (n + kNR - 1) / kNR;
-    p.tiles_per_item = tiles_per_item(n_tiles, threads);
-    const int64_t items = (n_tiles + p.tiles_per_item - 1) / p.tiles_per_item;
-    saxplane::parallel_for(pool, items, [&p](int64_t i) { run_item(p, i); });
-    return ffi::Error::Success();
+  if (m == 1) {
+    std::vector<Gemv> parts;
+    for (const Output& o : outs) {
+      const int64_t items = std::min<int64_t>(o.n, kGemvItemsPerThread * threads);
+      const int64_t per = (o.n + items - 1) / items;
+      parts.push_back(Gemv{x, o.w, o.y, o.n, k, per, (o.n + per - 1) / per});
+    }
+    return run_parts(pool, parts, gemv_item);
   }
-  Panel p;
+  if (m <= kDotRows) {
+    std::vector<Problem> parts;
+    for (const Output& o : outs) {
+      Problem p;
+      p.x = x, p.w = o.w, p.y = o.y;
+      p.m = m, p.n = o.n, p.k = k;
+      const int64_t n_tiles = (o.n + kNR - 1) / kNR;
+      p.tiles_per_item = tiles_per_item(n_tiles, threads);
+      p.items = (n_tiles + p.tiles_per_item - 1) / p.tiles_per_item;
+      parts.push_back(p);
+    }
+    return run_parts(pool, parts, run_item);
+  }
   constexpr int64_t step = kLanes * kMV;
-  p.m = m, p.n = n, p.k = k;
-  p.mp = (m + step - 1) / step * step;
-  std::vector<float> xt(static_cast<size_t>(k * p.mp), 0.f);
-  const float* xs = x.typed_data();
+  const int64_t mp = (m + step - 1) / step * step;
+  std::vector<float> xt(static_cast<size_t>(k * mp), 0.f);  // shared by every product
   for (int64_t r = 0; r < m; ++r)
-    for (int64_t kk = 0; kk < k; ++kk) xt[kk * p.mp + r] = xs[r * k + kk];
-  p.xt = xt.data();
-  p.w = w.typed_data();
-  p.y = y->typed_data();
-  // Rows per block: their transposed inputs (mc * K floats) stay within about 512 KB of L2.
-  p.mc = std::min(p.mp, std::max<int64_t>(step, (131072 / std::max<int64_t>(k, 1)) / step * step));
-  p.m_blocks = (p.mp + p.mc - 1) / p.mc;
-  const int64_t n_tiles = (n + kPanelNR - 1) / kPanelNR;
-  p.tiles_per_item = tiles_per_item(n_tiles, threads);
-  p.n_items = (n_tiles + p.tiles_per_item - 1) / p.tiles_per_item;
-  saxplane::parallel_for(pool, p.m_blocks * p.n_items, [&p](int64_t i) { panel_item(p, i); });
+    for (int64_t kk = 0; kk < k; ++kk) xt[kk * mp + r] = x[r * k + kk];
+  std::vector<Panel> parts;
+  for (const Output& o : outs) {
+    Panel p;
+    p.m = m, p.mp = mp, p.n = o.n, p.k = k;
+    p.xt = xt.data();
+    p.w = o.w;
+    p.y = o.y;
+    // Rows per block: their transposed inputs (mc * K floats) stay within about 512 KB of L2.
+    p.mc = std::min(mp, std::max<int64_t>(step, (131072 / std::max<int64_t>(k, 1)) / step * step));
+    p.m_blocks = (mp + p.mc - 1) / p.mc;
+    const int64_t n_tiles = (o.n + kPanelNR - 1) / kPanelNR;
+    p.tiles_per_item = tiles_per_item(n_tiles, threads);
+    p.n_items = (n_tiles + p.tiles_per_item - 1) / p.tiles_per_item;
+    p.items = p.m_blocks * p.n_items;
+    parts.push_back(p);
+  }
+  run_parts(pool, parts, panel_item);
+}
+
+// x [M, K] and weights w_j [N_j, K] -> y_j = x . w_j^T [M, N_j]: several weights applied to
+// the same inputs (a layer's queries, keys and values) in one call, their work spread over
+// the threads at once.
+ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs ws,
+                      ffi::RemainingRets ys) {
+  auto xd = x.dimensions();
+  if (xd.size() != 2 || ws.size() == 0 || ws.size() != ys.size()) {
+    return ffi::Error::InvalidArgument("expected x [M, K] and as many weights [N, K] as results");
+  }
+  const int64_t m = xd[0], k = xd[1];
+  std::vector<Output> outs;
+  for (size_t j = 0; j < ws.size(); ++j) {
+    auto w = ws.get<ffi::Buffer<ffi::F32>>(j);
+    auto y = ys.get<ffi::Buffer<ffi::F32>>(j);
+    if (w.has_error() || y.has_error()) return ffi::Error::InvalidArgument("weights and results must be float32");
+    auto wd = w->dimensions(), yd = y.value()->dimensions();
+    if (wd.size() != 2 || wd[1] != k || yd.size() != 2 || yd[0] != m || yd[1] != wd[0]) {
+      return ffi::Error::InvalidArgument("expected weights [N, K] and results [M, N]");
+    }
+    if (wd[0] > 0) outs.push_back(Output{w->typed_data(), y.value()->typed_data(), wd[0]});
+  }
+  if (m > 0 && !outs.empty()) matmul(pool, x.typed_data(), m, k, outs);
   return ffi::Error::Success();
 }
 
@@ -289,5 +343,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SaxMatmul, MatmulImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .RemainingArgs()
+                                  .RemainingRets());

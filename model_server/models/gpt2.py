@@ -125,10 +125,9 @@ def apply(spec: ModelSpec, params: dict, tokens: jax.Array, positions: jax.Array
         if spec.attn_scale_by_layer:
             scale /= float(i + 1)
         h = L.layer_norm(x, p["attn_norm"], p["attn_norm_b"], spec.norm_eps)
-        k = L.linear(h, p["wk"], p["bk"]).reshape(b, t, h_, hd)
-        v = L.linear(h, p["wv"], p["bv"]).reshape(b, t, h_, hd)
-        x, h, q_pos = L.last_layer_rows(i, len(params["layers"]), last_index, x, h, positions)
-        q = L.linear(h, p["wq"], p["bq"]).reshape(b, -1, h_, hd)
+        x, h_q, q_pos = L.last_layer_rows(i, len(params["layers"]), last_index, x, h, positions)
+        q, k, v = L.qkv(h, h_q, [p["wq"], p["wk"], p["wv"]], [p["bq"], p["bk"], p["bv"]])
+        q, k, v = q.reshape(b, -1, h_, hd), k.reshape(b, t, h_, hd), v.reshape(b, t, h_, hd)
         o, layer_cache = L.attention(q, k, v, positions, None if cache is None else cache[i],
                                      slot_ids, scale, fresh, kv_blocks, q_pos)
         x = x + L.linear(o, p["wo"], p["bo"])

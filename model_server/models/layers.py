@@ -204,10 +204,27 @@ def linear(x: jax.Array, w: jax.Array, b: Optional[jax.Array] = None,
            out_dtype: Optional[jnp.dtype] = None) -> jax.Array:
     """x [..., in] times w [out, in] (torch Linear's layout), accumulated in float32 when
     `out_dtype` is float32. The few rows of a CPU decode step go to the native kernel."""
+    return linears(x, [w], [b], out_dtype)[0]
+
+
+def linears(x: jax.Array, ws: Sequence[jax.Array], bs: Sequence[Optional[jax.Array]],
+            out_dtype: Optional[jnp.dtype] = None) -> list[jax.Array]:
+    """`linear` of the same x by several weights. On the native kernel's path they are one
+    call (the inputs read once, the weights streamed back to back, one spread of the work over
+    the threads): XLA fuses such sibling products itself, but not custom calls."""
     lead, k = x.shape[:-1], x.shape[-1]
     rows = math.prod(lead)
-    if kernels.use_matmul(rows, x.dtype, w.dtype):
-        y = kernels.matmul(x.reshape(rows, k), w).reshape(*lead, w.shape[0])
+    if kernels.use_matmul(rows, x.dtype, *(w.dtype for w in ws)):
+        ys = [y.reshape(*lead, w.shape[0]) for y, w in zip(kernels.matmul(x.reshape(rows, k), *ws), ws)]
     else:
-        y = jnp.einsum("...i,oi->...o", x, w, preferred_element_type=out_dtype)
-    return y if b is None else y + b
+        ys = [jnp.einsum("...i,oi->...o", x, w, preferred_element_type=out_dtype) for w in ws]
+    return [y if b is None else y + b for y, b in zip(ys, bs)]
+
+
+def qkv(h: jax.Array, h_q: jax.Array, ws: Sequence[jax.Array], bs: Sequence[Optional[jax.Array]]):
+    """A layer's (queries, keys, values): the keys and values from h, the queries from h_q,
+    which is h itself except in a prefill's last layer (see `last_layer_rows`)."""
+    if h_q is h:
+        return linears(h, ws, bs)
+    k, v = linears(h, ws[1:], bs[1:])
+    return linear(h_q, ws[0], bs[0]), k, v

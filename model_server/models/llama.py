@@ -202,17 +202,17 @@ def apply(spec: ModelSpec, params: dict, tokens: jax.Array, positions: jax.Array
     new_cache = [] if cache is not None else None
     for i, p in enumerate(params["layers"]):
         h = L.rms_norm(x, p["attn_norm"], spec.norm_eps)
-        k = L.linear(h, p["wk"], p.get("bk")).reshape(b, t, kv_, hd)
-        v = L.linear(h, p["wv"], p.get("bv")).reshape(b, t, kv_, hd)
-        k = L.apply_rope(k, positions, inv_freq)
-        x, h, q_pos = L.last_layer_rows(i, len(params["layers"]), last_index, x, h, positions)
-        q = L.linear(h, p["wq"], p.get("bq")).reshape(b, -1, h_, hd)
-        q = L.apply_rope(q, positions if q_pos is None else q_pos, inv_freq)
+        x, h_q, q_pos = L.last_layer_rows(i, len(params["layers"]), last_index, x, h, positions)
+        q, k, v = L.qkv(h, h_q, [p["wq"], p["wk"], p["wv"]], [p.get("bq"), p.get("bk"), p.get("bv")])
+        k = L.apply_rope(k.reshape(b, t, kv_, hd), positions, inv_freq)
+        v = v.reshape(b, t, kv_, hd)
+        q = L.apply_rope(q.reshape(b, -1, h_, hd), positions if q_pos is None else q_pos, inv_freq)
         o, layer_cache = L.attention(q, k, v, positions, None if cache is None else cache[i],
                                      slot_ids, scale, fresh, kv_blocks, q_pos)
         x = x + L.linear(o, p["wo"], p.get("bo"))
         h = L.rms_norm(x, p["mlp_norm"], spec.norm_eps)
-        g = act(L.linear(h, p["w_gate"], p.get("b_gate"))) * L.linear(h, p["w_up"], p.get("b_up"))
+        gate, up = L.linears(h, [p["w_gate"], p["w_up"]], [p.get("b_gate"), p.get("b_up")])
+        g = act(gate) * up
         x = x + L.linear(g, p["w_down"], p.get("b_down"))
         if new_cache is not None:
             new_cache.append(layer_cache)

@@ -70,8 +70,24 @@ def test_matmul_matches_xla_dot(m):
         x = rng.standard_normal((m, k)).astype(np.float32)
         w = rng.standard_normal((n, k)).astype(np.float32)
         want = x.astype(np.float64) @ w.astype(np.float64).T
-        np.testing.assert_allclose(np.asarray(fn(x, w)), want, rtol=1e-5, atol=1e-4 * np.sqrt(k),
+        np.testing.assert_allclose(np.asarray(fn(x, w)[0]), want, rtol=1e-5, atol=1e-4 * np.sqrt(k),
                                    err_msg=f"m={m} n={n} k={k}")
+
+
+@needs_compiler
+@needs_avx512
+@pytest.mark.parametrize("m", [1, 3, 32])
+def test_matmul_of_several_weights_in_one_call(m):
+    """Weights of different widths against the same rows (queries, keys and values of a GQA
+    layer): every result as its own product gives it."""
+    rng = np.random.default_rng(m)
+    x = rng.standard_normal((m, 96)).astype(np.float32)
+    ws = [rng.standard_normal((n, 96)).astype(np.float32) for n in (128, 32, 32, 13)]
+    got = jax.jit(kernels.matmul)(x, *ws)
+    assert len(got) == len(ws)
+    for y, w in zip(got, ws):
+        np.testing.assert_allclose(np.asarray(y), x.astype(np.float64) @ w.astype(np.float64).T,
+                                   rtol=1e-5, atol=1e-3)
 
 
 @needs_compiler
