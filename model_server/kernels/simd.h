@@ -37,7 +37,7 @@ inline float hmax(Vec v) {
 
 typedef int32_t VecI __attribute__((vector_size(kLanes * 4)));
 
-// exp(x) lane by lane for x <= 0 (a softmax's shifted scores), within 2 ulp of std::exp down to
+// exp(x) lane by lane for x <= 0 (a softmax's shifted scores), within 3e-7 (2-3 ulp) of libm down to
 // x = -87 (below: ~1e-38 where std::exp underflows to 0). Cephes' expf: x = n ln2 + r with
 // |r| <= ln2 / 2, exp(r) by a degree-7 polynomial, 2^n built in the exponent bits. libmvec's
 // vector expf, which GCC would call instead, is not used at the full AVX-512 width by its
