@@ -159,9 +159,10 @@ ENGINE_COMPILES = [0]
 
 
 #: Pause before every timed run, ours and transformers' alike: after returning, each runtime's
-#: worker threads keep spinning for a while (libgomp's default wait policy under torch: ~10 ms
-#: here), which the other side's next run would otherwise share its cores with (measured on
-#: the 512-token prefill: ours 1.8% slower straight after a transformers run than 0.3 s later).
+#: worker threads keep spinning for a while (XLA's pool; libgomp's default wait policy under
+#: torch), which the other side's next run would otherwise share its cores with. Measured on
+#: the 512-token prefill: transformers' 6% slower straight after ours than 50 ms later, ours
+#: 1.5% slower straight after transformers'.
 SETTLE_S = 0.05
 
 
