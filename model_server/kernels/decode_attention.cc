@@ -26,8 +26,12 @@ namespace {
 
 // Rows of keys or values prefetched ahead of the one in use: each (row, kv head) reads only a
 // few KB, too short for the hardware prefetcher to ramp up (measured: 22 -> 19.5 ms per
-// GPT-2-small step at 32 rows, 193 positions).
+// GPT-2-small step at 32 rows, 193 positions). Every cache line of the row is fetched, into
+// L2 (prefetcht1), not just its first line into L1: measured on AMD Zen 4, the kernel ~12%
+// faster (GPT-2 layers of 32 rows at 128-256 positions), a 32-row engine step 70-72 -> 66-68
+// ms. Fetching further ahead, or the values' rows during the keys' pass, was no faster.
 constexpr int64_t kPrefetchRows = 16;
+constexpr int kCacheLine = 64;
 
 inline float bf16_to_float(uint16_t h) {
   uint32_t bits = static_cast<uint32_t>(h) << 16;
@@ -82,7 +86,8 @@ inline void for_rows(const Problem& p, const void* Block::*data, int64_t slot, i
     const int64_t m = std::min(blk.size, n - s0);
     const int64_t base = ((slot * p.kv_heads + kvh) * blk.size) * dim;
     for (int64_t s = 0; s < m; ++s) {
-      __builtin_prefetch(element<BF16>(rows, base + (s + kPrefetchRows) * dim));
+      const char* ahead = static_cast<const char*>(element<BF16>(rows, base + (s + kPrefetchRows) * dim));
+      for (int64_t c = 0; c < dim * (BF16 ? 2 : 4); c += kCacheLine) __builtin_prefetch(ahead + c, 0, 2);
       f(s0 + s, load<BF16>(rows, base + s * dim, dim, tmp));
     }
     s0 += blk.size;
