@@ -291,8 +291,15 @@ void matmul(ffi::ThreadPool& pool, const float* x, int64_t m, int64_t k, const s
   constexpr int64_t step = kLanes * kMV;
   const int64_t mp = (m + step - 1) / step * step;
   std::vector<float> xt(static_cast<size_t>(k * mp), 0.f);  // shared by every product
-  for (int64_t r = 0; r < m; ++r)
-    for (int64_t kk = 0; kk < k; ++kk) xt[kk * mp + r] = x[r * k + kk];
+  const int64_t kv = k - k % kLanes;
+  for (int64_t r0 = 0; r0 < m; r0 += kLanes) {
+    const int64_t rows = std::min<int64_t>(kLanes, m - r0);
+    for (int64_t kk = 0; kk < kv; kk += kLanes) {
+      saxplane::transpose_block(x + r0 * k + kk, k, rows, xt.data() + kk * mp + r0, mp);
+    }
+    for (int64_t r = r0; r < r0 + rows; ++r)
+      for (int64_t kk = kv; kk < k; ++kk) xt[kk * mp + r] = x[r * k + kk];
+  }
   std::vector<Panel> parts;
   for (const Output& o : outs) {
     Panel p;

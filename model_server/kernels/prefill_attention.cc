@@ -52,13 +52,14 @@ struct Problem {
 void transpose_keys(const Problem& p, int64_t item) {
   const int64_t bi = item / p.kv, g = item % p.kv;
   float* dst = p.kt + item * p.d * p.tp;
-  for (int64_t j0 = 0; j0 < p.t; j0 += kLanes) {  // blocks of keys: whole cache lines written
-    const int64_t j1 = std::min(p.t, j0 + kLanes);
-    for (int64_t x = 0; x < p.d; ++x) {
-      for (int64_t j = j0; j < j1; ++j) dst[x * p.tp + j] = p.k[((bi * p.t + j) * p.kv + g) * p.d + x];
+  const float* src = p.k + (bi * p.t * p.kv + g) * p.d;  // key j at src + j * kv * d
+  for (int64_t j0 = 0; j0 < p.t; j0 += kLanes) {  // head dims are multiples of kLanes
+    for (int64_t x = 0; x < p.d; x += kLanes) {
+      saxplane::transpose_block(src + j0 * p.kv * p.d + x, p.kv * p.d, p.t - j0, dst + x * p.tp + j0, p.tp);
     }
   }
-  for (int64_t x = 0; x < p.d; ++x) std::fill(dst + x * p.tp + p.t, dst + (x + 1) * p.tp, 0.f);
+  const int64_t written = (p.t + kLanes - 1) / kLanes * kLanes;  // padding past t already zeroed
+  for (int64_t x = 0; x < p.d; ++x) std::fill(dst + x * p.tp + written, dst + (x + 1) * p.tp, 0.f);
 }
 
 // s[r, j0 + 0 .. JV * kLanes) = q[r] . keys * scale for R query rows (q rows `qstride` apart).

@@ -155,6 +155,36 @@ def test_vector_exp_is_within_a_few_ulp_of_libm(tmp_path):
 
 
 @needs_compiler
+@pytest.mark.parametrize("isa", [[], ["-mno-avx512f"]], ids=["native", "8-lanes"])
+def test_block_transpose_in_registers(tmp_path, isa):
+    """simd.h's transpose_block at either vector width: a full block and one of 3 rows (the
+    rest written as zeros), from and into strided rows."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    src, exe = tmp_path / "tr.cc", tmp_path / "tr"
+    src.write_text('#include <cstdio>\n#include "simd.h"\nusing namespace saxplane;\n'
+                   "int main() { float a[40 * 24], t[24 * 40];\n"
+                   "  for (int i = 0; i < 40 * 24; ++i) a[i] = i;\n"
+                   "  const int rs[] = {kLanes, 3};\n"
+                   "  for (int rows : rs) {\n"
+                   "    for (float& x : t) x = -1;\n"
+                   "    transpose_block(a + 2 * 24 + 5, 24, rows, t + 1 * 40 + 7, 40);\n"
+                   '    std::printf("%d\\n", kLanes);\n'
+                   '    for (float x : t) std::printf("%g\\n", x);\n  }\n}\n')
+    subprocess.run([cxx, *kernels._COMPILE_FLAGS, *isa, "-I", str(kernels._HERE), str(src), "-o", str(exe)],
+                   check=True, capture_output=True, text=True)
+    out = np.array(subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.split(), float)
+    a = np.arange(40 * 24, dtype=float).reshape(40, 24)
+    lanes = int(out[0])
+    assert lanes == (8 if isa else (16 if kernels._has_avx512() else 8))
+    for got, rows in zip(out.reshape(2, -1), (lanes, 3)):
+        block = a[2:2 + lanes, 5:5 + lanes].copy()
+        block[rows:] = 0
+        want = np.full((24, 40), -1.0)
+        want[1:1 + lanes, 7:7 + lanes] = block.T
+        np.testing.assert_array_equal(got[1:].reshape(24, 40), want, err_msg=f"rows={rows}")
+
+
+@needs_compiler
 @needs_avx512
 def test_attention_kernels_match_pure_jax_on_sharp_scores(monkeypatch):
     """Scores tens apart (a softmax that is nearly one-hot, exps spanning the float range)."""
