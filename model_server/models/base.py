@@ -38,8 +38,11 @@ Contract (all functions are pure and jit-friendly; `spec` is static/hashable):
   normalised hidden states without the vocabulary projection (for ``embed``);
   ``forward(..., return_hidden=True)`` returns ``(logits, new_cache, hidden)``.
 
-Params are a plain pytree (dicts, and a list for the layers) of arrays; each family module
-(`llama`, `gpt2`) maps Hugging Face tensor names to it in one table (`hf_rules`).
+Each family (`llama.Llama`, `gpt2.GPT2`) is a Flax NNX module. Its state is held as a plain
+pytree, the params (dicts, and a list for the layers): checkpoints load, shard and save that
+tree, and each family maps Hugging Face tensor names to it in one table (`hf_rules`). The
+module is split once per spec (`graphdef`); `bind` merges its graph with a param tree, inside
+the engine's `jax.jit`ted programs, so the merge happens when they trace, never per call.
 """
 from __future__ import annotations
 
@@ -52,6 +55,7 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from model_server.models import layers
 
@@ -195,6 +199,33 @@ def _is_shape(x: Any) -> bool:
     return isinstance(x, tuple) and all(isinstance(i, int) for i in x)
 
 
+# --------------------------------------------------------------------------- modules
+
+def declare_params(module: nnx.Module, shapes: dict[str, tuple]) -> None:
+    """Give `module` one `nnx.Param` per entry of `shapes` (zeros: the modules are only ever
+    built abstractly, by `graphdef`; their values come from a param tree)."""
+    for name, shape in shapes.items():
+        setattr(module, name, nnx.Param(jnp.zeros(shape, jnp.float32)))
+
+
+def abstract_module(spec: ModelSpec) -> nnx.Module:
+    """The family's module for `spec` with abstract params (shapes only, no memory)."""
+    family = family_module(spec)
+    return nnx.eval_shape(lambda: getattr(family, family.MODULE)(spec))
+
+
+@functools.lru_cache(maxsize=64)
+def graphdef(spec: ModelSpec) -> nnx.GraphDef:
+    """The static graph of the family's module for `spec`."""
+    return nnx.split(abstract_module(spec))[0]
+
+
+def bind(spec: ModelSpec, params: Params) -> nnx.Module:
+    """The family's module with `params` as its weights (the arrays are used, not copied)."""
+    state = {**params, "layers": dict(enumerate(params["layers"]))}
+    return nnx.merge(graphdef(spec), state)
+
+
 # --------------------------------------------------------------------------- cache
 
 def init_cache(spec: ModelSpec, num_slots: int, max_seq_len: int, dtype: Any,
@@ -226,13 +257,12 @@ def hidden_states(spec: ModelSpec, params: Params, tokens: jax.Array, positions:
     """Final normalised hidden states [B, T, D] and the updated cache (`fresh`, `kv_blocks`:
     see forward_last). With `last_index` [B], only token `last_index[b]` of each row: [B, 1, D];
     the last layer then computes the other tokens' keys and values only (for the cache)."""
-    return family_module(spec).apply(spec, params, tokens, positions, cache, slot_ids, fresh, kv_blocks,
-                                     last_index)
+    return bind(spec, params)(tokens, positions, cache, slot_ids, fresh, kv_blocks, last_index)
 
 
 def logits_from_hidden(spec: ModelSpec, params: Params, hidden: jax.Array) -> jax.Array:
     """Vocabulary projection in float32 accumulation: [B, T, D] -> [B, T, V] float32."""
-    return family_module(spec).logits(spec, params, hidden)
+    return bind(spec, params).logits(hidden)
 
 
 def forward(spec: ModelSpec, params: Params, tokens: jax.Array, positions: jax.Array,

@@ -2,7 +2,8 @@
 
 HF GPT-2 uses Conv1D, whose weights are [in, out]; ours are [out, in] (as every family's),
 so they are transposed at load. The fused c_attn [D, 3D] is split into wq/wk/wv so that
-heads shard cleanly. Embeddings are always tied.
+heads shard cleanly. Embeddings are always tied. `GPT2` is the Flax NNX module; its params
+are the tree `param_shapes` describes (see base.bind).
 """
 from __future__ import annotations
 
@@ -11,13 +12,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from model_server.models import layers as L
-from model_server.models.base import ModelConfigError, ModelSpec
+from model_server.models.base import ModelConfigError, ModelSpec, declare_params
 from model_server.models.hfmap import Rule
 
 MODEL_TYPES = ("gpt2",)
+MODULE = "GPT2"
 
 
 def spec_from_hf_config(cfg: dict, architecture: str) -> ModelSpec:
@@ -109,34 +112,57 @@ def partition_specs(spec: ModelSpec, axis: str, size: int) -> dict:
             "final_norm": P(), "final_norm_b": P()}
 
 
-def apply(spec: ModelSpec, params: dict, tokens: jax.Array, positions: jax.Array,
-          cache: list | None, slot_ids: jax.Array | None, fresh: bool = False,
-          kv_blocks: int | None = None, last_index: jax.Array | None = None):
-    """Transformer body: (final-normed hidden [B, T, D], new cache or None); with `last_index`
-    the hidden state of token `last_index[b]` only, [B, 1, D] (see base.hidden_states)."""
-    b, t = tokens.shape
-    h_, hd = spec.num_heads, spec.head_dim
-    act = L.ACTIVATIONS[spec.activation]
-    pos = jnp.clip(positions, 0, spec.max_position_embeddings - 1)
-    x = jnp.take(params["embed"], tokens, axis=0, mode="clip") + jnp.take(params["pos_embed"], pos, axis=0)
-    new_cache: list[Any] | None = [] if cache is not None else None
-    for i, p in enumerate(params["layers"]):
+class Block(nnx.Module):
+    """One pre-LayerNorm layer; its weights are the Params named in `_layer_shapes`."""
+
+    def __init__(self, spec: ModelSpec, index: int):
+        self.spec, self.index = spec, index
+        declare_params(self, _layer_shapes(spec))
+
+    def __call__(self, x: jax.Array, positions: jax.Array, layer_cache: Any, slot_ids: jax.Array | None,
+                 fresh: bool, kv_blocks: int | None, last_index: jax.Array | None):
+        spec, (b, t) = self.spec, positions.shape
+        h_, hd = spec.num_heads, spec.head_dim
         scale = 1.0 / math.sqrt(hd) if spec.attn_scale_weights else 1.0
         if spec.attn_scale_by_layer:
-            scale /= float(i + 1)
-        h = L.layer_norm(x, p["attn_norm"], p["attn_norm_b"], spec.norm_eps)
-        x, h_q, q_pos = L.last_layer_rows(i, len(params["layers"]), last_index, x, h, positions)
-        q, k, v = L.qkv(h, h_q, [p["wq"], p["wk"], p["wv"]], [p["bq"], p["bk"], p["bv"]])
+            scale /= float(self.index + 1)
+        h = L.layer_norm(x, self.attn_norm[...], self.attn_norm_b[...], spec.norm_eps)
+        x, h_q, q_pos = L.last_layer_rows(self.index, spec.num_layers, last_index, x, h, positions)
+        q, k, v = L.qkv(h, h_q, [self.wq[...], self.wk[...], self.wv[...]],
+                        [self.bq[...], self.bk[...], self.bv[...]])
         q, k, v = q.reshape(b, -1, h_, hd), k.reshape(b, t, h_, hd), v.reshape(b, t, h_, hd)
-        o, layer_cache = L.attention(q, k, v, positions, None if cache is None else cache[i],
-                                     slot_ids, scale, fresh, kv_blocks, q_pos)
-        x = x + L.linear(o, p["wo"], p["bo"])
-        h = L.layer_norm(x, p["mlp_norm"], p["mlp_norm_b"], spec.norm_eps)
-        x = x + L.linear(act(L.linear(h, p["w_fc"], p["b_fc"])), p["w_proj"], p["b_proj"])
-        if new_cache is not None:
-            new_cache.append(layer_cache)
-    return L.layer_norm(x, params["final_norm"], params["final_norm_b"], spec.norm_eps), new_cache
+        o, layer_cache = L.attention(q, k, v, positions, layer_cache, slot_ids, scale, fresh,
+                                     kv_blocks, q_pos)
+        x = x + L.linear(o, self.wo[...], self.bo[...])
+        h = L.layer_norm(x, self.mlp_norm[...], self.mlp_norm_b[...], spec.norm_eps)
+        up = L.ACTIVATIONS[spec.activation](L.linear(h, self.w_fc[...], self.b_fc[...]))
+        return x + L.linear(up, self.w_proj[...], self.b_proj[...]), layer_cache
 
 
-def logits(spec: ModelSpec, params: dict, hidden: jax.Array) -> jax.Array:
-    return L.linear(hidden, params["embed"], out_dtype=jnp.float32)
+class GPT2(nnx.Module):
+    """GPT-2 as a Flax NNX module; `base.bind` merges it with a param tree."""
+
+    def __init__(self, spec: ModelSpec):
+        self.spec = spec
+        declare_params(self, {k: v for k, v in param_shapes(spec).items() if k != "layers"})
+        self.layers = nnx.List([Block(spec, i) for i in range(spec.num_layers)])
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, cache: list | None,
+                 slot_ids: jax.Array | None, fresh: bool = False, kv_blocks: int | None = None,
+                 last_index: jax.Array | None = None):
+        """(final-normed hidden [B, T, D], new cache or None); with `last_index` the hidden
+        state of token `last_index[b]` only, [B, 1, D] (see base.hidden_states)."""
+        pos = jnp.clip(positions, 0, self.spec.max_position_embeddings - 1)
+        x = (jnp.take(self.embed[...], tokens, axis=0, mode="clip")
+             + jnp.take(self.pos_embed[...], pos, axis=0))
+        new_cache: list[Any] | None = [] if cache is not None else None
+        for i, block in enumerate(self.layers):
+            x, layer_cache = block(x, positions, None if cache is None else cache[i], slot_ids,
+                                   fresh, kv_blocks, last_index)
+            if new_cache is not None:
+                new_cache.append(layer_cache)
+        x = L.layer_norm(x, self.final_norm[...], self.final_norm_b[...], self.spec.norm_eps)
+        return x, new_cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        return L.linear(hidden, self.embed[...], out_dtype=jnp.float32)

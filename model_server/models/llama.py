@@ -2,22 +2,27 @@
 
 RMSNorm, RoPE, grouped-query attention, SwiGLU, tied or untied embeddings, optional
 q/k/v biases (Qwen2) and o/mlp biases (Llama `attention_bias` / `mlp_bias`).
-Weights are stored [out, in], as torch Linear stores them.
+Weights are stored [out, in], as torch Linear stores them. `Llama` is the Flax NNX module;
+its params are the tree `param_shapes` describes (see base.bind).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from model_server.models import layers as L
-from model_server.models.base import ModelConfigError, ModelSpec
+from model_server.models.base import ModelConfigError, ModelSpec, declare_params
 from model_server.models.hfmap import Rule
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
+MODULE = "Llama"
 
 
 def spec_from_hf_config(cfg: dict, architecture: str) -> ModelSpec:
@@ -186,39 +191,69 @@ def partition_specs(spec: ModelSpec, axis: str, size: int) -> dict:
     return out
 
 
-def apply(spec: ModelSpec, params: dict, tokens: jax.Array, positions: jax.Array,
-          cache: list | None, slot_ids: jax.Array | None, fresh: bool = False,
-          kv_blocks: int | None = None, last_index: jax.Array | None = None):
-    """Transformer body: (final-normed hidden [B, T, D], new cache or None); with `last_index`
-    the hidden state of token `last_index[b]` only, [B, 1, D] (see base.hidden_states)."""
-    b, t = tokens.shape
-    h_, kv_, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
-    act = L.ACTIVATIONS[spec.activation]
-    inv_freq = L.rope_inv_freq(hd, spec.rope_theta, spec.rope_type, spec.rope_factor,
-                               spec.rope_low_freq_factor, spec.rope_high_freq_factor,
-                               spec.rope_original_max_position)
-    scale = 1.0 / math.sqrt(hd)
-    x = jnp.take(params["embed"], tokens, axis=0, mode="clip")
-    new_cache = [] if cache is not None else None
-    for i, p in enumerate(params["layers"]):
-        h = L.rms_norm(x, p["attn_norm"], spec.norm_eps)
-        x, h_q, q_pos = L.last_layer_rows(i, len(params["layers"]), last_index, x, h, positions)
-        q, k, v = L.qkv(h, h_q, [p["wq"], p["wk"], p["wv"]], [p.get("bq"), p.get("bk"), p.get("bv")])
+class Block(nnx.Module):
+    """One pre-RMSNorm layer; its weights are the Params named in `_layer_shapes` (the
+    biases only where the spec has them)."""
+
+    def __init__(self, spec: ModelSpec, index: int):
+        self.spec, self.index = spec, index
+        declare_params(self, _layer_shapes(spec))
+
+    def _bias(self, name: str) -> jax.Array | None:
+        param = getattr(self, name, None)
+        return None if param is None else param[...]
+
+    def __call__(self, x: jax.Array, positions: jax.Array, layer_cache: Any, slot_ids: jax.Array | None,
+                 fresh: bool, kv_blocks: int | None, last_index: jax.Array | None):
+        spec, (b, t) = self.spec, positions.shape
+        h_, kv_, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        inv_freq = _inv_freq(spec)
+        h = L.rms_norm(x, self.attn_norm[...], spec.norm_eps)
+        x, h_q, q_pos = L.last_layer_rows(self.index, spec.num_layers, last_index, x, h, positions)
+        q, k, v = L.qkv(h, h_q, [self.wq[...], self.wk[...], self.wv[...]],
+                        [self._bias("bq"), self._bias("bk"), self._bias("bv")])
         k = L.apply_rope(k.reshape(b, t, kv_, hd), positions, inv_freq)
         v = v.reshape(b, t, kv_, hd)
         q = L.apply_rope(q.reshape(b, -1, h_, hd), positions if q_pos is None else q_pos, inv_freq)
-        o, layer_cache = L.attention(q, k, v, positions, None if cache is None else cache[i],
-                                     slot_ids, scale, fresh, kv_blocks, q_pos)
-        x = x + L.linear(o, p["wo"], p.get("bo"))
-        h = L.rms_norm(x, p["mlp_norm"], spec.norm_eps)
-        gate, up = L.linears(h, [p["w_gate"], p["w_up"]], [p.get("b_gate"), p.get("b_up")])
-        g = act(gate) * up
-        x = x + L.linear(g, p["w_down"], p.get("b_down"))
-        if new_cache is not None:
-            new_cache.append(layer_cache)
-    return L.rms_norm(x, params["final_norm"], spec.norm_eps), new_cache
+        o, layer_cache = L.attention(q, k, v, positions, layer_cache, slot_ids, 1.0 / math.sqrt(hd),
+                                     fresh, kv_blocks, q_pos)
+        x = x + L.linear(o, self.wo[...], self._bias("bo"))
+        h = L.rms_norm(x, self.mlp_norm[...], spec.norm_eps)
+        gate, up = L.linears(h, [self.w_gate[...], self.w_up[...]],
+                             [self._bias("b_gate"), self._bias("b_up")])
+        g = L.ACTIVATIONS[spec.activation](gate) * up
+        return x + L.linear(g, self.w_down[...], self._bias("b_down")), layer_cache
 
 
-def logits(spec: ModelSpec, params: dict, hidden: jax.Array) -> jax.Array:
-    head = params["embed"] if spec.tie_word_embeddings else params["lm_head"]
-    return L.linear(hidden, head, out_dtype=jnp.float32)
+class Llama(nnx.Module):
+    """The Llama family as a Flax NNX module; `base.bind` merges it with a param tree."""
+
+    def __init__(self, spec: ModelSpec):
+        self.spec = spec
+        declare_params(self, {k: v for k, v in param_shapes(spec).items() if k != "layers"})
+        self.layers = nnx.List([Block(spec, i) for i in range(spec.num_layers)])
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, cache: list | None,
+                 slot_ids: jax.Array | None, fresh: bool = False, kv_blocks: int | None = None,
+                 last_index: jax.Array | None = None):
+        """(final-normed hidden [B, T, D], new cache or None); with `last_index` the hidden
+        state of token `last_index[b]` only, [B, 1, D] (see base.hidden_states)."""
+        x = jnp.take(self.embed[...], tokens, axis=0, mode="clip")
+        new_cache: list[Any] | None = [] if cache is not None else None
+        for i, block in enumerate(self.layers):
+            x, layer_cache = block(x, positions, None if cache is None else cache[i], slot_ids,
+                                   fresh, kv_blocks, last_index)
+            if new_cache is not None:
+                new_cache.append(layer_cache)
+        return L.rms_norm(x, self.final_norm[...], self.spec.norm_eps), new_cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        head = self.embed if self.spec.tie_word_embeddings else self.lm_head
+        return L.linear(hidden, head[...], out_dtype=jnp.float32)
+
+
+@functools.lru_cache(maxsize=64)
+def _inv_freq(spec: ModelSpec) -> np.ndarray:
+    return L.rope_inv_freq(spec.head_dim, spec.rope_theta, spec.rope_type, spec.rope_factor,
+                           spec.rope_low_freq_factor, spec.rope_high_freq_factor,
+                           spec.rope_original_max_position)

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 torch = pytest.importorskip("torch")
 
@@ -52,6 +53,25 @@ def test_logits_match(torch_models, family):
         ref = _hf_logits(model, prompt)
         np.testing.assert_allclose(np.asarray(logits[b, :len(prompt)]), ref, atol=1e-4, rtol=0)
         np.testing.assert_allclose(np.asarray(nocache[b, :len(prompt)]), ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_flax_module_state_is_the_checkpoint_tree(torch_models, family):
+    """The family's NNX module declares exactly the params the checkpoint tables fill, and
+    `bind` makes a module whose state is the loaded arrays themselves."""
+    _, path = torch_models[family]
+    ckpt, params = ck.load_checkpoint(path, "float32")
+    spec = ckpt.spec
+    declared = jax.tree.map(lambda a: tuple(a.shape),
+                            nnx.to_pure_dict(nnx.state(base.abstract_module(spec))))
+    shapes = base.param_shapes(spec)
+    assert declared == {**shapes, "layers": dict(enumerate(shapes["layers"]))}
+    module = base.bind(spec, params)
+    assert isinstance(module, nnx.Module) and len(module.layers) == spec.num_layers
+    state = nnx.to_pure_dict(nnx.state(module, nnx.Param))
+    assert state["layers"][spec.num_layers - 1]["wq"] is params["layers"][-1]["wq"]
+    assert jax.tree.structure(state) == jax.tree.structure(
+        {**params, "layers": dict(enumerate(params["layers"]))})
 
 
 @pytest.mark.parametrize("family", FAMILIES)
