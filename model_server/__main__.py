@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from model_server.settings import ModelServerSettings, StaticModel
+from model_server.settings import ModelServerSettings, StaticModel, parse_tags
 
 
 def enable_compilation_cache(path: str) -> None:
@@ -65,7 +65,8 @@ def build_app(settings: ModelServerSettings):  # type: ignore[no-untyped-def]
 @click.option("--chip", help="Chip name (SAX_CHIP); detected from JAX by default.")
 @click.option("--topology", help="Topology (SAX_TOPOLOGY); the device count by default.")
 @click.option("--tags", help="Comma-separated server tags (SAX_TAGS).")
-@click.option("--memory-bytes", type=int, help="Accelerator memory to offer; detected by default.")
+@click.option("--memory-bytes", type=int,
+              help="Accelerator memory to offer (SAX_MEMORY_BYTES); detected by default.")
 @click.option("--heartbeat-interval", "heartbeat_interval_s", type=float, help="Seconds between heartbeats.")
 @click.option("--model", "models", multiple=True, metavar="ID=MODEL_PATH:CHECKPOINT",
               help="Load a model at start without an admin, e.g. /sax/test/lm=test.tiny:None.")
@@ -98,7 +99,7 @@ def main(log_level: str, models: tuple[str, ...], overrides: tuple[str, ...], ta
         except ValueError:
             extra[key] = value
     settings = ModelServerSettings.from_env(
-        **flags, tags=tuple(t for t in tags.split(",") if t) if tags else None,
+        **flags, tags=parse_tags(tags) if tags else None,
         static_models=tuple(dataclasses.replace(StaticModel.parse(m), overrides=extra) for m in models) or None)
     from admin_server.serving import run_gunicorn
 

@@ -74,7 +74,8 @@ class ModelServerSettings:
             cell=env.get("SAX_CELL") or cls.cell,
             chip=env.get("SAX_CHIP") or None,
             topology=env.get("SAX_TOPOLOGY") or None,
-            tags=tuple(t for t in env.get("SAX_TAGS", "").split(",") if t),
+            tags=parse_tags(env.get("SAX_TAGS", "")),
+            memory_bytes=int(env["SAX_MEMORY_BYTES"]) if env.get("SAX_MEMORY_BYTES") else None,
             heartbeat_interval_s=float(env.get("SAX_HEARTBEAT_INTERVAL") or cls.heartbeat_interval_s),
             cluster_token=env.get("SAX_CLUSTER_TOKEN") or None,
             cache_dir=env.get("SAX_CHECKPOINT_CACHE") or None,
@@ -90,3 +91,8 @@ class ModelServerSettings:
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         return out
+
+
+def parse_tags(text: str) -> tuple[str, ...]:
+    """'a, b,,c' -> ('a', 'b', 'c')."""
+    return tuple(t for t in (part.strip() for part in text.split(",")) if t)

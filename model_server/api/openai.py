@@ -99,8 +99,10 @@ def prepare_completion(served: ServedModel, body: dict[str, Any],
     if max_tokens == 0 and not echo:
         raise invalid("'max_tokens' may be 0 only with echo (scoring)", "max_tokens")
     stream, include_usage = _stream_flags(body)
+    # max_tokens 0 runs the prompt through the scoring path (the engine generates nothing
+    # otherwise), whether or not its logprobs are asked for.
     sampling = _sampling_params(body, vocab, limits, max_tokens=max_tokens, logprobs=logprobs,
-                                prompt_logprobs=echo and logprobs is not None)
+                                prompt_logprobs=echo and (logprobs is not None or max_tokens == 0))
     return Prepared(prompts, texts, sampling, stream, include_usage, echo, logprobs)
 
 

@@ -55,6 +55,17 @@ def test_echo_scoring_with_token_ids(cell: Cell, client: openai.OpenAI) -> None:
     assert mine[1:] == pytest.approx(theirs[1:], abs=1e-4)
 
 
+def test_echo_with_max_tokens_0_and_no_logprobs(cell: Cell, client: openai.OpenAI) -> None:
+    """As OpenAI answers it: the prompt echoed, finish_reason "length", no completion tokens."""
+    c = client.completions.create(model=MODEL, prompt="The rain in Spain", max_tokens=0, echo=True)
+    direct = cell.direct("/v1/completions", {"model": MODEL, "prompt": "The rain in Spain", "max_tokens": 0,
+                                             "echo": True}).json()
+    choice = c.choices[0]
+    assert (choice.text, choice.finish_reason, choice.logprobs) == ("The rain in Spain", "length", None)
+    assert c.usage.completion_tokens == 0 and c.usage.model_dump(exclude_unset=True) == direct["usage"]
+    assert c.usage.prompt_tokens == c.usage.total_tokens > 0
+
+
 def test_completion_stream_with_usage(client: openai.OpenAI) -> None:
     kw = dict(prompt="Once upon a time", max_tokens=8, temperature=0)
     whole = client.completions.create(model=MODEL, **kw)

@@ -73,6 +73,22 @@ def test_echo_scoring_matches_sax_score(oai: openai.OpenAI, server: str) -> None
     assert scores[0] == pytest.approx(sum(lp.token_logprobs[ctx:]), abs=1e-3)
 
 
+def test_echo_with_max_tokens_0_and_no_logprobs(oai: openai.OpenAI, server: str) -> None:
+    """OpenAI's answer: the prompt echoed, finish_reason "length", no completion tokens."""
+    text = "the cat sat on the mat"
+    count = requests.post(f"{server}/tokenize", json={"model": MODEL, "prompt": text}).json()["count"]
+    r = oai.completions.create(model=MODEL, prompt=[text, "hello"], max_tokens=0, echo=True, n=2)
+    assert [c.text for c in r.choices] == [text, text, "hello", "hello"]
+    assert all(c.finish_reason == "length" and c.logprobs is None for c in r.choices)
+    hello = requests.post(f"{server}/tokenize", json={"model": MODEL, "prompt": "hello"}).json()["count"]
+    assert r.usage.completion_tokens == 0 and r.usage.prompt_tokens == r.usage.total_tokens == count + hello
+    chunks = list(oai.completions.create(model=MODEL, prompt=text, max_tokens=0, echo=True, stream=True,
+                                         stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 0 and chunks[-1].usage.prompt_tokens == count
+
+
 def test_streaming_completion_and_chat(oai: openai.OpenAI) -> None:
     chunks = list(oai.completions.create(model=MODEL, prompt="stream me", max_tokens=6, temperature=0,
                                          stream=True, stream_options={"include_usage": True}))

@@ -43,3 +43,34 @@ def test_admin_assigns_loads_reports_failures_and_unloads(tmp_path: Path, tiny_c
     finally:
         ms.stop()
         admin.stop()
+
+
+def test_chip_topology_and_tags_from_flags_env_or_detection(tmp_path: Path) -> None:
+    """Flags over SAX_CHIP / SAX_TOPOLOGY / SAX_TAGS over what JAX reports (cpu, its device count)."""
+    admin = AdminProcess(tmp_path, root=str(tmp_path / "root")).start()
+    env = {"SAX_CHIP": "h100", "SAX_TOPOLOGY": "2x4", "SAX_TAGS": "east, spot,", "SAX_MEMORY_BYTES": "999",
+           "XLA_FLAGS": ""}
+    detected = ModelServerProcess(tmp_path, admin=f"127.0.0.1:{admin.port}", env={
+        "SAX_CHIP": "", "SAX_TOPOLOGY": "", "SAX_TAGS": "", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    from_env = ModelServerProcess(tmp_path, admin=f"127.0.0.1:{admin.port}", env=env)
+    from_flags = ModelServerProcess(tmp_path, admin=f"127.0.0.1:{admin.port}", env=env, extra_args=[
+        "--chip", "tpuv5e", "--topology", "2x2", "--tags", "west", "--memory-bytes", "12345"])
+    procs = [detected, from_env, from_flags]
+    try:
+        for p in procs:
+            p.start(wait=False)
+        servers = wait_until(lambda: (lambda s: s if len(s) == 3 else None)(
+            {d["address"]: d for d in requests.get(f"{admin.url}/servers", timeout=5).json()["servers"]}),
+            timeout=120, what="three servers announced")
+        d = servers[detected.address]
+        assert (d["chip"], d["device_count"], d["topology"], d["tags"]) == ("cpu", 2, "2", [])
+        assert d["memory_bytes"] > 0
+        e = servers[from_env.address]
+        assert (e["chip"], e["device_count"], e["topology"], e["tags"], e["memory_bytes"]) == (
+            "h100", 1, "2x4", ["east", "spot"], 999)
+        f = servers[from_flags.address]
+        assert (f["chip"], f["topology"], f["tags"], f["memory_bytes"]) == ("tpuv5e", "2x2", ["west"], 12345)
+    finally:
+        for p in procs:
+            p.stop()
+        admin.stop()
