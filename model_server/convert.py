@@ -1,4 +1,4 @@
-"""Convert a Hugging Face checkpoint to an Orbax one (faster to load).
+"""Convert a Hugging Face checkpoint to an Orbax one (weights in the serving dtype and layout).
 
     python -m model_server.convert <hf-dir-or-gs://...> <out-dir-or-gs://...> [--dtype D]
 

@@ -160,6 +160,23 @@ def test_orbax_round_trip(tiny_hf_dir, tmp_path, tiny_logits):
     assert jax.tree.leaves(bf16.params)[0].dtype == jax.numpy.bfloat16
     # converting onto an existing checkpoint refuses
     assert convert.main([str(tiny_hf_dir), str(out)]) == 1
+    # stored uncompressed (restores take half the CPU): random weights do not shrink
+    stored = sum(f.stat().st_size for f in (out / ck.ORBAX_PARAMS_DIR).rglob("*") if f.is_file())
+    assert stored >= base.param_bytes(model.spec, "float32")
+
+
+def test_checkpoint_load_bench_runs(tmp_path):
+    """bench/checkpoint.py on tiny models: every case loads both formats, to the same arrays."""
+    from bench import checkpoint as bench
+
+    rows = bench.run(tmp_path, rounds=1, small=True, cold=False)
+    assert [r["case"] for r in rows] == ["gpt2 fp32", "llama bf16->fp32", "llama bf16"]
+    for row in rows:
+        assert set(row["times"]) == {"warm"}
+        assert all(t > 0 for ts in row["times"]["warm"].values() for t in ts)
+    # bf16 on disk, float32 served: the conversion stores float32
+    assert rows[1]["orbax_mb"] > 1.9 * rows[1]["hf_mb"] - 0.1
+    assert "| llama bf16 " in bench.format_table(rows)
 
 
 def test_convert_cli_gcs_to_gcs(gcs_bucket, tiny_hf_dir, tmp_path, tiny_logits):
