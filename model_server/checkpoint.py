@@ -81,9 +81,10 @@ _download_locks_guard = threading.Lock()
 def download_gcs_dir(uri: str, dest: str | os.PathLike | None = None, *, client=None) -> Path:
     """Mirror every object under `uri` into `dest` (default: the cache dir); returns `dest`.
 
-    Files already present with the right size are skipped; a ``.partial`` file left by an
-    interrupted download is continued from its size. Concurrent calls for one `dest` in this
-    process are serialised.
+    Files already present with the right size (and CRC32C, when this cache fetched them) are
+    skipped; a ``.partial`` file left by an interrupted download is continued from its size;
+    each file is fetched in ranged chunks, logging its progress, and checked against the
+    object's CRC32C. Concurrent calls for one `dest` in this process are serialised.
     """
     bucket_name, prefix = split_gcs(uri)
     dest = Path(dest) if dest is not None else default_cache_dir() / bucket_name / prefix
@@ -117,18 +118,38 @@ def _download_gcs_dir(uri: str, bucket_name: str, prefix: str, dest: Path, clien
             done_bytes += blob.size or 0
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
-        _download_blob(blob, target)
+        _download_blob(blob, target, _Progress(f"checkpoint {uri}: [{i}/{len(blobs)}] {rel}",
+                                               done_bytes, total))
         manifest[rel] = blob.crc32c
         manifest_path.write_text(json.dumps(manifest))
         done_bytes += blob.size or 0
-        log.info("checkpoint %s: [%d/%d] %s (%.1f/%.1f MB)", uri, i, len(blobs), rel,
-                 done_bytes / 1e6, total / 1e6)
     log.info("checkpoint %s: downloaded in %.1fs (%d files already present)", uri,
              time.monotonic() - t0, skipped)
     return dest
 
 
 _MANIFEST = ".saxplane-download.json"  # name -> crc32c of what was downloaded
+#: Bytes per ranged GET of a checkpoint file: the grain of progress lines and of resumption.
+DOWNLOAD_CHUNK = 64 << 20
+#: Seconds between a file's progress lines (its last chunk is always reported).
+PROGRESS_INTERVAL_S = 5.0
+
+
+class _Progress:
+    """Logs a download's progress: the file's bytes and the whole checkpoint's, throttled."""
+
+    def __init__(self, what: str, before: int, total: int):
+        self.what, self.before, self.total = what, before, total
+        self.t0 = self.last = time.monotonic()
+
+    def __call__(self, have: int, size: int) -> None:
+        now = time.monotonic()
+        if have < size and now - self.last < PROGRESS_INTERVAL_S:
+            return
+        self.last = now
+        log.info("%s: %.1f/%.1f MB (checkpoint %.1f/%.1f MB, %.1f MB/s)", self.what, have / 1e6,
+                 size / 1e6, (self.before + have) / 1e6, self.total / 1e6,
+                 have / 1e6 / max(now - self.t0, 1e-6))
 
 
 def _read_manifest(path: Path) -> dict[str, Optional[str]]:
@@ -138,25 +159,53 @@ def _read_manifest(path: Path) -> dict[str, Optional[str]]:
         return {}
 
 
-def _download_blob(blob, target: Path) -> None:
+def _crc32c(path: Path) -> str:
+    """Base64 of the big-endian CRC32C of a file, as GCS reports an object's."""
+    import base64
+
+    import google_crc32c
+
+    checksum = google_crc32c.Checksum()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            checksum.update(chunk)
+    return base64.b64encode(checksum.digest()).decode()
+
+
+def _download_blob(blob, target: Path, progress=lambda have, size: None) -> None:
+    """Fetch `blob` into `target` in ranged chunks through ``target.partial``.
+
+    A ``.partial`` left by an interrupted download is continued from its size; the whole file
+    is then checked against the object's CRC32C, and fetched once more from the start if it
+    does not match (e.g. the object changed while it was half downloaded).
+    """
     partial = target.with_name(target.name + ".partial")
-    have = partial.stat().st_size if partial.exists() else 0
     size = blob.size or 0
+    have = partial.stat().st_size if partial.exists() else 0
+    if have > size:
+        have = 0
     try:
-        if 0 < have < size:
-            try:
-                with open(partial, "ab") as f:
-                    blob.download_to_file(f, start=have, raw_download=True)
-            except Exception:  # server without range support: start over
-                log.warning("resuming %s failed; downloading it again", blob.name)
-                partial.unlink(missing_ok=True)
-        if not partial.exists() or partial.stat().st_size != size:
-            with open(partial, "wb") as f:
-                blob.download_to_file(f, raw_download=True)
-        if partial.stat().st_size != size:
-            raise CheckpointError(
-                f"download of gs://{blob.bucket.name}/{blob.name} is incomplete "
-                f"({partial.stat().st_size} of {size} bytes)")
+        for attempt in (1, 2):
+            if have:
+                log.info("gs://%s/%s: continuing from byte %d of %d", blob.bucket.name, blob.name,
+                         have, size)
+            with open(partial, "ab" if have else "wb") as f:
+                while have < size:
+                    blob.download_to_file(f, start=have, end=min(have + DOWNLOAD_CHUNK, size) - 1,
+                                          raw_download=True)
+                    if f.tell() <= have:
+                        raise CheckpointError(f"download of gs://{blob.bucket.name}/{blob.name} "
+                                              f"stopped at byte {have} of {size}")
+                    have = f.tell()
+                    progress(have, size)
+            if partial.stat().st_size == size and (blob.crc32c is None or _crc32c(partial) == blob.crc32c):
+                break
+            log.warning("gs://%s/%s: the downloaded file does not match the object's CRC32C%s",
+                        blob.bucket.name, blob.name, "; fetching it again" if attempt == 1 else "")
+            have = 0
+        else:
+            raise CheckpointError(f"download of gs://{blob.bucket.name}/{blob.name} does not match "
+                                  f"the object's CRC32C twice")
         os.replace(partial, target)
     except CheckpointError:
         raise

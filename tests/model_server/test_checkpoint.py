@@ -98,29 +98,46 @@ def test_gcs_load_and_resume(gcs_bucket, tiny_hf_dir, tmp_path, tiny_logits, mon
     uri = _upload(tiny_hf_dir, gcs_bucket, "models/tiny")
     cache = tmp_path / "cache"
     caplog.set_level(logging.INFO, logger="model_server.checkpoint")
+    monkeypatch.setattr(ck, "DOWNLOAD_CHUNK", 64 << 10)  # several ranged GETs per weights file
+    monkeypatch.setattr(ck, "PROGRESS_INTERVAL_S", 0.0)
     model = registry.load_model("lm.hf", uri, {"dtype": "float32"}, cache_dir=str(cache))
     np.testing.assert_array_equal(_logits(model), tiny_logits)
     local = cache / gcs_bucket / "models" / "tiny"
-    assert (local / "model.safetensors").stat().st_size == (tiny_hf_dir / "model.safetensors").stat().st_size
-    assert "[1/" in caplog.text  # per-file progress
+    size = (tiny_hf_dir / "model.safetensors").stat().st_size
+    assert (local / "model.safetensors").stat().st_size == size > 3 * (64 << 10)
+    progress = [r.getMessage() for r in caplog.records if "model.safetensors: " in r.getMessage()]
+    assert len(progress) == -(-size // (64 << 10))  # one line per chunk, within the file
+    assert progress[0].startswith(f"checkpoint {uri}: [") and "0.1/" in progress[0]
 
     # complete files are not fetched again
     calls = []
     real = ck._download_blob
-    monkeypatch.setattr(ck, "_download_blob", lambda blob, target: (calls.append(blob.name), real(blob, target)))
+    monkeypatch.setattr(ck, "_download_blob", lambda blob, target, *a: (calls.append(blob.name), real(blob, target, *a)))
     registry.load_model("lm.hf", uri, cache_dir=str(cache))
     assert calls == []
 
-    # an interrupted download (a .partial with half the bytes) is completed
+    # an interrupted download (a .partial with half the bytes) is continued from where it stopped
     weights = local / "model.safetensors"
     data = weights.read_bytes()
+    half = len(data) // 2
     weights.unlink()
-    (local / "model.safetensors.partial").write_bytes(data[: len(data) // 2])
+    (local / "model.safetensors.partial").write_bytes(data[:half])
+    caplog.clear()
     model = registry.load_model("lm.hf", uri, {"dtype": "float32"}, cache_dir=str(cache))
     assert calls == ["models/tiny/model.safetensors"]
+    assert f"continuing from byte {half} of {len(data)}" in caplog.text and "CRC32C" not in caplog.text
     assert weights.read_bytes() == data
     assert not (local / "model.safetensors.partial").exists()
     np.testing.assert_array_equal(_logits(model), tiny_logits)
+
+    # a .partial whose bytes are not the object's (it changed meanwhile): the continued file
+    # fails the CRC32C check and is fetched again whole
+    weights.unlink()
+    (local / "model.safetensors.partial").write_bytes(bytes(half))
+    caplog.clear()
+    ck.download_gcs_dir(uri, local)
+    assert "does not match the object's CRC32C; fetching it again" in caplog.text
+    assert weights.read_bytes() == data
 
     # an object replaced by one of the same size is fetched again (crc32c differs)
     client = ck.gcs_client()
