@@ -1,6 +1,8 @@
 """A model server joined to a real admin: loads what is published, reports failures, unloads."""
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,16 @@ from tests.cluster import AdminProcess, ModelServerProcess, publish_and_wait, wa
 pytestmark = pytest.mark.slow
 
 
-def test_admin_assigns_loads_reports_failures_and_unloads(tmp_path: Path, tiny_compiled: None) -> None:
+def _broken_copy(src: Path, out: Path, **config: object) -> Path:
+    """A copy of an HF directory whose config.json has `config` changed."""
+    shutil.copytree(src, out)
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**cfg, **config}))
+    return out
+
+
+def test_admin_assigns_loads_reports_failures_and_unloads(tmp_path: Path, tiny_compiled: None,
+                                                         tiny_hf_dir: Path) -> None:
     admin = AdminProcess(tmp_path, root=str(tmp_path / "root")).start()
     ms = ModelServerProcess(tmp_path, admin=f"127.0.0.1:{admin.port}").start()
     try:
@@ -25,16 +36,24 @@ def test_admin_assigns_loads_reports_failures_and_unloads(tmp_path: Path, tiny_c
                                                               "max_tokens": 3}).json()
         assert out["choices"][0]["finish_reason"] in ("stop", "length")
 
-        # A bad checkpoint fails with a clear reason at the admin; the good model keeps serving.
-        r = requests.post(f"{admin.url}/models", timeout=10, json={
-            "model_id": "/sax/test/bad", "model_path": "lm.hf", "checkpoint": str(tmp_path / "missing"),
-            "replicas": 1})
-        assert r.status_code == 201
-        bad = wait_until(lambda: (lambda d: d if d["last_error"] else None)(
-            requests.get(f"{admin.url}/models/sax/test/bad", timeout=5).json()), timeout=60, what="failure")
-        assert "missing" in bad["last_error"] and ms.address in bad["last_error"]
-        assert requests.post(f"{ms.url}/v1/completions", json={"model": "/sax/test/good", "prompt": "hi",
-                                                               "max_tokens": 2}).status_code == 200
+        # Bad checkpoints fail with a clear reason at the admin, their replica FAILED; the good
+        # model keeps serving.
+        wrong_shape, unknown_arch = _broken_copy(tiny_hf_dir, tmp_path / "shape", intermediate_size=96), \
+            _broken_copy(tiny_hf_dir, tmp_path / "arch", architectures=["BertForMaskedLM"])
+        for name, checkpoint, reason in [("missing", tmp_path / "missing", "missing"),
+                                         ("shape", wrong_shape, "has shape"),
+                                         ("arch", unknown_arch, "unknown architecture 'BertForMaskedLM'")]:
+            r = requests.post(f"{admin.url}/models", timeout=10, json={
+                "model_id": f"/sax/test/{name}", "model_path": "lm.hf", "checkpoint": str(checkpoint),
+                "replicas": 1})
+            assert r.status_code == 201
+            bad = wait_until(lambda: (lambda d: d if d["last_error"] else None)(
+                requests.get(f"{admin.url}/models/sax/test/{name}", timeout=5).json()), timeout=60,
+                what=f"{name} failure")
+            assert reason in bad["last_error"] and ms.address in bad["last_error"], bad
+            assert [rep["status"] for rep in bad["replicas"]] == ["FAILED"], bad
+            assert requests.post(f"{ms.url}/v1/completions", json={
+                "model": "/sax/test/good", "prompt": "hi", "max_tokens": 2}).status_code == 200
 
         requests.delete(f"{admin.url}/models/sax/test/good", timeout=5)
         wait_until(lambda: requests.post(f"{ms.url}/v1/completions", json={
