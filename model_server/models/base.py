@@ -214,6 +214,44 @@ def abstract_module(spec: ModelSpec) -> nnx.Module:
     return nnx.eval_shape(lambda: getattr(family, family.MODULE)(spec))
 
 
+class DecoderModel(nnx.Module):
+    """A decoder-only transformer as an NNX module: token embedding, the layers' `Block`s in
+    order, final norm. A family subclasses it with its `Block` class, `embed_tokens`,
+    `final_norm_of` and `logits`; its top-level params are those of `param_shapes` but the
+    layers'."""
+
+    Block: type[nnx.Module]
+
+    def __init__(self, spec: ModelSpec):
+        self.spec = spec
+        declare_params(self, {k: v for k, v in param_shapes(spec).items() if k != "layers"})
+        self.layers = nnx.List([self.Block(spec, i) for i in range(spec.num_layers)])
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, cache: Optional[KVCache],
+                 slot_ids: Optional[jax.Array], fresh: bool = False, kv_blocks: Optional[int] = None,
+                 last_index: Optional[jax.Array] = None):
+        """(final-normed hidden [B, T, D], new cache or None); with `last_index` the hidden
+        state of token `last_index[b]` only, [B, 1, D] (see `hidden_states`)."""
+        x = self.embed_tokens(tokens, positions)
+        new_cache: Optional[KVCache] = [] if cache is not None else None
+        for i, block in enumerate(self.layers):
+            x, layer_cache = block(x, positions, None if cache is None else cache[i], slot_ids,
+                                   fresh, kv_blocks, last_index)
+            if new_cache is not None:
+                new_cache.append(layer_cache)
+        return self.final_norm_of(x), new_cache
+
+    def embed_tokens(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    def final_norm_of(self, x: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Vocabulary projection, float32: [B, T, D] -> [B, T, V]."""
+        raise NotImplementedError
+
+
 @functools.lru_cache(maxsize=64)
 def graphdef(spec: ModelSpec) -> nnx.GraphDef:
     """The static graph of the family's module for `spec`."""

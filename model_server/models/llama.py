@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from model_server.models import layers as L
-from model_server.models.base import ModelConfigError, ModelSpec, declare_params
+from model_server.models.base import DecoderModel, ModelConfigError, ModelSpec, declare_params
 from model_server.models.hfmap import Rule
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -225,27 +225,16 @@ class Block(nnx.Module):
         return x + L.linear(g, self.w_down[...], self._bias("b_down")), layer_cache
 
 
-class Llama(nnx.Module):
+class Llama(DecoderModel):
     """The Llama family as a Flax NNX module; `base.bind` merges it with a param tree."""
 
-    def __init__(self, spec: ModelSpec):
-        self.spec = spec
-        declare_params(self, {k: v for k, v in param_shapes(spec).items() if k != "layers"})
-        self.layers = nnx.List([Block(spec, i) for i in range(spec.num_layers)])
+    Block = Block
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array, cache: list | None,
-                 slot_ids: jax.Array | None, fresh: bool = False, kv_blocks: int | None = None,
-                 last_index: jax.Array | None = None):
-        """(final-normed hidden [B, T, D], new cache or None); with `last_index` the hidden
-        state of token `last_index[b]` only, [B, 1, D] (see base.hidden_states)."""
-        x = jnp.take(self.embed[...], tokens, axis=0, mode="clip")
-        new_cache: list[Any] | None = [] if cache is not None else None
-        for i, block in enumerate(self.layers):
-            x, layer_cache = block(x, positions, None if cache is None else cache[i], slot_ids,
-                                   fresh, kv_blocks, last_index)
-            if new_cache is not None:
-                new_cache.append(layer_cache)
-        return L.rms_norm(x, self.final_norm[...], self.spec.norm_eps), new_cache
+    def embed_tokens(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+        return jnp.take(self.embed[...], tokens, axis=0, mode="clip")
+
+    def final_norm_of(self, x: jax.Array) -> jax.Array:
+        return L.rms_norm(x, self.final_norm[...], self.spec.norm_eps)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         head = self.embed if self.spec.tie_word_embeddings else self.lm_head
