@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import subprocess
@@ -55,31 +54,13 @@ def _specs(small: bool) -> dict[str, Any]:
     return {"gpt2": gpt2, "llama": llama}
 
 
-def _gpt2_config(spec) -> dict:
-    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": spec.vocab_size,
-            "n_embd": spec.hidden_size, "n_head": spec.num_heads, "n_layer": spec.num_layers,
-            "n_inner": spec.intermediate_size, "n_positions": spec.max_position_embeddings,
-            "layer_norm_epsilon": spec.norm_eps, "activation_function": spec.activation,
-            "eos_token_id": spec.eos_token_ids[0], "dtype": "float32"}
-
-
 def write_hf(out: Path, spec, store_dtype: str) -> Path:
-    """Random weights as an HF directory (config.json + model.safetensors in `store_dtype`)."""
-    from safetensors.numpy import save_file
+    """Random weights as an HF directory, stored in `store_dtype`."""
+    from model_server import checkpoint as ck
+    from model_server.models import base
 
-    from model_server.models import base, llama
-    from model_server.models.hfmap import to_hf
-
-    out.mkdir(parents=True)
-    family = base.family_module(spec)
-    tensors = to_hf(family.hf_rules(spec), base.random_params(spec, seed=0))
-    dt = base.dtype_of(store_dtype)
-    save_file({k: v.astype(dt) for k, v in tensors.items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt"})
-    config = llama.to_hf_config(spec) if spec.family == "llama" else _gpt2_config(spec)
-    config["dtype"] = store_dtype
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    return out
+    config = {**base.family_module(spec).to_hf_config(spec), "dtype": store_dtype}
+    return ck.save_hf(out, spec, base.random_params(spec, seed=0), config, dtype=store_dtype)
 
 
 def drop_page_cache() -> bool:

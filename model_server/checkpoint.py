@@ -172,7 +172,7 @@ def _crc32c(path: Path) -> str:
     return base64.b64encode(checksum.digest()).decode()
 
 
-def _download_blob(blob, target: Path, progress=lambda have, size: None) -> None:
+def _download_blob(blob, target: Path, progress: _Progress) -> None:
     """Fetch `blob` into `target` in ranged chunks through ``target.partial``.
 
     A ``.partial`` left by an interrupted download is continued from its size; the whole file
@@ -528,15 +528,15 @@ def save_orbax(ckpt: Checkpoint, params: Any, out_dir: str | os.PathLike, dtype:
 
 
 def save_hf(out_dir: str | os.PathLike, spec: base.ModelSpec, params: Any, config: dict,
-            generation_config: Optional[dict] = None) -> Path:
-    """Write params as an HF directory (config.json + model.safetensors)."""
+            generation_config: Optional[dict] = None, dtype: str = "float32") -> Path:
+    """Write params as an HF directory (config.json + model.safetensors in `dtype`)."""
     from safetensors.numpy import save_file
 
     from model_server.models.hfmap import to_hf
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    host = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
+    host = jax.tree.map(lambda a: np.asarray(a, base.dtype_of(dtype)), params)
     save_file(to_hf(base.family_module(spec).hf_rules(spec), host), str(out / "model.safetensors"),
               metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2))

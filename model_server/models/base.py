@@ -46,6 +46,7 @@ the engine's `jax.jit`ted programs, so the merge happens when they trace, never 
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
 import importlib
@@ -214,7 +215,7 @@ def abstract_module(spec: ModelSpec) -> nnx.Module:
     return nnx.eval_shape(lambda: getattr(family, family.MODULE)(spec))
 
 
-class DecoderModel(nnx.Module):
+class DecoderModel(nnx.Module, abc.ABC):
     """A decoder-only transformer as an NNX module: token embedding, the layers' `Block`s in
     order, final norm. A family subclasses it with its `Block` class, `embed_tokens`,
     `final_norm_of` and `logits`; its top-level params are those of `param_shapes` but the
@@ -241,15 +242,17 @@ class DecoderModel(nnx.Module):
                 new_cache.append(layer_cache)
         return self.final_norm_of(x), new_cache
 
+    @abc.abstractmethod
     def embed_tokens(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
-        raise NotImplementedError
+        """Input embeddings [B, T, D] of `tokens` at `positions`."""
 
+    @abc.abstractmethod
     def final_norm_of(self, x: jax.Array) -> jax.Array:
-        raise NotImplementedError
+        """The final norm of the last layer's output."""
 
+    @abc.abstractmethod
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Vocabulary projection, float32: [B, T, D] -> [B, T, V]."""
-        raise NotImplementedError
 
 
 @functools.lru_cache(maxsize=64)

@@ -47,6 +47,17 @@ def spec_from_hf_config(cfg: dict, architecture: str) -> ModelSpec:
     )
 
 
+def to_hf_config(spec: ModelSpec) -> dict:
+    """A config.json dict for `spec` (GPT2LMHeadModel), used to export test and bench models."""
+    return {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": spec.vocab_size,
+        "n_embd": spec.hidden_size, "n_head": spec.num_heads, "n_layer": spec.num_layers,
+        "n_inner": spec.intermediate_size, "n_positions": spec.max_position_embeddings,
+        "layer_norm_epsilon": spec.norm_eps, "activation_function": spec.activation,
+        "eos_token_id": spec.eos_token_ids[0] if spec.eos_token_ids else None, "dtype": "float32",
+    }
+
+
 def _layer_shapes(spec: ModelSpec) -> dict[str, tuple]:
     d, f = spec.hidden_size, spec.intermediate_size
     return {

@@ -14,7 +14,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
@@ -26,39 +25,16 @@ MODEL = "/sax/test/slow"
 LONG = 400  # tokens of a long generation (~1.7 s here, more on a busy machine)
 
 
-def write_random_llama(out: Path, *, hidden: int = 1024, layers: int = 2, intermediate: int = 2816,
-                       heads: int = 8, kv_heads: int = 2, max_positions: int = 512) -> Path:
+def write_random_llama(out: Path) -> Path:
     """A Hugging Face Llama directory with random weights and test.tiny's tokenizer."""
-    from safetensors.numpy import save_file
+    from model_server.checkpoint import save_hf
+    from model_server.models import base, llama, tiny
 
-    from model_server.models import tiny
-
-    out.mkdir(parents=True, exist_ok=True)
-    vocab, hd = tiny.VOCAB_SIZE, hidden // heads
-    rng = np.random.default_rng(0)
-
-    def w(*shape: int) -> np.ndarray:
-        return rng.standard_normal(shape, np.float32) * 0.02
-
-    ones = np.ones(hidden, np.float32)
-    tensors = {"model.embed_tokens.weight": w(vocab, hidden), "model.norm.weight": ones,
-               "lm_head.weight": w(vocab, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        tensors.update({
-            p + "self_attn.q_proj.weight": w(heads * hd, hidden), p + "self_attn.o_proj.weight": w(hidden, heads * hd),
-            p + "self_attn.k_proj.weight": w(kv_heads * hd, hidden),
-            p + "self_attn.v_proj.weight": w(kv_heads * hd, hidden),
-            p + "mlp.gate_proj.weight": w(intermediate, hidden), p + "mlp.up_proj.weight": w(intermediate, hidden),
-            p + "mlp.down_proj.weight": w(hidden, intermediate),
-            p + "input_layernorm.weight": ones, p + "post_attention_layernorm.weight": ones})
-    save_file(tensors, str(out / "model.safetensors"))
-    (out / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
-        "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
-        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "max_position_embeddings": max_positions,
-        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False, "eos_token_id": 0,
-        "torch_dtype": "float32"}))
+    spec = base.ModelSpec(family="llama", model_type="llama", architecture="LlamaForCausalLM",
+                          vocab_size=tiny.VOCAB_SIZE, hidden_size=1024, num_layers=2, num_heads=8,
+                          num_kv_heads=2, head_dim=128, intermediate_size=2816, max_position_embeddings=512,
+                          eos_token_ids=(0,))
+    save_hf(out, spec, base.random_params(spec), llama.to_hf_config(spec))
     tiny.build_hf_tokenizer().save_pretrained(str(out))
     return out
 
