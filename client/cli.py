@@ -17,13 +17,32 @@ from client import sax
 from client.admin import AdminClient
 
 
-def _fail(message: str) -> None:
+# Exit codes (README "Client and CLI"): every failure prints one line on stderr.
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _fail(message: str, code: int = EXIT_FAILED) -> None:
     click.echo(f"saxutil: {message}", err=True)
-    sys.exit(1)
+    sys.exit(code)
 
 
 class SaxGroup(click.Group):
-    """Turns library errors into a one-line message and exit code 1."""
+    """Every failure is one line on stderr: exit 1 when the command failed (the cell's answer,
+    a connection, a file), 2 when it was called wrongly (a usage error, with the command whose
+    --help tells the right way), 130 when interrupted."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            rv = super().main(*args, **kwargs)
+        except click.UsageError as e:
+            where = e.ctx.command_path if e.ctx else "saxutil"
+            _fail(f"{e.format_message()} (see '{where} --help')", EXIT_USAGE)
+        except click.ClickException as e:
+            _fail(e.format_message())
+        except click.exceptions.Abort:
+            _fail("interrupted", EXIT_INTERRUPTED)
+        sys.exit(rv if isinstance(rv, int) else EXIT_OK)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
