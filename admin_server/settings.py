@@ -41,6 +41,7 @@ class AdminSettings:
     retry_backoff_max_s: float = 60.0
     max_replicas: int = 1024
     db_timeout_s: float = 30.0   # PostgreSQL: longest statement, lock wait or connect of a request
+    snapshot_wait_s: float = 5.0  # a change is answered once the snapshot holds it, or after this long
     admin_token: str | None = None
     cluster_token: str | None = None
     checkpoint_roots: tuple[str, ...] = field(default=())
@@ -93,6 +94,7 @@ class AdminSettings:
             retry_backoff_s=_env_float(env, "SAX_RETRY_BACKOFF", cls.retry_backoff_s),
             retry_backoff_max_s=_env_float(env, "SAX_RETRY_BACKOFF_MAX", cls.retry_backoff_max_s),
             db_timeout_s=_env_float(env, "SAX_DB_TIMEOUT", cls.db_timeout_s),
+            snapshot_wait_s=_env_float(env, "SAX_SNAPSHOT_WAIT", cls.snapshot_wait_s),
             admin_token=env.get("SAX_ADMIN_TOKEN") or None,
             cluster_token=env.get("SAX_CLUSTER_TOKEN") or None,
             checkpoint_roots=roots,

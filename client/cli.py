@@ -123,8 +123,9 @@ def publish(ctx: click.Context, model_id: str, model_path: str, checkpoint: str,
 
     Example: saxutil publish /sax/test/lm test.tiny None 1 num_slots=4 --wait
     """
-    _admin(ctx).publish(model_id, model_path, checkpoint, replicas, _parse_overrides(overrides))
+    d = _admin(ctx).publish(model_id, model_path, checkpoint, replicas, _parse_overrides(overrides))
     click.echo(f"published {model_id}")
+    _snapshot_note(d)
     if wait and replicas:
         sax.WaitForReady(model_id, replicas, timeout, admin=ctx.obj["admin"], progress=_progress(model_id))
         click.echo(f"{model_id} is ready")
@@ -138,8 +139,9 @@ def unpublish(ctx: click.Context, model_id: str) -> None:
 
     Example: saxutil unpublish /sax/test/lm
     """
-    _admin(ctx).unpublish(model_id)
+    d = _admin(ctx).unpublish(model_id)
     click.echo(f"unpublished {model_id}")
+    _snapshot_note(d)
 
 
 @main.command()
@@ -156,6 +158,24 @@ def update(ctx: click.Context, model_id: str, replicas: int | None, checkpoint: 
         raise click.UsageError("give --replicas and/or --checkpoint")
     d = _admin(ctx).update(model_id, replicas=replicas, checkpoint=checkpoint)
     click.echo(f"updated {model_id}: checkpoint {d['checkpoint']}, {d['max_replicas']} replicas")
+    _snapshot_note(d)
+
+
+def _snapshot_note(answer: dict[str, Any]) -> None:
+    """Warns (stderr) when the admin committed a change that its blob-store snapshot does not
+    hold yet: the database alone has it until the store is back."""
+    snap = answer.get("snapshot") or {}
+    if snap.get("behind"):
+        click.echo(f"saxutil: warning: committed, but the blob-store snapshot is behind (at version "
+                   f"{snap.get('snapshot_version')}, the change is {snap.get('version')}); it is written "
+                   "when the store is reachable again", err=True)
+
+
+def _snapshot_behind(admin: AdminClient) -> None:
+    stats = admin.stats()
+    if stats.get("snapshot_behind"):
+        click.echo(f"warning: the blob-store snapshot is {stats['snapshot_behind']} change(s) behind the "
+                   "database (the blob store is unreachable, or no admin leads)", err=True)
 
 
 @main.command()
@@ -178,6 +198,7 @@ def ls(ctx: click.Context, path: str, as_json: bool) -> None:
         models = admin.models(path)
         click.echo(json.dumps(models) if as_json else
                    table(["#", "Model ID"], [[i + 1, m] for i, m in enumerate(models)]))
+        _snapshot_behind(admin)
     else:
         d = admin.model(path)
         if as_json:
@@ -192,6 +213,7 @@ def ls(ctx: click.Context, path: str, as_json: bool) -> None:
                               for r in d["replicas"]]))
         if d.get("last_error"):
             click.echo(f"last error: {d['last_error']}")
+        _snapshot_behind(admin)
 
 
 @main.command()
