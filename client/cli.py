@@ -208,7 +208,7 @@ def ls(ctx: click.Context, path: str, as_json: bool) -> None:
                          [[d["model_id"], d["model_path"], d["checkpoint"], d["max_replicas"],
                            d["active_replicas"]]]))
         if d["replicas"]:
-            click.echo(table(["Replica Address", "Status", "Generation", "Error"],
+            click.echo(table(["Replica Address", "Status", "Generation", "Error or progress"],
                              [[r["address"], r["status"], r["generation"], r.get("error") or ""]
                               for r in d["replicas"]]))
         if d.get("last_error"):

@@ -332,6 +332,7 @@ class Engine:
         self.warmup_seconds = 0.0
         self.huge_page_bytes = 0
         self.compile_timings: dict[str, float] = {}
+        self.compile_progress: Optional[Callable[[int, int, str], None]] = None  # see compile_all
         self._compiles_at_ready = 0
 
     # ================================================================== lifecycle
@@ -348,7 +349,8 @@ class Engine:
         self._state = self.programs.init_state()
         self._upload_sp()
         self.compile_timings = self.programs.compile_all(self.params, self._cache, self._state,
-                                                         self._sp_dev, self._compile_threads)
+                                                         self._sp_dev, self._compile_threads,
+                                                         progress=self.compile_progress)
         self._exercise()
         # After the first calls: the steps donate the cache, so these buffers are the ones
         # every later step reads and writes in place.
