@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psycopg
@@ -15,7 +16,7 @@ import pytest
 import requests
 
 from tests.cluster import PG_ADMIN_URL, REPO, AdminProcess, postgres_bin_dir, postgres_database, wait_until
-from tests.faults.harness import publish
+from tests.faults.harness import publish, record
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +57,9 @@ def test_acknowledged_publish_survives_the_database(tmp_path: Path, request: pyt
             if loss == "older-dump":  # a backup taken before the publish that must survive
                 subprocess.run([str(postgres_bin_dir() / "pg_dump"), "--no-owner", "-f", str(dump),
                                 _plain(db_url)], check=True, timeout=60)
+            t0 = time.monotonic()
             r = publish(admin.url, "/sax/test/acked", 2, overrides={"num_slots": 2})
+            record(f"publish answered with its snapshot written ({store})", time.monotonic() - t0, "s")
             assert r.status_code == 201, r.text
             assert r.json()["snapshot"]["behind"] is False, r.json()
             admin.kill9()  # right after the answer
