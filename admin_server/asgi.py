@@ -210,15 +210,14 @@ async def _send_canned(send: Send, status: int, raw: bytes) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-async def _read_body(receive: Receive, headers: dict[bytes, bytes],
-                     limit: int | None = MAX_BODY_BYTES) -> bytes:
+async def _read_body(receive: Receive, headers: dict[bytes, bytes]) -> bytes:
     """The whole body, read at LIMITS.min_body_rate at least (asyncio.TimeoutError if not);
-    past `limit`, RequestEntityTooLarge (None: the app judges the size)."""
+    past MAX_BODY_BYTES, RequestEntityTooLarge."""
     try:
         declared = int(headers.get(b"content-length", b"0"))
     except ValueError:
         raise InvalidArgument("bad Content-Length") from None
-    if limit is not None and declared > limit:
+    if declared > MAX_BODY_BYTES:
         raise RequestEntityTooLarge()
     loop = asyncio.get_running_loop()
     begun = loop.time()
@@ -230,7 +229,7 @@ async def _read_body(receive: Receive, headers: dict[bytes, bytes],
             raise InvalidArgument("the caller hung up before sending the whole body")
         chunk = message.get("body", b"")
         size += len(chunk)
-        if limit is not None and size > limit:  # also a chunked body, which declares no length
+        if size > MAX_BODY_BYTES:  # also a chunked body, which declares no length
             raise RequestEntityTooLarge()
         chunks.append(chunk)
         if not message.get("more_body"):
