@@ -204,6 +204,18 @@ def stats():  # type: ignore[no-untyped-def]
     return jsonify(out)
 
 
+@bp.post("/demand/<path:name>")
+def demand(name: str):  # type: ignore[no-untyped-def]
+    """A caller waits for a replica of an idle (or still loading) model: the leader loads one.
+    Answers as `locate` does. Open to data callers, as `locate` is."""
+    c = ctx()
+    with c.sessions.begin() as s:
+        state.note_demand(s, c.settings, _model_id(name))
+    c.wake_leader()
+    with c.sessions() as s:
+        return jsonify(state.locate(s, c.settings, _model_id(name)))
+
+
 @bp.get("/locate/<path:name>")
 def locate(name: str):  # type: ignore[no-untyped-def]
     """Ready replica addresses. With ?version=V&timeout=T, waits until the answer's

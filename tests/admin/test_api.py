@@ -133,7 +133,9 @@ def test_heartbeat_desired_set_and_locate_long_poll(make_app) -> None:  # type: 
     assert detail["replicas"][0]["load_time_s"] == 0.5 and detail["replicas"][0]["memory_bytes"] == 1234
     servers = client.get("/servers").json["servers"]
     assert servers[0]["address"] == SERVER["address"] and servers[0]["alive"]
-    assert servers[0]["models"] == [{"model_id": "/sax/test/lm", "generation": 1, "status": "LOADED"}]
+    assert servers[0]["models"] == [{"model_id": "/sax/test/lm", "generation": 1, "status": "LOADED",
+                                     "memory_bytes": 1234, "running": 0, "waiting": 0}]
+    assert servers[0]["used_memory_bytes"] == 1234
     stats = client.get("/stats").json
     assert stats["models"] == 1 and stats["servers"] == 1 and stats["leader"]["valid"]
 
