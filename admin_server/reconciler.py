@@ -209,7 +209,8 @@ def plan(now: float, settings: AdminSettings, servers: list[ServerView], models:
 
     active = [m for m in models if m.state == ModelState.ACTIVE.value]
     active.sort(key=lambda m: (-m.need, m.model_id))  # big models first: they are hardest to fit
-    cold: list[ModelView] = []   # models with callers waiting and no server found: evict for them
+    # Models with callers waiting and no server found (and the servers they may not use): evict for them.
+    cold: list[tuple[ModelView, set[str]]] = []
     notes: dict[str, str | None] = {}
     for model in active:
         mine = holding.get(model.model_id, [])
@@ -273,14 +274,14 @@ def plan(now: float, settings: AdminSettings, servers: list[ServerView], models:
                 model, list(live.values()), free, exclude | set(chosen), _fits)
             placed = len(current) + len(chosen)
             if placed == 0 or placed < model.min_replicas:
-                cold.append(model)
+                cold.append((model, exclude | set(chosen)))
     if cold:
         _evict(p, cold, list(live.values()), free, kept, by_model, notes, now)
     p.notes = {m: n for m, n in notes.items() if n != by_model[m].placement_note}
     return p
 
 
-def _evict(p: Plan, cold: list[ModelView], live: list[ServerView], free: dict[str, int],
+def _evict(p: Plan, cold: list[tuple[ModelView, set[str]]], live: list[ServerView], free: dict[str, int],
            kept: list[ReplicaView], by_model: dict[str, ModelView], notes: dict[str, str | None],
            now: float) -> None:
     """Unloads least-recently-used replicas above their models' minimum for `cold` models."""
@@ -289,8 +290,9 @@ def _evict(p: Plan, cold: list[ModelView], live: list[ServerView], free: dict[st
     for r in kept:
         if r.wanted == LOADED and r.id not in unloading and r.generation == by_model[r.model_id].generation:
             wanted_count[r.model_id] = wanted_count.get(r.model_id, 0) + 1
-    for model in cold:
-        victims, note = scaling.evict_for(model, live, free, kept, by_model, wanted_count, _fits)
+    for model, exclude in cold:
+        usable = [s for s in live if s.address not in exclude]
+        victims, note = scaling.evict_for(model, usable, free, kept, by_model, wanted_count, _fits)
         if note:
             notes[model.model_id] = f"{notes[model.model_id]}; {note}" if notes.get(model.model_id) else note
         for r in victims:
