@@ -259,7 +259,8 @@ def plan(now: float, settings: AdminSettings, servers: list[ServerView], models:
             if r.retry_after and r.retry_after > now:
                 p.next_due = min(p.next_due or r.retry_after, r.retry_after)
         on_server = {r.server for r in mine if r.wanted == LOADED}
-        exclude = blocked | {r.server for r in current}
+        # Not beside a replica of this generation, even one still draining (one row per server).
+        exclude = blocked | {r.server for r in mine if r.generation == model.generation}
         key = (model.model_path, repr(model.overrides.get("chip")),
                tuple(sorted(model.overrides.get("constraints") or [])))
         if key not in heaps:

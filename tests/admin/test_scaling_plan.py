@@ -140,3 +140,12 @@ def test_why_a_wanted_replica_is_not_placed() -> None:
     # The note clears once placed (and is not rewritten while unchanged).
     placed = replace(model("/sax/c/x"), placement_note="old")
     assert plan(NOW, S, one, [placed], []).notes == {"/sax/c/x": None}
+
+
+def test_scaling_up_again_skips_a_server_whose_replica_still_drains() -> None:
+    servers = [server("s1"), server("s2")]
+    reps = [rep("/sax/c/x", "s1", waiting=9, used=NOW), rep("/sax/c/x", "s2", wanted="UNLOADED")]
+    m = model("/sax/c/x", target=1, lo=1, hi=3, busy_since=NOW - 10)
+    p = plan(NOW, S, servers, [m], reps)
+    assert p.scale["/sax/c/x"].target == 2 and p.add == []  # s2 still holds its draining replica
+    assert "distinct servers" in p.notes["/sax/c/x"]
