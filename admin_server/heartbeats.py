@@ -268,7 +268,7 @@ class HeartbeatRecorder:
             for m in orphans:
                 model = conn.execute(
                     select(PublishedModel.model_path, PublishedModel.checkpoint, PublishedModel.overrides,
-                           PublishedModel.requested_replicas)
+                           PublishedModel.target_replicas)
                     .where(PublishedModel.model_id == m.model_id, PublishedModel.cell == self.settings.cell_name,
                            PublishedModel.state == "ACTIVE", PublishedModel.generation == m.generation)
                 ).first()
@@ -277,7 +277,7 @@ class HeartbeatRecorder:
                 have = conn.execute(select(func.count()).select_from(Replica).where(
                     Replica.model_id == m.model_id, Replica.generation == m.generation,
                     Replica.wanted == Wanted.LOADED.value)).scalar_one()
-                if have >= model.requested_replicas:
+                if have >= model.target_replicas:
                     continue
                 ins = _dialect_insert(conn)(Replica).values(
                     model_id=m.model_id, server_address=address, generation=m.generation,

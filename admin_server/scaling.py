@@ -4,8 +4,8 @@ replica has no server: the leader's pure decisions beside :func:`reconciler.plan
 Autoscaling reads the load each server reports per replica (requests running and queued,
 when it last served one). A model scales
 
-* up by one when the requests queued per ready replica stay above `scale_up_waiting` for
-  `scale_up_window_s` (and every wanted replica is ready: one step at a time);
+* up by one when the requests queued per wanted replica (one still loading counts) stay
+  above `scale_up_waiting` for `scale_up_window_s` (then the window starts again);
 * down by one when the remaining replicas could carry the load (`scale_down_load` running
   plus queued requests each) for the model's `idle_seconds`; to zero (min_replicas 0)
   after `idle_seconds` without any request;
@@ -64,11 +64,12 @@ def autoscale(now: float, settings: AdminSettings, model: "ModelView",
         target, reason = 1, "a call is waiting for a replica (load on demand)"
     queued = sum(r.waiting for r in ready)
     load = sum(r.running + r.waiting for r in ready)
-    busy = bool(ready) and queued / len(ready) > settings.scale_up_waiting
-    if busy and target < model.max_replicas and len(ready) >= target:
+    # Per wanted replica: one still loading counts as capacity on its way.
+    busy = bool(ready) and queued / max(len(current), 1) > settings.scale_up_waiting
+    if busy and target < model.max_replicas:
         busy_since = busy_since or now
         if now - busy_since >= settings.scale_up_window_s:
-            reason = (f"{queued} requests queued on {len(ready)} ready replicas for "
+            reason = (f"{queued} requests queued on {len(ready)} ready replicas ({len(current)} wanted) for "
                       f"{now - busy_since:.0f}s (scale-up target {settings.scale_up_waiting:g} per replica)")
             target, busy_since = target + 1, None
     elif not busy:

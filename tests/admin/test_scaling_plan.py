@@ -45,16 +45,21 @@ def test_queue_above_target_for_the_window_adds_one_replica() -> None:
     assert len(later.add) == 1 and later.add[0]["server_address"] != "s1"
 
 
-def test_no_scale_up_past_max_or_while_a_replica_is_still_loading() -> None:
-    servers = [server("s1"), server("s2")]
-    at_max = replace(model("/sax/c/x", target=2, lo=1, hi=2), busy_since=NOW - 100)
+def test_no_scale_up_past_max_and_a_loading_replica_counts_as_capacity() -> None:
+    servers = [server("s1"), server("s2"), server("s3")]
+    at_max = model("/sax/c/x", target=2, lo=1, hi=2, busy_since=NOW - 100)
     reps = [rep("/sax/c/x", "s1", waiting=9, used=NOW), rep("/sax/c/x", "s2", waiting=9, used=NOW)]
-    assert "/sax/c/x" not in plan(NOW, S, servers, [at_max], reps).scale or \
-        plan(NOW, S, servers, [at_max], reps).scale["/sax/c/x"].target == 2
-    loading = replace(model("/sax/c/x", target=2, lo=1, hi=3), busy_since=NOW - 100)
-    reps = [rep("/sax/c/x", "s1", waiting=9, used=NOW), rep("/sax/c/x", "s2", observed="LOADING")]
+    p = plan(NOW, S, servers, [at_max], reps)
+    assert p.add == [] and "/sax/c/x" not in p.scale  # at its maximum: nothing moves
+    # 10 queued on one ready replica with a second loading: 5 per wanted replica, still busy.
+    loading = model("/sax/c/x", target=2, lo=1, hi=3, busy_since=NOW - 100)
+    reps = [rep("/sax/c/x", "s1", waiting=10, used=NOW), rep("/sax/c/x", "s2", observed="LOADING")]
     p = plan(NOW, S, servers, [loading], reps)
-    assert p.add == [] and p.scale.get("/sax/c/x") is None or p.scale["/sax/c/x"].target == 2
+    assert p.scale["/sax/c/x"].target == 3 and added(p) == [("/sax/c/x", "s3")]
+    # 3 queued over two wanted replicas (1.5 each) is over the target too; 2 is not.
+    reps[0].waiting = 2
+    assert plan(NOW, S, servers, [model("/sax/c/x", target=2, lo=1, hi=3, busy_since=NOW - 100)],
+                reps).add == []
 
 
 def test_low_load_for_idle_seconds_removes_one_replica_then_idle_goes_to_zero() -> None:
