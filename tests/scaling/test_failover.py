@@ -93,6 +93,8 @@ def test_leader_killed_during_evictions_leaves_a_consistent_cell(tmp_path: Path,
         requests.post(f"{url}/demand{last}", timeout=5)
         wait_until(lambda: requests.get(f"{url}/locate{last}", timeout=5).json()["addresses"], timeout=30,
                    what=f"{last} served after the failover")
+        # The new leader went on evicting (it led only after the kill).
+        assert "(least recently used) for" in survivor.log(), "no eviction after the failover"
         for s in requests.get(f"{url}/servers", timeout=10).json()["servers"]:
             assert s["used_memory_bytes"] <= s["memory_bytes"], s
         assert sum(1 for m in _models(url) for r in m["replicas"]) <= 8
