@@ -277,34 +277,9 @@ def plan(now: float, settings: AdminSettings, servers: list[ServerView], models:
             if placed == 0 or placed < model.min_replicas:
                 cold.append((model, exclude | set(chosen)))
     if cold:
-        _evict(p, cold, list(live.values()), free, kept, by_model, notes, now)
+        scaling.evict(p, cold, list(live.values()), free, kept, by_model, notes, _fits)
     p.notes = {m: n for m, n in notes.items() if n != by_model[m].placement_note}
     return p
-
-
-def _evict(p: Plan, cold: list[tuple[ModelView, set[str]]], live: list[ServerView], free: dict[str, int],
-           kept: list[ReplicaView], by_model: dict[str, ModelView], notes: dict[str, str | None],
-           now: float) -> None:
-    """Unloads least-recently-used replicas above their models' minimum for `cold` models."""
-    unloading = set(p.unload)
-    wanted_count: dict[str, int] = {}
-    for r in kept:
-        if r.wanted == LOADED and r.id not in unloading and r.generation == by_model[r.model_id].generation:
-            wanted_count[r.model_id] = wanted_count.get(r.model_id, 0) + 1
-    for model, exclude in cold:
-        usable = [s for s in live if s.address not in exclude]
-        victims, note = scaling.evict_for(model, usable, free, kept, by_model, wanted_count, _fits)
-        if note:
-            notes[model.model_id] = f"{notes[model.model_id]}; {note}" if notes.get(model.model_id) else note
-        for r in victims:
-            other = by_model[r.model_id]
-            r.wanted = UNLOADED
-            p.unload.append(r.id)
-            wanted_count[r.model_id] -= 1
-            other.requested = max(other.requested - 1, other.min_replicas)
-            reason = f"evicted from {r.server} (least recently used) for {model.model_id}"
-            p.scale[other.model_id] = scaling.Scaled(other.requested, None, None, reason)
-            log.info("scale %s to %d replicas: %s", other.model_id, other.requested, reason)
 
 
 def load_views(conn, cell: str) -> tuple[list[ServerView], list[ModelView], list[ReplicaView]]:  # type: ignore[no-untyped-def]

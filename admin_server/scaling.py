@@ -18,6 +18,7 @@ server reports them gone, so memory is never overcommitted.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,7 @@ from admin_server.settings import AdminSettings
 if TYPE_CHECKING:
     from admin_server.reconciler import ModelView, ReplicaView, ServerView
 
+log = logging.getLogger("admin_server.reconciler")  # decisions log beside the passes that make them
 LOADED, UNLOADED = Wanted.LOADED.value, Wanted.UNLOADED.value
 NONE, OBS_LOADED = Observed.NONE.value, Observed.LOADED.value
 
@@ -102,6 +104,32 @@ def next_due(now: float, settings: AdminSettings, model: "ModelView", mine: list
         used = max([last_used(r) for r in mine] + [model.demand_at or 0.0, model.scaled_at or 0.0])
         due.append(max(model.calm_since, used if model.requested == 1 else 0.0) + model.idle_seconds)
     return min(due) if due else None
+
+
+def evict(p: Any, cold: list[tuple["ModelView", set[str]]], live: list["ServerView"], free: dict[str, int],
+          kept: list["ReplicaView"], by_model: dict[str, "ModelView"], notes: dict[str, str | None],
+          fits: Any) -> None:
+    """Adds to plan `p` the unloads (and lower targets) that make room for the `cold` models
+    (each with the servers it may not use), and notes what each waits for."""
+    unloading = set(p.unload)
+    wanted_count: dict[str, int] = {}
+    for r in kept:
+        if r.wanted == LOADED and r.id not in unloading and r.generation == by_model[r.model_id].generation:
+            wanted_count[r.model_id] = wanted_count.get(r.model_id, 0) + 1
+    for model, exclude in cold:
+        usable = [s for s in live if s.address not in exclude]
+        victims, note = evict_for(model, usable, free, kept, by_model, wanted_count, fits)
+        if note:
+            notes[model.model_id] = f"{notes[model.model_id]}; {note}" if notes.get(model.model_id) else note
+        for r in victims:
+            other = by_model[r.model_id]
+            r.wanted = UNLOADED
+            p.unload.append(r.id)
+            wanted_count[r.model_id] -= 1
+            other.requested = max(other.requested - 1, other.min_replicas)
+            reason = f"evicted from {r.server} (least recently used) for {model.model_id}"
+            p.scale[other.model_id] = Scaled(other.requested, None, None, reason)
+            log.info("scale %s to %d replicas: %s", other.model_id, other.requested, reason)
 
 
 def evict_for(model: "ModelView", servers: list["ServerView"], free: dict[str, int],
