@@ -30,7 +30,7 @@ def tiny_hf_dir(tmp_path_factory) -> Path:
 
 
 def _hf_configs():
-    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     return {
         "gpt2": GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128,
@@ -53,6 +53,11 @@ def _hf_configs():
                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                              max_position_embeddings=256, tie_word_embeddings=True,
                              initializer_range=0.3, eos_token_id=0),
+        # q/k norms, head_dim 32 != hidden / heads, one kv head, untied.
+        "qwen3": Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                             head_dim=32, max_position_embeddings=256, tie_word_embeddings=False,
+                             initializer_range=0.1, eos_token_id=0),
     }
 
 
@@ -60,12 +65,13 @@ def _hf_configs():
 def torch_models(tmp_path_factory, tokenizer_dir):
     """{family: (torch model, saved HF dir)} built with transformers' PyTorch classes."""
     torch = pytest.importorskip("torch")
-    from transformers import GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+    from transformers import (GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM,
+                              Qwen3ForCausalLM)
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
     classes = {"gpt2": GPT2LMHeadModel, "llama": LlamaForCausalLM, "mistral": MistralForCausalLM,
-               "qwen2": Qwen2ForCausalLM}
+               "qwen2": Qwen2ForCausalLM, "qwen3": Qwen3ForCausalLM}
     out = {}
     for name, cfg in _hf_configs().items():
         model = classes[name](cfg).eval()
