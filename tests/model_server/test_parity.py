@@ -12,7 +12,8 @@ torch = pytest.importorskip("torch")
 from model_server import checkpoint as ck  # noqa: E402
 from model_server.models import base  # noqa: E402
 
-FAMILIES = ["gpt2", "llama", "mistral", "qwen2", "qwen3"]
+FAMILIES = ["gpt2", "llama", "mistral", "qwen2", "qwen3", "mistral_sw", "qwen3_sw", "phi3", "gemma2",
+            "gemma3"]
 PROMPT_LENS = [5, 11, 17]
 BUCKET = 32
 NEW_TOKENS = 32
