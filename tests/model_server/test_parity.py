@@ -134,12 +134,53 @@ def test_mistral_spec(torch_models):
     assert spec.max_seq_len_limit == 256
 
 
-def test_bfloat16_close_to_float32(torch_models):
-    model, path = torch_models["llama"]
+@pytest.mark.parametrize("family", ["llama", "qwen3_sw", "phi3", "gemma2", "gemma3"])
+def test_windows_per_layer_and_no_position_limit(torch_models):
+    """A window is a per-layer mask, never the context limit (a Mistral with an 8-position
+    window serves 128 positions); layer patterns come from layer_types or the family default."""
+    from model_server.knobs import ServingKnobs
+
+    windows = {name: ck.open_checkpoint(torch_models[name][1]).spec for name in
+               ("mistral_sw", "qwen3_sw", "phi3", "gemma2", "gemma3", "qwen3")}
+    assert [windows["mistral_sw"].window_of(i) for i in range(2)] == [8, 8]
+    assert windows["mistral_sw"].max_seq_len_limit == 256
+    assert ServingKnobs(max_seq_len=128).resolve(windows["mistral_sw"].max_seq_len_limit).max_seq_len == 128
+    assert windows["qwen3_sw"].layer_windows == (0, 12, 12)
+    assert [windows["phi3"].window_of(i) for i in range(2)] == [10, 10] and windows["phi3"].rope_dim == 8
+    assert windows["gemma2"].layer_windows == (8, 0, 8)
+    assert windows["gemma3"].layer_windows == (6, 6, 6, 6, 6, 0, 6)
+    assert (windows["gemma3"].rope_local_theta, windows["gemma3"].rope_type) == (1000.0, "linear")
+    assert windows["qwen3"].window_of(0) is None and windows["qwen3"].qk_norm
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}, "rope_parameters": None}, "rope_scaling.rope_type"),
+    ({"layer_types": ["sliding_attention", "chunked_attention"]}, "layer_types"),
+    ({"architectures": ["Qwen3MoeXForCausalLM"]}, "architectures"),
+    ({"hidden_act": "xielu"}, "hidden_act"),
+])
+def test_unservable_configs_name_the_field(torch_models, change, field):
+    cfg = {**dict(torch_models["mistral_sw"][0].config.to_dict()), **change}
+    with pytest.raises(base.ModelConfigError, match=f"config.json {field}"):
+        base.spec_from_hf_config(cfg)
+
+
+def test_bfloat16_close_to_float32(torch_models, family):
+    """bfloat16 weights and KV cache: a prefill longer than the windows, then decode steps
+    past it, close to transformers' float32 logits."""
+    model, path = torch_models[family]
     ckpt, params = ck.load_checkpoint(path, "bfloat16")
-    prompt = _prompts(3, ckpt.spec.vocab_size)[1]
-    logits, _ = jax.jit(base.make_forward(ckpt.spec))(
-        params, prompt[None], np.arange(len(prompt), dtype=np.int32)[None], None, None)
-    assert logits.dtype == jnp.float32
-    ref = _hf_logits(model, prompt)
-    assert np.abs(np.asarray(logits[0]) - ref).max() < 0.15 * np.abs(ref).max()
+    assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(params))
+    prompt = _prompts(3, ckpt.spec.vocab_size)[2]
+    extra = np.random.default_rng(4).integers(1, ckpt.spec.vocab_size, 4).astype(np.int32)
+    fwd = jax.jit(base.make_forward(ckpt.spec), donate_argnums=(3,))
+    cache = base.init_cache(ckpt.spec, 1, 64, jnp.bfloat16)
+    logits, cache = fwd(params, prompt[None], np.arange(len(prompt), dtype=np.int32)[None], cache, None)
+    rows = [np.asarray(logits[0])]
+    for i, tok in enumerate(extra):
+        step, cache = fwd(params, np.array([[tok]], np.int32), np.array([[len(prompt) + i]], np.int32), cache, None)
+        rows.append(np.asarray(step[0]))
+    assert logits.dtype == jnp.float32 and cache[0][0][0].dtype == jnp.bfloat16
+    ref = _hf_logits(model, np.concatenate([prompt, extra]))
+    ours = np.concatenate(rows)
+    assert np.abs(ours - ref[:len(ours)]).max() < 0.15 * np.abs(ref).max(), family
