@@ -134,7 +134,6 @@ def test_mistral_spec(torch_models):
     assert spec.max_seq_len_limit == 256
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3_sw", "phi3", "gemma2", "gemma3"])
 def test_windows_per_layer_and_no_position_limit(torch_models):
     """A window is a per-layer mask, never the context limit (a Mistral with an 8-position
     window serves 128 positions); layer patterns come from layer_types or the family default."""
@@ -165,6 +164,7 @@ def test_unservable_configs_name_the_field(torch_models, change, field):
         base.spec_from_hf_config(cfg)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3_sw", "phi3", "gemma2", "gemma3"])
 def test_bfloat16_close_to_float32(torch_models, family):
     """bfloat16 weights and KV cache: a prefill longer than the windows, then decode steps
     past it, close to transformers' float32 logits."""
