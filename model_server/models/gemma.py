@@ -16,13 +16,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from jax.sharding import PartitionSpec as P
 
 from model_server.models import hfconfig
 from model_server.models import layers as L
 from model_server.models import llama
-from model_server.models.base import DecoderModel, ModelConfigError, ModelSpec, declare_params
+from model_server.models.base import DecoderModel, ModelConfigError, ModelSpec
 from model_server.models.hfmap import Rule
 
 MODEL_TYPES = ("gemma2", "gemma3_text")
@@ -97,14 +95,7 @@ def _layer_shapes(spec: ModelSpec) -> dict[str, tuple]:
 
 
 def param_shapes(spec: ModelSpec) -> dict:
-    shapes: dict[str, Any] = {
-        "embed": (spec.vocab_size, spec.hidden_size),
-        "layers": [_layer_shapes(spec) for _ in range(spec.num_layers)],
-        "final_norm": (spec.hidden_size,),
-    }
-    if not spec.tie_word_embeddings:
-        shapes["lm_head"] = (spec.vocab_size, spec.hidden_size)
-    return shapes
+    return llama.param_shapes(spec, _layer_shapes(spec))
 
 
 def hf_rules(spec: ModelSpec) -> list[Rule]:
@@ -119,46 +110,25 @@ def hf_rules(spec: ModelSpec) -> list[Rule]:
 
 
 def partition_specs(spec: ModelSpec, axis: str, size: int) -> dict:
-    every = llama.layer_partition(spec, axis, size)
-    layer = {k: every.get(k, P()) for k in _layer_shapes(spec)}
-    out: dict[str, Any] = {"embed": P(), "layers": [dict(layer) for _ in range(spec.num_layers)],
-                           "final_norm": P()}
-    if not spec.tie_word_embeddings:
-        out["lm_head"] = P(axis, None) if size > 1 and spec.vocab_size % size == 0 else P()
-    return out
+    return llama.partition_specs(spec, axis, size, _layer_shapes(spec))
 
 
-class Block(nnx.Module):
+class Block(llama.Block):
     """One Gemma layer: norm, attention, norm, residual; norm, GeGLU MLP, norm, residual."""
 
-    def __init__(self, spec: ModelSpec, index: int):
-        self.spec, self.index = spec, index
-        declare_params(self, _layer_shapes(spec))
-
-    def _bias(self, name: str) -> jax.Array | None:
-        param = getattr(self, name, None)
-        return None if param is None else param[...]
+    layer_shapes = staticmethod(_layer_shapes)
+    norm = staticmethod(L.gemma_rms_norm)
 
     def __call__(self, x: jax.Array, positions: jax.Array, layer_cache: Any, slot_ids: jax.Array | None,
                  fresh: bool, kv_blocks: int | None, last_index: jax.Array | None):
-        spec, (b, t) = self.spec, positions.shape
-        h_, kv_, hd, eps = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.norm_eps
-        window = spec.window_of(self.index)
-        inv_freq = _inv_freq(spec, local=window is not None)
+        spec, eps = self.spec, self.spec.norm_eps
         h = L.gemma_rms_norm(x, self.attn_norm[...], eps)
         x, h_q, q_pos = L.last_layer_rows(self.index, spec.num_layers, last_index, x, h, positions)
-        q, k, v = L.qkv(h, h_q, [self.wq[...], self.wk[...], self.wv[...]],
-                        [self._bias("bq"), self._bias("bk"), self._bias("bv")])
-        q, k, v = q.reshape(b, -1, h_, hd), k.reshape(b, t, kv_, hd), v.reshape(b, t, kv_, hd)
-        if spec.qk_norm:
-            q = L.gemma_rms_norm(q, self.q_norm[...], eps)
-            k = L.gemma_rms_norm(k, self.k_norm[...], eps)
-        k = L.apply_rope(k, positions, inv_freq)
-        q = L.apply_rope(q, positions if q_pos is None else q_pos, inv_freq)
-        o, layer_cache = L.attention(q, k, v, positions, layer_cache, slot_ids,
-                                     1.0 / math.sqrt(spec.query_pre_attn_scalar), fresh, kv_blocks, q_pos,
-                                     window=window, softcap=spec.attn_softcap)
-        x = x + L.gemma_rms_norm(L.linear(o, self.wo[...], self._bias("bo")), self.post_attn_norm[...], eps)
+        o, layer_cache = self.self_attention(
+            h, h_q, positions, q_pos, layer_cache, slot_ids, fresh, kv_blocks,
+            _inv_freq(spec, local=spec.window_of(self.index) is not None),
+            1.0 / math.sqrt(spec.query_pre_attn_scalar), spec.attn_softcap)
+        x = x + L.gemma_rms_norm(o, self.post_attn_norm[...], eps)
         h = L.gemma_rms_norm(x, self.mlp_norm[...], eps)
         gate, up = L.linears(h, [self.w_gate[...], self.w_up[...]], [None, None])
         g = L.ACTIVATIONS[spec.activation](gate) * up

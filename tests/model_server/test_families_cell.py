@@ -24,14 +24,14 @@ import requests
 from tests.cluster import AdminProcess, FrontendProcess, ModelServerProcess, publish_and_wait, wait_until
 
 torch = pytest.importorskip("torch")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # five models compile at setup
 
 #: family -> its model path
-FAMILIES = {"qwen3": "lm.qwen3", "mistral_sw": "lm.llama", "phi3": "lm.phi3", "gemma2": "lm.gemma",
+FAMILIES = {"qwen3_sw": "lm.qwen3", "mistral_sw": "lm.llama", "phi3": "lm.phi3", "gemma2": "lm.gemma",
             "gemma3": "lm.gemma"}
 #: chat templates in each family's style (the test tokenizer's vocabulary spells them out)
 CHAT_TEMPLATES = {
-    "qwen3": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "qwen3_sw": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
     "mistral_sw": "{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
                   "{% else %}{{ m['content'] }}{% endif %}{% endfor %}",
@@ -107,8 +107,7 @@ def test_greedy_text_and_prompt_logprobs_match_transformers(family_cell, torch_m
     model = torch_models[family][0]
     tok = AutoTokenizer.from_pretrained(str(checkpoints[family]))
     prompt = np.random.default_rng(7).integers(3, model.config.vocab_size, PROMPT_LEN).tolist()
-    window = max(w or 0 for w in [getattr(model.config, "sliding_window", None)])
-    assert 0 < window < PROMPT_LEN
+    assert 0 < model.config.sliding_window < PROMPT_LEN
     want, ref = _reference(model, prompt, NEW_TOKENS)
     assert len(set(want)) >= 4, "degenerate reference output makes a weak test"
 
@@ -154,7 +153,7 @@ def _broken(src: Path, out: Path, **config: object) -> Path:
 def test_unservable_models_fail_naming_the_field(family_cell, checkpoints, tmp_path):
     admin, frontend = family_cell
     cases = {
-        "arch": (checkpoints["qwen3"], {"architectures": ["Qwen3NextForCausalLM"]},
+        "arch": (checkpoints["qwen3_sw"], {"architectures": ["Qwen3NextForCausalLM"]},
                  "unknown architecture 'Qwen3NextForCausalLM' (config.json architectures)"),
         "rope": (checkpoints["phi3"], {"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0],
                                                         "long_factor": [1.0]}, "rope_parameters": None},
