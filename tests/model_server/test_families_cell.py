@@ -43,7 +43,7 @@ CHAT_TEMPLATES = {
 }
 CHAT_TEMPLATES["gemma3"] = CHAT_TEMPLATES["gemma2"]
 OVERRIDES = {"num_slots": 2, "max_seq_len": 64, "prefill_buckets": [64], "dtype": "float32", "max_queue": 8}
-PROMPT_LEN, NEW_TOKENS, ATOL = 30, 24, 1e-3
+PROMPT_LEN, NEW_TOKENS, CHAT_TOKENS, ATOL = 30, 24, 12, 1e-3
 
 
 def _model_id(family: str) -> str:
@@ -132,12 +132,12 @@ def test_chat_completions_through_the_family_template(family_cell, torch_models,
 
     _, frontend = family_cell
     tok = AutoTokenizer.from_pretrained(str(checkpoints[family]))
-    messages = [{"role": "user", "content": "Hello world! What is the capital of France?"}]
+    messages = [{"role": "user", "content": "Hello world!"}]  # Gemma's turn markers take 40 tokens here
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
-    want, _ = _reference(torch_models[family][0], ids, 20)
+    want, _ = _reference(torch_models[family][0], ids, CHAT_TOKENS)
     client = openai.OpenAI(base_url=f"{frontend.url}/v1", api_key="unused", max_retries=0)
-    out = client.chat.completions.create(model=_model_id(family), messages=messages, max_tokens=20,
+    out = client.chat.completions.create(model=_model_id(family), messages=messages, max_tokens=CHAT_TOKENS,
                                          temperature=0)
     assert out.usage.prompt_tokens == len(ids)
     assert out.choices[0].message.content == tok.decode(want, skip_special_tokens=True)

@@ -184,3 +184,37 @@ def test_bfloat16_close_to_float32(torch_models, family):
     ref = _hf_logits(model, np.concatenate([prompt, extra]))
     ours = np.concatenate(rows)
     assert np.abs(ours - ref[:len(ours)]).max() < 0.15 * np.abs(ref).max(), family
+
+
+SHARDED = """
+import json, sys
+import jax, numpy as np
+from model_server import registry
+from model_server.models import base
+assert len(jax.devices()) == 2
+model = registry.load_model("lm.hf", sys.argv[1], {"num_slots": 1, "max_seq_len": 32, "dtype": "float32"},
+                            mesh=base.make_mesh())
+prompt = np.array(json.loads(sys.argv[2]), np.int32)[None]
+logits, _ = jax.jit(base.make_forward(model.spec))(model.params, prompt, np.arange(prompt.shape[1],
+                                                   dtype=np.int32)[None], None, None)
+specs = {str(a.sharding.spec) for a in jax.tree.leaves(model.params["layers"][0])}
+print(json.dumps({"logits": np.asarray(logits[0]).tolist(), "split": "PartitionSpec('tp', None)" in specs}))
+"""
+
+
+@pytest.mark.parametrize("family", ["phi3", "gemma3"])
+def test_tensor_parallel_matches_transformers(torch_models, family):
+    """Two forced host devices: the windowed families' heads and MLPs split over the mesh."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    model, path = torch_models[family]
+    prompt = _prompts(6, model.config.vocab_size)[2]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", SHARDED, str(path), json.dumps(prompt.tolist())], env=env,
+                         capture_output=True, text=True, timeout=600, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["split"]
+    np.testing.assert_allclose(np.array(got["logits"]), _hf_logits(model, prompt), atol=1e-4, rtol=0)
