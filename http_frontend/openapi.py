@@ -102,7 +102,7 @@ def _schemas(max_n: int) -> S:
         "ListCell": _obj({"model": STR, "model_path": STR, "checkpoint": STR, "max_replicas": INT,
                           "active_replicas": INT, "min_replicas": INT,
                           "state": {"type": "string", "enum": ["READY", "DEGRADED", "LOADING", "IDLE"]},
-                          "reason": _nullable(STR)},
+                          "reason": _nullable(STR), "last_error": STR},
                          ("model", "model_path", "checkpoint", "max_replicas", "active_replicas")),
         "GenerateRequest": _obj({"model": NONEMPTY, "query": NONEMPTY, "extra_inputs": _nullable(_obj({
             "temperature": {"type": "number", "minimum": 0, "maximum": 2},
