@@ -89,8 +89,9 @@ def _guard() -> Response | None:
 
 
 def _prefers_html() -> bool:
-    best = request.accept_mimetypes.best_match(["application/json", "text/html"])
-    return best == "text/html" and request.accept_mimetypes["text/html"] > request.accept_mimetypes["application/json"]
+    """A browser's Accept (text/html over */*), not curl's */* nor a JSON client's."""
+    accept = request.accept_mimetypes
+    return accept["text/html"] > accept["application/json"]
 
 
 @bp.route("/", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],

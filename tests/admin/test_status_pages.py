@@ -55,7 +55,7 @@ def test_json_clients_keep_their_answers(make_app: Callable[..., Flask]) -> None
 
 
 def test_pages_escape_every_string(make_app: Callable[..., Flask]) -> None:
-    c = make_app().test_client()
+    c = make_app(heartbeat_interval_s=10.0).test_client()  # the server stays alive for the whole test
     address = f"{HOSTILE}:1"
     beat = _beat(address, chip=HOSTILE, topology=HOSTILE, tags=[HOSTILE], servable_model_paths=["test.tiny", HOSTILE])
     assert c.post("/heartbeat", json=beat).status_code == 200
