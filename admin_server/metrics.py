@@ -29,8 +29,10 @@ class CellCollector:
         c = self.ctx
         settings, cell = c.settings, c.settings.cell_name
         now = time.time()
-        wanted = GaugeMetricFamily("sax_admin_model_wanted_replicas", "Replicas a published model asks for.",
-                                   labels=["model"])
+        wanted = GaugeMetricFamily("sax_admin_model_wanted_replicas",
+                                   "Replicas a model should have now (the autoscaler's target).", labels=["model"])
+        bounds = GaugeMetricFamily("sax_admin_model_replica_bounds", "A model's min_replicas and max_replicas.",
+                                   labels=["model", "bound"])
         failures = GaugeMetricFamily("sax_admin_model_load_failures",
                                      "Consecutive failed loads of a model (0 once a replica loads).", labels=["model"])
         replicas = GaugeMetricFamily("sax_admin_replicas", "Replicas by model, server and status "
@@ -47,10 +49,13 @@ class CellCollector:
         lease_left = GaugeMetricFamily("sax_admin_leader_lease_remaining_seconds",
                                        "Seconds until the leader lease expires (negative: expired).")
         with c.sessions() as s:
-            for m in s.execute(select(PublishedModel.model_id, PublishedModel.requested_replicas,
+            for m in s.execute(select(PublishedModel.model_id, PublishedModel.target_replicas,
+                                      PublishedModel.min_replicas, PublishedModel.max_replicas,
                                       PublishedModel.failures)
                                .where(PublishedModel.cell == cell, PublishedModel.state == ModelState.ACTIVE.value)):
-                wanted.add_metric([m.model_id], m.requested_replicas)
+                wanted.add_metric([m.model_id], m.target_replicas)
+                bounds.add_metric([m.model_id, "min"], m.min_replicas)
+                bounds.add_metric([m.model_id, "max"], m.max_replicas)
                 failures.add_metric([m.model_id], m.failures or 0)
             counts: dict[tuple[str, str, str], int] = {}
             rows = s.scalars(select(Replica).join(PublishedModel, PublishedModel.model_id == Replica.model_id)
@@ -71,7 +76,7 @@ class CellCollector:
         if lease:
             epoch.add_metric([], float(lease["epoch"]))  # type: ignore[arg-type]
             lease_left.add_metric([], round(float(lease["expires_at"]) - now, 3))  # type: ignore[arg-type]
-        yield from (wanted, failures, replicas, load_time, age, alive, memory, epoch, lease_left)
+        yield from (wanted, bounds, failures, replicas, load_time, age, alive, memory, epoch, lease_left)
 
 
 @bp.get("/metrics")

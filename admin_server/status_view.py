@@ -16,8 +16,9 @@ from admin_server.errors import NotFound
 from admin_server.schema import ModelServer, Observed, PublishedModel, Replica, Wanted
 from admin_server.settings import AdminSettings
 
-# Keys of a model's detail that only some admins have (autoscaling); shown when present.
-SCALING_KEYS = ("min_replicas", "max_replicas_limit", "idle_seconds", "idle", "scale_state")
+def wanted(detail: dict[str, Any]) -> int:
+    """Replicas the model should have now: the autoscaler's target within [min, max]."""
+    return int(detail.get("target_replicas", detail["max_replicas"]))
 
 
 def _holds_memory(r: Replica) -> bool:
@@ -26,18 +27,13 @@ def _holds_memory(r: Replica) -> bool:
 
 
 def model_summary(detail: dict[str, Any]) -> str:
-    """One word for a model's state, from its replicas."""
-    wanted, active = detail["max_replicas"], detail["active_replicas"]
-    statuses = [r["status"] for r in detail["replicas"]]
-    if wanted == 0 and active == 0:
-        return "SCALED TO ZERO"
-    if active >= wanted:
-        return "READY"
-    if "LOADING" in statuses:
-        return "LOADING"
-    if "FAILED" in statuses or detail.get("last_error"):
-        return "FAILED" if active == 0 else "DEGRADED"
-    return "PENDING" if active == 0 else "DEGRADED"
+    """One word for a model's state: the admin's (IDLE, LOADING, DEGRADED, READY), or FAILED
+    while no replica serves and a load failed."""
+    state = detail.get("state") or ("READY" if detail["active_replicas"] >= wanted(detail) else "LOADING")
+    failed = "FAILED" in [r["status"] for r in detail["replicas"]] or detail.get("last_error")
+    if state == "LOADING" and failed:
+        return "FAILED"
+    return state
 
 
 def _server_memory(session: Session) -> dict[str, int]:
@@ -62,14 +58,13 @@ def cell_page(session: Session, settings: AdminSettings, lease: dict[str, Any] |
     models = []
     for m in state.list_models(session, settings, settings.cell_name):
         detail = state.model_detail(session, settings, m)
-        detail["summary"] = model_summary(detail)
+        detail["summary"], detail["wanted"] = model_summary(detail), wanted(detail)
         models.append(detail)
     used = _server_memory(session)
     servers = [_with_memory(s, used) for s in state.list_servers(session, settings)]
     stats = state.stats(session, settings)
     return {"cell": settings.cell, "lease": lease, "models": models, "servers": servers,
-            "version": stats["version"], "snapshot_version": stats["snapshot_version"],
-            "scaling_keys": [k for k in SCALING_KEYS if any(k in m for m in models)]}
+            "version": stats["version"], "snapshot_version": stats["snapshot_version"]}
 
 
 def _iso(value: float | datetime | None) -> str | None:
@@ -85,6 +80,7 @@ def _iso(value: float | datetime | None) -> str | None:
 def model_page(session: Session, settings: AdminSettings, model_id: str) -> dict[str, Any]:
     detail = state.get_detail(session, settings, model_id)
     detail["summary"] = model_summary(detail)
+    detail["wanted"] = wanted(detail)
     model = session.get(PublishedModel, detail["model_id"])
     assert model is not None
     now = time.time()
@@ -103,10 +99,12 @@ def model_page(session: Session, settings: AdminSettings, model_id: str) -> dict
             status = state.replica_status(r, now)
             changes.append((r.updated_at, f"replica on {r.server_address} (generation {r.generation}) "
                                           f"is {status}" + (f": {r.error}" if r.error else "")))
+    last_scale = detail.get("last_scale") or {}
+    if last_scale.get("at"):
+        changes.append((last_scale["at"], f"scaled to {detail['wanted']}: {last_scale.get('reason') or ''}"))
     changes.sort(key=lambda c: -c[0])
     detail["changes"] = [{"at": _iso(t), "what": what} for t, what in changes[:30]]
     detail["created_at"], detail["updated_at"] = _iso(model.created_at), _iso(model.updated_at)
-    detail["scaling"] = {k: detail[k] for k in SCALING_KEYS if k in detail}
     return detail
 
 
