@@ -43,6 +43,9 @@ class ServedModel:
     static: bool = False
     started: float = field(default_factory=time.monotonic)
     progress: str | None = None  # while LOADING: what the load is doing (model_server.load_progress)
+    # When it last had a request (monotonic), and the engine's request count then.
+    last_used: float = field(default_factory=time.monotonic)
+    _requests_seen: int = 0
 
     @property
     def alias(self) -> str | None:
@@ -58,11 +61,24 @@ class ServedModel:
             self.status, self.error = FAILED, f"the engine failed: {failure}"
         return self.status
 
+    def load(self) -> dict[str, Any]:
+        """Requests running and queued, and seconds since the last one (the admin autoscales
+        and evicts least-recently-used replicas from these)."""
+        if self.status != LOADED or self.engine is None:
+            return {}
+        st = self.engine.stats()
+        now = time.monotonic()
+        running, waiting = int(st.get("running", 0)), int(st.get("waiting", 0))
+        if running or waiting or st.get("requests_total", 0) != self._requests_seen:
+            self._requests_seen, self.last_used = st.get("requests_total", 0), now
+        return {"running": running, "waiting": waiting, "idle_s": round(now - self.last_used, 1)}
+
     def report(self) -> dict[str, Any]:
         self.check_engine()
         return {"model_id": self.model_id, "generation": self.generation, "status": self.status,
                 "checkpoint": self.checkpoint if self.checkpoint is not None else "None",
                 "error": self.error, "memory_bytes": self.memory_bytes, "load_time_s": self.load_time_s,
+                **self.load(),
                 **({"progress": self.progress} if self.status == LOADING and self.progress else {})}
 
 
@@ -149,6 +165,7 @@ class ModelManager:
         finally:
             CURRENT.reset(token)
         served.loaded, served.engine = loaded, engine
+        served.last_used = time.monotonic()
         served.load_time_s = round(time.monotonic() - t0, 3)
         served.memory_bytes = int(loaded.memory_bytes()) if hasattr(loaded, "memory_bytes") else None
         with self._lock:
