@@ -171,3 +171,17 @@ def test_expert_parallel_two_devices_match_transformers(moe_models):
         np.testing.assert_allclose(got["prompt_logprobs"], [lp[j - 1, prompt[j]] for j in range(1, len(prompt))],
                                    atol=1e-4)
         assert got["compiles"] == 0, name
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral"])
+def test_bfloat16_weights_close_to_float32(moe_models, name):
+    model, path = moe_models[name]
+    loaded = registry.load_model("lm.hf", str(path), {"num_slots": 2, "max_seq_len": 32, "dtype": "bfloat16"})
+    assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(loaded.params))
+    prompt = np.random.default_rng(3).integers(1, model.config.vocab_size, 16).astype(np.int32)
+    logits, _ = jax.jit(base.make_forward(loaded.spec))(loaded.params, prompt[None],
+                                                        np.arange(16, dtype=np.int32)[None], None, None)
+    with torch.no_grad():
+        ref = model(torch.tensor(prompt[None]).long()).logits[0].numpy()
+    assert logits.dtype == jnp.float32
+    assert np.abs(np.asarray(logits[0]) - ref).max() < 0.15 * np.abs(ref).max()
