@@ -94,7 +94,7 @@ def _schemas(max_n: int) -> S:
                                "replicas": REPLICAS}, ("model",),
                               description="needs checkpoint and/or replicas; model_path must not change"),
         "ListCell": _obj({"model": STR, "model_path": STR, "checkpoint": STR, "max_replicas": INT,
-                          "active_replicas": INT},
+                          "active_replicas": INT, "last_error": STR},
                          ("model", "model_path", "checkpoint", "max_replicas", "active_replicas")),
         "GenerateRequest": _obj({"model": NONEMPTY, "query": NONEMPTY, "extra_inputs": _nullable(_obj({
             "temperature": {"type": "number", "minimum": 0, "maximum": 2},

@@ -5,7 +5,7 @@
     POST /unpublish  {model}                              -> {model}
     PUT|POST /update {model, model_path, checkpoint, replicas} -> echo
     GET  /listall    {sax_cell}                           -> [model ids]
-    GET  /listcell   {model}     -> {model, model_path, checkpoint, max_replicas, active_replicas}
+    GET  /listcell   {model}     -> {model, model_path, checkpoint, max_replicas, active_replicas[, last_error]}
     POST /generate   {model, query[, extra_inputs]}       -> [[text, score], ...]
     POST /score      {model, prefix, suffix[]}            -> [logp, ...]
 """
@@ -143,8 +143,11 @@ def listcell():  # type: ignore[no-untyped-def]
     name = _str(_body(), "model")
     model_id = frontend().catalog.resolve(name) if not name.startswith("/") else name
     d = _admin_call(frontend().admin.model, model_id)
-    return jsonify({"model": d["model_id"], "model_path": d["model_path"], "checkpoint": d["checkpoint"],
-                    "max_replicas": d["max_replicas"], "active_replicas": d["active_replicas"]})
+    out = {"model": d["model_id"], "model_path": d["model_path"], "checkpoint": d["checkpoint"],
+           "max_replicas": d["max_replicas"], "active_replicas": d["active_replicas"]}
+    if d.get("last_error"):  # a failed load's reason (Saxml's shape otherwise)
+        out["last_error"] = d["last_error"]
+    return jsonify(out)
 
 
 def _lm_call(path: str, body: dict[str, Any], name: str) -> Any:

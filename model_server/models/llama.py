@@ -107,10 +107,12 @@ def _layer_shapes(spec: ModelSpec) -> dict[str, tuple]:
     return s
 
 
-def param_shapes(spec: ModelSpec) -> dict:
+def param_shapes(spec: ModelSpec, layer_shapes: dict[str, tuple] | None = None) -> dict:
+    """The param tree's shapes; `layer_shapes`: each layer's (default: this family's)."""
+    layer = _layer_shapes(spec) if layer_shapes is None else layer_shapes
     shapes: dict[str, Any] = {
         "embed": (spec.vocab_size, spec.hidden_size),
-        "layers": [_layer_shapes(spec) for _ in range(spec.num_layers)],
+        "layers": [dict(layer) for _ in range(spec.num_layers)],
         "final_norm": (spec.hidden_size,),
     }
     if not spec.tie_word_embeddings:
@@ -182,9 +184,12 @@ def layer_partition(spec: ModelSpec, axis: str, size: int) -> dict[str, P]:
     return layer
 
 
-def partition_specs(spec: ModelSpec, axis: str, size: int) -> dict:
+def partition_specs(spec: ModelSpec, axis: str, size: int, layer_names: Any = None) -> dict:
+    """PartitionSpecs of the param tree; `layer_names`: each layer's params (default: this
+    family's)."""
     every = layer_partition(spec, axis, size)
-    layer = {k: every.get(k, P()) for k in _layer_shapes(spec)}  # norms: replicated
+    names = _layer_shapes(spec) if layer_names is None else layer_names
+    layer = {k: every.get(k, P()) for k in names}  # norms: replicated
     out: dict[str, Any] = {"embed": P(), "layers": [dict(layer) for _ in range(spec.num_layers)],
                            "final_norm": P()}
     if not spec.tie_word_embeddings:
@@ -193,35 +198,47 @@ def partition_specs(spec: ModelSpec, axis: str, size: int) -> dict:
 
 
 class Block(nnx.Module):
-    """One pre-RMSNorm layer; its weights are the Params named in `_layer_shapes` (the
+    """One pre-RMSNorm layer; its weights are the Params named in `layer_shapes` (the
     biases only where the spec has them)."""
+
+    layer_shapes = staticmethod(_layer_shapes)
+    norm = staticmethod(L.rms_norm)  # of the q/k norms (and Gemma's every norm)
 
     def __init__(self, spec: ModelSpec, index: int):
         self.spec, self.index = spec, index
-        declare_params(self, _layer_shapes(spec))
+        declare_params(self, self.layer_shapes(spec))
 
     def _bias(self, name: str) -> jax.Array | None:
         param = getattr(self, name, None)
         return None if param is None else param[...]
 
-    def __call__(self, x: jax.Array, positions: jax.Array, layer_cache: Any, slot_ids: jax.Array | None,
-                 fresh: bool, kv_blocks: int | None, last_index: jax.Array | None):
+    def self_attention(self, h: jax.Array, h_q: jax.Array, positions: jax.Array, q_pos: jax.Array | None,
+                       layer_cache: Any, slot_ids: jax.Array | None, fresh: bool, kv_blocks: int | None,
+                       inv_freq: np.ndarray, scale: float, softcap: float = 0.0):
+        """q/k/v projections, q/k norms (`spec.qk_norm`), RoPE, attention over this layer's
+        window and the output projection -> (out [B, Tq, D], new layer cache)."""
         spec, (b, t) = self.spec, positions.shape
         h_, kv_, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
-        inv_freq = _inv_freq(spec)
-        h = L.rms_norm(x, self.attn_norm[...], spec.norm_eps)
-        x, h_q, q_pos = L.last_layer_rows(self.index, spec.num_layers, last_index, x, h, positions)
         q, k, v = L.qkv(h, h_q, [self.wq[...], self.wk[...], self.wv[...]],
                         [self._bias("bq"), self._bias("bk"), self._bias("bv")])
         q, k, v = q.reshape(b, -1, h_, hd), k.reshape(b, t, kv_, hd), v.reshape(b, t, kv_, hd)
         if spec.qk_norm:
-            q = L.rms_norm(q, self.q_norm[...], spec.norm_eps)
-            k = L.rms_norm(k, self.k_norm[...], spec.norm_eps)
+            q = self.norm(q, self.q_norm[...], spec.norm_eps)
+            k = self.norm(k, self.k_norm[...], spec.norm_eps)
         k = L.apply_rope(k, positions, inv_freq)
         q = L.apply_rope(q, positions if q_pos is None else q_pos, inv_freq)
-        o, layer_cache = L.attention(q, k, v, positions, layer_cache, slot_ids, 1.0 / math.sqrt(hd),
-                                     fresh, kv_blocks, q_pos, window=spec.window_of(self.index))
-        x = x + L.linear(o, self.wo[...], self._bias("bo"))
+        o, layer_cache = L.attention(q, k, v, positions, layer_cache, slot_ids, scale, fresh, kv_blocks, q_pos,
+                                     window=spec.window_of(self.index), softcap=softcap)
+        return L.linear(o, self.wo[...], self._bias("bo")), layer_cache
+
+    def __call__(self, x: jax.Array, positions: jax.Array, layer_cache: Any, slot_ids: jax.Array | None,
+                 fresh: bool, kv_blocks: int | None, last_index: jax.Array | None):
+        spec = self.spec
+        h = L.rms_norm(x, self.attn_norm[...], spec.norm_eps)
+        x, h_q, q_pos = L.last_layer_rows(self.index, spec.num_layers, last_index, x, h, positions)
+        o, layer_cache = self.self_attention(h, h_q, positions, q_pos, layer_cache, slot_ids, fresh, kv_blocks,
+                                             _inv_freq(spec), 1.0 / math.sqrt(spec.head_dim))
+        x = x + o
         return x + self.mlp(L.rms_norm(x, self.mlp_norm[...], spec.norm_eps)), layer_cache
 
     def mlp(self, h: jax.Array) -> jax.Array:
