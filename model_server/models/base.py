@@ -38,7 +38,7 @@ Contract (all functions are pure and jit-friendly; `spec` is static/hashable):
   normalised hidden states without the vocabulary projection (for ``embed``);
   ``forward(..., return_hidden=True)`` returns ``(logits, new_cache, hidden)``.
 
-Each family (`llama.Llama`, `gemma.Gemma`, `gpt2.GPT2`) is a Flax NNX module. Its state is
+Each family (`llama.Llama`, `gemma.Gemma`, `moe.MoE`, `gpt2.GPT2`) is a Flax NNX module. Its state is
 held as a plain pytree, the params (dicts, and a list for the layers): checkpoints load, shard and save that
 tree, and each family maps Hugging Face tensor names to it in one table (`hf_rules`). The
 module is split once per spec (`graphdef`); `bind` merges its graph with a param tree, inside
