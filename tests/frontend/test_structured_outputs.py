@@ -107,12 +107,9 @@ def test_json_schema_streamed_with_logprobs(client):
 
 
 def test_json_object_answers_parse(client):
-    from model_server.models import tiny
-
-    brace = tiny.build_hf_tokenizer().convert_tokens_to_ids("}")
     for seed in range(3):
         r = client.chat.completions.create(model=PLAIN_MODEL, messages=USER, temperature=1.0, seed=seed,
-                                           max_tokens=100, logit_bias={str(brace): 6},
+                                           max_tokens=100, logit_bias={_token("}"): 6},
                                            response_format={"type": "json_object"})
         assert isinstance(json.loads(r.choices[0].message.content), dict)
 
@@ -161,21 +158,44 @@ def _stream_calls(client, **kw):
     return final.choices[0]
 
 
+def _token(text: str) -> str:
+    from model_server.models import tiny
+
+    return str(tiny.build_hf_tokenizer().convert_tokens_to_ids(text))
+
+
 def test_tool_choice_required_plain_and_streaming(client):
     for seed in range(3):
-        r = client.chat.completions.create(model=TOOLS_MODEL, messages=USER, tools=TOOLS, tool_choice="required",
-                                           temperature=1.0, seed=seed, max_tokens=100)
+        kw = dict(tools=TOOLS, tool_choice="required", parallel_tool_calls=False, temperature=1.0, seed=seed,
+                  max_tokens=100)
+        r = client.chat.completions.create(model=TOOLS_MODEL, messages=USER, **kw)
         ch = r.choices[0]
         assert ch.finish_reason == "tool_calls" and ch.message.content is None
+        assert len(ch.message.tool_calls) == 1
         _check_calls(ch.message.tool_calls)
-        st = _stream_calls(client, tools=TOOLS, tool_choice="required", temperature=1.0, seed=seed, max_tokens=100)
+        st = _stream_calls(client, **kw)
         assert st.finish_reason == "tool_calls"
-        _check_calls(st.message.tool_calls)
         assert [(c.function.name, json.loads(c.function.arguments)) for c in st.message.tool_calls] == \
             [(c.function.name, json.loads(c.function.arguments)) for c in ch.message.tool_calls]
-    r = client.chat.completions.create(model=TOOLS_MODEL, messages=USER, tools=TOOLS, tool_choice="required",
-                                       parallel_tool_calls=False, temperature=1.0, seed=5, max_tokens=100)
-    assert len(r.choices[0].message.tool_calls) == 1
+
+
+def test_tool_choice_required_parallel_calls(client):
+    """Parallel calls allowed: the tiny model writes one or more; some seed writes several."""
+    counts = []
+    for seed in range(6):
+        kw = dict(tools=TOOLS[1:], tool_choice="required", temperature=1.0, seed=seed, max_tokens=110)
+        ch = client.chat.completions.create(model=TOOLS_MODEL, messages=USER, **kw).choices[0]
+        if ch.finish_reason == "length":
+            continue
+        assert ch.finish_reason == "tool_calls"
+        _check_calls(ch.message.tool_calls)
+        counts.append(len(ch.message.tool_calls))
+        if len(ch.message.tool_calls) > 1:
+            st = _stream_calls(client, **kw)
+            assert [c.function.arguments for c in st.message.tool_calls] == \
+                [c.function.arguments for c in ch.message.tool_calls]
+            assert len({c.id for c in st.message.tool_calls}) == len(st.message.tool_calls)
+    assert counts and max(counts) > 1, counts
 
 
 def test_named_function_plain_and_streaming_with_logprobs(client):
@@ -216,11 +236,12 @@ def test_auto_parses_hermes_calls_plain_and_streaming(client):
 def test_history_with_tool_calls_and_tool_results(client):
     history = USER + [
         {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
-            "name": "get_weather", "arguments": json.dumps({"city": "Rome", "unit": "c", "days": 1})}}]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "21C and sunny"}]
-    r = client.chat.completions.create(model=TOOLS_MODEL, messages=history, tools=TOOLS, tool_choice="none",
+            "name": "get_time", "arguments": json.dumps({"zone": "UTC", "exact": True})}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "12:00"}]
+    tools = TOOLS[1:]
+    r = client.chat.completions.create(model=TOOLS_MODEL, messages=history, tools=tools, tool_choice="none",
                                        max_tokens=3, temperature=0)
-    short = client.chat.completions.create(model=TOOLS_MODEL, messages=USER, tools=TOOLS, tool_choice="none",
+    short = client.chat.completions.create(model=TOOLS_MODEL, messages=USER, tools=tools, tool_choice="none",
                                            max_tokens=3, temperature=0)
     assert r.usage.prompt_tokens > short.usage.prompt_tokens + 20
     assert r.choices[0].message.tool_calls is None
