@@ -137,7 +137,9 @@ class Guide:
 
         try:
             text = grammar_text(spec)
-        except ValueError as e:
+        except InvalidRequest:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever the library says is about this input
             raise InvalidRequest(f"invalid {spec.kind.replace('_', ' ')}: {e}", spec.param) from None
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(text, self._tokenizer())
         if is_error:
