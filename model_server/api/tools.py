@@ -49,13 +49,15 @@ class ToolPlan:
         if self.mode == "auto":
             return self.parser.parse(text)
         try:
-            value = json.loads(text)
+            json.loads(text)
         except ValueError:
             return text, []
+        # the arguments as generated (the same text a stream sends, and its logprobs' tokens)
         if self.mode == "named":
-            return None, [ToolCall(self.name or "", json.dumps(value, ensure_ascii=False))]
-        calls = [ToolCall(v["name"], json.dumps(v["parameters"], ensure_ascii=False)) for v in value]
-        return None, calls
+            return None, [ToolCall(self.name or "", text)]
+        s = RequiredStream()
+        s.feed(text)
+        return None, s.calls
 
 
 def _function(tool: Any, i: int) -> dict[str, Any]:

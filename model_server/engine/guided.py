@@ -25,6 +25,9 @@ from model_server.engine.types import InvalidRequest
 
 #: Distinct compiled grammars kept per engine (validation result + grammar text).
 CACHE_SIZE = 256
+#: llguidance's per-step work bounds, 10x/4x its defaults: a random-weight model wandering
+#: through a long bounded string of a 32k vocabulary ran past the default lexer fuel once.
+LIMITS = {"step_lexer_fuel": 2_000_000, "step_max_items": 200_000}
 JSON_OPTIONS = {"whitespace_flexible": False}   # compact JSON: a model cannot pad forever
 
 
@@ -111,6 +114,9 @@ class Guide:
         self._cache: dict[str, str] = {}
         #: host bitmask, one row per slot; all ones (-1) where a slot has no grammar
         self.mask = np.full((self.num_slots, self.words), -1, np.int32)
+        bits = np.zeros((self.words * 32,), np.uint8)
+        bits[[e for e in self._eos if 0 <= e < self.vocab_size]] = 1
+        self._eos_row = np.packbits(bits, bitorder="little").view(np.int32)
         self.matchers: list[Optional[Matcher]] = [None] * self.num_slots
 
     def _tokenizer(self) -> Any:
@@ -156,7 +162,8 @@ class Guide:
     def attach(self, slot: int, grammar: str) -> Matcher:
         import llguidance
 
-        m = Matcher(llguidance.LLMatcher(self._tokenizer(), grammar, log_level=0))
+        m = Matcher(llguidance.LLMatcher(self._tokenizer(), grammar, log_level=0,
+                                         limits=llguidance.LLParserLimits(**LIMITS)))
         if m.m.is_error():
             raise InvalidRequest(f"the grammar failed: {m.error}")
         self.matchers[slot] = m
@@ -172,7 +179,9 @@ class Guide:
 
     def fill(self, slots: Optional[Sequence[int]] = None) -> np.ndarray:
         """Fill the bitmask rows of the guided slots among `slots` (default: all), in parallel;
-        a terminated or failed matcher's row allows everything (its sample is finishing)."""
+        a terminated matcher's row allows everything (its sample is finishing: the token is
+        dropped); a matcher that fails while computing its mask (a resource bound) allows only
+        end-of-sequence, so its sample ends instead of leaving the grammar."""
         import llguidance.numpy as lln
 
         todo = []
@@ -187,6 +196,9 @@ class Guide:
         if todo:
             self._tokenizer()
             lln.fill_next_token_bitmask_par(self._executor, todo, self.mask)
+            for m, s in todo:
+                if m.is_error():
+                    self.mask[s] = self._eos_row
         return self.mask
 
     def accept(self, slot: int, token: int) -> Optional[str]:
