@@ -14,6 +14,7 @@ as one more input (`sampling.apply_token_mask`).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from dataclasses import dataclass
@@ -23,11 +24,15 @@ import numpy as np
 
 from model_server.engine.types import InvalidRequest
 
+log = logging.getLogger(__name__)
+
 #: Distinct compiled grammars kept per engine (validation result + grammar text).
 CACHE_SIZE = 256
 #: llguidance's per-step work bounds, 10x/4x its defaults: a random-weight model wandering
 #: through a long bounded string of a 32k vocabulary ran past the default lexer fuel once.
 LIMITS = {"step_lexer_fuel": 2_000_000, "step_max_items": 200_000}
+#: llguidance stop reasons that mean "the output is complete" (others are failures)
+COMPLETE = frozenset({"NoExtension", "NoExtensionBias", "EndOfSentence"})
 JSON_OPTIONS = {"whitespace_flexible": False}   # compact JSON: a model cannot pad forever
 
 
@@ -89,8 +94,13 @@ class Matcher:
 
     @property
     def terminated(self) -> bool:
-        """Nothing but end-of-sequence may follow (the output is complete), or the matcher failed."""
-        return bool(self.m.is_stopped())
+        """The output is complete: nothing but end-of-sequence may follow."""
+        return bool(self.m.is_stopped()) and not self.failed
+
+    @property
+    def failed(self) -> bool:
+        """The matcher gave up (an error, or a resource bound while computing a mask)."""
+        return bool(self.m.is_error()) or (bool(self.m.is_stopped()) and self.m.stop_reason() not in COMPLETE)
 
     @property
     def error(self) -> str:
@@ -189,15 +199,19 @@ class Guide:
             m = self.matchers[s]
             if m is None:
                 continue
-            if m.terminated:
+            if m.failed:
+                self.mask[s] = self._eos_row
+            elif m.terminated:
                 self.mask[s] = -1
             else:
-                todo.append((m.m, s))
+                todo.append((m, s))
         if todo:
             self._tokenizer()
-            lln.fill_next_token_bitmask_par(self._executor, todo, self.mask)
+            lln.fill_next_token_bitmask_par(self._executor, [(m.m, s) for m, s in todo], self.mask)
             for m, s in todo:
-                if m.is_error():
+                if m.failed:
+                    log.warning("guided decoding gave up on slot %d (%s): %s", s, m.m.stop_reason(),
+                                m.error[:300])
                     self.mask[s] = self._eos_row
         return self.mask
 
@@ -207,6 +221,8 @@ class Guide:
         m = self.matchers[slot]
         if m is None:
             return None
+        if m.failed:   # it gave up on its mask: that row allowed end-of-sequence only
+            return "error"
         if not m.accept(token):
             return "error"
         return "done" if m.terminated else None
