@@ -796,7 +796,8 @@ class Engine:
         first_slots = np.zeros((rows,), np.int32)
         first_slots[:b] = slot_ids
         new = [int(x) for x in slot_ids[:len(group)]]
-        mask = self._put(self.guide.fill(new))[0] if self.guide.any_attached(new) else self._mask_ones
+        # a copy: on CPU device_put may alias the host buffer, which the next fill rewrites
+        mask = self._put(self.guide.fill(new).copy())[0] if self.guide.any_attached(new) else self._mask_ones
         self._state, out = pr.first(self._state, self._sp_dev, logits, *self._put(first_slots, valid), mask)
         self._new_first.append((out, [req.samples[0] for req in group] + [None] * (rows - len(group))))
         for src, dst, tok, pos in copies:
@@ -898,7 +899,7 @@ class Engine:
                     log.warning("request %s: the grammar refused token %d: %s", s.req.id, int(toks[i]),
                                 self.guide.matchers[s.slot].error)
                 s.grammar_end = end is not None
-        mask = self._put(self.guide.fill(active))[0]
+        mask = self._put(self.guide.fill(active).copy())[0]  # a copy, as in _admit_group
         self._state, out = self.programs.guided(self._state, self._sp_dev, logits, mask)
         with self._lock:
             self._counters["decode_steps_total"] += 1
