@@ -174,8 +174,10 @@ def use_prefill_attention(head_dim: int, *dtypes) -> bool:
 
 
 def decode_attention(q: jax.Array, slot_ids: jax.Array, positions: jax.Array,
-                     k_blocks: Sequence[jax.Array], v_blocks: Sequence[jax.Array], scale: float) -> jax.Array:
-    """One query token per row against its slot's cache positions [0, positions[b]].
+                     k_blocks: Sequence[jax.Array], v_blocks: Sequence[jax.Array], scale: float,
+                     window: int = 0) -> jax.Array:
+    """One query token per row against its slot's cache positions [0, positions[b]] (with a
+    `window` > 0: only the last `window` of them, (positions[b] - window, positions[b]]).
 
     q [B, H, D]; slot_ids, positions [B] int32; blocks [N, KV, S_j, D] (float32 or bfloat16,
     consecutive positions). Returns [B, H, D] float32 (see decode_attention.cc).
@@ -183,7 +185,7 @@ def decode_attention(q: jax.Array, slot_ids: jax.Array, positions: jax.Array,
     _require()
     call = jax.ffi.ffi_call("saxplane_decode_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32))
     return call(q.astype(jnp.float32), slot_ids.astype(jnp.int32), positions.astype(jnp.int32),
-                *k_blocks, *v_blocks, scale=np.float32(scale))
+                *k_blocks, *v_blocks, scale=np.float32(scale), window=np.int32(window))
 
 
 def matmul(x: jax.Array, *ws: jax.Array) -> list[jax.Array]:
@@ -195,12 +197,14 @@ def matmul(x: jax.Array, *ws: jax.Array) -> list[jax.Array]:
     return list(call(x, *ws))
 
 
-def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, scale: float) -> jax.Array:
+def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, scale: float,
+                      window: int = 0) -> jax.Array:
     """Causal (by position) self-attention: q [B, T, H, D], k, v [B, T, KV, D] float32,
-    positions [B, T] not decreasing along a row. Returns [B, T, H, D] float32."""
+    positions [B, T] not decreasing along a row; with a `window` > 0 a query at position p
+    sees keys at positions (p - window, p] only. Returns [B, T, H, D] float32."""
     _require()
     call = jax.ffi.ffi_call("saxplane_prefill_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32))
-    return call(q, k, v, positions.astype(jnp.int32), scale=np.float32(scale))
+    return call(q, k, v, positions.astype(jnp.int32), scale=np.float32(scale), window=np.int32(window))
 
 
 def argmax(x: jax.Array) -> jax.Array:

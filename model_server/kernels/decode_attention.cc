@@ -1,8 +1,9 @@
 // Decode-step attention over the engine's KV cache, an XLA FFI custom call for the CPU.
 //
 // One query token per row: row b attends to positions [0, positions[b]] of cache slot
-// slot_ids[b]. The cache arrives as consecutive position blocks (keys then values), each
-// [num_slots, kv_heads, size_j, head_dim], float32 or bfloat16. Output [rows, heads, head_dim]
+// slot_ids[b]; with a window w > 0 (sliding-window attention) to (positions[b] - w,
+// positions[b]] only: the rows before that are never read. The cache arrives as consecutive
+// position blocks (keys then values), each [num_slots, kv_heads, size_j, head_dim], float32 or bfloat16. Output [rows, heads, head_dim]
 // float32: softmax(q . k * scale) . v with float32 scores and sums, normalised after the
 // value product, as model_server/models/layers.py computes it.
 //
@@ -53,6 +54,7 @@ struct Problem {
   float* out;             // [rows, heads, dim]
   std::vector<Block> blocks;
   int64_t rows, heads, kv_heads, dim, span, num_slots;
+  int64_t window;  // 0: none
   float scale;
   bool bf16;
 };
@@ -74,34 +76,40 @@ inline const float* load(const void* base, int64_t offset, int64_t len, float* t
   }
 }
 
-// Calls f(position, row as float32) for positions [0, n) of (slot, kv head), in the keys or
-// the values (`data`), block after block.
+// Calls f(position - lo, row as float32) for positions [lo, n) of (slot, kv head), in the keys
+// or the values (`data`), block after block.
 template <bool BF16, typename F>
-inline void for_rows(const Problem& p, const void* Block::*data, int64_t slot, int64_t kvh, int64_t n,
-                     int64_t dim, float* tmp, F&& f) {
+inline void for_rows(const Problem& p, const void* Block::*data, int64_t slot, int64_t kvh, int64_t lo,
+                     int64_t n, int64_t dim, float* tmp, F&& f) {
   int64_t s0 = 0;
   for (const Block& blk : p.blocks) {
     if (s0 >= n) break;
+    if (s0 + blk.size <= lo) {  // wholly before the window
+      s0 += blk.size;
+      continue;
+    }
     const void* rows = blk.*data;
     const int64_t m = std::min(blk.size, n - s0);
     const int64_t base = ((slot * p.kv_heads + kvh) * blk.size) * dim;
-    for (int64_t s = 0; s < m; ++s) {
+    for (int64_t s = std::max<int64_t>(0, lo - s0); s < m; ++s) {
       const char* ahead = static_cast<const char*>(element<BF16>(rows, base + (s + kPrefetchRows) * dim));
       for (int64_t c = 0; c < dim * (BF16 ? 2 : 4); c += kCacheLine) __builtin_prefetch(ahead + c, 0, 2);
-      f(s0 + s, load<BF16>(rows, base + s * dim, dim, tmp));
+      f(s0 + s - lo, load<BF16>(rows, base + s * dim, dim, tmp));
     }
     s0 += blk.size;
   }
 }
 
-// One (row, kv head) item: every query head of the group, over positions [0, n). DIM > 0
+// One (row, kv head) item: every query head of the group, over positions [lo, n). DIM > 0
 // fixes the head dim at compile time (unrolled dot products), 0 reads it from the problem.
 template <bool BF16, int DIM>
 void attend_item(const Problem& p, int64_t item, std::vector<float>& scores, std::vector<float>& tmp) {
   const int64_t b = item / p.kv_heads, kvh = item % p.kv_heads;
   const int64_t group = p.heads / p.kv_heads, dim = DIM > 0 ? DIM : p.dim;
   const int64_t slot = std::clamp<int64_t>(p.slots[b], 0, p.num_slots - 1);  // as JAX's gather clamps
-  const int64_t n = std::clamp<int64_t>(static_cast<int64_t>(p.positions[b]) + 1, 1, p.span);
+  const int64_t end = std::clamp<int64_t>(static_cast<int64_t>(p.positions[b]) + 1, 1, p.span);
+  const int64_t lo = p.window > 0 ? std::max<int64_t>(0, static_cast<int64_t>(p.positions[b]) + 1 - p.window) : 0;
+  const int64_t start = std::min(lo, end - 1), n = end - start;  // positions [start, end)
   const float* __restrict__ q = p.q + (b * p.heads + kvh * group) * dim;  // [group, dim]
   float* __restrict__ out = p.out + (b * p.heads + kvh * group) * dim;
   scores.resize(group * n + group * dim + group);
@@ -111,7 +119,7 @@ void attend_item(const Problem& p, int64_t item, std::vector<float>& scores, std
   tmp.resize(dim);
 
   // scores[g, s] = q[g] . k[s] * scale
-  for_rows<BF16>(p, &Block::k, slot, kvh, n, dim, tmp.data(), [&](int64_t s, const float* __restrict__ k) {
+  for_rows<BF16>(p, &Block::k, slot, kvh, start, end, dim, tmp.data(), [&](int64_t s, const float* __restrict__ k) {
     for (int64_t g = 0; g < group; ++g) {
       const float* __restrict__ qg = q + g * dim;
       float dot = 0.f;
@@ -123,7 +131,7 @@ void attend_item(const Problem& p, int64_t item, std::vector<float>& scores, std
   for (int64_t g = 0; g < group; ++g) sums[g] = saxplane::softmax_numerators(sc + g * n, n);
   std::fill(acc, acc + group * dim, 0.f);
   // acc[g] = sum_s e[g, s] v[s]
-  for_rows<BF16>(p, &Block::v, slot, kvh, n, dim, tmp.data(), [&](int64_t s, const float* __restrict__ v) {
+  for_rows<BF16>(p, &Block::v, slot, kvh, start, end, dim, tmp.data(), [&](int64_t s, const float* __restrict__ v) {
     for (int64_t g = 0; g < group; ++g) {
       const float e = sc[g * n + s];
       float* __restrict__ a = acc + g * dim;
@@ -158,7 +166,7 @@ void attend_any(const Problem& p, int64_t item) {
 ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                                ffi::Buffer<ffi::S32> slot_ids, ffi::Buffer<ffi::S32> positions,
                                ffi::RemainingArgs cache, ffi::ResultBuffer<ffi::F32> out,
-                               float scale) {
+                               float scale, int32_t window) {
   auto qd = q.dimensions();
   if (qd.size() != 3) return ffi::Error::InvalidArgument("q must be [rows, heads, dim]");
   if (cache.size() == 0 || cache.size() % 2) {
@@ -173,6 +181,7 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   p.positions = positions.typed_data();
   p.out = out->typed_data();
   p.scale = scale;
+  p.window = window;
   const size_t nblocks = cache.size() / 2;
   p.span = 0;
   for (size_t j = 0; j < nblocks; ++j) {
@@ -214,4 +223,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SaxDecodeAttention, DecodeAttentionImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .RemainingArgs()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("scale"));
+                                  .Attr<float>("scale")
+                                  .Attr<int32_t>("window"));

@@ -3,7 +3,8 @@
 //
 // q [B, T, H, D], k and v [B, T, KV, D] float32 (D a multiple of the vector width),
 // positions [B, T] int32 (not decreasing along a row, as in every prompt); key j is visible to
-// query i when positions[j] <= positions[i]. Output [B, T, H, D] float32: softmax(q . k *
+// query i when positions[j] <= positions[i] and, with a window w > 0 (sliding-window
+// attention), positions[j] > positions[i] - w. Output [B, T, H, D] float32: softmax(q . k *
 // scale) . v with float32 scores and sums, normalised after the value product, as
 // model_server/models/layers.py computes it.
 //
@@ -46,6 +47,7 @@ struct Problem {
   float* out;      // [B, T, H, D]
   float* kt;       // [B, KV, D, tp]: keys transposed, zero-padded to tp positions
   int64_t b, t, tp, h, kv, d;
+  int64_t window;  // 0: none
   float scale;
 };
 
@@ -144,12 +146,19 @@ void attend_block(const Problem& p, int64_t item, std::vector<float>& scratch) {
   for (; j0 + kw <= nw; j0 += kw) scores(j0, std::integral_constant<int, kKV>{});
   for (; j0 < nw; j0 += kLanes) scores(j0, std::integral_constant<int, 1>{});
   // Softmax numerators in place. Positions do not decrease, so the keys a query sees are a
-  // prefix [0, seen) of the block's; the rest get exactly 0.
+  // prefix [0, seen) of the block's, or with a window a range [first, seen); the rest get
+  // exactly 0.
   for (int64_t r = 0; r < rows; ++r) {
     float* row = s + r * p.tp;
     const int32_t pi = pos[q0 + r];
     const int64_t seen = std::upper_bound(pos, pos + n, pi) - pos;
-    const float sum = saxplane::softmax_numerators(row, seen);
+    int64_t first = 0;
+    if (p.window > 0) {
+      const int64_t lowest = static_cast<int64_t>(pi) - p.window + 1;
+      first = std::min<int64_t>(std::lower_bound(pos, pos + n, lowest) - pos, seen);
+      std::fill(row, row + first, 0.f);
+    }
+    const float sum = saxplane::softmax_numerators(row + first, seen - first);
     std::fill(row + seen, row + n, 0.f);
     sums[r] = sum;
   }
@@ -180,7 +189,7 @@ void attend(const Problem& p, int64_t item) {
 
 ffi::Error PrefillAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                                 ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> positions,
-                                ffi::ResultBuffer<ffi::F32> out, float scale) {
+                                ffi::ResultBuffer<ffi::F32> out, float scale, int32_t window) {
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), pd = positions.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || pd.size() != 2) {
     return ffi::Error::InvalidArgument("expected q [B, T, H, D], k and v [B, T, KV, D], positions [B, T]");
@@ -202,6 +211,7 @@ ffi::Error PrefillAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
   p.positions = positions.typed_data();
   p.out = out->typed_data();
   p.scale = scale;
+  p.window = window;
   p.tp = (p.t + kKV * kLanes - 1) / (kKV * kLanes) * (kKV * kLanes);
   // The caller's own buffer, kept across calls up to kKeptKeyFloats: a fresh one of a few MB
   // costs its page faults on every call (measured: ~0.15 ms of a 2 ms GPT-2 layer at 512
@@ -229,4 +239,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SaxPrefillAttention, PrefillAttentionImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("scale"));
+                                  .Attr<float>("scale")
+                                  .Attr<int32_t>("window"));

@@ -20,6 +20,13 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * xf.astype(x.dtype)
 
 
+def gemma_rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """Gemma's RMSNorm: normalise and scale by (1 + weight) in float32, then cast back."""
+    xf = x.astype(F32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (xf * (1.0 + weight.astype(F32))).astype(x.dtype)
+
+
 def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
     xf = x.astype(F32)
     mean = jnp.mean(xf, axis=-1, keepdims=True)
@@ -62,7 +69,11 @@ def rope_inv_freq(head_dim: int, theta: float, rope_type: str = "default", facto
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotate-half RoPE. x: [B, T, H, D]; positions: [B, T]."""
+    """Rotate-half RoPE. x: [B, T, H, D]; positions: [B, T]. With fewer frequencies than
+    D / 2 (partial rotary), only the leading 2 * len(inv_freq) dims rotate."""
+    rot = 2 * len(inv_freq)
+    if rot < x.shape[-1]:
+        return jnp.concatenate([apply_rope(x[..., :rot], positions, inv_freq), x[..., rot:]], axis=-1)
     freqs = positions.astype(F32)[:, :, None] * jnp.asarray(inv_freq)[None, None, :]
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, D]
     cos = jnp.cos(emb).astype(x.dtype)
@@ -107,7 +118,8 @@ def last_layer_rows(layer: int, num_layers: int, last_index: Optional[jax.Array]
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
               layer_cache: Optional[tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]],
               slot_ids: Optional[jax.Array], scale: float, fresh: bool = False,
-              kv_blocks: Optional[int] = None, q_positions: Optional[jax.Array] = None):
+              kv_blocks: Optional[int] = None, q_positions: Optional[jax.Array] = None,
+              window: Optional[int] = None, softcap: float = 0.0):
     """Grouped-query attention with an optional slot KV cache.
 
     q: [B, T, H, D]; k, v: [B, T, KV, D]; positions: [B, T]. `q_positions` [B, Tq]: the
@@ -119,7 +131,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
     cache, unless `fresh`: the tokens open their sequences, so they attend to one another only
     (a prefill: the T x T causal product instead of T x S). `kv_blocks`: only the first that
     many blocks are written and read (every position the call writes or attends must lie in
-    them; other writes are dropped); None: all.
+    them; other writes are dropped); None: all. `window`: a query at position p sees only keys
+    at positions (p - window, p] (sliding-window attention); None: all up to p. `softcap`:
+    scores become softcap * tanh(scores / softcap) before the mask (Gemma 2); 0: unchanged.
     """
     new_cache = None
     qpos = positions if q_positions is None else q_positions
@@ -140,43 +154,51 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
         new_cache = (tuple(kb), tuple(vb))
         if not fresh:
             keys, vals = kb[:used], vb[:used]
-            if q.shape[1] == 1 and kernels.enabled():  # a decode step on the CPU: no gather
+            if q.shape[1] == 1 and not softcap and kernels.enabled():  # a CPU decode step: no gather
                 b, _, h, d = q.shape
-                out = kernels.decode_attention(q[:, 0], rows, qpos[:, 0], keys, vals, scale)
+                out = kernels.decode_attention(q[:, 0], rows, qpos[:, 0], keys, vals, scale, window or 0)
                 return out.reshape(b, 1, h * d).astype(q.dtype), new_cache
             if slot_ids is not None:
                 keys, vals = [a[slot_ids] for a in keys], [a[slot_ids] for a in vals]
             span = sum(a.shape[2] for a in keys)
-            mask = jnp.arange(span, dtype=positions.dtype)[None, None, :] <= qpos[:, :, None]
-            return _attend(q, keys, vals, mask, scale), new_cache
+            mask = visible(jnp.arange(span, dtype=positions.dtype)[None, None, :], qpos[:, :, None], window)
+            return _attend(q, keys, vals, mask, scale, softcap), new_cache
     if q_positions is not None:
-        mask = positions[:, None, :] <= q_positions[:, :, None]  # [B, Tq, T]
-        return _attend(q, [jnp.swapaxes(k, 1, 2)], [jnp.swapaxes(v, 1, 2)], mask, scale), new_cache
-    return causal_self_attention(q, k, v, positions, scale), new_cache
+        mask = visible(positions[:, None, :], q_positions[:, :, None], window)  # [B, Tq, T]
+        return _attend(q, [jnp.swapaxes(k, 1, 2)], [jnp.swapaxes(v, 1, 2)], mask, scale, softcap), new_cache
+    return causal_self_attention(q, k, v, positions, scale, window, softcap), new_cache
+
+
+def visible(key_pos: jax.Array, query_pos: jax.Array, window: Optional[int]) -> jax.Array:
+    """Whether a key at `key_pos` is visible to a query at `query_pos` (broadcast): causal,
+    and within the last `window` positions when there is a window."""
+    mask = key_pos <= query_pos
+    return mask if not window else mask & (key_pos > query_pos - window)
 
 
 def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
-                          scale: float) -> jax.Array:
-    """Attention of T tokens to one another, causal by position, in blocks of query rows.
+                          scale: float, window: Optional[int] = None, softcap: float = 0.0) -> jax.Array:
+    """Attention of T tokens to one another, causal by position (and within `window`), in
+    blocks of query rows.
 
     Positions must not decrease along a row (true of every prompt), so a query block never
     attends to keys after its last row and those key blocks are skipped: about half the work
     of the full T x T product for long prompts.
     """
     b, t, h, d = q.shape
-    if kernels.use_prefill_attention(d, q.dtype, k.dtype, v.dtype):
-        return kernels.prefill_attention(q, k, v, positions, scale).reshape(b, t, h * d)
+    if not softcap and kernels.use_prefill_attention(d, q.dtype, k.dtype, v.dtype):
+        return kernels.prefill_attention(q, k, v, positions, scale, window or 0).reshape(b, t, h * d)
     keys, vals = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, KV, T, D]
     outs = []
     for start in range(0, t, CAUSAL_BLOCK):
         stop = min(t, start + CAUSAL_BLOCK)
-        mask = positions[:, None, :stop] <= positions[:, start:stop, None]  # [B, Tq, Tk]
-        outs.append(_attend(q[:, start:stop], [keys[:, :, :stop]], [vals[:, :, :stop]], mask, scale))
+        mask = visible(positions[:, None, :stop], positions[:, start:stop, None], window)  # [B, Tq, Tk]
+        outs.append(_attend(q[:, start:stop], [keys[:, :, :stop]], [vals[:, :, :stop]], mask, scale, softcap))
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
 def _attend(q: jax.Array, keys: Sequence[jax.Array], vals: Sequence[jax.Array], mask: jax.Array,
-            scale: float) -> jax.Array:
+            scale: float, softcap: float = 0.0) -> jax.Array:
     """q [B, T, H, D] against consecutive key/value blocks [B, KV, S_j, D] under mask
     [B, T, sum S_j] -> [B, T, H*D].
 
@@ -188,6 +210,8 @@ def _attend(q: jax.Array, keys: Sequence[jax.Array], vals: Sequence[jax.Array], 
     qg = q.reshape(b, t, kv, h // kv, d).astype(keys[0].dtype)
     parts = [jnp.einsum("btkgd,bksd->bkgts", qg, kb, preferred_element_type=F32) for kb in keys]
     scores = (parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)) * scale
+    if softcap:
+        scores = jnp.tanh(scores / softcap) * softcap
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(F32).min)
     e = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
     out, start = None, 0

@@ -25,12 +25,12 @@ def test_the_kernel_builds_where_a_compiler_exists():
     assert kernels.enabled(), "the decode-attention kernel did not build or load (see the log)"
 
 
-def reference(q, slots, positions, k_blocks, v_blocks, scale):
+def reference(q, slots, positions, k_blocks, v_blocks, scale, window=0):
     """layers._attend on the gathered slots, in float32 (the kernel's precision)."""
     keys = [jnp.asarray(a)[slots].astype(jnp.float32) for a in k_blocks]
     vals = [jnp.asarray(a)[slots].astype(jnp.float32) for a in v_blocks]
     span = sum(a.shape[2] for a in k_blocks)
-    mask = jnp.arange(span)[None, None, :] <= jnp.asarray(positions)[:, None, None]
+    mask = layers.visible(jnp.arange(span)[None, None, :], jnp.asarray(positions)[:, None, None], window)
     b, h, d = q.shape
     return np.asarray(layers._attend(jnp.asarray(q)[:, None], keys, vals, mask, scale)).reshape(b, h, d)
 
@@ -38,7 +38,8 @@ def reference(q, slots, positions, k_blocks, v_blocks, scale):
 @needs_compiler
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("dim,kv_heads,group", [(64, 2, 3), (16, 3, 1), (128, 1, 4)])
-def test_kernel_matches_pure_jax(dtype, dim, kv_heads, group):
+@pytest.mark.parametrize("window", [0, 1, 7, 20])  # none; itself only; inside a block; across blocks
+def test_kernel_matches_pure_jax(dtype, dim, kv_heads, group, window):
     rng = np.random.default_rng(dim + group)
     slots_total, sizes = 5, [16, 16, 8]
     k_blocks = [jnp.asarray(rng.standard_normal((slots_total, kv_heads, s, dim)), dtype) for s in sizes]
@@ -49,9 +50,10 @@ def test_kernel_matches_pure_jax(dtype, dim, kv_heads, group):
     # first position only, inside the first block, a block boundary, the last position, past the end
     positions = np.array([0, 9, 16, 39, 70, 31], np.int32)
     scale = 1 / np.sqrt(dim)
-    got = jax.jit(lambda *a: kernels.decode_attention(*a, scale))(q, slots, positions, k_blocks, v_blocks)
-    np.testing.assert_allclose(np.asarray(got), reference(q, slots, positions, k_blocks, v_blocks, scale),
-                               atol=2e-6, rtol=1e-5)
+    got = jax.jit(lambda *a: kernels.decode_attention(*a, scale, window))(q, slots, positions, k_blocks, v_blocks)
+    want = reference(q, slots, positions, k_blocks, v_blocks, scale, window)
+    rows = positions < sum(sizes) if window else slice(None)  # a window past the end sees nothing: undefined
+    np.testing.assert_allclose(np.asarray(got)[rows], want[rows], atol=2e-6, rtol=1e-5)
 
 
 needs_avx512 = pytest.mark.skipif(not kernels._has_avx512(), reason="no AVX-512: XLA's dot serves")
@@ -99,7 +101,8 @@ def test_matmul_of_several_weights_in_one_call(m):
     (2, 65, 4, 2, 80),    # a head dim of 5 vectors
     (1, 256, 12, 12, 64),  # GPT-2's heads, whole key tiles
 ])
-def test_prefill_attention_matches_pure_jax(monkeypatch, batch, t, heads, kv_heads, dim):
+@pytest.mark.parametrize("window", [0, 5, 40])  # none; short; longer than a query block
+def test_prefill_attention_matches_pure_jax(monkeypatch, batch, t, heads, kv_heads, dim, window):
     rng = np.random.default_rng(t)
     q = rng.standard_normal((batch, t, heads, dim)).astype(np.float32)
     k = rng.standard_normal((batch, t, kv_heads, dim)).astype(np.float32)
@@ -109,9 +112,9 @@ def test_prefill_attention_matches_pure_jax(monkeypatch, batch, t, heads, kv_hea
     if t > 8:
         positions[0, t // 2:] += 3  # a jump: still causal by position
     scale = dim ** -0.5
-    got = jax.jit(lambda *a: kernels.prefill_attention(*a, scale))(q, k, v, positions)
+    got = jax.jit(lambda *a: kernels.prefill_attention(*a, scale, window))(q, k, v, positions)
     monkeypatch.setenv(kernels.ENV_SWITCH, "0")
-    want = jax.jit(lambda *a: layers.causal_self_attention(*a, scale))(q, k, v, positions)
+    want = jax.jit(lambda *a: layers.causal_self_attention(*a, scale, window))(q, k, v, positions)
     np.testing.assert_allclose(np.asarray(got).reshape(batch, t, heads * dim), np.asarray(want),
                                atol=2e-6, rtol=1e-5)
 
