@@ -206,7 +206,8 @@ class _Sample:
     pending_lps: list = dataclasses.field(default_factory=list)
     finished: bool = False
     last_time: float = 0.0
-    grammar_end: bool = False   # the grammar is complete (or refused a token): stop after this token
+    grammar_end: Optional[str] = None   # "done": the grammar is complete, stop after this token;
+    #                                     "error": it refused this token, stop before it
 
 
 @dataclasses.dataclass(eq=False)
@@ -898,7 +899,7 @@ class Engine:
                 if end == "error":
                     log.warning("request %s: the grammar refused token %d: %s", s.req.id, int(toks[i]),
                                 self.guide.matchers[s.slot].error)
-                s.grammar_end = end is not None
+                s.grammar_end = end
         mask = self._put(self.guide.fill(active).copy())[0]  # a copy, as in _admit_group
         self._state, out = self.programs.guided(self._state, self._sp_dev, logits, mask)
         with self._lock:
@@ -957,9 +958,12 @@ class Engine:
         if tok in r.stop_ids:
             finish = "stop"
             new = s.detok.flush()
-        elif s.grammar_end:  # the output is complete: nothing but end-of-sequence may follow
+        elif s.grammar_end == "done":  # the output is complete: nothing but end-of-sequence may follow
             finish = "stop"
             new = s.detok.add(tok) + s.detok.flush()
+        elif s.grammar_end == "error":  # a token outside the grammar is never emitted
+            finish = "stop"
+            new = s.detok.flush()
         else:
             new = s.detok.add(tok)
             if s.generated >= p.max_tokens:

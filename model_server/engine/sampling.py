@@ -58,7 +58,10 @@ def uniform(keys: jax.Array, counters: jax.Array, n: int) -> jax.Array:
     col = lax.broadcasted_iota(jnp.uint32, (keys.shape[0], n), 1)
     h = _mix(col * jnp.uint32(0x9E3779B1) + s1[:, None])
     h = _mix(h ^ s2[:, None])
-    return ((h >> 8).astype(F32) + 0.5) * F32(1.0 / (1 << 24))
+    # The top draw, (2^24 - 0.5) / 2^24, rounds to 1.0 in float32: clamp it below 1, or its
+    # Gumbel noise is +inf and that token wins whatever its logit (or its mask) says.
+    u = ((h >> 8).astype(F32) + 0.5) * F32(1.0 / (1 << 24))
+    return jnp.minimum(u, F32(1.0 - 2.0 ** -24))
 
 
 def gumbel(keys: jax.Array, counters: jax.Array, n: int) -> jax.Array:

@@ -81,3 +81,34 @@ def test_unsupported_schema_keyword_is_named(engine):
             "json_schema", {"type": "object", "dependentRequired": {"a": ["b"]}})))
     with pytest.raises(InvalidRequest):
         engine.submit(_prompt(engine), SamplingParams(guided=GuidedSpec("regex", "(unclosed")))
+
+
+def test_masked_sampling_picks_the_only_allowed_token():
+    """Rows with one allowed token among 32,000 at temperature 1: always that token. (A uniform
+    draw that rounded to 1.0 gave +inf Gumbel noise, which beat the mask now and then.)"""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from model_server.engine import sampling
+
+    b, v = 32, 32000
+    rng = np.random.default_rng(0)
+    fn = jax.jit(lambda lg, p, mask, c: sampling.sample(
+        lg, p, lambda: jnp.zeros((b, v), jnp.int32), lambda: jnp.zeros((b, v), bool), c, mask))
+    u = np.asarray(sampling.uniform(jnp.asarray(rng.integers(0, 2 ** 32, (b, 2), dtype=np.uint32)),
+                                    jnp.arange(b), v))
+    assert u.max() < 1.0 and u.min() > 0.0
+    for trial in range(12):
+        allowed = rng.integers(0, v, size=b)
+        bits = np.zeros((b, (v + 31) // 32 * 32), np.uint8)
+        bits[np.arange(b), allowed] = 1
+        p = {"active": np.ones(b, bool), "guided": np.ones(b, bool), "temperature": np.ones(b, np.float32),
+             "top_k": np.zeros(b, np.int32), "top_p": np.ones(b, np.float32),
+             "presence": np.zeros(b, np.float32), "frequency": np.zeros(b, np.float32),
+             "repetition": np.ones(b, np.float32), "has_bias": np.zeros(b, bool),
+             "bias_ids": np.full((b, 4), v, np.int32), "bias_vals": np.zeros((b, 4), np.float32),
+             "keys": rng.integers(0, 2 ** 32, size=(b, 2), dtype=np.uint32)}
+        out = fn(rng.normal(size=(b, v)).astype(np.float32) * 5, p,
+                 np.packbits(bits, axis=1, bitorder="little").view(np.int32), np.full(b, trial, np.int32))
+        assert (np.asarray(out) == allowed).all()
