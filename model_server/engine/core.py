@@ -337,6 +337,7 @@ class Engine:
         self.warmup_seconds = 0.0
         self.huge_page_bytes = 0
         self.compile_timings: dict[str, float] = {}
+        self.compile_progress: Optional[Callable[[int, int, str], None]] = None  # see compile_all
         self._compiles_at_ready = 0
 
     # ================================================================== lifecycle
@@ -354,7 +355,8 @@ class Engine:
         self._upload_sp()
         self._mask_ones = self._put(self.guide.mask.copy())[0]  # all ones: no row guided
         self.compile_timings = self.programs.compile_all(self.params, self._cache, self._state,
-                                                         self._sp_dev, self._compile_threads)
+                                                         self._sp_dev, self._compile_threads,
+                                                         progress=self.compile_progress)
         self._exercise()
         # After the first calls: the steps donate the cache, so these buffers are the ones
         # every later step reads and writes in place.
