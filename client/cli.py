@@ -308,10 +308,12 @@ def _extra(extra: str | None) -> sax.ModelOptions:
 @click.option("-n", "num_samples", type=int, default=None, help="Number of samples.")
 @click.option("--stream", is_flag=True, help="Print text as it arrives.")
 @click.option("--extra", help="Extra inputs, e.g. temperature:0.5,per_example_max_decode_steps:32.")
+@click.option("--json-schema", "json_schema", default=None,
+              help="Constrain the output to a JSON Schema: inline JSON or @file.json.")
 @click.option("--timeout", type=float, default=None, help="Seconds before giving up.")
 @click.pass_context
 def lm_generate(ctx: click.Context, model_id: str, query: str, num_samples: int | None, stream: bool,
-                extra: str | None, timeout: float | None) -> None:
+                extra: str | None, json_schema: str | None, timeout: float | None) -> None:
     """Generate text; QUERY '-' reads standard input.
 
     Example: saxutil lm.generate /sax/test/lm "Q: why is the sky blue? A:" --extra temperature:0
@@ -321,6 +323,11 @@ def lm_generate(ctx: click.Context, model_id: str, query: str, num_samples: int 
     opts = _extra(extra)
     if num_samples:
         opts.SetExtraInput("num_samples", num_samples)
+    if json_schema:
+        if json_schema.startswith("@"):
+            with open(json_schema[1:], encoding="utf-8") as f:
+                json_schema = f.read()
+        opts.SetExtraInputString("json_schema", json_schema)
     if timeout:
         opts.SetTimeout(timeout)
     lm = sax.Model(model_id, sax.Options(admin=ctx.obj["admin"])).LM()

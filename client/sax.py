@@ -137,13 +137,17 @@ class ModelOptions:
     """Per-call options: Saxml's extra inputs and a timeout."""
 
     def __init__(self) -> None:
-        self._extra: dict[str, float] = {}
+        self._extra: dict[str, float | str] = {}
         self._timeout: float | None = None
 
     def SetExtraInput(self, key: str, value: float) -> None:
         self._extra[key] = float(value)
 
-    def GetExtraInput(self, key: str) -> float | None:
+    def SetExtraInputString(self, key: str, value: str) -> None:
+        """A text extra input, e.g. `json_schema` (a JSON Schema's text: the output matches it)."""
+        self._extra[key] = str(value)
+
+    def GetExtraInput(self, key: str) -> float | str | None:
         return self._extra.get(key)
 
     def SetTimeout(self, seconds: float) -> None:
@@ -152,7 +156,7 @@ class ModelOptions:
     def GetTimeout(self) -> float | None:
         return self._timeout
 
-    def extra_inputs(self) -> dict[str, float]:
+    def extra_inputs(self) -> dict[str, float | str]:
         return dict(self._extra)
 
 

@@ -57,12 +57,45 @@ def _sampling(max_n: int) -> S:
         "stream_options": _nullable(_obj({"include_usage": BOOL, "continuous_usage_stats": BOOL},
                                          additionalProperties=False)),
         "user": _nullable(STR),
+        **STRUCTURED,
     }
 
 
+JSON_SCHEMA = {"type": "object", "description": "a JSON Schema"}
+RESPONSE_FORMAT = _nullable({"oneOf": [
+    _obj({"type": {"type": "string", "enum": ["text", "json_object"]}}, ("type",), additionalProperties=False),
+    _obj({"type": {"type": "string", "enum": ["json_schema"]},
+          "json_schema": _obj({"name": STR, "description": STR, "schema": JSON_SCHEMA, "strict": _nullable(BOOL)},
+                              ("name",))}, ("type", "json_schema"), additionalProperties=False)]})
+#: Output constraints (the reply matches them by construction): OpenAI's and vLLM's spellings.
+STRUCTURED = {
+    "response_format": RESPONSE_FORMAT,
+    "guided_json": _nullable({"oneOf": [JSON_SCHEMA, STR]}),
+    "guided_regex": _nullable(NONEMPTY),
+    "guided_choice": _nullable({"type": "array", "items": NONEMPTY, "minItems": 1}),
+    "guided_grammar": _nullable({**NONEMPTY, "description": "a Lark grammar"}),
+    "structured_outputs": _nullable(_obj({"json": {"oneOf": [JSON_SCHEMA, STR]}, "regex": NONEMPTY,
+                                          "choice": {"type": "array", "items": NONEMPTY, "minItems": 1},
+                                          "grammar": NONEMPTY, "json_object": BOOL}, additionalProperties=False)),
+}
+TOOLS = {
+    "tools": _nullable({"type": "array", "items": _obj({
+        "type": {"type": "string", "enum": ["function"]},
+        "function": _obj({"name": {"type": "string", "pattern": "^[a-zA-Z0-9_.-]{1,64}$"}, "description": STR,
+                          "parameters": JSON_SCHEMA, "strict": _nullable(BOOL)}, ("name",))},
+        ("type", "function"))}),
+    "tool_choice": _nullable({"oneOf": [{"type": "string", "enum": ["none", "auto", "required"]}, _obj({
+        "type": {"type": "string", "enum": ["function"]}, "function": _obj({"name": STR}, ("name",))},
+        ("type", "function"))]}),
+    "parallel_tool_calls": _nullable(BOOL),
+}
+TOOL_CALL = _obj({"id": STR, "type": {"type": "string", "enum": ["function"]},
+                  "function": _obj({"name": STR, "arguments": STR}, ("name", "arguments"))},
+                 ("id", "type", "function"))
+
 USAGE = _obj({"prompt_tokens": INT, "completion_tokens": INT, "total_tokens": INT},
              ("prompt_tokens", "completion_tokens", "total_tokens"))
-FINISH = _nullable({"type": "string", "enum": ["stop", "length"]})
+FINISH = _nullable({"type": "string", "enum": ["stop", "length", "tool_calls"]})
 OVERRIDES = _obj({
     "num_slots": _json_or_text({"type": "integer", "minimum": 1, "maximum": 4096}),
     "max_seq_len": _json_or_text({"type": "integer", "minimum": 1, "maximum": 1 << 20}),
@@ -144,7 +177,8 @@ def _schemas(max_n: int) -> S:
                              "content": _nullable({"oneOf": [STR, {"type": "array", "items": _obj(
                                  {"type": {"type": "string", "enum": ["text"]}, "text": STR},
                                  ("type", "text"))}]}),
-                             "name": STR}, ("role",)),
+                             "name": STR, "tool_calls": {"type": "array", "items": TOOL_CALL},
+                             "tool_call_id": STR}, ("role",)),
         "ChatCompletionRequest": _obj({
             "model": NONEMPTY,
             "messages": {"type": "array", "items": _ref("ChatMessage"), "minItems": 1},
@@ -152,16 +186,16 @@ def _schemas(max_n: int) -> S:
             "max_completion_tokens": _nullable({"type": "integer", "minimum": 1, "maximum": 1 << 24}),
             "logprobs": _nullable(BOOL),
             "top_logprobs": _nullable({"type": "integer", "minimum": 0, "maximum": 20}),
-            "response_format": _nullable(_obj({"type": {"type": "string", "enum": ["text"]}}, ("type",),
-                                              additionalProperties=False)),
-            **sampling}, ("model", "messages"), additionalProperties=False,
+            **TOOLS, **sampling}, ("model", "messages"), additionalProperties=False,
             description="Unknown fields are refused (400), as OpenAI does"),
         "ChatCompletion": _obj({"id": STR, "object": {"type": "string", "enum": ["chat.completion"]},
                                 "created": INT, "model": STR, "usage": USAGE,
                                 "choices": {"type": "array", "items": _obj({
                                     "index": INT, "finish_reason": FINISH,
                                     "message": _obj({"role": {"type": "string", "enum": ["assistant"]},
-                                                     "content": _nullable(STR)}, ("role", "content")),
+                                                     "content": _nullable(STR),
+                                                     "tool_calls": {"type": "array", "items": TOOL_CALL}},
+                                                    ("role", "content")),
                                     "logprobs": _nullable(_obj({"content": {"type": "array"}}, ("content",)))},
                                     ("index", "finish_reason", "message", "logprobs"))}},
                                ("id", "object", "created", "model", "choices", "usage")),

@@ -14,15 +14,16 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from model_server.api import params as P
+from model_server.api import structured, tools as T
 from model_server.api.errors import ApiError, from_engine_error, invalid
 from model_server.manager import ServedModel
 from model_server.settings import RequestLimits
 
 COMPLETION_KEYS = {"model", "prompt", "max_tokens", "logprobs", "echo", "stream", "stream_options",
-                   "suffix", "best_of", "user"} | P.SAMPLING_KEYS
+                   "suffix", "best_of", "user"} | P.SAMPLING_KEYS | structured.KEYS
 CHAT_KEYS = {"model", "messages", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs",
              "stream", "stream_options", "user", "response_format", "tools", "tool_choice",
-             "parallel_tool_calls", "store", "metadata"} | P.SAMPLING_KEYS
+             "parallel_tool_calls", "store", "metadata"} | P.SAMPLING_KEYS | structured.KEYS
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 
 
@@ -37,15 +38,16 @@ class Prepared:
     echo: bool = False
     logprobs: int | None = None
     handles: list[Any] = field(default_factory=list)
+    tools: T.ToolPlan | None = None    # chat with tools: how replies become tool calls
     abandoned: Callable[[], bool] | None = None   # "the caller hung up": cancels a non-streaming wait
 
 
 def _sampling_params(body: dict[str, Any], vocab_size: int, limits: RequestLimits, *, max_tokens: int,
-                     logprobs: int | None, prompt_logprobs: bool) -> Any:
+                     logprobs: int | None, prompt_logprobs: bool, guided: Any = None) -> Any:
     from model_server.engine import SamplingParams
 
     return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-                          **P.sampling_fields(body, vocab_size, limits.max_n))
+                          guided=guided, **P.sampling_fields(body, vocab_size, limits.max_n))
 
 
 def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
@@ -101,8 +103,12 @@ def prepare_completion(served: ServedModel, body: dict[str, Any],
     stream, include_usage = _stream_flags(body)
     # max_tokens 0 runs the prompt through the scoring path (the engine generates nothing
     # otherwise), whether or not its logprobs are asked for.
+    guided = structured.guided_spec(body)
+    if guided is not None and max_tokens == 0:
+        raise invalid("an output constraint needs max_tokens of at least 1", "max_tokens")
     sampling = _sampling_params(body, vocab, limits, max_tokens=max_tokens, logprobs=logprobs,
-                                prompt_logprobs=echo and (logprobs is not None or max_tokens == 0))
+                                prompt_logprobs=echo and (logprobs is not None or max_tokens == 0),
+                                guided=guided)
     return Prepared(prompts, texts, sampling, stream, include_usage, echo, logprobs)
 
 
@@ -141,18 +147,21 @@ def prepare_chat(served: ServedModel, body: dict[str, Any],
         if role not in ROLES:
             raise invalid(f"messages[{i}].role must be one of {', '.join(sorted(ROLES))}, got {role!r}",
                           "messages")
-        clean.append({"role": "system" if role == "developer" else role,
-                      "content": _content_text(m.get("content"), i)})
-    if body.get("tools"):
-        raise invalid("tool calling is not supported by this model", "tools")
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise invalid("only response_format {\"type\": \"text\"} is supported", "response_format")
+        clean.append(T.history_message(m, i, _content_text(m.get("content"), i)))
+    guided = structured.guided_spec(body)
+    plan = T.plan(body, str(getattr(tok.hf, "chat_template", None) or ""))
+    if plan is not None and plan.guided is not None:
+        if guided is not None:
+            raise invalid(f"tool_choice {plan.mode} constrains the reply itself; drop the output constraint",
+                          guided.param)
+        guided = plan.guided
     from model_server.tokenizer import TokenizerError
     try:
-        ids = tok.encode_chat(clean)
+        ids = tok.encode_chat(clean, **({"tools": plan.tools} if plan is not None else {}))
+        if plan is not None and ids == tok.encode_chat(clean):
+            raise invalid("this model's chat template does not render tools", "tools")
     except TokenizerError as e:
-        raise invalid(str(e), "messages") from None
+        raise invalid(str(e), "tools" if plan is not None else "messages") from None
     P.check_prompt_tokens(ids, limits, "messages")
     want_logprobs = P.boolean(body, "logprobs")
     top = P.number(body, "top_logprobs", None, 0, P.MAX_LOGPROBS, integer=True)
@@ -165,8 +174,8 @@ def prepare_chat(served: ServedModel, body: dict[str, Any],
     stream, include_usage = _stream_flags(body)
     logprobs = (top or 0) if want_logprobs else None
     sampling = _sampling_params(body, vocab, limits, max_tokens=max_tokens, logprobs=logprobs,
-                                prompt_logprobs=False)
-    return Prepared([ids], [None], sampling, stream, include_usage, False, logprobs)
+                                prompt_logprobs=False, guided=guided)
+    return Prepared([ids], [None], sampling, stream, include_usage, False, logprobs, tools=plan)
 
 
 def submit(served: ServedModel, prep: Prepared) -> None:
@@ -383,9 +392,19 @@ def chat_response(served: ServedModel, prep: Prepared, model_name: str) -> dict[
             lps[d.index].extend(_chat_logprob(tok, e) for e in d.logprobs)
         if d.finish_reason:
             finish[d.index] = d.finish_reason
-    choices = [{"index": k, "message": {"role": "assistant", "content": texts[k]},
-                "logprobs": {"content": lps[k]} if prep.logprobs is not None else None,
-                "finish_reason": finish[k] or "length"} for k in range(n)]
+    choices = []
+    for k in range(n):
+        message: dict[str, Any] = {"role": "assistant", "content": texts[k]}
+        reason = finish[k] or "length"
+        if prep.tools is not None and reason == "stop":
+            content, calls = prep.tools.parse(texts[k])
+            if calls:
+                message = {"role": "assistant", "content": content,
+                           "tool_calls": [c.to_dict() for c in calls]}
+                reason = "tool_calls"
+        choices.append({"index": k, "message": message,
+                        "logprobs": {"content": lps[k]} if prep.logprobs is not None else None,
+                        "finish_reason": reason})
     return {"id": _new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
             "model": model_name, "choices": choices, "usage": _usage(prep)}
 
@@ -400,16 +419,27 @@ def chat_stream(served: ServedModel, prep: Prepared, model_name: str) -> Iterato
                     "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                                  "finish_reason": finish}]})
 
+    calls = [prep.tools.stream() if prep.tools is not None else None for _ in range(n)]
     try:
         for k in range(n):
             yield chunk(k, {"role": "assistant", "content": ""}, None, None)
         for _, d in _merged(prep):
             lp = ({"content": [_chat_logprob(tok, e) for e in d.logprobs]}
                   if prep.logprobs is not None and d.logprobs else None)
-            if d.text or lp:
-                yield chunk(d.index, {"content": d.text}, lp, None)
+            cs = calls[d.index]
+            if cs is None:
+                if d.text or lp:
+                    yield chunk(d.index, {"content": d.text}, lp, None)
+            else:  # tool calls: the text becomes content and/or tool_calls deltas
+                deltas = cs.feed(d.text) + (cs.finish() if d.finish_reason else [])
+                if lp and not deltas:
+                    deltas = [{}]
+                for j, delta in enumerate(deltas):
+                    yield chunk(d.index, delta, lp if j == 0 else None, None)
             if d.finish_reason:
-                yield chunk(d.index, {}, None, d.finish_reason)
+                reason = "tool_calls" if cs is not None and cs.calls and d.finish_reason == "stop" \
+                    else d.finish_reason
+                yield chunk(d.index, {}, None, reason)
         if prep.include_usage:
             yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
                        "choices": [], "usage": _usage(prep)})

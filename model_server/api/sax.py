@@ -1,6 +1,7 @@
 """Saxml's LM methods: generate, generate_stream, score, embed.
 
-`extra_inputs` take Saxml's keys; unknown keys are refused (as Saxml does).
+`extra_inputs` take Saxml's keys; unknown keys are refused (as Saxml does). Beside the numbers,
+`json_schema` (a JSON Schema, as an object or its JSON text) constrains the output to it.
 """
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import math
 from typing import Any, Callable, Iterator
 
 from model_server.api import params as P
+from model_server.api import structured
 from model_server.api.errors import from_engine_error, invalid
 from model_server.api.openai import DONE, sse
 from model_server.manager import ServedModel
@@ -37,10 +39,15 @@ def _sampling(served: ServedModel, body: dict[str, Any], prompt_len: int, limits
     extra = body.get("extra_inputs") or {}
     if not isinstance(extra, dict):
         raise invalid("'extra_inputs' must be an object", "extra_inputs")
+    extra = dict(extra)
+    schema = extra.pop("json_schema", None)
+    guided = structured.guided_spec({"guided_json": schema}) if schema is not None else None
+    if guided is not None:
+        guided = type(guided)(guided.kind, guided.value, "extra_inputs")
     unknown = sorted(set(extra) - set(EXTRA_INPUT_DEFAULTS))
     if unknown:
         raise invalid(f"unknown extra_inputs {', '.join(unknown)}; accepted: "
-                      f"{', '.join(EXTRA_INPUT_DEFAULTS)}", "extra_inputs")
+                      f"{', '.join(EXTRA_INPUT_DEFAULTS)}, json_schema", "extra_inputs")
     merged = {**EXTRA_INPUT_DEFAULTS, **extra}
     for k, v in merged.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
@@ -63,7 +70,7 @@ def _sampling(served: ServedModel, body: dict[str, Any], prompt_len: int, limits
     return SamplingParams(max_tokens=max(1, min(steps, window)), temperature=float(merged["temperature"]),
                           top_k=min(max(0, int(merged["per_example_top_k"])), served.loaded.spec.vocab_size),
                           top_p=float(merged["per_example_top_p"]), n=n, logprobs=0,
-                          seed=None if seed < 0 else seed)
+                          seed=None if seed < 0 else seed, guided=guided)
 
 
 def _submit(served: ServedModel, ids: list[int], sampling: Any) -> Any:

@@ -32,6 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from model_server import host_memory
 from model_server.engine import metrics
+from model_server.engine.guided import Guide
 from model_server.engine.programs import Programs, default_decode_buckets
 from model_server.engine.types import (MAX_LOGIT_BIAS, MAX_LOGPROBS, Completion, Delta, EngineError,
                                        InvalidRequest, QueueFull, SamplingParams, TokenLogprob)
@@ -205,6 +206,8 @@ class _Sample:
     pending_lps: list = dataclasses.field(default_factory=list)
     finished: bool = False
     last_time: float = 0.0
+    grammar_end: Optional[str] = None   # "done": the grammar is complete, stop after this token;
+    #                                     "error": it refused this token, stop before it
 
 
 @dataclasses.dataclass(eq=False)
@@ -222,6 +225,7 @@ class _Request:
     remaining: int = 0
     done: bool = False
     stop_ids: frozenset = frozenset()
+    grammar: Optional[str] = None   # compiled guided-decoding grammar
 
 
 @dataclasses.dataclass(eq=False)
@@ -277,6 +281,7 @@ class Engine:
         if not eos and self.tokenizer.eos_token_id is not None:
             eos = [int(self.tokenizer.eos_token_id)]
         self.eos_token_ids = tuple(int(e) for e in eos)
+        self.guide = Guide(hf, spec.vocab_size, self.num_slots, self.eos_token_ids)
 
         # Devices: a mesh over every device; params sharded for tensor parallelism.
         mesh = getattr(model, "mesh", None)
@@ -348,6 +353,7 @@ class Engine:
                                       self.cache_sharding)
         self._state = self.programs.init_state()
         self._upload_sp()
+        self._mask_ones = self._put(self.guide.mask.copy())[0]  # all ones: no row guided
         self.compile_timings = self.programs.compile_all(self.params, self._cache, self._state,
                                                          self._sp_dev, self._compile_threads,
                                                          progress=self.compile_progress)
@@ -375,7 +381,12 @@ class Engine:
                 toks, np.arange(b, dtype=np.int32) % self.num_slots, np.zeros((b,), np.int32)))
         r = pr.first_rows
         self._state, out = pr.first(self._state, self._sp_dev, logits,
-                                    *self._put(np.zeros((r,), np.int32), np.zeros((r,), np.bool_)))
+                                    *self._put(np.zeros((r,), np.int32), np.zeros((r,), np.bool_)),
+                                    self._mask_ones)
+        jax.tree.map(np.asarray, out)
+        for fn in pr.forward.values():
+            self._cache, logits = fn(self.params, self._cache, self._state)
+        self._state, out = pr.guided(self._state, self._sp_dev, logits, self._mask_ones)
         jax.tree.map(np.asarray, out)
         self._cache, self._state = pr.copy(self._cache, self._state,
                                            *self._put(*[np.int32(0)] * 4))
@@ -490,6 +501,8 @@ class Engine:
                  f"vocabulary of {self.spec.vocab_size} tokens", "logit_bias")
             need(num(v) and -100 <= v <= 100, "logit_bias values must be between -100 and 100",
                  "logit_bias")
+        if p.guided is not None:
+            self.guide.compile(p.guided)  # cached: submit finds it again
         need(isinstance(p.stop, (list, tuple)) and all(isinstance(s, str) for s in p.stop),
              "stop must be a list of strings", "stop")
         need(isinstance(p.stop_token_ids, (list, tuple)) and all(
@@ -514,6 +527,8 @@ class Engine:
             frozenset() if params.ignore_eos else frozenset(self.eos_token_ids))
         req.samples = [_Sample(req, i) for i in range(params.n)]
         req.remaining = params.n
+        if params.guided is not None and kind == "gen":
+            req.grammar = self.guide.compile(params.guided)
         with self._cv:
             if self._error is not None or self._stopping:
                 raise EngineError("the engine is not running")
@@ -601,7 +616,8 @@ class Engine:
                     self._do_cancel(h)
                 self._new_first = []
                 self._schedule()
-                out = self._dispatch_decode() if len(self._free) < self.num_slots else None
+                earlier = ([pending] if pending is not None else []) + self._new_first
+                out = self._dispatch_decode(earlier) if len(self._free) < self.num_slots else None
                 # Read the previous step while this one runs; then the first tokens of the
                 # requests admitted just now (ready before this step, so no extra latency).
                 if pending is not None:
@@ -782,7 +798,10 @@ class Engine:
         valid[:len(group)] = True
         first_slots = np.zeros((rows,), np.int32)
         first_slots[:b] = slot_ids
-        self._state, out = pr.first(self._state, self._sp_dev, logits, *self._put(first_slots, valid))
+        new = [int(x) for x in slot_ids[:len(group)]]
+        # a copy: on CPU device_put may alias the host buffer, which the next fill rewrites
+        mask = self._put(self.guide.fill(new).copy())[0] if self.guide.any_attached(new) else self._mask_ones
+        self._state, out = pr.first(self._state, self._sp_dev, logits, *self._put(first_slots, valid), mask)
         self._new_first.append((out, [req.samples[0] for req in group] + [None] * (rows - len(group))))
         for src, dst, tok, pos in copies:
             self._cache, self._state = pr.copy(self._cache, self._state, *self._put(
@@ -812,6 +831,9 @@ class Engine:
         for j, (tid, val) in enumerate(sorted((int(k), float(v)) for k, v in p.logit_bias.items())):
             sp["bias_ids"][slot, j] = tid
             sp["bias_vals"][slot, j] = val
+        sp["guided"][slot] = r.grammar is not None
+        if r.grammar is not None:
+            self.guide.attach(slot, r.grammar)
         self._sp_dirty = True
 
     def _release(self, s: _Sample) -> None:
@@ -821,14 +843,22 @@ class Engine:
         s.slot = None
         self._slots[slot] = None
         self._sp["active"][slot] = False
+        if self._sp["guided"][slot]:
+            self._sp["guided"][slot] = False
+            self.guide.detach(slot)
         self._sp_dirty = True
         with self._lock:
             bisect.insort(self._free, slot)
 
     # ------------------------------------------------------------------ decode
 
-    def _dispatch_decode(self):
+    def _dispatch_decode(self, earlier: Sequence[Any] = ()):
+        """Dispatch one decode step of the busy slots. With a grammar-guided slot it is the
+        forward pass, then (while the device runs it) the guided rows' matchers take the tokens
+        of `earlier` steps and fill their bitmask, then the masked sampling step."""
         active = [i for i, s in enumerate(self._slots) if s is not None]
+        if self.guide.any_attached(active):
+            return self._dispatch_guided(active, earlier)
         b = self.decode_buckets[bisect.bisect_left(self.decode_buckets, len(active))]
         if b == self.num_slots:
             rows = tuple(range(b))
@@ -851,6 +881,33 @@ class Engine:
         with self._lock:
             self._counters["decode_steps_total"] += 1
         return out, snapshot
+
+    def _dispatch_guided(self, active: list[int], earlier: Sequence[Any]):
+        if self._sp_dirty:
+            self._upload_sp()
+        reach = base.kv_blocks_for(self.max_seq_len, int(self._slot_pos[active].max()) + 1)
+        kb = self.programs.kv_variants[bisect.bisect_left(self.programs.kv_variants, reach)]
+        self._slot_pos[active] += 1
+        self._cache, logits = self.programs.forward[kb](self.params, self._cache, self._state)
+        for out, snapshot in earlier:
+            toks = None
+            for i, s in enumerate(snapshot):
+                if s is None or s.finished or s.slot is None or s.grammar_end or \
+                        self.guide.matchers[s.slot] is None:
+                    continue
+                if toks is None:
+                    toks = np.asarray(out[0])
+                end = self.guide.accept(s.slot, int(toks[i]))
+                if end == "error":
+                    log.warning("request %s: the grammar refused token %d: %s", s.req.id, int(toks[i]),
+                                self.guide.matchers[s.slot].error)
+                s.grammar_end = end
+        mask = self._put(self.guide.fill(active).copy())[0]  # a copy, as in _admit_group
+        self._state, out = self.programs.guided(self._state, self._sp_dev, logits, mask)
+        with self._lock:
+            self._counters["decode_steps_total"] += 1
+            self._counters["guided_steps_total"] += 1
+        return out, list(self._slots)
 
     def _process(self, pending) -> None:
         out, snapshot = pending
@@ -901,6 +958,12 @@ class Engine:
             s.pending_lps.append(tlp)
         finish = None
         if tok in r.stop_ids:
+            finish = "stop"
+            new = s.detok.flush()
+        elif s.grammar_end == "done":  # the output is complete: nothing but end-of-sequence may follow
+            finish = "stop"
+            new = s.detok.add(tok) + s.detok.flush()
+        elif s.grammar_end == "error":  # a token outside the grammar is never emitted
             finish = "stop"
             new = s.detok.flush()
         else:

@@ -4,11 +4,16 @@
   slots' device state (last prompt token and its position, fresh counts, prompt mask) and
   return the last prompt token's logits (padded to the most rows any prefill takes).
 * ``first``: sample the first token of the prefilled slots from those logits (same sampling
-  code and counters as a decode step) and advance their state.
+  code and counters as a decode step, under the rows' token bitmask) and advance their state.
 * ``decode[(B, K)]``: one token for B rows of slots (B == num_slots: all slots, no gather;
   smaller B: the rows' cache is gathered, worth it while few slots are busy), reading and
   writing only the first K blocks of the KV cache (the engine picks the fewest that hold every
   row's position): forward + sampling + logprobs in one call; the cache and state are donated.
+* ``forward[K]`` and ``guided``: the decode step of all slots split in two for batches with
+  a grammar-guided row: the forward pass (its logits stay on the device) runs while the host
+  fills the rows' token bitmask from the previous step's tokens; ``guided`` then samples
+  under that mask ([num_slots, ceil(V/32)] int32) and advances the state. Batches without a
+  grammar never run these.
 * ``copy``: copy one slot's KV cache and prompt to another (n > 1 samples share one prefill;
   the copy samples its own first token in the next decode step by re-feeding the last prompt
   token).
@@ -33,7 +38,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from model_server.engine import sampling
+from model_server.engine import guided, sampling
 from model_server.engine.types import MAX_LOGIT_BIAS, MAX_LOGPROBS
 from model_server.models import base, layers
 
@@ -103,8 +108,11 @@ class Programs:
         self.kv_variants = kv_block_variants(len(layers.kv_block_sizes(max_seq_len)))
         self.score: dict[tuple[int, int], Any] = {}
         self.embed: dict[int, Any] = {}
+        self.forward: dict[int, Any] = {}
+        self.guided: Any = None
         self.copy: Any = None
         self.first: Any = None
+        self.mask_words = guided.words_for(self.v)
         self.k = min(MAX_LOGPROBS, self.v)
         #: rows of the first-token program: the most prompts one prefill call takes
         self.first_rows = max(max(self.prefill_rows(t)) for t in buckets)
@@ -139,9 +147,36 @@ class Programs:
             "bias_ids": np.full((n, MAX_LOGIT_BIAS), self.v, np.int32),
             "bias_vals": np.zeros((n, MAX_LOGIT_BIAS), np.float32),
             "keys": np.zeros((n, 2), np.uint32), "logprobs": np.full((n,), -1, np.int32),
+            "guided": np.zeros((n,), np.bool_),
         }
 
     # ------------------------------------------------------------------ functions
+
+    def _advance(self, state: dict, p: dict, logits: jax.Array, rows: Optional[jax.Array],
+                 token_mask: Optional[jax.Array] = None):
+        """Sample one token per row (all slots when `rows` is None), then advance the state."""
+        n = self.n
+        full = rows is None
+        tokens = state["tokens"] if full else state["tokens"][rows]
+        pos = state["positions"] if full else state["positions"][rows]
+        counts_fn = (lambda: state["counts"]) if full else (lambda: state["counts"][rows])
+        mask_fn = (lambda: state["prompt_mask"]) if full else (lambda: state["prompt_mask"][rows])
+        nxt = sampling.sample(logits, p, counts_fn, mask_fn, pos, token_mask)
+        act = p["active"]
+        want = jnp.any(act & (p["logprobs"] >= 0))
+        want_top = jnp.any(act & (p["logprobs"] > 0))
+        lp = sampling.logprob_outputs(logits, nxt, want, want_top, self.k)
+        row_slots = jnp.arange(n, dtype=jnp.int32) if full else rows
+        new_tokens = jnp.where(act, nxt, tokens)
+        new_pos = pos + act.astype(jnp.int32)
+        state = dict(state)
+        if full:
+            state["tokens"], state["positions"] = new_tokens, new_pos
+        else:
+            state["tokens"] = state["tokens"].at[rows].set(new_tokens)
+            state["positions"] = state["positions"].at[rows].set(new_pos)
+        state["counts"] = state["counts"].at[row_slots, nxt].add(act.astype(jnp.int32))
+        return state, (nxt,) + tuple(lp)
 
     def _decode_fn(self, b: int, kv_blocks: int) -> Callable:
         spec, n = self.spec, self.n
@@ -159,26 +194,29 @@ class Programs:
                 slot_ids = rows
             logits, cache = fwd_last(params, tokens[:, None], pos[:, None], cache, slot_ids,
                                      jnp.zeros((b,), jnp.int32))
-            counts_fn = (lambda: state["counts"]) if full else (lambda: state["counts"][rows])
-            mask_fn = (lambda: state["prompt_mask"]) if full else (lambda: state["prompt_mask"][rows])
-            nxt = sampling.sample(logits, p, counts_fn, mask_fn, pos)
-            act = p["active"]
-            want = jnp.any(act & (p["logprobs"] >= 0))
-            want_top = jnp.any(act & (p["logprobs"] > 0))
-            lp = sampling.logprob_outputs(logits, nxt, want, want_top, self.k)
-            row_slots = jnp.arange(n, dtype=jnp.int32) if full else rows
-            new_tokens = jnp.where(act, nxt, tokens)
-            new_pos = pos + act.astype(jnp.int32)
-            state = dict(state)
-            if full:
-                state["tokens"], state["positions"] = new_tokens, new_pos
-            else:
-                state["tokens"] = state["tokens"].at[rows].set(new_tokens)
-                state["positions"] = state["positions"].at[rows].set(new_pos)
-            state["counts"] = state["counts"].at[row_slots, nxt].add(act.astype(jnp.int32))
-            return cache, state, (nxt,) + tuple(lp)
+            state, out = self._advance(state, p, logits, None if full else rows)
+            return cache, state, out
 
         return decode
+
+    def _forward_fn(self, kv_blocks: int) -> Callable:
+        """All slots' forward pass of a decode step (the first half of a guided step)."""
+        n = self.n
+        fwd_last = base.make_forward_last(self.spec, kv_blocks=kv_blocks)
+
+        def forward(params, cache, state):
+            logits, cache = fwd_last(params, state["tokens"][:, None], state["positions"][:, None],
+                                     cache, None, jnp.zeros((n,), jnp.int32))
+            return cache, logits
+
+        return forward
+
+    def _guided_fn(self) -> Callable:
+        """Sample all slots from `forward`'s logits under the token bitmask; advance the state."""
+        def guided_step(state, sp, logits, token_mask):
+            return self._advance(state, sp, logits, None, token_mask)
+
+        return guided_step
 
     def _prefill_fn(self, t: int, b: int) -> Callable:
         spec, n, s, r = self.spec, self.n, self.s, self.first_rows
@@ -210,12 +248,12 @@ class Programs:
         """Sample the first token of freshly prefilled slots from their last-prompt logits."""
         n = self.n
 
-        def first(state, sp, logits, slot_ids, valid):
+        def first(state, sp, logits, slot_ids, valid, token_mask):
             p = jax.tree.map(lambda a: a[slot_ids], sp)
             p["active"] = p["active"] & valid
             pos = state["positions"][slot_ids]  # len - 1, as a decode step re-feeding it would
             nxt = sampling.sample(logits, p, lambda: state["counts"][slot_ids],
-                                  lambda: state["prompt_mask"][slot_ids], pos)
+                                  lambda: state["prompt_mask"][slot_ids], pos, token_mask[slot_ids])
             act = p["active"]
             want = jnp.any(act & (p["logprobs"] >= 0))
             want_top = jnp.any(act & (p["logprobs"] > 0))
@@ -307,6 +345,14 @@ class Programs:
                 fn = jax.jit(self._decode_fn(b, kb), donate_argnums=(1, 2), out_shardings=(cache_out, rep, rep))
                 jobs.append((f"decode[{b}x{kb}]", ("decode", (b, kb)),
                              functools.partial(fn.lower, params, cache, state, sp_dev, self._arg((b,), i32))))
+        words = self.mask_words
+        for kb in self.kv_variants:
+            fn = jax.jit(self._forward_fn(kb), donate_argnums=(1,), out_shardings=(cache_out, rep))
+            jobs.append((f"forward[{kb}]", ("forward", kb), functools.partial(fn.lower, params, cache, state)))
+        fn = jax.jit(self._guided_fn(), donate_argnums=(0,), out_shardings=(rep, rep))
+        jobs.append(("guided", ("guided", None), functools.partial(
+            fn.lower, state, sp_dev, self._arg((self.n, self.v), np.float32),
+            self._arg((self.n, words), i32))))
         for t in self.buckets:
             for b in self.prefill_rows(t):
                 fn = jax.jit(self._prefill_fn(t, b), donate_argnums=(1, 2), out_shardings=(cache_out, rep, rep))
@@ -327,7 +373,7 @@ class Programs:
         fn = jax.jit(self._first_fn(), donate_argnums=(0,), out_shardings=(rep, rep))
         jobs.append(("first", ("first", None), functools.partial(
             fn.lower, state, sp_dev, self._arg((r, self.v), np.float32), self._arg((r,), i32),
-            self._arg((r,), np.bool_))))
+            self._arg((r,), np.bool_), self._arg((self.n, words), i32))))
 
         timings: dict[str, float] = {}
 
@@ -345,7 +391,7 @@ class Programs:
             for done, (job, ((kind, key), compiled)) in enumerate(zip(jobs, ex.map(build, jobs)), 1):
                 if progress is not None:
                     progress(done, len(jobs), job[0])
-                if kind in ("copy", "first"):
+                if kind in ("copy", "first", "guided"):
                     setattr(self, kind, compiled)
                 else:
                     getattr(self, kind)[key] = compiled

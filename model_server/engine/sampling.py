@@ -5,7 +5,8 @@ settings are arrays, so no request ever causes a compilation. Work that only som
 need (penalties, logit bias, truncation, noise, logprobs) sits behind `lax.cond` on "any row
 needs it", so a batch of greedy requests pays for an argmax only.
 
-Order (as vLLM): logit bias -> repetition / frequency / presence penalties -> temperature ->
+Order (as vLLM): grammar token mask (guided decoding; rows without a grammar have all bits
+set, and a batch without any skips it) -> logit bias -> repetition / frequency / presence penalties -> temperature ->
 top-k -> top-p -> sample. Reported logprobs are those of the raw model logits.
 """
 from __future__ import annotations
@@ -57,7 +58,10 @@ def uniform(keys: jax.Array, counters: jax.Array, n: int) -> jax.Array:
     col = lax.broadcasted_iota(jnp.uint32, (keys.shape[0], n), 1)
     h = _mix(col * jnp.uint32(0x9E3779B1) + s1[:, None])
     h = _mix(h ^ s2[:, None])
-    return ((h >> 8).astype(F32) + 0.5) * F32(1.0 / (1 << 24))
+    # The top draw, (2^24 - 0.5) / 2^24, rounds to 1.0 in float32: clamp it below 1, or its
+    # Gumbel noise is +inf and that token wins whatever its logit (or its mask) says.
+    u = ((h >> 8).astype(F32) + 0.5) * F32(1.0 / (1 << 24))
+    return jnp.minimum(u, F32(1.0 - 2.0 ** -24))
 
 
 def gumbel(keys: jax.Array, counters: jax.Array, n: int) -> jax.Array:
@@ -65,6 +69,15 @@ def gumbel(keys: jax.Array, counters: jax.Array, n: int) -> jax.Array:
 
 
 # --------------------------------------------------------------------------- processing
+
+def apply_token_mask(logits: jax.Array, mask: jax.Array) -> jax.Array:
+    """Packed bitmask [B, ceil(V/32)] int32 (bit t % 32 of word t // 32: token t allowed);
+    disallowed tokens get -inf."""
+    v = logits.shape[-1]
+    tok = jnp.arange(v, dtype=jnp.int32)
+    bits = (mask[:, tok >> 5] >> (tok & 31)[None, :]) & 1
+    return jnp.where(bits != 0, logits, -jnp.inf)
+
 
 def apply_logit_bias(logits: jax.Array, bias_ids: jax.Array, bias_vals: jax.Array) -> jax.Array:
     """Sparse bias: ids [B, M] (padding = vocab size, dropped), values [B, M]."""
@@ -165,12 +178,17 @@ def truncation_thresholds(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array)
 
 # --------------------------------------------------------------------------- step
 
-def sample(logits: jax.Array, p: dict, counts_fn, prompt_mask_fn, counters: jax.Array) -> jax.Array:
+def sample(logits: jax.Array, p: dict, counts_fn, prompt_mask_fn, counters: jax.Array,
+           token_mask: jax.Array | None = None) -> jax.Array:
     """Next token per row. `p` holds per-row arrays: active, temperature, top_k, top_p,
-    presence, frequency, repetition, has_bias, bias_ids, bias_vals, keys. `counts_fn()` /
+    presence, frequency, repetition, has_bias, bias_ids, bias_vals, keys (and `guided` where
+    `token_mask`, the rows' packed grammar bitmask, is given). `counts_fn()` /
     `prompt_mask_fn()` give the rows' [B, V] output counts / prompt mask (only called inside
     the penalty branch, so batches without penalties never gather them)."""
     act = p["active"]
+    if token_mask is not None:
+        logits = lax.cond(jnp.any(act & p["guided"]), lambda x: apply_token_mask(x, token_mask),
+                          lambda x: x, logits)
     l = lax.cond(jnp.any(act & p["has_bias"]),
                  lambda x: apply_logit_bias(x, p["bias_ids"], p["bias_vals"]), lambda x: x, logits)
     pen = act & ((p["presence"] != 0) | (p["frequency"] != 0) | (p["repetition"] != 1))

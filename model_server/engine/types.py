@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from model_server.engine.guided import GuidedSpec
 
 #: Most top alternatives a request may ask for (`logprobs`), as OpenAI and vLLM.
 MAX_LOGPROBS = 20
@@ -27,6 +30,7 @@ class SamplingParams:
     logprobs: Optional[int] = None  # None: none; k>=0: chosen token's logprob + top-k alternatives
     prompt_logprobs: bool = False   # logprob of every prompt token given its prefix (first is None)
     n: int = 1                      # independent samples (indexes 0..n-1; seeds derived from seed)
+    guided: Optional["GuidedSpec"] = None  # output constrained to a grammar (JSON schema, regex, ...)
 
 
 @dataclass
