@@ -26,7 +26,10 @@ Beyond the specified API:
   A cancelled request's iteration simply ends (no final Delta); its finish reason is
   "cancelled".
 """
-from model_server.engine.core import Engine, EngineTokenizer, RequestHandle, compile_count
+from model_server.engine.compile_counter import compile_count
+from model_server.engine.core import Engine
+from model_server.engine.requests import RequestHandle
+from model_server.engine.tokenizer import EngineTokenizer
 from model_server.engine.types import (MAX_LOGIT_BIAS, MAX_LOGPROBS, Completion, Delta, EngineError,
                                        InvalidRequest, QueueFull, SamplingParams, TokenLogprob)
 

@@ -27,6 +27,7 @@ class SamplingParams:
     logprobs: Optional[int] = None  # None: none; k>=0: chosen token's logprob + top-k alternatives
     prompt_logprobs: bool = False   # logprob of every prompt token given its prefix (first is None)
     n: int = 1                      # independent samples (indexes 0..n-1; seeds derived from seed)
+    prefix_caching: bool = True     # reuse (and offer) cached KV blocks of the prompt's prefix
 
 
 @dataclass

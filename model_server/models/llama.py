@@ -203,8 +203,8 @@ class Block(nnx.Module):
         param = getattr(self, name, None)
         return None if param is None else param[...]
 
-    def __call__(self, x: jax.Array, positions: jax.Array, layer_cache: Any, slot_ids: jax.Array | None,
-                 fresh: bool, kv_blocks: int | None, last_index: jax.Array | None):
+    def __call__(self, x: jax.Array, positions: jax.Array, layer_cache: Any, block_tables: jax.Array | None,
+                 last_index: jax.Array | None):
         spec, (b, t) = self.spec, positions.shape
         h_, kv_, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
         inv_freq = _inv_freq(spec)
@@ -215,8 +215,8 @@ class Block(nnx.Module):
         k = L.apply_rope(k.reshape(b, t, kv_, hd), positions, inv_freq)
         v = v.reshape(b, t, kv_, hd)
         q = L.apply_rope(q.reshape(b, -1, h_, hd), positions if q_pos is None else q_pos, inv_freq)
-        o, layer_cache = L.attention(q, k, v, positions, layer_cache, slot_ids, 1.0 / math.sqrt(hd),
-                                     fresh, kv_blocks, q_pos)
+        o, layer_cache = L.attention(q, k, v, positions, layer_cache, block_tables, 1.0 / math.sqrt(hd),
+                                     q_pos)
         x = x + L.linear(o, self.wo[...], self._bias("bo"))
         h = L.rms_norm(x, self.mlp_norm[...], spec.norm_eps)
         gate, up = L.linears(h, [self.w_gate[...], self.w_up[...]],
