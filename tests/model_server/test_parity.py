@@ -76,7 +76,8 @@ def test_flax_module_state_is_the_checkpoint_tree(torch_models, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_matches_generate(torch_models, family):
-    """Prefill into slots, then batched decode steps over all slots, vs HF generate."""
+    """Prefill into the paged cache, then batched decode steps through the block tables, vs HF
+    generate."""
     model, path = torch_models[family]
     ckpt, params = ck.load_checkpoint(path, "float32")
     spec = ckpt.spec
@@ -84,15 +85,17 @@ def test_greedy_matches_generate(torch_models, family):
     num_slots, max_len = len(prompts), BUCKET + NEW_TOKENS
 
     fwd = jax.jit(base.make_forward(spec), donate_argnums=(3,))
-    cache = base.init_cache(spec, num_slots, max_len, jnp.float32)
+    blocks = -(-max_len // 16)  # each sequence its own run of 16-position blocks
+    cache = base.init_cache(spec, num_slots * blocks, 16, jnp.float32)
+    tables = np.arange(num_slots * blocks, dtype=np.int32).reshape(num_slots, blocks)
     tokens, positions = _prefill_batch(prompts)
-    logits, cache = fwd(params, tokens, positions, cache, jnp.arange(num_slots, dtype=jnp.int32))
+    logits, cache = fwd(params, tokens, positions, cache, tables)
     lens = np.array([len(p) for p in prompts], np.int32)
     last = np.asarray(logits)[np.arange(num_slots), lens - 1].argmax(-1).astype(np.int32)
     generated = [last]
     pos = lens.copy()
     for _ in range(NEW_TOKENS - 1):
-        logits, cache = fwd(params, last[:, None], pos[:, None], cache, None)
+        logits, cache = fwd(params, last[:, None], pos[:, None], cache, tables)
         last = np.asarray(logits[:, 0]).argmax(-1).astype(np.int32)
         generated.append(last)
         pos += 1
