@@ -11,7 +11,11 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+if TYPE_CHECKING:  # the engine and registry import JAX: only where a model loads
+    from model_server.engine import Engine
+    from model_server.registry import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +40,11 @@ class ServedModel:
     overrides: dict[str, Any]
     status: str = LOADING
     error: str | None = None
-    engine: Any = None          # model_server.engine.Engine once loaded
-    loaded: Any = None          # registry.LoadedModel once loaded
+    engine: Optional["Engine"] = None          # once loaded
+    loaded: Optional["LoadedModel"] = None     # once loaded
     load_time_s: float | None = None
     memory_bytes: int | None = None
+    kv_cache_bytes: int | None = None  # the KV block pool's share of memory_bytes
     static: bool = False
     started: float = field(default_factory=time.monotonic)
 
@@ -61,11 +66,12 @@ class ServedModel:
         self.check_engine()
         return {"model_id": self.model_id, "generation": self.generation, "status": self.status,
                 "checkpoint": self.checkpoint if self.checkpoint is not None else "None",
-                "error": self.error, "memory_bytes": self.memory_bytes, "load_time_s": self.load_time_s}
+                "error": self.error, "memory_bytes": self.memory_bytes, "load_time_s": self.load_time_s,
+                "kv_cache_bytes": self.kv_cache_bytes}
 
 
 def default_loader(model_path: str, checkpoint: str | None, overrides: dict[str, Any],
-                   cache_dir: str | None) -> tuple[Any, Any]:
+                   cache_dir: str | None) -> tuple["LoadedModel", "Engine"]:
     """Loads weights and tokenizer, builds the engine and compiles every shape."""
     from model_server import registry
     from model_server.devices import make_mesh
@@ -142,6 +148,7 @@ class ModelManager:
         served.loaded, served.engine = loaded, engine
         served.load_time_s = round(time.monotonic() - t0, 3)
         served.memory_bytes = int(loaded.memory_bytes()) if hasattr(loaded, "memory_bytes") else None
+        served.kv_cache_bytes = int(loaded.kv_cache_bytes()) if hasattr(loaded, "kv_cache_bytes") else None
         with self._lock:
             still_wanted = self._models.get((served.model_id, served.generation)) is served
             served.status = LOADED if still_wanted else UNLOADING

@@ -26,10 +26,6 @@ Beyond the specified API:
   A cancelled request's iteration simply ends (no final Delta); its finish reason is
   "cancelled".
 """
-from model_server.engine.compile_counter import compile_count
-from model_server.engine.core import Engine
-from model_server.engine.requests import RequestHandle
-from model_server.engine.tokenizer import EngineTokenizer
 from model_server.engine.types import (MAX_LOGIT_BIAS, MAX_LOGPROBS, Completion, Delta, EngineError,
                                        InvalidRequest, QueueFull, SamplingParams, TokenLogprob)
 
@@ -38,3 +34,15 @@ __all__ = [
     "Completion", "EngineError", "InvalidRequest", "QueueFull", "MAX_LOGPROBS", "MAX_LOGIT_BIAS",
     "compile_count",
 ]
+
+# The parts that need JAX load on first use: the scheduler, block manager and request records
+# import (and test) without it.
+_LAZY = {"Engine": "core", "RequestHandle": "requests", "EngineTokenizer": "tokenizer",
+         "compile_count": "compile_counter"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f"model_server.engine.{_LAZY[name]}"), name)
+    raise AttributeError(name)

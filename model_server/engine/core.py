@@ -196,7 +196,7 @@ class Engine:
 
     def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> list[int]:
         """Raise InvalidRequest if `submit` would; returns the prompt as a list of ints."""
-        return validation.validate(self.spec, self.max_seq_len, self.max_seq_len, self.num_slots,
+        return validation.validate(self.spec, self.max_seq_len, self.prefill_buckets[-1], self.num_slots,
                                    prompt_ids, params)
 
     def _free_slots(self) -> int:

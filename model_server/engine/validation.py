@@ -34,8 +34,9 @@ def check_prompt(spec: base.ModelSpec, max_seq_len: int, longest_prompt: int, pr
 def validate(spec: base.ModelSpec, max_seq_len: int, longest_prompt: int, num_slots: int,
              prompt_ids: Sequence[int], params: SamplingParams) -> list[int]:
     """Raise InvalidRequest if the engine cannot serve `params` for the prompt; returns the
-    prompt as a list of ints."""
-    ids = check_prompt(spec, max_seq_len, longest_prompt, prompt_ids)
+    prompt as a list of ints. Prompts up to max_seq_len are generated from (prefilled in
+    chunks); prompts scored (prompt logprobs: one cache-free pass) up to `longest_prompt`."""
+    ids = check_prompt(spec, max_seq_len, max_seq_len, prompt_ids)
     p = params
 
     def need(cond: bool, msg: str, param: str) -> None:
@@ -50,6 +51,9 @@ def validate(spec: base.ModelSpec, max_seq_len: int, longest_prompt: int, num_sl
 
     need(integer(p.max_tokens) and p.max_tokens >= 0, "max_tokens must be a non-negative integer",
          "max_tokens")
+    if p.prompt_logprobs and len(ids) > longest_prompt:
+        raise InvalidRequest(f"the prompt has {len(ids)} tokens, more than the longest prompt this server "
+                             f"scores ({longest_prompt})", "prompt")
     need(p.max_tokens > 0 or p.prompt_logprobs,
          "max_tokens must be at least 1 (0 only when scoring the prompt)", "max_tokens")
     if p.max_tokens > 0 and len(ids) + p.max_tokens > max_seq_len:

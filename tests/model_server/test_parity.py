@@ -45,9 +45,10 @@ def test_logits_match(torch_models, family):
     prompts = _prompts(1, spec.vocab_size)
     tokens, positions = _prefill_batch(prompts)
     fwd = jax.jit(base.make_forward(spec), donate_argnums=(3,))
-    cache = base.init_cache(spec, 4, 64, jnp.float32)
-    # rows go to slots 3, 0, 2 (a padded prefill batch with different prompt lengths)
-    logits, cache = fwd(params, tokens, positions, cache, jnp.array([3, 0, 2], jnp.int32))
+    cache = base.init_cache(spec, 16, 16, jnp.float32)
+    # rows go to shuffled blocks of the pool (a padded prefill batch with different prompt lengths)
+    tables = np.array([[12, 3, 7, 0], [5, 9, 1, 14], [2, 11, 6, 15]], np.int32)
+    logits, cache = fwd(params, tokens, positions, cache, tables)
     nocache, _ = jax.jit(base.make_forward(spec))(params, tokens, positions, None, None)
     for b, prompt in enumerate(prompts):
         ref = _hf_logits(model, prompt)

@@ -1,0 +1,90 @@
+"""Engine v2 on the tiny model: prefix caching, chunked prefill and preemption give exactly the
+outputs of the plain path, and nothing compiles while serving."""
+from __future__ import annotations
+
+import pytest
+
+from model_server import registry
+from model_server.engine import Engine, SamplingParams
+from tests.model_server.test_engine import ref_greedy
+
+WINDOW = 128
+
+
+@pytest.fixture(scope="module")
+def model():
+    return registry.load_model("test.tiny", None, {"num_slots": 4, "max_seq_len": WINDOW})
+
+
+def make(model, **kw) -> Engine:
+    kw = {"num_slots": 4, "max_seq_len": WINDOW, "prefill_buckets": [16, 64], "max_queue": 16,
+          "dtype": "float32", **kw}
+    eng = Engine(model, **kw)
+    eng.start()
+    return eng
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    eng = make(model, max_num_batched_tokens=24)
+    yield eng
+    eng.stop()
+
+
+PREFIX = [(7 * i) % 300 + 5 for i in range(50)]
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+def test_a_cached_prefix_gives_the_same_tokens_and_prompt_logprobs(engine, model):
+    prompts = [PREFIX + [11, 12, 13], PREFIX + [40, 41]]
+    params = SamplingParams(max_tokens=6, logprobs=2, prompt_logprobs=True, **GREEDY)
+    hits0 = engine.stats()["prefix_cache_hits_total"]
+    cold = [engine.submit(p, SamplingParams(**{**params.__dict__, "prefix_caching": False})) for p in prompts]
+    cold_out = [h.result()[0] for h in cold]
+    assert engine.stats()["prefix_cache_hits_total"] == hits0
+    engine.submit(prompts[0], SamplingParams(max_tokens=1, **GREEDY)).result()  # fills the cache
+    warm = [engine.submit(p, params) for p in prompts]
+    warm_out = [h.result()[0] for h in warm]
+    assert engine.stats()["prefix_cache_hits_total"] - hits0 >= 2 * 48
+    for p, c, w, hc, hw in zip(prompts, cold_out, warm_out, cold, warm):
+        assert w.token_ids == c.token_ids == ref_greedy(model, p, 6)[0]
+        # generated tokens' logprobs: the suffix's chunk is a smaller product than the whole
+        # prompt's, so they agree to rounding; prompt logprobs (one cache-free pass) exactly
+        assert [lp.logprob for lp in w.logprobs] == pytest.approx([lp.logprob for lp in c.logprobs], abs=1e-5)
+        assert [x and x.logprob for x in hw.prompt_logprobs] == [x and x.logprob for x in hc.prompt_logprobs]
+    assert engine.compiles_since_ready() == 0
+
+
+def test_a_long_prompt_prefills_in_chunks_beside_decodes(engine, model):
+    short = engine.submit([3, 4, 5], SamplingParams(max_tokens=30, **GREEDY))
+    long_prompt = [(5 * i) % 280 + 9 for i in range(100)]
+    calls = engine.stats()["prefill_calls_total"]
+    long = engine.submit(long_prompt, SamplingParams(max_tokens=5, prefix_caching=False, **GREEDY))
+    assert long.result()[0].token_ids == ref_greedy(model, long_prompt, 5)[0]
+    assert short.result()[0].token_ids == ref_greedy(model, [3, 4, 5], 30)[0]
+    assert engine.stats()["prefill_calls_total"] - calls >= 100 // 24  # chunks of the budget
+    assert engine.compiles_since_ready() == 0
+
+
+def test_a_pool_too_small_for_everyone_preempts_and_finishes_all(model):
+    eng = make(model, num_blocks=8 + 4 + 2)  # one window and the slots' own blocks, and two
+    try:
+        prompts = [[(k * 13 + i) % 250 + 3 for i in range(20)] for k in range(4)]
+        handles = [eng.submit(p, SamplingParams(max_tokens=40, **GREEDY)) for p in prompts]
+        outs = [h.result()[0] for h in handles]
+        for p, o in zip(prompts, outs):
+            assert o.token_ids == ref_greedy(model, p, 40)[0] and o.finish_reason == "length"
+        st = eng.stats()
+        assert st["num_preemptions_total"] > 0 and st["requests_finished_total"]["length"] == 4
+        assert st["kv_cache_usage_perc"] == 0.0
+        assert eng.compiles_since_ready() == 0
+    finally:
+        eng.stop()
+
+
+def test_n_samples_share_the_prompt_and_seeds_repeat(engine):
+    p = PREFIX[:37]
+    params = SamplingParams(max_tokens=8, temperature=1.0, seed=5, n=3)
+    a = [c.token_ids for c in engine.submit(p, params).result()]
+    b = [c.token_ids for c in engine.submit(p, params).result()]
+    assert a == b and len({tuple(x) for x in a}) > 1
