@@ -2,13 +2,33 @@
 outputs of the plain path, and nothing compiles while serving."""
 from __future__ import annotations
 
+import functools
+
+import jax
+import numpy as np
 import pytest
 
 from model_server import registry
-from model_server.engine import Engine, SamplingParams
-from tests.model_server.test_engine import ref_greedy
+from model_server.engine import Engine, SamplingParams, compile_count
+from model_server.models import base
 
 WINDOW = 128
+
+
+@functools.lru_cache(maxsize=None)
+def _fwd(spec):
+    return jax.jit(base.make_forward(spec))
+
+
+def ref_greedy(model, prompt, n):
+    """Greedy tokens by cache-free forwards (padded to the window: one compile serves all)."""
+    seq = list(prompt)
+    for _ in range(n):
+        toks = np.zeros((1, WINDOW), np.int32)
+        toks[0, :len(seq)] = seq
+        logits, _ = _fwd(model.spec)(model.params, toks, np.arange(WINDOW, dtype=np.int32)[None], None, None)
+        seq.append(int(np.asarray(logits[0, len(seq) - 1]).argmax()))
+    return seq[len(prompt):]
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +57,8 @@ GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 def test_a_cached_prefix_gives_the_same_tokens_and_prompt_logprobs(engine, model):
     prompts = [PREFIX + [11, 12, 13], PREFIX + [40, 41]]
+    want = [ref_greedy(model, p, 6) for p in prompts]
+    c0 = compile_count()
     params = SamplingParams(max_tokens=6, logprobs=2, prompt_logprobs=True, **GREEDY)
     hits0 = engine.stats()["prefix_cache_hits_total"]
     cold = [engine.submit(p, SamplingParams(**{**params.__dict__, "prefix_caching": False})) for p in prompts]
@@ -46,38 +68,42 @@ def test_a_cached_prefix_gives_the_same_tokens_and_prompt_logprobs(engine, model
     warm = [engine.submit(p, params) for p in prompts]
     warm_out = [h.result()[0] for h in warm]
     assert engine.stats()["prefix_cache_hits_total"] - hits0 >= 2 * 48
-    for p, c, w, hc, hw in zip(prompts, cold_out, warm_out, cold, warm):
-        assert w.token_ids == c.token_ids == ref_greedy(model, p, 6)[0]
+    for ref, c, w, hc, hw in zip(want, cold_out, warm_out, cold, warm):
+        assert w.token_ids == c.token_ids == ref
         # generated tokens' logprobs: the suffix's chunk is a smaller product than the whole
         # prompt's, so they agree to rounding; prompt logprobs (one cache-free pass) exactly
         assert [lp.logprob for lp in w.logprobs] == pytest.approx([lp.logprob for lp in c.logprobs], abs=1e-5)
         assert [x and x.logprob for x in hw.prompt_logprobs] == [x and x.logprob for x in hc.prompt_logprobs]
-    assert engine.compiles_since_ready() == 0
+    assert compile_count() == c0
 
 
 def test_a_long_prompt_prefills_in_chunks_beside_decodes(engine, model):
-    short = engine.submit([3, 4, 5], SamplingParams(max_tokens=30, **GREEDY))
     long_prompt = [(5 * i) % 280 + 9 for i in range(100)]
+    want_long, want_short = ref_greedy(model, long_prompt, 5), ref_greedy(model, [3, 4, 5], 30)
+    c0 = compile_count()
+    short = engine.submit([3, 4, 5], SamplingParams(max_tokens=30, **GREEDY))
     calls = engine.stats()["prefill_calls_total"]
     long = engine.submit(long_prompt, SamplingParams(max_tokens=5, prefix_caching=False, **GREEDY))
-    assert long.result()[0].token_ids == ref_greedy(model, long_prompt, 5)[0]
-    assert short.result()[0].token_ids == ref_greedy(model, [3, 4, 5], 30)[0]
+    assert long.result()[0].token_ids == want_long
+    assert short.result()[0].token_ids == want_short
     assert engine.stats()["prefill_calls_total"] - calls >= 100 // 24  # chunks of the budget
-    assert engine.compiles_since_ready() == 0
+    assert compile_count() == c0
 
 
 def test_a_pool_too_small_for_everyone_preempts_and_finishes_all(model):
     eng = make(model, num_blocks=8 + 4 + 2)  # one window and the slots' own blocks, and two
     try:
         prompts = [[(k * 13 + i) % 250 + 3 for i in range(20)] for k in range(4)]
+        want = [ref_greedy(model, p, 40) for p in prompts]
+        c0 = compile_count()
         handles = [eng.submit(p, SamplingParams(max_tokens=40, **GREEDY)) for p in prompts]
         outs = [h.result()[0] for h in handles]
-        for p, o in zip(prompts, outs):
-            assert o.token_ids == ref_greedy(model, p, 40)[0] and o.finish_reason == "length"
+        for ref, o in zip(want, outs):
+            assert o.token_ids == ref and o.finish_reason == "length"
         st = eng.stats()
         assert st["num_preemptions_total"] > 0 and st["requests_finished_total"]["length"] == 4
         assert st["kv_cache_usage_perc"] == 0.0
-        assert eng.compiles_since_ready() == 0
+        assert compile_count() == c0
     finally:
         eng.stop()
 
