@@ -36,6 +36,13 @@ def serve(settings: AdminSettings) -> None:
 @click.option("--lease-ttl", "lease_ttl_s", type=float, help="Leader lease time to live, seconds.")
 @click.option("--reconcile-interval", "reconcile_interval_s", type=float, help="Seconds between reconcile passes.")
 @click.option("--retry-backoff", "retry_backoff_s", type=float, help="First back-off after a failed load, seconds.")
+@click.option("--scale-up-waiting", "scale_up_waiting", type=float,
+              help="Queued requests per ready replica above which a model scales up (SAX_SCALE_UP_WAITING, default 1).")
+@click.option("--scale-up-window", "scale_up_window_s", type=float,
+              help="Seconds the queue must stay above that before a replica is added (SAX_SCALE_UP_WINDOW, default 10).")
+@click.option("--scale-down-load", "scale_down_load", type=float,
+              help="Running+queued requests per replica the remaining replicas may carry for a "
+                   "scale-down (SAX_SCALE_DOWN_LOAD, default 1).")
 @click.option("--db-timeout", "db_timeout_s", type=float,
               help="PostgreSQL: longest statement, lock wait or connect, seconds (SAX_DB_TIMEOUT, default 30).")
 @click.option("--migrate/--no-migrate", "auto_migrate", default=None, help="Run migrations at start (default: SQLite only).")

@@ -204,6 +204,21 @@ def stats():  # type: ignore[no-untyped-def]
     return jsonify(out)
 
 
+@bp.post("/demand/<path:name>")
+def demand(name: str):  # type: ignore[no-untyped-def]
+    """A caller waits for a replica of an idle (or still loading) model: the leader loads one.
+    Answers as `locate` does, with `loading` (false: waiting is pointless, `reason` says why).
+    Open to data callers, as `locate` is."""
+    c = ctx()
+    with c.sessions.begin() as s:
+        hopeless = state.note_demand(s, c.settings, _model_id(name))
+    if hopeless is None:
+        c.wake_leader()
+    with c.sessions() as s:
+        return jsonify({**state.locate(s, c.settings, _model_id(name)), "loading": hopeless is None,
+                        "reason": hopeless})
+
+
 @bp.get("/locate/<path:name>")
 def locate(name: str):  # type: ignore[no-untyped-def]
     """Ready replica addresses. With ?version=V&timeout=T, waits until the answer's

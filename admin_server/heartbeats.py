@@ -41,6 +41,10 @@ class ReportedModel:
     error: str | None
     memory_bytes: int | None
     load_time_s: float | None
+    # Load (not part of the report digest: it is written in batches, see HeartbeatRecorder).
+    running: int = 0
+    waiting: int = 0
+    idle_s: float | None = None
 
 
 @dataclass
@@ -89,10 +93,16 @@ def parse_heartbeat(body: dict[str, Any]) -> tuple[dict[str, Any], list[Reported
             generation = int(m.get("generation", 1))
             memory = int(m["memory_bytes"]) if m.get("memory_bytes") else None
             load_time = float(m["load_time_s"]) if m.get("load_time_s") else None
-        except (TypeError, ValueError):
-            raise InvalidArgument("generation, memory_bytes and load_time_s must be numbers") from None
+            running, waiting = max(int(m.get("running") or 0), 0), max(int(m.get("waiting") or 0), 0)
+            idle_s = float(m["idle_s"]) if m.get("idle_s") is not None else None
+        except (TypeError, ValueError, OverflowError):
+            raise InvalidArgument("generation, memory_bytes, load_time_s, running, waiting and idle_s "
+                                  "must be numbers") from None
+        if idle_s is not None and not 0 <= idle_s < 1e9:
+            raise InvalidArgument("idle_s must be a non-negative number of seconds")
         reported.append(ReportedModel(m["model_id"], generation, m["status"],
-                                      str(m["error"])[:4000] if m.get("error") else None, memory, load_time))
+                                      str(m["error"])[:4000] if m.get("error") else None, memory, load_time,
+                                      min(running, 1 << 30), min(waiting, 1 << 30), idle_s))
     return desc, reported
 
 
@@ -116,12 +126,24 @@ _OBSERVED = (update(Replica).where(Replica.id == bindparam("rid"))
              .values(observed=bindparam("observed"), error=bindparam("error"),
                      memory_bytes=bindparam("memory_bytes"), load_time_s=bindparam("load_time_s"),
                      updated_at=bindparam("now")))
+_LOAD = (update(Replica)
+         .where(Replica.server_address == bindparam("addr"), Replica.model_id == bindparam("mid"),
+                Replica.generation == bindparam("gen"))
+         .values(running=bindparam("running"), waiting=bindparam("waiting"),
+                 last_used_at=bindparam("last_used")))
+# The same, also marking the replica changed for the leader's probe (its load class moved).
+_LOAD_CHANGED = _LOAD.values(updated_at=bindparam("now"))
 _REPLICAS = (select(Replica.id, Replica.model_id, Replica.generation, Replica.checkpoint,
                     Replica.wanted, Replica.observed, Replica.error, Replica.memory_bytes,
                     Replica.load_time_s, PublishedModel.model_path, PublishedModel.overrides,
                     PublishedModel.memory_bytes.label("model_memory"))
              .join(PublishedModel, PublishedModel.model_id == Replica.model_id)
              .where(Replica.server_address == bindparam("addr")))
+
+
+def _load_class(load: tuple[int, int, float | None]) -> tuple[bool, int]:
+    """Busy or not, and the queue's order of magnitude: a change the leader must look at."""
+    return load[0] + load[1] > 0, load[1].bit_length()
 
 
 def _digest(value: Any) -> str:
@@ -153,6 +175,10 @@ class HeartbeatRecorder:
         self.reader = (engine.execution_options(isolation_level="AUTOCOMMIT")
                        if engine.dialect.name == "postgresql" else engine)
         self._pending: dict[str, float] = {}
+        # (address, model id, generation) -> (running, waiting, last used) as last reported, and
+        # as last written: the flusher writes the changes in batches.
+        self._loads: dict[tuple[str, str, int], tuple[int, int, float | None]] = {}
+        self._loads_written: dict[tuple[str, str, int], tuple[int, int, float | None]] = {}
         # address -> (assignment_version, desc_digest, report_digest) as last read or written.
         self._known: dict[str, tuple[int, str | None, str | None]] = {}
         self._lock = threading.Lock()
@@ -181,6 +207,7 @@ class HeartbeatRecorder:
             return None
         with self._lock:
             self._pending[address] = beat.now
+            self._note_loads(beat)
         return self._answer(None, beat.known_version)
 
     def record_changed(self, beat: Heartbeat) -> dict[str, Any]:
@@ -188,6 +215,8 @@ class HeartbeatRecorder:
         desc, reported, now = beat.desc, beat.reported, beat.now
         desc_digest, report_digest = beat.desc_digest, beat.report_digest
         address = desc["address"]
+        with self._lock:
+            self._note_loads(beat)
         with self.reader.connect() as conn:
             # The version is read before the replicas: a change the leader commits in between
             # is answered under the older version, so the next heartbeat asks again.
@@ -239,7 +268,7 @@ class HeartbeatRecorder:
             for m in orphans:
                 model = conn.execute(
                     select(PublishedModel.model_path, PublishedModel.checkpoint, PublishedModel.overrides,
-                           PublishedModel.requested_replicas)
+                           PublishedModel.target_replicas)
                     .where(PublishedModel.model_id == m.model_id, PublishedModel.cell == self.settings.cell_name,
                            PublishedModel.state == "ACTIVE", PublishedModel.generation == m.generation)
                 ).first()
@@ -248,7 +277,7 @@ class HeartbeatRecorder:
                 have = conn.execute(select(func.count()).select_from(Replica).where(
                     Replica.model_id == m.model_id, Replica.generation == m.generation,
                     Replica.wanted == Wanted.LOADED.value)).scalar_one()
-                if have >= model.requested_replicas:
+                if have >= model.target_replicas:
                     continue
                 ins = _dialect_insert(conn)(Replica).values(
                     model_id=m.model_id, server_address=address, generation=m.generation,
@@ -305,16 +334,52 @@ class HeartbeatRecorder:
                              .values(memory_bytes=memory))
         return int(version or 0)
 
+    def _note_loads(self, beat: Heartbeat) -> None:
+        """Keeps the load each replica reports (under the lock)."""
+        address = beat.desc["address"]
+        for m in beat.reported:
+            key = (address, m.model_id, m.generation)
+            if m.status == Observed.LOADED.value:
+                used = None if m.idle_s is None else round(beat.now - m.idle_s, 1)
+                self._loads[key] = (m.running, m.waiting, used)
+            else:  # a replica loaded again later is a new row: written afresh
+                self._loads_written.pop(key, None)
+
+    def _load_changes(self, now: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Replica loads to write: (those whose load class moved, the others)."""
+        with self._lock:
+            loads, self._loads = self._loads, {}
+        moved, quiet = [], []
+        for key, (running, waiting, used) in loads.items():
+            old = self._loads_written.get(key)
+            if old is not None:
+                if old[:2] == (running, waiting) and (used is None or (old[2] or 0) >= used - 1.0):
+                    continue  # unchanged, or last use moved by under a second
+                if used is None:
+                    used = old[2]
+            self._loads_written[key] = (running, waiting, used)
+            row = {"addr": key[0], "mid": key[1], "gen": key[2], "running": running, "waiting": waiting,
+                   "last_used": used, "now": now}
+            (moved if old is None or _load_class(old) != _load_class((running, waiting, used)) else quiet).append(row)
+        return moved, quiet
+
     def flush(self) -> None:
+        now = time.time()
         with self._lock:
             batch, self._pending = self._pending, {}
-        if not batch:
+        moved, quiet = self._load_changes(now)
+        if not batch and not moved and not quiet:
             return
         with self.engine.begin() as conn:
             _soft_commit(conn)
             # A row deleted meanwhile (declared dead) matches nothing: that server's next
             # heartbeat misses the fast path and inserts it again.
-            conn.execute(_LIVENESS, [{"addr": a, "now": t} for a, t in batch.items()])
+            if batch:
+                conn.execute(_LIVENESS, [{"addr": a, "now": t} for a, t in batch.items()])
+            if moved:
+                conn.execute(_LOAD_CHANGED, moved)
+            if quiet:
+                conn.execute(_LOAD, quiet)
 
     def refresh(self) -> None:
         """Reloads every server's (assignment version, digests) of this cell. (Ten times a
@@ -323,6 +388,10 @@ class HeartbeatRecorder:
             # Plain columns: the driver's tuples, without building a Row for each.
             rows = conn.execute(_KNOWN, {"cell": self.settings.cell_name}).cursor.fetchall()
         self._known = {r[0]: (r[1], r[2], r[3]) for r in rows}
+        if self._loads_written:
+            gone = [k for k in self._loads_written if k[0] not in self._known]
+            for k in gone:
+                self._loads_written.pop(k, None)
 
     def _run(self) -> None:
         while not self._stop.wait(self.flush_s):

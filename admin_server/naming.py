@@ -90,16 +90,41 @@ def check_checkpoint(checkpoint: Any, allowed_roots: tuple[str, ...] = ()) -> st
     return checkpoint
 
 
-def check_replicas(replicas: Any, maximum: int) -> int:
+def check_replicas(replicas: Any, maximum: int, name: str = "replicas") -> int:
     if isinstance(replicas, bool) or not isinstance(replicas, int):
         # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
         if isinstance(replicas, str) and re.fullmatch(r"\s*[0-9]{1,9}\s*", replicas):
             replicas = int(replicas)
         else:
-            raise InvalidArgument(f"replicas must be a non-negative integer, got {replicas!r}")
+            raise InvalidArgument(f"{name} must be a non-negative integer, got {replicas!r}")
     if replicas < 0 or replicas > maximum:
-        raise InvalidArgument(f"replicas must be between 0 and {maximum}, got {replicas}")
+        raise InvalidArgument(f"{name} must be between 0 and {maximum}, got {replicas}")
     return replicas
+
+
+DEFAULT_IDLE_SECONDS = 300.0
+MAX_IDLE_SECONDS = 30 * 86400.0
+
+
+def check_scaling(replicas: int, min_replicas: Any, max_replicas: Any, idle_seconds: Any,
+                  maximum: int) -> tuple[int, int, float]:
+    """(min_replicas, max_replicas, idle_seconds) with `min <= replicas <= max`; the bounds
+    default to `replicas`, `idle_seconds` to DEFAULT_IDLE_SECONDS."""
+    lo = replicas if min_replicas is None else check_replicas(min_replicas, maximum, "min_replicas")
+    hi = replicas if max_replicas is None else check_replicas(max_replicas, maximum, "max_replicas")
+    if not lo <= replicas <= hi:
+        raise InvalidArgument(f"need min_replicas <= replicas <= max_replicas, got {lo} <= {replicas} <= {hi}")
+    if idle_seconds is None:
+        return lo, hi, DEFAULT_IDLE_SECONDS
+    if isinstance(idle_seconds, str):
+        try:
+            idle_seconds = float(idle_seconds)
+        except ValueError:
+            raise InvalidArgument(f"idle_seconds must be a number, got {idle_seconds!r}") from None
+    if (isinstance(idle_seconds, bool) or not isinstance(idle_seconds, (int, float))
+            or not 0 < idle_seconds <= MAX_IDLE_SECONDS):
+        raise InvalidArgument(f"idle_seconds must be a number in (0, {MAX_IDLE_SECONDS:.0f}], got {idle_seconds!r}")
+    return lo, hi, float(idle_seconds)
 
 
 def _int_in(lo: int, hi: int) -> Callable[[Any], int]:

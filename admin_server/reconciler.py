@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import Engine, delete, func, insert, select, update
 
+from admin_server import scaling
 from admin_server.lease import fence
 from admin_server.schema import (CellState, ModelServer, ModelState, Observed, PublishedModel,
                                  Replica, Wanted)
@@ -39,12 +40,26 @@ class ModelView:
     model_path: str
     checkpoint: str | None
     generation: int
-    requested: int
+    requested: int              # the target replica count (autoscaled between min and max)
     overrides: dict[str, Any]
     state: str
     memory_bytes: int | None
     failures: int
     retry_after: float | None
+    min_replicas: int = -1      # -1: the same as `requested` (a fixed count)
+    max_replicas: int = -1
+    idle_seconds: float = 300.0
+    busy_since: float | None = None
+    calm_since: float | None = None
+    demand_at: float | None = None
+    scaled_at: float | None = None
+    placement_note: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.min_replicas < 0:
+            self.min_replicas = self.requested
+        if self.max_replicas < 0:
+            self.max_replicas = self.requested
 
     @property
     def need(self) -> int:
@@ -63,6 +78,10 @@ class ReplicaView:
     error: str | None
     retry_after: float | None
     memory_bytes: int | None
+    running: int = 0
+    waiting: int = 0
+    last_used_at: float | None = None
+    created_at: float = 0.0
 
 
 @dataclass
@@ -75,12 +94,19 @@ class Plan:
     model_failures: dict[str, tuple[int, float, str]] = field(default_factory=dict)
     model_recovered: list[str] = field(default_factory=list)
     drop_models: list[str] = field(default_factory=list)
+    scale: dict[str, scaling.Scaled] = field(default_factory=dict)    # model id -> new target
+    notes: dict[str, str | None] = field(default_factory=dict)        # model id -> placement note
     # Earliest time a back-off ends: the next pass that could act on its own.
     next_due: float | None = None
 
     def empty(self) -> bool:
         return not any((self.dead_servers, self.add, self.unload, self.delete, self.failed,
-                        self.model_failures, self.model_recovered, self.drop_models))
+                        self.model_failures, self.model_recovered, self.drop_models, self.scale,
+                        self.notes))
+
+    def due(self, when: float | None) -> None:
+        if when is not None:
+            self.next_due = min(self.next_due or when, when)
 
 
 LOADED, UNLOADED = Wanted.LOADED.value, Wanted.UNLOADED.value
@@ -183,8 +209,21 @@ def plan(now: float, settings: AdminSettings, servers: list[ServerView], models:
 
     active = [m for m in models if m.state == ModelState.ACTIVE.value]
     active.sort(key=lambda m: (-m.need, m.model_id))  # big models first: they are hardest to fit
+    # Models with callers waiting and no server found (and the servers they may not use): evict for them.
+    cold: list[tuple[ModelView, set[str]]] = []
+    notes: dict[str, str | None] = {}
     for model in active:
         mine = holding.get(model.model_id, [])
+        scaled = scaling.autoscale(now, settings, model, mine)
+        if scaled is not None:
+            p.scale[model.model_id] = scaled
+            model.requested, model.busy_since, model.calm_since = (
+                scaled.target, scaled.busy_since, scaled.calm_since)
+            if scaled.reason:
+                model.scaled_at = now
+                log.info("scale %s to %d replicas: %s", model.model_id, scaled.target, scaled.reason)
+        p.due(scaling.next_due(now, settings, model, mine))
+        notes[model.model_id] = None
         wanted = [r for r in mine if r.wanted == LOADED]
         current = [r for r in wanted if r.generation == model.generation]
         old = [r for r in wanted if r.generation != model.generation]
@@ -195,9 +234,11 @@ def plan(now: float, settings: AdminSettings, servers: list[ServerView], models:
             # Fully served: failed placements need no back-off record any more.
             p.delete.extend(r.id for r in mine if r.wanted == UNLOADED and r.observed == NONE)
 
-        # Surplus current-generation replicas: drop those not yet serving first.
+        # Surplus current-generation replicas: drop those not yet serving first, then the least
+        # loaded, least recently used (they drain before they unload).
         surplus = len(current) - model.requested
-        for r in sorted(current, key=lambda r: (r.observed == OBS_LOADED, r.id))[:max(surplus, 0)]:
+        for r in sorted(current, key=lambda r: (r.observed == OBS_LOADED, r.running + r.waiting,
+                                                scaling.last_used(r), r.id))[:max(surplus, 0)]:
             p.unload.append(r.id)
         # Old generations drain only as new replicas become ready (rolling update).
         keep_old = max(0, min(len(old), model.requested - loaded_current))
@@ -209,6 +250,7 @@ def plan(now: float, settings: AdminSettings, servers: list[ServerView], models:
             continue
         if model.retry_after and model.retry_after > now:
             p.next_due = min(p.next_due or model.retry_after, model.retry_after)
+            notes[model.model_id] = "backing off after a failed load (see last_error)"
             continue
         if model.model_id in p.model_failures:
             continue  # a replica just failed: back off before placing again
@@ -217,15 +259,26 @@ def plan(now: float, settings: AdminSettings, servers: list[ServerView], models:
             if r.retry_after and r.retry_after > now:
                 p.next_due = min(p.next_due or r.retry_after, r.retry_after)
         on_server = {r.server for r in mine if r.wanted == LOADED}
-        exclude = blocked | {r.server for r in current}
+        # Not beside a replica of this generation, even one still draining (one row per server).
+        exclude = blocked | {r.server for r in mine if r.generation == model.generation}
         key = (model.model_path, repr(model.overrides.get("chip")),
                tuple(sorted(model.overrides.get("constraints") or [])))
         if key not in heaps:
             heaps[key] = [(-free[a], a) for a, s in live.items() if _fits(s, model)]
             heapq.heapify(heaps[key])
-        for address in _pick(heaps[key], free, missing, model.need, exclude, on_server):
+        chosen = _pick(heaps[key], free, missing, model.need, exclude, on_server)
+        for address in chosen:
             p.add.append({"model_id": model.model_id, "server_address": address,
                           "generation": model.generation, "checkpoint": model.checkpoint})
+        if len(chosen) < missing:
+            notes[model.model_id] = scaling.unplaced_reason(
+                model, list(live.values()), free, exclude | set(chosen), _fits)
+            placed = len(current) + len(chosen)
+            if placed == 0 or placed < model.min_replicas:
+                cold.append((model, exclude | set(chosen)))
+    if cold:
+        scaling.evict(p, cold, list(live.values()), free, kept, by_model, notes, _fits)
+    p.notes = {m: n for m, n in notes.items() if n != by_model[m].placement_note}
     return p
 
 
@@ -236,21 +289,28 @@ def load_views(conn, cell: str) -> tuple[list[ServerView], list[ModelView], list
                    ModelServer.address, ModelServer.chip, ModelServer.memory_bytes, ModelServer.tags,
                    ModelServer.servable_model_paths, ModelServer.last_heartbeat)
                    .where(ModelServer.cell == cell))]
-    models = [ModelView(r.model_id, r.model_path, r.checkpoint, r.generation, r.requested_replicas,
-                        r.overrides or {}, r.state, r.memory_bytes, r.failures, r.retry_after)
+    models = [ModelView(r.model_id, r.model_path, r.checkpoint, r.generation, r.target_replicas,
+                        r.overrides or {}, r.state, r.memory_bytes, r.failures, r.retry_after,
+                        r.min_replicas, r.max_replicas, r.idle_seconds, r.busy_since, r.calm_since,
+                        r.demand_at, r.scaled_at, r.placement_note)
               for r in conn.execute(select(
                   PublishedModel.model_id, PublishedModel.model_path, PublishedModel.checkpoint,
-                  PublishedModel.generation, PublishedModel.requested_replicas,
+                  PublishedModel.generation, PublishedModel.target_replicas,
                   PublishedModel.overrides, PublishedModel.state, PublishedModel.memory_bytes,
-                  PublishedModel.failures, PublishedModel.retry_after)
+                  PublishedModel.failures, PublishedModel.retry_after, PublishedModel.min_replicas,
+                  PublishedModel.max_replicas, PublishedModel.idle_seconds, PublishedModel.busy_since,
+                  PublishedModel.calm_since, PublishedModel.demand_at, PublishedModel.scaled_at,
+                  PublishedModel.placement_note)
                   .where(PublishedModel.cell == cell))]
     model_ids = {m.model_id for m in models}
     replicas = [ReplicaView(r.id, r.model_id, r.server_address, r.generation, r.wanted, r.observed,
-                            r.error, r.retry_after, r.memory_bytes)
+                            r.error, r.retry_after, r.memory_bytes, r.running, r.waiting,
+                            r.last_used_at, r.created_at)
                 for r in conn.execute(select(
                     Replica.id, Replica.model_id, Replica.server_address, Replica.generation,
                     Replica.wanted, Replica.observed, Replica.error, Replica.retry_after,
-                    Replica.memory_bytes))
+                    Replica.memory_bytes, Replica.running, Replica.waiting, Replica.last_used_at,
+                    Replica.created_at))
                 if r.model_id in model_ids]
     return servers, models, replicas
 
@@ -288,6 +348,12 @@ def apply(conn, p: Plan, now: float, touched: set[str] = frozenset()) -> None:  
     if touched:
         conn.execute(update(ModelServer).where(ModelServer.address.in_(sorted(touched)))
                      .values(assignment_version=ModelServer.assignment_version + 1))
+    for model_id, scaled in p.scale.items():
+        conn.execute(update(PublishedModel).where(PublishedModel.model_id == model_id)
+                     .values(**scaled.columns(now)))
+    for model_id, note in p.notes.items():
+        conn.execute(update(PublishedModel).where(PublishedModel.model_id == model_id)
+                     .values(placement_note=note))
     if p.drop_models:
         conn.execute(delete(Replica).where(Replica.model_id.in_(p.drop_models)))
         conn.execute(delete(PublishedModel).where(PublishedModel.model_id.in_(p.drop_models),
@@ -296,7 +362,8 @@ def apply(conn, p: Plan, now: float, touched: set[str] = frozenset()) -> None:  
 
 def fingerprint(conn, settings: AdminSettings, now: float) -> tuple[Any, ...]:  # type: ignore[no-untyped-def]
     """A cheap probe of everything that can make a reconcile pass act: the published
-    set's version, the newest replica status change, the live and dead server counts,
+    set's version, the newest replica status (or load class) change, the newest call
+    waiting for an idle model, the live and dead server counts,
     and the servers' descriptions (their digests). (No hot counter row for heartbeats
     to contend on.)"""
     version = conn.execute(select(CellState.version).where(CellState.cell == settings.cell_name)).scalar()
@@ -304,12 +371,14 @@ def fingerprint(conn, settings: AdminSettings, now: float) -> tuple[Any, ...]:  
         select(ModelServer.desc_digest).where(ModelServer.cell == settings.cell_name)
         .order_by(ModelServer.address)).scalars()))
     newest = conn.execute(select(func.max(Replica.updated_at))).scalar()
+    demand = conn.execute(select(func.max(PublishedModel.demand_at))
+                          .where(PublishedModel.cell == settings.cell_name)).scalar()
     dead_before = now - settings.dead_after_s
     servers = conn.execute(select(func.count()).select_from(ModelServer).where(
         ModelServer.cell == settings.cell_name)).scalar_one()
     dead = conn.execute(select(func.count()).select_from(ModelServer).where(
         ModelServer.cell == settings.cell_name, ModelServer.last_heartbeat < dead_before)).scalar_one()
-    return (version, newest, servers, dead, descriptions)
+    return (version, newest, servers, dead, descriptions, demand)
 
 
 class Reconciler:

@@ -55,6 +55,23 @@ class PublishedModel(Base):
     model_path: Mapped[str] = mapped_column(String(255))
     checkpoint: Mapped[str | None] = mapped_column(String(1024))
     requested_replicas: Mapped[int] = mapped_column(Integer)
+    # Autoscaling bounds (both default to `requested_replicas`) and the idle time after
+    # which a replica above `min_replicas` is released.
+    min_replicas: Mapped[int] = mapped_column(Integer, server_default="0")
+    max_replicas: Mapped[int] = mapped_column(Integer, server_default="0")
+    idle_seconds: Mapped[float] = mapped_column(Double, server_default="300")
+    # The leader's current replica count, between min and max; why and when it last moved.
+    target_replicas: Mapped[int] = mapped_column(Integer, server_default="0")
+    scale_reason: Mapped[str | None] = mapped_column(Text)
+    scaled_at: Mapped[float | None] = mapped_column(Double)
+    # Since when the waiting work per replica stayed above the scale-up target / below the
+    # scale-down one (the leader's windows).
+    busy_since: Mapped[float | None] = mapped_column(Double)
+    calm_since: Mapped[float | None] = mapped_column(Double)
+    # The last data call that found no ready replica (it asks the admin to load one).
+    demand_at: Mapped[float | None] = mapped_column(Double)
+    # Why a wanted replica is not placed (None when every wanted replica has a server).
+    placement_note: Mapped[str | None] = mapped_column(Text)
     overrides: Mapped[dict[str, Any]] = mapped_column(default=dict)
     uuid: Mapped[str] = mapped_column(String(36))
     # Bumped when the checkpoint changes; replicas of older generations drain.
@@ -115,6 +132,11 @@ class Replica(Base):
     error: Mapped[str | None] = mapped_column(Text)
     memory_bytes: Mapped[int | None] = mapped_column(BigInteger)
     load_time_s: Mapped[float | None] = mapped_column(Double)
+    # The load the server last reported (requests running and queued) and when the replica
+    # last served a request (epoch seconds): autoscaling and LRU eviction read these.
+    running: Mapped[int] = mapped_column(Integer, server_default="0")
+    waiting: Mapped[int] = mapped_column(Integer, server_default="0")
+    last_used_at: Mapped[float | None] = mapped_column(Double)
     # Set on a failed replica: the server is not tried again for this model before then.
     retry_after: Mapped[float | None] = mapped_column(Double)
     created_at: Mapped[float] = mapped_column(Double)

@@ -40,6 +40,13 @@ class AdminSettings:
     retry_backoff_s: float = 2.0
     retry_backoff_max_s: float = 60.0
     max_replicas: int = 1024
+    # Autoscaling (see reconciler.autoscale): one replica more when the requests queued per
+    # ready replica stay above `scale_up_waiting` for `scale_up_window_s`; one fewer when the
+    # others could carry the load (`scale_down_load` running + queued requests per replica)
+    # for the model's idle_seconds; zero after idle_seconds without a request (min 0).
+    scale_up_waiting: float = 1.0
+    scale_up_window_s: float = 10.0
+    scale_down_load: float = 1.0
     db_timeout_s: float = 30.0   # PostgreSQL: longest statement, lock wait or connect of a request
     admin_token: str | None = None
     cluster_token: str | None = None
@@ -92,6 +99,9 @@ class AdminSettings:
             reconcile_interval_s=_env_float(env, "SAX_RECONCILE_INTERVAL", cls.reconcile_interval_s),
             retry_backoff_s=_env_float(env, "SAX_RETRY_BACKOFF", cls.retry_backoff_s),
             retry_backoff_max_s=_env_float(env, "SAX_RETRY_BACKOFF_MAX", cls.retry_backoff_max_s),
+            scale_up_waiting=_env_float(env, "SAX_SCALE_UP_WAITING", cls.scale_up_waiting),
+            scale_up_window_s=_env_float(env, "SAX_SCALE_UP_WINDOW", cls.scale_up_window_s),
+            scale_down_load=_env_float(env, "SAX_SCALE_DOWN_LOAD", cls.scale_down_load),
             db_timeout_s=_env_float(env, "SAX_DB_TIMEOUT", cls.db_timeout_s),
             admin_token=env.get("SAX_ADMIN_TOKEN") or None,
             cluster_token=env.get("SAX_CLUSTER_TOKEN") or None,

@@ -16,6 +16,7 @@ from sqlalchemy.exc import IntegrityError
 
 from admin_server.blobstore import BlobStore, BlobStoreError
 from admin_server.lease import LeaseLost, fence
+from admin_server.naming import DEFAULT_IDLE_SECONDS
 from admin_server.schema import CellState, ModelState, PublishedModel
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ def snapshot_path(cell: str) -> str:
 def _model_record(m: Any) -> dict[str, Any]:
     return {"model_id": m.model_id, "model_path": m.model_path,
             "checkpoint": m.checkpoint, "replicas": m.requested_replicas,
+            "min_replicas": m.min_replicas, "max_replicas": m.max_replicas, "idle_seconds": m.idle_seconds,
             "overrides": m.overrides or {}, "uuid": m.uuid, "generation": m.generation}
 
 
@@ -104,6 +106,10 @@ def ensure_cell(engine: Engine, store: BlobStore, cell: str) -> int:
                 version = int(doc.get("version", 0))
                 rows = [{"model_id": m["model_id"], "cell": cell, "model_path": m["model_path"],
                          "checkpoint": m.get("checkpoint"), "requested_replicas": m["replicas"],
+                         "min_replicas": m.get("min_replicas", m["replicas"]),
+                         "max_replicas": m.get("max_replicas", m["replicas"]),
+                         "idle_seconds": m.get("idle_seconds", DEFAULT_IDLE_SECONDS),
+                         "target_replicas": m["replicas"],
                          "overrides": m.get("overrides") or {}, "uuid": m["uuid"],
                          "generation": m.get("generation", 1), "state": ModelState.ACTIVE.value,
                          "failures": 0} for m in doc.get("models", [])]

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from admin_server.errors import AlreadyExists, Conflict, NotFound
 from admin_server.naming import (InvalidArgument, check_checkpoint, check_model_path,
-                                 check_overrides, check_replicas, parse_model_id)
+                                 check_overrides, check_replicas, check_scaling, parse_model_id)
 from admin_server.schema import (CellState, ModelServer, ModelState, Observed, PublishedModel,
                                  Replica, Wanted)
 from admin_server.settings import AdminSettings
@@ -47,6 +47,8 @@ def publish(session: Session, settings: AdminSettings, body: dict[str, Any]) -> 
     checkpoint = check_checkpoint(body.get("checkpoint"), settings.checkpoint_roots)
     replicas = check_replicas(body.get("replicas", body.get("num_replicas")), settings.max_replicas)
     overrides = check_overrides(body.get("overrides"))
+    lo, hi, idle = check_scaling(replicas, body.get("min_replicas"), body.get("max_replicas"),
+                                 body.get("idle_seconds"), settings.max_replicas)
     existing = session.get(PublishedModel, model_id, with_for_update=True)
     if existing is not None:
         if existing.state == ModelState.UNPUBLISHING.value:
@@ -54,7 +56,9 @@ def publish(session: Session, settings: AdminSettings, body: dict[str, Any]) -> 
         raise AlreadyExists(f"model {model_id} is already published")
     model = PublishedModel(
         model_id=model_id, cell=settings.cell_name, model_path=model_path, checkpoint=checkpoint,
-        requested_replicas=replicas, overrides=overrides, uuid=str(uuid.uuid4()), generation=1,
+        requested_replicas=replicas, min_replicas=lo, max_replicas=hi, idle_seconds=idle,
+        target_replicas=replicas, scale_reason=f"published with {replicas} replicas", scaled_at=time.time(),
+        overrides=overrides, uuid=str(uuid.uuid4()), generation=1,
         state=ModelState.ACTIVE.value, failures=0)
     session.add(model)
     bump_version(session, settings.cell_name)
@@ -92,11 +96,26 @@ def update_model(session: Session, settings: AdminSettings, model_id: Any,
             model.generation += 1
             model.failures, model.retry_after, model.last_error = 0, None, None
             changed = True
+    replicas = model.requested_replicas
     if body.get("replicas", body.get("num_replicas")) is not None:
         replicas = check_replicas(body.get("replicas", body.get("num_replicas")), settings.max_replicas)
-        if replicas != model.requested_replicas:
-            model.requested_replicas = replicas
-            changed = True
+    # A bound not given keeps its value, or follows `replicas` where it was equal to it.
+    lo = body.get("min_replicas", replicas if model.min_replicas == model.requested_replicas
+                  else min(model.min_replicas, replicas))
+    hi = body.get("max_replicas", replicas if model.max_replicas == model.requested_replicas
+                  else max(model.max_replicas, replicas))
+    lo, hi, idle = check_scaling(replicas, lo, hi, body.get("idle_seconds", model.idle_seconds),
+                                 settings.max_replicas)
+    if (replicas, lo, hi, idle) != (model.requested_replicas, model.min_replicas, model.max_replicas,
+                                    model.idle_seconds):
+        target = replicas if replicas != model.requested_replicas else min(max(model.target_replicas, lo), hi)
+        if target != model.target_replicas:
+            model.scale_reason = f"updated to {replicas} replicas ({lo}..{hi})"
+            model.scaled_at = time.time()
+        model.requested_replicas, model.min_replicas, model.max_replicas = replicas, lo, hi
+        model.idle_seconds, model.target_replicas = idle, target
+        model.busy_since = model.calm_since = None
+        changed = True
     if changed:
         bump_version(session, settings.cell_name)
     session.flush()
@@ -130,10 +149,22 @@ def model_detail(session: Session, settings: AdminSettings, model: PublishedMode
     return {
         "model_id": model.model_id, "model_path": model.model_path,
         "checkpoint": model.checkpoint if model.checkpoint is not None else "None",
-        "max_replicas": model.requested_replicas, "active_replicas": active,
+        "max_replicas": model.max_replicas, "active_replicas": active,
+        "min_replicas": model.min_replicas, "requested_replicas": model.requested_replicas,
+        "target_replicas": model.target_replicas, "idle_seconds": model.idle_seconds,
+        "state": serving_state(model, active), "reason": model.placement_note or model.last_error,
+        "last_scale": {"reason": model.scale_reason, "at": model.scaled_at},
         "overrides": model.overrides, "uuid": model.uuid, "generation": model.generation,
         "last_error": model.last_error, "replicas": replicas,
     }
+
+
+def serving_state(model: PublishedModel, active: int) -> str:
+    """IDLE (scaled to zero: the next call loads it), LOADING (wanted, none ready yet),
+    DEGRADED (fewer ready than wanted) or READY."""
+    if active == 0:
+        return "IDLE" if model.target_replicas == 0 else "LOADING"
+    return "READY" if active >= model.target_replicas else "DEGRADED"
 
 
 def _routable(r: Replica) -> bool:
@@ -157,16 +188,26 @@ def list_servers(session: Session, settings: AdminSettings) -> list[dict[str, An
                               .order_by(ModelServer.address)).all()
     replicas = session.execute(select(Replica.server_address, Replica.model_id, Replica.generation,
                                       Replica.wanted, Replica.observed, Replica.retry_after,
-                                      Replica.error)).all()
+                                      Replica.error, Replica.memory_bytes, Replica.running,
+                                      Replica.waiting, PublishedModel.overrides,
+                                      PublishedModel.memory_bytes.label("model_memory"))
+                               .join(PublishedModel, PublishedModel.model_id == Replica.model_id)).all()
     by_server: dict[str, list[dict[str, Any]]] = {}
+    used: dict[str, int] = {}
     for r in replicas:
+        # What the placement charges the server: a replica holds memory from the moment it is
+        # wanted until its server reports it gone.
+        charged = r.wanted == Wanted.LOADED.value or r.observed != Observed.NONE.value
+        need = max(int((r.overrides or {}).get("ram") or r.model_memory or 0), r.memory_bytes or 0)
+        used[r.server_address] = used.get(r.server_address, 0) + (need if charged else 0)
         by_server.setdefault(r.server_address, []).append(
             {"model_id": r.model_id, "generation": r.generation,
-             "status": replica_status(r, now)})  # type: ignore[arg-type]
+             "status": replica_status(r, now),  # type: ignore[arg-type]
+             "memory_bytes": need if charged else 0, "running": r.running, "waiting": r.waiting})
     return [{
         "address": s.address, "chip": s.chip, "topology": s.topology,
         "device_count": s.device_count, "memory_bytes": s.memory_bytes, "tags": s.tags,
-        "servable_model_paths": s.servable_model_paths,
+        "servable_model_paths": s.servable_model_paths, "used_memory_bytes": used.get(s.address, 0),
         "last_heartbeat_age_s": round(now - s.last_heartbeat, 3),
         "alive": now - s.last_heartbeat <= settings.dead_after_s,
         "models": by_server.get(s.address, []),
@@ -186,6 +227,26 @@ def stats(session: Session, settings: AdminSettings) -> dict[str, Any]:
             "replicas_by_observed_status": by_status,
             "version": cs.version if cs else 0,
             "snapshot_version": cs.snapshot_version if cs else 0}
+
+
+# Placement notes that no waiting mends (a server that can serve the path must join first).
+HOPELESS = ("no live server can serve", "no live server serving")
+
+
+def note_demand(session: Session, settings: AdminSettings, model_id: Any) -> str | None:
+    """A data call found no ready replica: the leader loads one (see scaling.autoscale).
+    Returns why waiting for one is pointless (max_replicas 0, no server can serve it, its
+    loads fail and back off), or None."""
+    model = _get_active(session, _check_in_cell(settings, model_id))
+    if model.max_replicas == 0:
+        return f"model {model.model_id} is published with max_replicas 0"
+    if model.placement_note and model.placement_note.startswith(HOPELESS):
+        return f"model {model.model_id} cannot be placed: {model.placement_note}"
+    if model.failures and model.retry_after and model.retry_after > time.time():
+        return f"model {model.model_id} failed to load: {model.last_error}"
+    session.execute(update(PublishedModel).where(PublishedModel.model_id == model.model_id)
+                    .values(demand_at=time.time()))
+    return None
 
 
 def locate(session: Session, settings: AdminSettings, model_id: Any) -> dict[str, Any]:

@@ -57,6 +57,7 @@ def seed(url: str, settings: AdminSettings, n_servers: int, n_models: int) -> No
         conn.execute(insert(PublishedModel), [{
             "model_id": f"/sax/{settings.cell_name}/m{j}", "cell": settings.cell_name,
             "model_path": "test.tiny", "checkpoint": None, "requested_replicas": 1 + (j % 2),
+            **{k: 1 + (j % 2) for k in ("min_replicas", "max_replicas", "target_replicas")},
             "overrides": {"ram": (1 + j % 4) * GiB // 4}, "uuid": str(uuid.uuid4()), "generation": 1,
             "state": "ACTIVE", "failures": 0} for j in range(n_models)])
     engine.dispose()

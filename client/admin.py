@@ -54,15 +54,20 @@ class AdminClient:
 
     # Mutations ------------------------------------------------------------------------
     def publish(self, model_id: str, model_path: str, checkpoint: str | None, replicas: int,
-                overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+                overrides: dict[str, Any] | None = None, *, min_replicas: int | None = None,
+                max_replicas: int | None = None, idle_seconds: float | None = None) -> dict[str, Any]:
+        """`min_replicas`/`max_replicas` bound autoscaling (both default to `replicas`; min 0
+        lets an idle model scale to zero); `idle_seconds` (admin default 300) is how long a
+        replica above the minimum may go without requests before it is released."""
         return self._call("POST", "/models", json={
             "model_id": model_id, "model_path": model_path,
             "checkpoint": "None" if checkpoint is None else checkpoint, "replicas": replicas,
-            "overrides": overrides or {}})
+            "overrides": overrides or {}, **_scaling(min_replicas, max_replicas, idle_seconds)})
 
     def update(self, model_id: str, *, model_path: str | None = None, checkpoint: str | None = None,
-               replicas: int | None = None) -> dict[str, Any]:
-        body: dict[str, Any] = {}
+               replicas: int | None = None, min_replicas: int | None = None,
+               max_replicas: int | None = None, idle_seconds: float | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = _scaling(min_replicas, max_replicas, idle_seconds)
         if model_path is not None:
             body["model_path"] = model_path
         if checkpoint is not None:
@@ -98,6 +103,10 @@ class AdminClient:
         return self._call("GET", self._path(model_id, "/locate"), params=params,
                           timeout=wait_s + self.timeout_s)
 
+    def demand(self, model_id: str) -> dict[str, Any]:
+        """Asks the admin to load an idle model (a call is waiting); answers as `locate`."""
+        return self._call("POST", self._path(model_id, "/demand"))
+
     def healthz(self) -> dict[str, Any]:
         return self._call("GET", "/healthz", timeout=5)
 
@@ -110,3 +119,8 @@ class AdminClient:
         return self._call("POST", "/heartbeat", json={"server": server, "models": models,
                                                       "desired_version": desired_version},
                           token=cluster_token, timeout=timeout_s)
+
+
+def _scaling(min_replicas: int | None, max_replicas: int | None, idle_seconds: float | None) -> dict[str, Any]:
+    given = {"min_replicas": min_replicas, "max_replicas": max_replicas, "idle_seconds": idle_seconds}
+    return {k: v for k, v in given.items() if v is not None}

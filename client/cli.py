@@ -80,13 +80,28 @@ def _progress(model_id: str) -> Callable[[sax.ModelDetail], None]:
 
     def show(d: sax.ModelDetail) -> None:
         states = ", ".join(f"{r.address} {r.status}" for r in d.replicas) or "waiting for a server"
-        line = f"{model_id}: {d.active_replicas}/{d.max_replicas} ready ({states}) {time.monotonic() - started:.0f}s"
+        line = f"{model_id}: {d.active_replicas}/{d.target_replicas} ready ({states}) {time.monotonic() - started:.0f}s"
+        if d.reason and d.reason != d.last_error:
+            line += f"\n  not placed: {d.reason}"
         if d.last_error:
             line += f"\n  last error: {d.last_error}"
         if line != last[0]:
             click.echo(line, err=True)
             last[0] = line
     return show
+
+
+def _scaling_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed([
+            click.option("--min-replicas", type=click.IntRange(min=0),
+                         help="Fewest replicas autoscaling keeps (0: scale to zero when idle; default: replicas)."),
+            click.option("--max-replicas", type=click.IntRange(min=0),
+                         help="Most replicas autoscaling adds under load (default: replicas)."),
+            click.option("--idle-seconds", type=click.FloatRange(min=0, min_open=True),
+                         help="Seconds without requests before a replica above the minimum is released "
+                              "(default 300).")]):
+        fn = option(fn)
+    return fn
 
 
 @main.command()
@@ -97,14 +112,17 @@ def _progress(model_id: str) -> Callable[[sax.ModelDetail], None]:
 @click.argument("overrides", nargs=-1)
 @click.option("--wait/--no-wait", default=False, help="Wait until the replicas are ready.")
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait with --wait.")
+@_scaling_options
 @click.pass_context
 def publish(ctx: click.Context, model_id: str, model_path: str, checkpoint: str, replicas: int,
-            overrides: tuple[str, ...], wait: bool, timeout: float) -> None:
+            overrides: tuple[str, ...], wait: bool, timeout: float, **scaling: Any) -> None:
     """Publish a model.
 
     Example: saxutil publish /sax/test/lm test.tiny None 1 num_slots=4 --wait
+
+    Autoscaled, idle to zero: saxutil publish /sax/test/lm test.tiny None 1 --min-replicas 0 --max-replicas 3
     """
-    _admin(ctx).publish(model_id, model_path, checkpoint, replicas, _parse_overrides(overrides))
+    _admin(ctx).publish(model_id, model_path, checkpoint, replicas, _parse_overrides(overrides), **scaling)
     click.echo(f"published {model_id}")
     if wait and replicas:
         sax.WaitForReady(model_id, replicas, timeout, admin=ctx.obj["admin"], progress=_progress(model_id))
@@ -127,16 +145,19 @@ def unpublish(ctx: click.Context, model_id: str) -> None:
 @click.argument("model_id")
 @click.option("--replicas", type=int, help="New number of replicas (reloads nothing).")
 @click.option("--checkpoint", help="New checkpoint (rolls replicas over, new before old).")
+@_scaling_options
 @click.pass_context
-def update(ctx: click.Context, model_id: str, replicas: int | None, checkpoint: str | None) -> None:
-    """Change a model's replicas and/or checkpoint.
+def update(ctx: click.Context, model_id: str, replicas: int | None, checkpoint: str | None,
+           **scaling: Any) -> None:
+    """Change a model's replicas, checkpoint and/or autoscaling bounds.
 
     Example: saxutil update /sax/test/lm --replicas 3
     """
-    if replicas is None and checkpoint is None:
-        raise click.UsageError("give --replicas and/or --checkpoint")
-    d = _admin(ctx).update(model_id, replicas=replicas, checkpoint=checkpoint)
-    click.echo(f"updated {model_id}: checkpoint {d['checkpoint']}, {d['max_replicas']} replicas")
+    if replicas is None and checkpoint is None and all(v is None for v in scaling.values()):
+        raise click.UsageError("give --replicas, --checkpoint, --min-replicas, --max-replicas and/or --idle-seconds")
+    d = _admin(ctx).update(model_id, replicas=replicas, checkpoint=checkpoint, **scaling)
+    click.echo(f"updated {model_id}: checkpoint {d['checkpoint']}, {d['requested_replicas']} replicas "
+               f"({d['min_replicas']}..{d['max_replicas']}, idle {d['idle_seconds']:g}s)")
 
 
 @main.command()
@@ -164,9 +185,16 @@ def ls(ctx: click.Context, path: str, as_json: bool) -> None:
         if as_json:
             click.echo(json.dumps(d, indent=2))
             return
-        click.echo(table(["Model", "Model Path", "Checkpoint Path", "# of Replicas", "Active"],
-                         [[d["model_id"], d["model_path"], d["checkpoint"], d["max_replicas"],
-                           d["active_replicas"]]]))
+        click.echo(table(["Model", "Model Path", "Checkpoint Path", "# of Replicas", "Active", "Min", "Max",
+                          "State"],
+                         [[d["model_id"], d["model_path"], d["checkpoint"], d["target_replicas"],
+                           d["active_replicas"], d["min_replicas"], d["max_replicas"], d["state"]]]))
+        scale = d.get("last_scale") or {}
+        if scale.get("reason"):
+            ago = f" ({time.time() - scale['at']:.0f}s ago)" if scale.get("at") else ""
+            click.echo(f"last scaling: {scale['reason']}{ago}")
+        if d.get("reason") and d["reason"] != d.get("last_error"):
+            click.echo(f"not placed: {d['reason']}")
         if d["replicas"]:
             click.echo(table(["Replica Address", "Status", "Generation", "Error"],
                              [[r["address"], r["status"], r["generation"], r.get("error") or ""]

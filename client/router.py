@@ -33,6 +33,8 @@ from client.affinity import AffinityTable, prefix_keys
 log = logging.getLogger(__name__)
 
 LONG_POLL_S = 20.0
+LOAD_WAIT_S = 300.0      # how long a call waits for an idle model to be loaded for it
+DEMAND_EVERY_S = 5.0     # a waiting call renews its demand this often (the leader may change)
 SUSPECT_S = 5.0          # a replica that refused a connection is skipped this long
 RETRYABLE_CODES = {"model_not_ready", "model_not_found", "queue_full"}
 #: A replica with prefix affinity is preferred while it has at most this many more requests
@@ -49,9 +51,17 @@ class Location:
 
 
 class Router:
-    def __init__(self, admin: AdminClient, *, max_attempts: int = 3, pool_size: int = 64) -> None:
+    """`load_wait_s`: how long a call for a model with no ready replica (scaled to zero, or
+    still loading) waits for one, having asked the admin to load it; then Unavailable with a
+    `retry_after`. `check_caller`, when set, is called while waiting and raises to give up
+    (the frontend's caller hung up)."""
+
+    def __init__(self, admin: AdminClient, *, max_attempts: int = 3, pool_size: int = 64,
+                 load_wait_s: float = LOAD_WAIT_S) -> None:
         self.admin = admin
         self.max_attempts = max_attempts
+        self.load_wait_s = load_wait_s
+        self.check_caller: Any = None
         self.session = requests.Session()
         adapter = HTTPAdapter(pool_connections=pool_size, pool_maxsize=pool_size, max_retries=0)
         self.session.mount("http://", adapter)
@@ -129,6 +139,39 @@ class Router:
                     return loc
                 self._changed.wait(left)
 
+    def wait_for_replica(self, model_id: str) -> Location:
+        """Asks the admin to load the model and waits up to `load_wait_s` for a ready replica."""
+        deadline = time.monotonic() + self.load_wait_s
+        renew_at = 0.0
+        while True:
+            now = time.monotonic()
+            if now >= renew_at:
+                renew_at = now + DEMAND_EVERY_S
+                try:
+                    answer = self.admin.demand(model_id)
+                except errors.NotFound:
+                    raise
+                except errors.SaxError as e:  # the admin is out for a moment: wait, ask again
+                    log.debug("demand for %s failed: %s", model_id, e)
+                else:
+                    loc = self._store(model_id, answer)
+                    if not loc.addresses and answer.get("loading") is False:
+                        raise errors.Unavailable(f"model {model_id} has no ready replica: {answer.get('reason')}")
+            loc = self.location(model_id)
+            if loc.addresses:
+                return loc
+            if now >= deadline:
+                e = errors.Unavailable(f"model {model_id} has no ready replica: it was not loaded within "
+                                       f"{self.load_wait_s:g}s; retry later")
+                e.retry_after = max(1.0, min(30.0, self.load_wait_s / 10))  # type: ignore[attr-defined]
+                raise e
+            if self.check_caller is not None:
+                try:
+                    self.check_caller()
+                except Exception as gone:
+                    raise errors.Unavailable(f"gave up waiting for {model_id}: {gone}") from gone
+            self.wait_for_change(model_id, loc.version, min(0.5, renew_at - now, max(deadline - now, 0.0)))
+
     def refresh(self, model_id: str) -> None:
         try:
             self._store(model_id, self.admin.locate(model_id))
@@ -141,6 +184,8 @@ class Router:
         """A ready replica: with prefix `keys`, the one that last served the longest run of
         them while it has spare capacity; else the least outstanding."""
         loc = self.location(model_id)
+        if not loc.addresses and self.load_wait_s > 0:
+            loc = self.wait_for_replica(model_id)
         now = time.monotonic()
         with self._lock:
             candidates = [a for a in loc.addresses if a not in exclude]
@@ -192,9 +237,14 @@ class Router:
             try:
                 address = self.pick(model_id, tried, keys)
             except errors.Unavailable:
-                if last_error is not None:
+                if last_error is None:
+                    raise
+                # Every replica tried refused or went: one scaled down meanwhile? Wait for one.
+                self.refresh(model_id)
+                if self.load_wait_s <= 0 or self.location(model_id).addresses:
                     raise last_error from None
-                raise
+                tried.clear()
+                address = self.pick(model_id, tried)
             tried.add(address)
             self._acquire(address)
             try:

@@ -37,8 +37,13 @@ def _router(admin: str | None = None) -> Router:
 
 # -- admin calls --------------------------------------------------------------------------
 def Publish(model_id: str, model_path: str, checkpoint: str | None, num_replicas: int,
-            overrides: dict[str, Any] | None = None, *, admin: str | None = None) -> None:
-    AdminClient(admin).publish(model_id, model_path, checkpoint, num_replicas, overrides)
+            overrides: dict[str, Any] | None = None, *, admin: str | None = None,
+            min_replicas: int | None = None, max_replicas: int | None = None,
+            idle_seconds: float | None = None) -> None:
+    """Publishes a model; `min_replicas <= num_replicas <= max_replicas` bound autoscaling
+    (min 0: scale to zero when idle, loaded again by the next call)."""
+    AdminClient(admin).publish(model_id, model_path, checkpoint, num_replicas, overrides,
+                               min_replicas=min_replicas, max_replicas=max_replicas, idle_seconds=idle_seconds)
 
 
 def Unpublish(model_id: str, *, admin: str | None = None) -> None:
@@ -46,9 +51,12 @@ def Unpublish(model_id: str, *, admin: str | None = None) -> None:
 
 
 def Update(model_id: str, model_path: str | None = None, checkpoint: str | None = None,
-           num_replicas: int | None = None, *, admin: str | None = None) -> None:
-    """Changes checkpoint and/or replicas (model_path, when given, must be unchanged)."""
-    AdminClient(admin).update(model_id, model_path=model_path, checkpoint=checkpoint, replicas=num_replicas)
+           num_replicas: int | None = None, *, admin: str | None = None, min_replicas: int | None = None,
+           max_replicas: int | None = None, idle_seconds: float | None = None) -> None:
+    """Changes checkpoint, replicas and/or the autoscaling bounds (model_path, when given,
+    must be unchanged)."""
+    AdminClient(admin).update(model_id, model_path=model_path, checkpoint=checkpoint, replicas=num_replicas,
+                              min_replicas=min_replicas, max_replicas=max_replicas, idle_seconds=idle_seconds)
 
 
 def List(model_id: str, *, admin: str | None = None) -> tuple[str, str, int]:
@@ -74,13 +82,19 @@ class ModelDetail:
     overrides: dict[str, Any]
     last_error: str | None = None
     replicas: list[ReplicaDetail] = field(default_factory=list)
+    min_replicas: int = 0
+    target_replicas: int = 0
+    state: str = ""
+    reason: str | None = None     # why a wanted replica is not placed (or the last load error)
 
 
 def _detail(d: dict[str, Any]) -> ModelDetail:
     return ModelDetail(d["model_id"], d["model_path"], d["checkpoint"], d["max_replicas"], d["active_replicas"],
                        d.get("overrides") or {}, d.get("last_error"),
                        [ReplicaDetail(r["address"], r["status"], r["generation"], r.get("error"))
-                        for r in d.get("replicas", [])])
+                        for r in d.get("replicas", [])],
+                       d.get("min_replicas", d["max_replicas"]), d.get("target_replicas", d["max_replicas"]),
+                       d.get("state", ""), d.get("reason"))
 
 
 def ListDetail(model_id: str, *, admin: str | None = None) -> ModelDetail:
@@ -110,7 +124,9 @@ def WaitForReady(model_id: str, num_replicas: int, timeout: float = 600.0, *, ad
         if detail.active_replicas >= num_replicas:
             return detail
         if time.monotonic() > deadline:
-            why = f"; last error: {detail.last_error}" if detail.last_error else ""
+            why = f"; {detail.reason}" if detail.reason else ""
+            if detail.last_error and detail.last_error != detail.reason:
+                why += f"; last error: {detail.last_error}"
             raise DeadlineExceeded(f"{model_id}: {detail.active_replicas}/{num_replicas} replicas ready "
                                    f"after {timeout:.0f}s{why}")
         time.sleep(0.25)

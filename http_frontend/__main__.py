@@ -75,6 +75,9 @@ def _worker_exit(server: Any, worker: Any) -> None:
 @click.option("--threads", type=int, help="Threads per worker; a stream holds one (SAX_FRONTEND_THREADS).")
 @click.option("--upstream-timeout", "upstream_timeout_s", type=float,
               help="Most seconds between two bytes of a replica's answer (SAX_UPSTREAM_TIMEOUT).")
+@click.option("--load-wait", "load_wait_s", type=click.FloatRange(min=0),
+              help="Seconds a call for an idle model (scaled to zero) waits for a replica to load, "
+                   "then 503 with Retry-After (SAX_LOAD_WAIT, default 300; 0: answer 503 at once).")
 @click.option("--graceful-timeout", "graceful_timeout_s", type=int,
               help="Seconds in-flight requests may drain on SIGTERM (default 30).")
 @click.option("--log-level", default="INFO", show_default=True)

@@ -40,7 +40,8 @@ def build_frontend(settings: FrontendSettings, admission: Admission | None = Non
     admin = AdminClient(settings.admin, token=settings.admin_token or "", timeout_s=10.0)
     pool_size = settings.threads + settings.fanout_threads
     router = Router(AdminClient(settings.admin, token="", timeout_s=10.0),
-                    max_attempts=settings.max_attempts, pool_size=pool_size)
+                    max_attempts=settings.max_attempts, pool_size=pool_size, load_wait_s=settings.load_wait_s)
+    router.check_caller = transport.check_caller
     router.session.close()
     router.session = transport.Session(pool_size)  # type: ignore[assignment]  # see transport.py
     metrics = FrontendMetrics()

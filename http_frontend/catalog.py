@@ -69,18 +69,24 @@ class Catalog:
 
     def ready(self) -> list[tuple[str, str]]:
         """(name, model id) of every model with a ready replica: ids, then their aliases."""
-        details = [d for d in self.details() if d.get("active_replicas", 0) > 0]
-        ids = {d["model_id"] for d in details}
-        out = [(d["model_id"], d["model_id"]) for d in details]
-        seen = set(ids)
+        return [(name, model_id) for name, model_id, loaded in self.callable() if loaded]
+
+    def callable(self) -> list[tuple[str, str, bool]]:
+        """(name, model id, loaded) of every published model that is ready or can be loaded (a
+        call for an idle one loads it; max_replicas 0 never can): ids, then their aliases.
+        `loaded`: a replica is ready."""
+        details = [d for d in self.details() if d.get("active_replicas", 0) > 0 or d.get("max_replicas", 0) > 0]
+        loaded = {d["model_id"]: d.get("active_replicas", 0) > 0 for d in details}
+        out = [(d["model_id"], d["model_id"], loaded[d["model_id"]]) for d in details]
+        seen = set(loaded)
         for d in details:
             alias = (d.get("overrides") or {}).get("alias")
             if isinstance(alias, str) and alias not in seen:
-                out.append((alias, d["model_id"]))
+                out.append((alias, d["model_id"], loaded[d["model_id"]]))
                 seen.add(alias)
         for name, model_id in self.aliases.items():
-            if model_id in ids and name not in seen:
-                out.append((name, model_id))
+            if model_id in loaded and name not in seen:
+                out.append((name, model_id, loaded[model_id]))
                 seen.add(name)
         return out
 

@@ -61,7 +61,8 @@ def from_sax_error(exc: sax_errors.SaxError, *, model: str | None = None) -> Fro
                              retry_after=1.0)
     if isinstance(exc, sax_errors.Unavailable) or exc.status in (404, 503) and model is not None:
         # Routing: no replica ready, every one refused or unreachable, or the admin is down.
-        return FrontendError(503, exc.message, code="no_ready_replica", retry_after=1.0)
+        return FrontendError(503, exc.message, code="no_ready_replica",
+                             retry_after=getattr(exc, "retry_after", None) or 1.0)
     if isinstance(exc, sax_errors.Unauthenticated):
         return FrontendError(401, exc.message, code="unauthenticated")
     if isinstance(exc, sax_errors.PermissionDenied):

@@ -100,21 +100,23 @@ def embeddings():  # type: ignore[no-untyped-def]
 @bp.get("/v1/models")
 @auth.guarded(auth.DATA)
 def models():  # type: ignore[no-untyped-def]
+    """Every published model: an idle one (scaled to zero) is loaded by its next call;
+    `loaded` says whether a replica is ready now."""
     created = int(time.time())
     data = [{"id": name, "object": "model", "created": created, "owned_by": "saxplane",
-             **({"root": model_id} if name != model_id else {})}
-            for name, model_id in frontend().catalog.ready()]
+             **({"root": model_id} if name != model_id else {}), "loaded": loaded}
+            for name, model_id, loaded in frontend().catalog.callable()]
     return jsonify({"object": "list", "data": data})
 
 
 @bp.get("/v1/models/<path:name>")
 @auth.guarded(auth.DATA)
 def model(name: str):  # type: ignore[no-untyped-def]
-    for n, model_id in frontend().catalog.ready():
+    for n, model_id, loaded in frontend().catalog.callable():
         if n == name or n == "/" + name:
             return jsonify({"id": n, "object": "model", "created": int(time.time()), "owned_by": "saxplane",
-                            **({"root": model_id} if n != model_id else {})})
-    raise FrontendError(404, f"The model `{name}` does not exist or has no ready replica.", param="model",
+                            **({"root": model_id} if n != model_id else {}), "loaded": loaded})
+    raise FrontendError(404, f"The model `{name}` does not exist or is not published.", param="model",
                         code="model_not_found")
 
 

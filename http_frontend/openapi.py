@@ -76,6 +76,11 @@ OVERRIDES = _obj({
 }, additionalProperties=False)
 
 
+# min_replicas <= replicas <= max_replicas (both default to replicas); idle_seconds default 300.
+SCALING: S = {"min_replicas": {"type": "integer", "minimum": 0}, "max_replicas": {"type": "integer", "minimum": 0},
+              "idle_seconds": {"type": "number", "exclusiveMinimum": 0}}
+
+
 def _schemas(max_n: int) -> S:
     sampling = _sampling(max_n)
     return {
@@ -85,16 +90,19 @@ def _schemas(max_n: int) -> S:
                             ("error",)),
         "Message": _obj({"message": STR}, ("message",)),
         "PublishRequest": _obj({"model": MODEL_ID, "model_path": MODEL_PATH, "checkpoint": CHECKPOINT,
-                                "replicas": REPLICAS, "overrides": OVERRIDES},
+                                "replicas": REPLICAS, "overrides": OVERRIDES, **SCALING},
                                ("model", "model_path", "replicas")),
         "ModelEcho": _obj({"model": STR, "model_path": STR, "path": STR, "checkpoint": STR, "replicas": INT,
-                           "overrides": {"type": "object"}}, ("model", "model_path", "checkpoint", "replicas")),
+                           "overrides": {"type": "object"}, **SCALING}, ("model", "model_path", "checkpoint", "replicas")),
         "UnpublishRequest": _obj({"model": MODEL_ID}, ("model",)),
         "UpdateRequest": _obj({"model": MODEL_ID, "model_path": MODEL_PATH, "checkpoint": CHECKPOINT,
-                               "replicas": REPLICAS}, ("model",),
-                              description="needs checkpoint and/or replicas; model_path must not change"),
+                               "replicas": REPLICAS, **SCALING}, ("model",),
+                              description="needs checkpoint, replicas and/or an autoscaling field; "
+                                          "model_path must not change"),
         "ListCell": _obj({"model": STR, "model_path": STR, "checkpoint": STR, "max_replicas": INT,
-                          "active_replicas": INT},
+                          "active_replicas": INT, "min_replicas": INT,
+                          "state": {"type": "string", "enum": ["READY", "DEGRADED", "LOADING", "IDLE"]},
+                          "reason": _nullable(STR), "last_error": STR},
                          ("model", "model_path", "checkpoint", "max_replicas", "active_replicas")),
         "GenerateRequest": _obj({"model": NONEMPTY, "query": NONEMPTY, "extra_inputs": _nullable(_obj({
             "temperature": {"type": "number", "minimum": 0, "maximum": 2},

@@ -5,7 +5,9 @@
     POST /unpublish  {model}                              -> {model}
     PUT|POST /update {model, model_path, checkpoint, replicas} -> echo
     GET  /listall    {sax_cell}                           -> [model ids]
-    GET  /listcell   {model}     -> {model, model_path, checkpoint, max_replicas, active_replicas}
+    GET  /listcell   {model}     -> {model, model_path, checkpoint, max_replicas, active_replicas,
+                                     min_replicas, state (READY, DEGRADED, LOADING, IDLE), reason
+                                     [, last_error]}
     POST /generate   {model, query[, extra_inputs]}       -> [[text, score], ...]
     POST /score      {model, prefix, suffix[]}            -> [logp, ...]
 """
@@ -41,8 +43,27 @@ def _str(body: dict[str, Any], key: str, *, required: bool = True) -> str | None
     return value
 
 
-def _replicas(body: dict[str, Any], *, required: bool = True) -> int | None:
-    value = body.get("replicas")
+SCALING = ("min_replicas", "max_replicas", "idle_seconds")
+
+
+def _scaling(body: dict[str, Any]) -> dict[str, Any]:
+    """The autoscaling fields given (validated by the admin: min <= replicas <= max, idle > 0)."""
+    out: dict[str, Any] = {}
+    for key in SCALING:
+        value = body.get(key)
+        if value is None:
+            continue
+        if key == "idle_seconds":
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise FrontendError(400, "'idle_seconds' must be a number of seconds", param=key)
+            out[key] = value
+        else:
+            out[key] = _replicas(body, key=key)
+    return out
+
+
+def _replicas(body: dict[str, Any], *, required: bool = True, key: str = "replicas") -> int | None:
+    value = body.get(key)
     if value is None and not required:
         return None
     if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit() and len(value) < 10:
@@ -50,7 +71,7 @@ def _replicas(body: dict[str, Any], *, required: bool = True) -> int | None:
     elif isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise FrontendError(400, "'replicas' must be a non-negative integer", param="replicas")
+        raise FrontendError(400, f"'{key}' must be a non-negative integer", param=key)
     return value
 
 
@@ -80,10 +101,13 @@ def _mutator() -> AdminClient:
     return AdminClient(fe.settings.admin, token=auth.bearer() or "", session=fe.admin.session)
 
 
-def _echo(detail: dict[str, Any]) -> dict[str, Any]:
-    """The Saxml echo of a published model (`path` as the Saxml server's example prints it)."""
+def _echo(detail: dict[str, Any], scaling: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The Saxml echo of a published model (`path` as the Saxml server's example prints it),
+    with the autoscaling fields the request gave."""
     return {"model": detail["model_id"], "model_path": detail["model_path"], "path": detail["model_path"],
-            "checkpoint": detail["checkpoint"], "replicas": detail["max_replicas"]}
+            "checkpoint": detail["checkpoint"],
+            "replicas": detail.get("requested_replicas", detail["max_replicas"]),
+            **{k: detail[k] for k in scaling or () if k in detail}}
 
 
 @bp.get("/")
@@ -100,9 +124,10 @@ def publish():  # type: ignore[no-untyped-def]
     overrides = body.get("overrides")
     if overrides is not None and not isinstance(overrides, dict):
         raise FrontendError(400, "'overrides' must be an object of KEY: value", param="overrides")
-    detail = _admin_call(_mutator().publish, model, model_path, checkpoint, replicas, overrides)
+    scaling = _scaling(body)
+    detail = _admin_call(_mutator().publish, model, model_path, checkpoint, replicas, overrides, **scaling)
     exchange().model = detail["model_id"]
-    out = _echo(detail)
+    out = _echo(detail, scaling)
     if overrides:
         out["overrides"] = detail.get("overrides", overrides)
     return jsonify(out)
@@ -123,11 +148,13 @@ def update():  # type: ignore[no-untyped-def]
     model = _str(body, "model")
     model_path = _str(body, "model_path", required=False)
     checkpoint, replicas = _checkpoint(body, required=False), _replicas(body, required=False)
-    if checkpoint is None and replicas is None:
-        raise FrontendError(400, "an update needs 'checkpoint' and/or 'replicas'", param="replicas")
+    scaling = _scaling(body)
+    if checkpoint is None and replicas is None and not scaling:
+        raise FrontendError(400, "an update needs 'checkpoint', 'replicas', 'min_replicas', 'max_replicas' "
+                                 "and/or 'idle_seconds'", param="replicas")
     detail = _admin_call(_mutator().update, model, model_path=model_path, checkpoint=checkpoint,
-                         replicas=replicas)
-    return jsonify(_echo(detail))
+                         replicas=replicas, **scaling)
+    return jsonify(_echo(detail, scaling))
 
 
 @bp.route("/listall", methods=["GET", "POST"])
@@ -143,8 +170,12 @@ def listcell():  # type: ignore[no-untyped-def]
     name = _str(_body(), "model")
     model_id = frontend().catalog.resolve(name) if not name.startswith("/") else name
     d = _admin_call(frontend().admin.model, model_id)
-    return jsonify({"model": d["model_id"], "model_path": d["model_path"], "checkpoint": d["checkpoint"],
-                    "max_replicas": d["max_replicas"], "active_replicas": d["active_replicas"]})
+    out = {"model": d["model_id"], "model_path": d["model_path"], "checkpoint": d["checkpoint"],
+           "max_replicas": d["max_replicas"], "active_replicas": d["active_replicas"],
+           "min_replicas": d["min_replicas"], "state": d["state"], "reason": d["reason"]}
+    if d.get("last_error"):  # a failed load's reason, also when the model is placed elsewhere now
+        out["last_error"] = d["last_error"]
+    return jsonify(out)
 
 
 def _lm_call(path: str, body: dict[str, Any], name: str) -> Any:

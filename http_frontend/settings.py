@@ -42,6 +42,7 @@ class FrontendSettings:
     threads: int = 64
     upstream_timeout_s: float = 600.0              # most seconds between two bytes of an upstream answer
     max_attempts: int = 3                          # replicas tried before the first byte
+    load_wait_s: float = 300.0                     # a call for an idle model waits this long for a replica
     models_cache_s: float = 2.0                    # how long the published-model list is reused
     fanout_threads: int = 64                       # parallel upstream calls for prompt lists, per worker
     graceful_timeout_s: int = 30                   # in-flight streams drain this long on SIGTERM
@@ -73,6 +74,7 @@ class FrontendSettings:
             workers=num("SAX_FRONTEND_WORKERS", cls.workers),
             threads=num("SAX_FRONTEND_THREADS", cls.threads),
             upstream_timeout_s=num("SAX_UPSTREAM_TIMEOUT", cls.upstream_timeout_s, float),
+            load_wait_s=num("SAX_LOAD_WAIT", cls.load_wait_s, float),
         )
         known = {f.name for f in fields(cls)}
         return replace(base, **{k: v for k, v in overrides.items() if k in known and v is not None})

@@ -54,6 +54,13 @@ def watching(caller: socket.socket | None) -> Iterator[None]:
         _local.caller = previous
 
 
+def check_caller() -> None:
+    """Raises CallerGone when the caller of this thread's `watching` block hung up."""
+    caller = getattr(_local, "caller", None)
+    if caller is not None and hung_up(caller):
+        raise CallerGone("the caller hung up")
+
+
 def _wait_for_answer(sock: socket.socket, caller: socket.socket, timeout: float | None) -> None:
     """Waits for the replica's first bytes, watching the caller: raises CallerGone when it hangs
     up first (a non-streaming answer only starts when the whole generation is done)."""

@@ -47,6 +47,9 @@ class ServedModel:
     kv_cache_bytes: int | None = None  # the KV block pool's share of memory_bytes
     static: bool = False
     started: float = field(default_factory=time.monotonic)
+    # When it last had a request (monotonic), and the engine's request count then.
+    last_used: float = field(default_factory=time.monotonic)
+    _requests_seen: int = 0
 
     @property
     def alias(self) -> str | None:
@@ -62,12 +65,24 @@ class ServedModel:
             self.status, self.error = FAILED, f"the engine failed: {failure}"
         return self.status
 
+    def load(self) -> dict[str, Any]:
+        """Requests running and queued, and seconds since the last one (the admin autoscales
+        and evicts least-recently-used replicas from these)."""
+        if self.status != LOADED or self.engine is None:
+            return {}
+        st = self.engine.stats()
+        now = time.monotonic()
+        running, waiting = int(st.get("running", 0)), int(st.get("waiting", 0))
+        if running or waiting or st.get("requests_total", 0) != self._requests_seen:
+            self._requests_seen, self.last_used = st.get("requests_total", 0), now
+        return {"running": running, "waiting": waiting, "idle_s": round(now - self.last_used, 1)}
+
     def report(self) -> dict[str, Any]:
         self.check_engine()
         return {"model_id": self.model_id, "generation": self.generation, "status": self.status,
                 "checkpoint": self.checkpoint if self.checkpoint is not None else "None",
                 "error": self.error, "memory_bytes": self.memory_bytes, "load_time_s": self.load_time_s,
-                "kv_cache_bytes": self.kv_cache_bytes}
+                "kv_cache_bytes": self.kv_cache_bytes, **self.load()}
 
 
 def default_loader(model_path: str, checkpoint: str | None, overrides: dict[str, Any],
@@ -146,6 +161,7 @@ class ModelManager:
             served.status = FAILED
             return
         served.loaded, served.engine = loaded, engine
+        served.last_used = time.monotonic()
         served.load_time_s = round(time.monotonic() - t0, 3)
         served.memory_bytes = int(loaded.memory_bytes()) if hasattr(loaded, "memory_bytes") else None
         served.kv_cache_bytes = int(loaded.kv_cache_bytes()) if hasattr(loaded, "kv_cache_bytes") else None

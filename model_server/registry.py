@@ -5,6 +5,9 @@ model paths:
   lm.gpt2   GPT2LMHeadModel only
   lm.llama  LlamaForCausalLM / MistralForCausalLM only
   lm.qwen2  Qwen2ForCausalLM only
+  lm.qwen3  Qwen3ForCausalLM only
+  lm.gemma  Gemma2ForCausalLM / Gemma3ForCausalLM only
+  lm.phi3   Phi3ForCausalLM only
   test.tiny random-weight 2-layer Llama-style model with a built-in tokenizer;
             checkpoint must be None (deterministic on every server)
 """
@@ -51,6 +54,9 @@ REGISTRY: dict[str, ModelPathEntry] = {
         ModelPathEntry("lm.gpt2", "GPT-2", frozenset({"GPT2LMHeadModel"})),
         ModelPathEntry("lm.llama", "Llama / Mistral", frozenset({"LlamaForCausalLM", "MistralForCausalLM"})),
         ModelPathEntry("lm.qwen2", "Qwen2", frozenset({"Qwen2ForCausalLM"})),
+        ModelPathEntry("lm.qwen3", "Qwen3", frozenset({"Qwen3ForCausalLM"})),
+        ModelPathEntry("lm.gemma", "Gemma 2 / Gemma 3 (text)", frozenset({"Gemma2ForCausalLM", "Gemma3ForCausalLM"})),
+        ModelPathEntry("lm.phi3", "Phi-3", frozenset({"Phi3ForCausalLM"})),
         ModelPathEntry("test.tiny", "tiny random-weight Llama-style test model", builtin="tiny"),
     ]
 }

@@ -35,8 +35,8 @@ Contract (all functions are pure and jit-friendly; `spec` is static/hashable):
   normalised hidden states without the vocabulary projection (for ``embed``);
   ``forward(..., return_hidden=True)`` returns ``(logits, new_cache, hidden)``.
 
-Each family (`llama.Llama`, `gpt2.GPT2`) is a Flax NNX module. Its state is held as a plain
-pytree, the params (dicts, and a list for the layers): checkpoints load, shard and save that
+Each family (`llama.Llama`, `gemma.Gemma`, `gpt2.GPT2`) is a Flax NNX module. Its state is
+held as a plain pytree, the params (dicts, and a list for the layers): checkpoints load, shard and save that
 tree, and each family maps Hugging Face tensor names to it in one table (`hf_rules`). The
 module is split once per spec (`graphdef`); `bind` merges its graph with a param tree, inside
 the engine's `jax.jit`ted programs, so the merge happens when they trace, never per call.
@@ -60,13 +60,17 @@ from model_server.models import layers
 KVCache = list  # list[tuple[jax.Array, jax.Array]]: the (k, v) pools of each layer
 Params = Any  # nested dict/list of arrays
 
-FAMILIES = ("llama", "gpt2")
+FAMILIES = ("llama", "gpt2", "gemma")
 
 #: Hugging Face `architectures[0]` -> implementation family.
 ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "llama",
+    "Qwen3ForCausalLM": "llama",
+    "Phi3ForCausalLM": "llama",
+    "Gemma2ForCausalLM": "gemma",
+    "Gemma3ForCausalLM": "gemma",
     "GPT2LMHeadModel": "gpt2",
 }
 
@@ -79,7 +83,7 @@ class ModelConfigError(ValueError):
 class ModelSpec:
     """Static description of a model; hashable so it can be a static jit argument."""
 
-    family: str  # implementation: "llama" | "gpt2"
+    family: str  # implementation: "llama" | "gemma" | "gpt2"
     model_type: str  # Hugging Face model_type: llama, mistral, qwen2, gpt2, ...
     vocab_size: int
     hidden_size: int
@@ -105,8 +109,22 @@ class ModelSpec:
     # GPT-2 attention scaling options.
     attn_scale_weights: bool = True
     attn_scale_by_layer: bool = False
-    # Sliding window of the checkpoint (Mistral); we serve sequences no longer than it.
+    # Sliding-window attention: a windowed layer attends to its last `sliding_window`
+    # positions only. `layer_windows` gives each layer's window (0: global attention); empty
+    # means every layer has `sliding_window` (Mistral). Never a limit on the context length.
     sliding_window: Optional[int] = None
+    layer_windows: tuple[int, ...] = ()
+    # Per-head RMSNorm of queries and keys before RoPE (Qwen3, Gemma 3).
+    qk_norm: bool = False
+    # Leading dims of each head that RoPE rotates (0: all; Phi-3's partial_rotary_factor).
+    rope_dim: int = 0
+    # Gemma: tanh soft-capping of attention scores and of the final logits (0: none), the
+    # query scale 1/sqrt(query_pre_attn_scalar) (0: head_dim), the RoPE base of windowed
+    # layers (0: rope_theta; those layers use unscaled RoPE).
+    attn_softcap: float = 0.0
+    final_softcap: float = 0.0
+    query_pre_attn_scalar: float = 0.0
+    rope_local_theta: float = 0.0
     bos_token_id: Optional[int] = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: Optional[int] = None
@@ -120,6 +138,9 @@ class ModelSpec:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ModelConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.layer_windows and len(self.layer_windows) != self.num_layers:
+            raise ModelConfigError(f"layer_windows has {len(self.layer_windows)} entries for "
+                                   f"{self.num_layers} layers")
         if self.num_heads % self.num_kv_heads:
             raise ModelConfigError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
@@ -127,14 +148,20 @@ class ModelSpec:
 
     @property
     def max_seq_len_limit(self) -> int:
-        """Longest sequence this implementation serves exactly (sliding window caps it)."""
-        if self.sliding_window:
-            return min(self.max_position_embeddings, self.sliding_window)
+        """Longest sequence this model serves: its position limit (a sliding window is not one)."""
         return self.max_position_embeddings
+
+    def window_of(self, layer: int) -> Optional[int]:
+        """The attention window of `layer` (positions it attends back, itself included); None:
+        every earlier position."""
+        if self.layer_windows:
+            return self.layer_windows[layer] or None
+        return self.sliding_window or None
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["eos_token_ids"] = list(self.eos_token_ids)
+        d["layer_windows"] = list(self.layer_windows)
         return d
 
     @classmethod
@@ -145,6 +172,7 @@ class ModelSpec:
             raise ModelConfigError(f"unknown ModelSpec fields: {sorted(unknown)}")
         d = dict(d)
         d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+        d["layer_windows"] = tuple(d.get("layer_windows", ()))
         return cls(**d)
 
 
@@ -389,7 +417,8 @@ def spec_from_hf_config(config: dict, generation_config: Optional[dict] = None) 
     arch = archs[0]
     if arch not in ARCHITECTURES:
         raise ModelConfigError(
-            f"unknown architecture {arch!r}; supported: {', '.join(sorted(ARCHITECTURES))}")
+            f"unknown architecture {arch!r} (config.json architectures); supported: "
+            f"{', '.join(sorted(ARCHITECTURES))}")
     spec = family_module(ARCHITECTURES[arch]).spec_from_hf_config(config, arch)
     gen = generation_config or {}
     eos = _id_list(config.get("eos_token_id"))

@@ -14,16 +14,20 @@ class Rule:
     """Our param at `path` is HF tensor `hf_name`, optionally split then transposed.
 
     `split=(axis, index, parts)` takes chunk `index` of `parts` equal chunks along `axis`
-    of the HF tensor (GPT-2's fused c_attn); `transpose` turns GPT-2's Conv1D [in, out]
-    into our [out, in] (torch Linear's layout, which needs none).
+    of the HF tensor (GPT-2's fused c_attn); `rows=(start, stop)` takes those rows (axis 0;
+    Phi-3's qkv_proj, whose k and v are smaller than q); `transpose` turns GPT-2's Conv1D
+    [in, out] into our [out, in] (torch Linear's layout, which needs none).
     """
 
     path: Path
     hf_name: str
     transpose: bool = False
     split: Optional[tuple[int, int, int]] = None
+    rows: Optional[tuple[int, int]] = None
 
     def apply(self, arr: np.ndarray) -> np.ndarray:
+        if self.rows is not None:
+            arr = arr[self.rows[0]:self.rows[1]]
         if self.split is not None:
             axis, index, parts = self.split
             size = arr.shape[axis] // parts
@@ -63,10 +67,10 @@ def to_hf(rules: Iterable[Rule], params: Any) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for name, group in grouped.items():
         arrays = []
-        for rule in sorted(group, key=lambda r: r.split[1] if r.split else 0):
+        for rule in sorted(group, key=lambda r: r.split[1] if r.split else (r.rows[0] if r.rows else 0)):
             arr = np.asarray(get_path(params, rule.path))
             arrays.append(arr.T if rule.transpose else arr)
         split = group[0].split
         out[name] = np.ascontiguousarray(
-            np.concatenate(arrays, axis=split[0]) if split else arrays[0])
+            np.concatenate(arrays, axis=split[0] if split else 0) if len(arrays) > 1 else arrays[0])
     return out

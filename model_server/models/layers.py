@@ -20,6 +20,13 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * xf.astype(x.dtype)
 
 
+def gemma_rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """Gemma's RMSNorm: normalise and scale by (1 + weight) in float32, then cast back."""
+    xf = x.astype(F32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (xf * (1.0 + weight.astype(F32))).astype(x.dtype)
+
+
 def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
     xf = x.astype(F32)
     mean = jnp.mean(xf, axis=-1, keepdims=True)
@@ -62,7 +69,11 @@ def rope_inv_freq(head_dim: int, theta: float, rope_type: str = "default", facto
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotate-half RoPE. x: [B, T, H, D]; positions: [B, T]."""
+    """Rotate-half RoPE. x: [B, T, H, D]; positions: [B, T]. With fewer frequencies than
+    D / 2 (partial rotary), only the leading 2 * len(inv_freq) dims rotate."""
+    rot = 2 * len(inv_freq)
+    if rot < x.shape[-1]:
+        return jnp.concatenate([apply_rope(x[..., :rot], positions, inv_freq), x[..., rot:]], axis=-1)
     freqs = positions.astype(F32)[:, :, None] * jnp.asarray(inv_freq)[None, None, :]
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, D]
     cos = jnp.cos(emb).astype(x.dtype)

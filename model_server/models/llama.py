@@ -1,7 +1,9 @@
-"""Llama family: Llama 2/3 (incl. Llama-3 RoPE scaling), Mistral (no sliding window), Qwen2.
+"""Llama family: Llama 2/3 (incl. Llama-3 RoPE scaling), Mistral, Qwen2, Qwen3, Phi-3.
 
-RMSNorm, RoPE, grouped-query attention, SwiGLU, tied or untied embeddings, optional
-q/k/v biases (Qwen2) and o/mlp biases (Llama `attention_bias` / `mlp_bias`).
+RMSNorm, RoPE (optionally partial), grouped-query attention, SwiGLU, tied or untied
+embeddings, optional q/k/v biases (Qwen2) and o/mlp biases (Llama `attention_bias` /
+`mlp_bias`), per-head q/k RMSNorm before RoPE (Qwen3: `spec.qk_norm`), sliding-window layers
+(`spec.window_of`), and Phi-3's fused qkv_proj / gate_up_proj (split at load by `hf_rules`).
 Weights are stored [out, in], as torch Linear stores them. `Llama` is the Flax NNX module;
 its params are the tree `param_shapes` describes (see base.bind).
 """
@@ -17,51 +19,37 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from model_server.models import hfconfig
 from model_server.models import layers as L
 from model_server.models.base import DecoderModel, ModelConfigError, ModelSpec, declare_params
 from model_server.models.hfmap import Rule
 
-MODEL_TYPES = ("llama", "mistral", "qwen2")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 MODULE = "Llama"
 
 
 def spec_from_hf_config(cfg: dict, architecture: str) -> ModelSpec:
     """Build a spec from a Hugging Face config.json dict (old and new rope formats)."""
     model_type = cfg.get("model_type", "llama")
-    try:
-        hidden = int(cfg["hidden_size"])
-        heads = int(cfg["num_attention_heads"])
-        layers = int(cfg["num_hidden_layers"])
-        inter = int(cfg["intermediate_size"])
-        vocab = int(cfg["vocab_size"])
-    except KeyError as e:
-        raise ModelConfigError(f"config.json lacks {e.args[0]!r}") from None
+    hidden, heads, layers, inter, vocab = hfconfig.require(
+        cfg, "hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size")
     kv_heads = int(cfg.get("num_key_value_heads") or heads)
     head_dim = int(cfg.get("head_dim") or hidden // heads)
+    rope = hfconfig.spec_rope_fields(hfconfig.rope(cfg), head_dim)
 
-    rope = cfg.get("rope_parameters")
-    if isinstance(rope, dict) and ("rope_theta" in rope or "rope_type" in rope):
-        theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-        scaling = rope
-    else:
-        theta = float(cfg.get("rope_theta", 10000.0))
-        scaling = cfg.get("rope_scaling") or {}
-    rope_type = scaling.get("rope_type", scaling.get("type", "default")) or "default"
-    if rope_type not in ("default", "linear", "llama3"):
-        raise ModelConfigError(f"unsupported rope scaling type {rope_type!r}")
-    if float(scaling.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise ModelConfigError("partial_rotary_factor != 1 is not supported")
-
-    if model_type == "qwen2":
-        qkv_bias, o_bias = True, False
-        use_sw = bool(cfg.get("use_sliding_window", False))
+    if model_type in ("qwen2", "qwen3"):
+        qkv_bias = model_type == "qwen2" or bool(cfg.get("attention_bias", False))
+        o_bias = False
+        window = hfconfig.positive_window(cfg.get("sliding_window")) if cfg.get("use_sliding_window") else None
+        max_window = int(cfg.get("max_window_layers", layers))
+        default_types = ["sliding_attention" if i >= max_window else "full_attention" for i in range(layers)]
     else:
         qkv_bias = o_bias = bool(cfg.get("attention_bias", False))
-        use_sw = True
-    window = cfg.get("sliding_window") if use_sw else None
+        window = hfconfig.positive_window(cfg.get("sliding_window")) if model_type in ("mistral", "phi3") else None
+        default_types = None
     act = cfg.get("hidden_act", "silu")
     if act not in L.ACTIVATIONS:
-        raise ModelConfigError(f"unsupported hidden_act {act!r}")
+        raise ModelConfigError(f"unsupported hidden_act {act!r} (config.json hidden_act)")
     return ModelSpec(
         family="llama", model_type=model_type, architecture=architecture,
         vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=heads,
@@ -70,13 +58,8 @@ def spec_from_hf_config(cfg: dict, architecture: str) -> ModelSpec:
         norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), activation=act,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=bool(cfg.get("mlp_bias", False)),
-        rope_theta=theta, rope_type=rope_type,
-        rope_factor=float(scaling.get("factor", 1.0)),
-        rope_low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
-        rope_high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
-        rope_original_max_position=int(scaling.get("original_max_position_embeddings",
-                                                   cfg.get("max_position_embeddings", 8192))),
-        sliding_window=int(window) if window else None,
+        sliding_window=window, layer_windows=hfconfig.layer_windows(cfg, layers, window, default_types),
+        qk_norm=model_type == "qwen3", **rope,
     )
 
 
@@ -119,13 +102,17 @@ def _layer_shapes(spec: ModelSpec) -> dict[str, tuple]:
         s["bo"] = (d,)
     if spec.mlp_bias:
         s.update(b_gate=(f,), b_up=(f,), b_down=(d,))
+    if spec.qk_norm:
+        s.update(q_norm=(spec.head_dim,), k_norm=(spec.head_dim,))
     return s
 
 
-def param_shapes(spec: ModelSpec) -> dict:
+def param_shapes(spec: ModelSpec, layer_shapes: dict[str, tuple] | None = None) -> dict:
+    """The param tree's shapes; `layer_shapes`: each layer's (default: this family's)."""
+    layer = _layer_shapes(spec) if layer_shapes is None else layer_shapes
     shapes: dict[str, Any] = {
         "embed": (spec.vocab_size, spec.hidden_size),
-        "layers": [_layer_shapes(spec) for _ in range(spec.num_layers)],
+        "layers": [dict(layer) for _ in range(spec.num_layers)],
         "final_norm": (spec.hidden_size,),
     }
     if not spec.tie_word_embeddings:
@@ -144,22 +131,37 @@ _LAYER_MAP = {
     "w_gate": "mlp.gate_proj.weight", "b_gate": "mlp.gate_proj.bias",
     "w_up": "mlp.up_proj.weight", "b_up": "mlp.up_proj.bias",
     "w_down": "mlp.down_proj.weight", "b_down": "mlp.down_proj.bias",
+    "q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight",
 }
 HF_PREFIX = "model."  # some exports omit it; the loader also tries without
+
+
+def _fused_rules(spec: ModelSpec, i: int) -> dict[str, Rule]:
+    """Phi-3's fused projections: qkv_proj rows are q, k, v; gate_up_proj rows gate, up."""
+    qd, kvd = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    qkv, gate_up = f"model.layers.{i}.self_attn.qkv_proj.weight", f"model.layers.{i}.mlp.gate_up_proj.weight"
+    return {"wq": Rule(("layers", i, "wq"), qkv, rows=(0, qd)),
+            "wk": Rule(("layers", i, "wk"), qkv, rows=(qd, qd + kvd)),
+            "wv": Rule(("layers", i, "wv"), qkv, rows=(qd + kvd, qd + 2 * kvd)),
+            "w_gate": Rule(("layers", i, "w_gate"), gate_up, split=(0, 0, 2)),
+            "w_up": Rule(("layers", i, "w_up"), gate_up, split=(0, 1, 2))}
 
 
 def hf_rules(spec: ModelSpec) -> list[Rule]:
     rules = [Rule(("embed",), "model.embed_tokens.weight"),
              Rule(("final_norm",), "model.norm.weight")]
     for i in range(spec.num_layers):
+        fused = _fused_rules(spec, i) if spec.model_type == "phi3" else {}
         for name in _layer_shapes(spec):
-            rules.append(Rule(("layers", i, name), f"model.layers.{i}.{_LAYER_MAP[name]}"))
+            rules.append(fused.get(name) or Rule(("layers", i, name), f"model.layers.{i}.{_LAYER_MAP[name]}"))
     if not spec.tie_word_embeddings:
         rules.append(Rule(("lm_head",), "lm_head.weight"))
     return rules
 
 
-def partition_specs(spec: ModelSpec, axis: str, size: int) -> dict:
+def layer_partition(spec: ModelSpec, axis: str, size: int) -> dict[str, P]:
+    """PartitionSpec of every layer param a Llama-style layer may have (norms replicated,
+    projections Megatron-split when their heads / rows divide by `size`)."""
     def col(n: int, heads: int | None = None) -> P:  # split the output dimension (axis 0)
         ok = size > 1 and n % size == 0 and (heads is None or heads % size == 0)
         return P(axis, None) if ok else P()
@@ -173,51 +175,70 @@ def partition_specs(spec: ModelSpec, axis: str, size: int) -> dict:
 
     qd, kvd, f = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim, spec.intermediate_size
     layer = {
-        "attn_norm": P(), "mlp_norm": P(),
         "wq": col(qd, spec.num_heads), "wk": col(kvd, spec.num_kv_heads),
         "wv": col(kvd, spec.num_kv_heads), "wo": row(qd, spec.num_heads),
-        "w_gate": col(f), "w_up": col(f), "w_down": row(f),
+        "w_gate": col(f), "w_up": col(f), "w_down": row(f), "bo": P(), "b_down": P(),
     }
-    if spec.qkv_bias:
-        layer.update(bq=vec(layer["wq"]), bk=vec(layer["wk"]), bv=vec(layer["wv"]))
-    if spec.o_bias:
-        layer["bo"] = P()
-    if spec.mlp_bias:
-        layer.update(b_gate=vec(layer["w_gate"]), b_up=vec(layer["w_up"]), b_down=P())
+    layer.update(bq=vec(layer["wq"]), bk=vec(layer["wk"]), bv=vec(layer["wv"]),
+                 b_gate=vec(layer["w_gate"]), b_up=vec(layer["w_up"]))
+    return layer
+
+
+def partition_specs(spec: ModelSpec, axis: str, size: int, layer_names: Any = None) -> dict:
+    """PartitionSpecs of the param tree; `layer_names`: each layer's params (default: this
+    family's)."""
+    every = layer_partition(spec, axis, size)
+    names = _layer_shapes(spec) if layer_names is None else layer_names
+    layer = {k: every.get(k, P()) for k in names}  # norms: replicated
     out: dict[str, Any] = {"embed": P(), "layers": [dict(layer) for _ in range(spec.num_layers)],
                            "final_norm": P()}
     if not spec.tie_word_embeddings:
-        out["lm_head"] = col(spec.vocab_size)
+        out["lm_head"] = P(axis, None) if size > 1 and spec.vocab_size % size == 0 else P()
     return out
 
 
 class Block(nnx.Module):
-    """One pre-RMSNorm layer; its weights are the Params named in `_layer_shapes` (the
+    """One pre-RMSNorm layer; its weights are the Params named in `layer_shapes` (the
     biases only where the spec has them)."""
+
+    layer_shapes = staticmethod(_layer_shapes)
+    norm = staticmethod(L.rms_norm)  # of the q/k norms (and Gemma's every norm)
 
     def __init__(self, spec: ModelSpec, index: int):
         self.spec, self.index = spec, index
-        declare_params(self, _layer_shapes(spec))
+        declare_params(self, self.layer_shapes(spec))
 
     def _bias(self, name: str) -> jax.Array | None:
         param = getattr(self, name, None)
         return None if param is None else param[...]
 
-    def __call__(self, x: jax.Array, positions: jax.Array, layer_cache: Any, block_tables: jax.Array | None,
-                 last_index: jax.Array | None):
+    def self_attention(self, h: jax.Array, h_q: jax.Array, positions: jax.Array, q_pos: jax.Array | None,
+                       layer_cache: Any, block_tables: jax.Array | None,
+                       inv_freq: np.ndarray, scale: float, softcap: float = 0.0):
+        """q/k/v projections, q/k norms (`spec.qk_norm`), RoPE, attention over this layer's
+        window and the output projection -> (out [B, Tq, D], new layer cache)."""
         spec, (b, t) = self.spec, positions.shape
         h_, kv_, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
-        inv_freq = _inv_freq(spec)
-        h = L.rms_norm(x, self.attn_norm[...], spec.norm_eps)
-        x, h_q, q_pos = L.last_layer_rows(self.index, spec.num_layers, last_index, x, h, positions)
         q, k, v = L.qkv(h, h_q, [self.wq[...], self.wk[...], self.wv[...]],
                         [self._bias("bq"), self._bias("bk"), self._bias("bv")])
-        k = L.apply_rope(k.reshape(b, t, kv_, hd), positions, inv_freq)
-        v = v.reshape(b, t, kv_, hd)
-        q = L.apply_rope(q.reshape(b, -1, h_, hd), positions if q_pos is None else q_pos, inv_freq)
-        o, layer_cache = L.attention(q, k, v, positions, layer_cache, block_tables, 1.0 / math.sqrt(hd),
-                                     q_pos)
-        x = x + L.linear(o, self.wo[...], self._bias("bo"))
+        q, k, v = q.reshape(b, -1, h_, hd), k.reshape(b, t, kv_, hd), v.reshape(b, t, kv_, hd)
+        if spec.qk_norm:
+            q = self.norm(q, self.q_norm[...], spec.norm_eps)
+            k = self.norm(k, self.k_norm[...], spec.norm_eps)
+        k = L.apply_rope(k, positions, inv_freq)
+        q = L.apply_rope(q, positions if q_pos is None else q_pos, inv_freq)
+        o, layer_cache = L.attention(q, k, v, positions, layer_cache, block_tables, scale, q_pos,
+                                     window=spec.window_of(self.index), softcap=softcap)
+        return L.linear(o, self.wo[...], self._bias("bo")), layer_cache
+
+    def __call__(self, x: jax.Array, positions: jax.Array, layer_cache: Any, block_tables: jax.Array | None,
+                 last_index: jax.Array | None):
+        spec = self.spec
+        h = L.rms_norm(x, self.attn_norm[...], spec.norm_eps)
+        x, h_q, q_pos = L.last_layer_rows(self.index, spec.num_layers, last_index, x, h, positions)
+        o, layer_cache = self.self_attention(h, h_q, positions, q_pos, layer_cache, block_tables,
+                                             _inv_freq(spec), 1.0 / math.sqrt(spec.head_dim))
+        x = x + o
         h = L.rms_norm(x, self.mlp_norm[...], spec.norm_eps)
         gate, up = L.linears(h, [self.w_gate[...], self.w_up[...]],
                              [self._bias("b_gate"), self._bias("b_up")])
@@ -243,6 +264,6 @@ class Llama(DecoderModel):
 
 @functools.lru_cache(maxsize=64)
 def _inv_freq(spec: ModelSpec) -> np.ndarray:
-    return L.rope_inv_freq(spec.head_dim, spec.rope_theta, spec.rope_type, spec.rope_factor,
+    return L.rope_inv_freq(spec.rope_dim or spec.head_dim, spec.rope_theta, spec.rope_type, spec.rope_factor,
                            spec.rope_low_freq_factor, spec.rope_high_freq_factor,
                            spec.rope_original_max_position)

@@ -133,7 +133,9 @@ def test_heartbeat_desired_set_and_locate_long_poll(make_app) -> None:  # type: 
     assert detail["replicas"][0]["load_time_s"] == 0.5 and detail["replicas"][0]["memory_bytes"] == 1234
     servers = client.get("/servers").json["servers"]
     assert servers[0]["address"] == SERVER["address"] and servers[0]["alive"]
-    assert servers[0]["models"] == [{"model_id": "/sax/test/lm", "generation": 1, "status": "LOADED"}]
+    assert servers[0]["models"] == [{"model_id": "/sax/test/lm", "generation": 1, "status": "LOADED",
+                                     "memory_bytes": 1234, "running": 0, "waiting": 0}]
+    assert servers[0]["used_memory_bytes"] == 1234
     stats = client.get("/stats").json
     assert stats["models"] == 1 and stats["servers"] == 1 and stats["leader"]["valid"]
 
@@ -266,3 +268,33 @@ def test_checkpoint_roots(make_app) -> None:  # type: ignore[no-untyped-def]
         assert publish(client, f"/sax/test/m{i}", checkpoint=ok).status_code == 201, ok
     r = client.patch("/models/sax/test/m1", json={"checkpoint": "/etc/passwd"})
     assert r.status_code == 400
+
+
+def test_autoscaling_bounds_on_publish_update_and_demand(client) -> None:  # type: ignore[no-untyped-def]
+    r = publish(client, "/sax/test/auto", 1, min_replicas=0, max_replicas=3, idle_seconds=30)
+    assert r.status_code == 201, r.json
+    d = r.json
+    assert (d["min_replicas"], d["requested_replicas"], d["max_replicas"], d["target_replicas"]) == (0, 1, 3, 1)
+    assert d["idle_seconds"] == 30 and d["state"] == "LOADING" and d["last_scale"]["reason"]
+    fixed = publish(client, "/sax/test/fixed", 2).json
+    assert (fixed["min_replicas"], fixed["max_replicas"], fixed["idle_seconds"]) == (2, 2, 300)
+    for bad in ({"min_replicas": 2}, {"max_replicas": 0}, {"idle_seconds": 0}, {"idle_seconds": "nan"},
+                {"min_replicas": -1}, {"max_replicas": True}, {"idle_seconds": [1]}):
+        r = publish(client, "/sax/test/bad", 1, **bad)
+        assert r.status_code == 400 and r.json["error"]["code"] == "INVALID_ARGUMENT", (bad, r.json)
+    # A bound equal to replicas follows it; one set apart keeps its value.
+    d = client.patch("/models/sax/test/fixed", json={"replicas": 3}).json
+    assert (d["min_replicas"], d["max_replicas"], d["target_replicas"]) == (3, 3, 3)
+    d = client.patch("/models/sax/test/auto", json={"replicas": 2}).json
+    assert (d["min_replicas"], d["max_replicas"], d["target_replicas"]) == (0, 3, 2)
+    r = client.patch("/models/sax/test/auto", json={"max_replicas": 1})  # below replicas 2
+    assert r.status_code == 400 and "min_replicas <= replicas <= max_replicas" in r.json["error"]["message"]
+    d = client.patch("/models/sax/test/auto", json={"replicas": 1, "max_replicas": 1, "idle_seconds": 5}).json
+    assert (d["min_replicas"], d["max_replicas"], d["target_replicas"], d["idle_seconds"]) == (0, 1, 1, 5)
+    # A call waiting for a model that can load is noted; one that can never load is told why.
+    r = client.post("/demand/sax/test/auto")
+    assert r.status_code == 200 and r.json["loading"] is True and r.json["addresses"] == []
+    publish(client, "/sax/test/never", 0)
+    r = client.post("/demand/sax/test/never")
+    assert r.json["loading"] is False and "max_replicas 0" in r.json["reason"]
+    assert client.post("/demand/sax/test/nope").status_code == 404

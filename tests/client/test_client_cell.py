@@ -228,6 +228,19 @@ def test_saxutil_commands(cell: Cell) -> None:
     assert "ready" in r.stderr  # progress display
     r = saxutil(cell, "update", "/sax/test/cli", "--replicas", "0")
     assert r.returncode == 0 and "0 replicas" in r.stdout
+    r = saxutil(cell, "update", "/sax/test/cli", "--max-replicas", "2", "--idle-seconds", "15")
+    assert r.returncode == 0 and "0 replicas (0..2, idle 15s)" in r.stdout, r.stdout + r.stderr
+    r = saxutil(cell, "ls", "/sax/test/cli")
+    assert r.returncode == 0 and "| Min | Max | State" in r.stdout and "IDLE" in r.stdout, r.stdout
+    assert "last scaling: updated to 0 replicas" in r.stdout, r.stdout
+    r = saxutil(cell, "publish", "/sax/test/cli2", "test.tiny", "None", "1", "--min-replicas", "0",
+                "--max-replicas", "3", "--idle-seconds", "60")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(saxutil(cell, "ls", "/sax/test/cli2", "--json").stdout)
+    assert (d["min_replicas"], d["max_replicas"], d["idle_seconds"]) == (0, 3, 60)
+    assert saxutil(cell, "unpublish", "/sax/test/cli2").returncode == 0
+    r = saxutil(cell, "publish", "/sax/test/cli3", "test.tiny", "None", "1", "--min-replicas", "2")
+    assert r.returncode == 1 and "min_replicas <= replicas" in r.stderr
     r = saxutil(cell, "unpublish", "/sax/test/cli")
     assert r.returncode == 0
     r = saxutil(cell, "publish", "/sax/test/BAD", "test.tiny", "None", "1")

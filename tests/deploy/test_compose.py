@@ -394,7 +394,7 @@ def test_compose_cell_serves_the_tutorial_and_the_openai_sdk(cell: LocalCell) ->
     wait_until(lambda: listcell()["active_replicas"] == 2, timeout=240, interval=0.5,
                what="both model servers serving")
     assert listcell() == {"model": MODEL, "model_path": "test.tiny", "checkpoint": "None", "max_replicas": 2,
-                          "active_replicas": 2}
+                          "active_replicas": 2, "min_replicas": 2, "state": "READY", "reason": None}
     gen = requests.post(f"{fe}/generate", timeout=60, json={
         "model": MODEL, "query": "Q: Who is Harry Potter's mom? A: ",
         "extra_inputs": {"temperature": 0.0, "per_example_max_decode_steps": 8}})

@@ -85,7 +85,8 @@ def test_guide_commands_verbatim(cell: Cell) -> None:
                                                     "/sax/test/lm", "/sax/test/lm2b"])
         first = run_curl("listcell", port)
         assert first == {"model": "/sax/test/lm2b", "model_path": "test.tiny", "checkpoint": "None",
-                         "max_replicas": 1, "active_replicas": first["active_replicas"]}
+                         "max_replicas": 1, "active_replicas": first["active_replicas"], "min_replicas": 1,
+                         "state": "READY" if first["active_replicas"] else "LOADING", "reason": None}
         wait_until(lambda: run_curl("listcell", port)["active_replicas"] == 1, timeout=400, interval=1,
                    what="lm2b loaded")
         results = run_curl("generate", port)
@@ -126,7 +127,7 @@ def test_listing_also_takes_query_strings(cell: Cell) -> None:
     assert MODEL in requests.get(f"{cell.url}/listall", params={"sax_cell": "/sax/test"}, timeout=10).json()
     d = requests.get(f"{cell.url}/listcell", params={"model": MODEL}, timeout=10).json()
     assert d == {"model": MODEL, "model_path": "test.tiny", "checkpoint": "None", "max_replicas": 2,
-                 "active_replicas": 2}
+                 "active_replicas": 2, "min_replicas": 2, "state": "READY", "reason": None}
 
 
 @pytest.mark.parametrize("method,path,body,status", [

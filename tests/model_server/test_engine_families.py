@@ -1,4 +1,8 @@
-"""The engine's serving path on GPT-2, Llama, Mistral and Qwen2 against transformers' PyTorch.
+"""The engine's serving path on every family against transformers' PyTorch.
+
+Windowed configurations (Qwen3, Phi-3, Gemma 2/3; windows of 6 to 12 positions) have prompts
+longer than their windows, and decode past them (test_families_cell.py serves a windowed
+Mistral and the others through a whole cell).
 
 Each family's random-weight checkpoint (conftest `torch_models`) is loaded through the
 registry as the server loads it and served by one engine (4 slots, window 64, buckets 16/64,
@@ -23,7 +27,8 @@ from model_server.engine import Engine, SamplingParams  # noqa: E402
 from model_server.models import layers  # noqa: E402
 
 #: family -> its family-specific model path (the engine is loaded through it; lm.hf is checked too)
-MODEL_PATHS = {"gpt2": "lm.gpt2", "llama": "lm.llama", "mistral": "lm.llama", "qwen2": "lm.qwen2"}
+MODEL_PATHS = {"gpt2": "lm.gpt2", "llama": "lm.llama", "mistral": "lm.llama", "qwen2": "lm.qwen2",
+               "qwen3_sw": "lm.qwen3", "phi3": "lm.phi3", "gemma2": "lm.gemma", "gemma3": "lm.gemma"}
 SLOTS, WINDOW, BUCKETS, KV_BLOCK = 4, 64, [16, 64], 16
 #: (prompt length, new tokens) of the concurrent requests: five for four slots, so the last one
 #: waits, then is prefilled alone into a reused slot while the others decode

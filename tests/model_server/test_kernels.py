@@ -43,7 +43,7 @@ def pure_jax(monkeypatch, q, qpos, k, v, tables, scale, window=None):
 @needs_compiler
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("dim,kv_heads,group", [(64, 2, 3), (16, 3, 1), (128, 1, 4)])
-@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("window", [None, 1, 5, 20])  # none; itself only; inside a block; across blocks
 def test_decode_kernel_reads_through_block_tables(monkeypatch, dtype, dim, kv_heads, group, window):
     rng = np.random.default_rng(dim + group)
     bs, nb = 16, 12
@@ -121,7 +121,7 @@ def test_prefill_attention_matches_pure_jax(monkeypatch, batch, t, heads, kv_hea
     starts = np.array([0, 37, 16][:batch] + [5] * max(0, batch - 3), np.int32)
     positions = starts[:, None] + np.arange(t, dtype=np.int32)[None]
     scale = dim ** -0.5
-    for window in (None, 7):
+    for window in (None, 5, 40):  # none; short; longer than a query block
         got = jax.jit(lambda *a: kernels.prefill_attention(*a, scale, window or 0))(q, positions, k, v, tables)
         want = pure_jax(monkeypatch, q, positions, k, v, tables, scale, window)
         np.testing.assert_allclose(np.asarray(got).reshape(batch, t, heads * dim), want, atol=2e-6, rtol=1e-5)

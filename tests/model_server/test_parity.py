@@ -1,6 +1,8 @@
 """Our JAX models against transformers' PyTorch implementation on the same random weights."""
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +14,8 @@ torch = pytest.importorskip("torch")
 from model_server import checkpoint as ck  # noqa: E402
 from model_server.models import base  # noqa: E402
 
-FAMILIES = ["gpt2", "llama", "mistral", "qwen2"]
+FAMILIES = ["gpt2", "llama", "mistral", "qwen2", "qwen3", "mistral_sw", "qwen3_sw", "phi3", "gemma2",
+            "gemma3"]
 PROMPT_LENS = [5, 11, 17]
 BUCKET = 32
 NEW_TOKENS = 32
@@ -137,12 +140,89 @@ def test_mistral_spec(torch_models):
     assert spec.max_seq_len_limit == 256
 
 
-def test_bfloat16_close_to_float32(torch_models):
-    model, path = torch_models["llama"]
+def test_windows_per_layer_and_no_position_limit(torch_models):
+    """A window is a per-layer mask, never the context limit (a Mistral with an 8-position
+    window serves 128 positions); layer patterns come from layer_types or the family default."""
+    from model_server.knobs import ServingKnobs
+
+    windows = {name: ck.open_checkpoint(torch_models[name][1]).spec for name in
+               ("mistral_sw", "qwen3_sw", "phi3", "gemma2", "gemma3", "qwen3")}
+    assert [windows["mistral_sw"].window_of(i) for i in range(2)] == [8, 8]
+    assert windows["mistral_sw"].max_seq_len_limit == 256
+    assert ServingKnobs(max_seq_len=128).resolve(windows["mistral_sw"].max_seq_len_limit).max_seq_len == 128
+    assert windows["qwen3_sw"].layer_windows == (0, 12, 12)
+    assert [windows["phi3"].window_of(i) for i in range(2)] == [10, 10] and windows["phi3"].rope_dim == 8
+    assert windows["gemma2"].layer_windows == (8, 0, 8)
+    assert windows["gemma3"].layer_windows == (6, 6, 6, 6, 6, 0, 6)
+    assert (windows["gemma3"].rope_local_theta, windows["gemma3"].rope_type) == (1000.0, "linear")
+    assert windows["qwen3"].window_of(0) is None and windows["qwen3"].qk_norm
+    for spec in windows.values():  # as an Orbax conversion stores it
+        assert base.ModelSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}, "rope_parameters": None}, "rope_scaling.rope_type"),
+    ({"layer_types": ["sliding_attention", "chunked_attention"]}, "layer_types"),
+    ({"architectures": ["Qwen3MoeXForCausalLM"]}, "architectures"),
+    ({"hidden_act": "xielu"}, "hidden_act"),
+])
+def test_unservable_configs_name_the_field(torch_models, change, field):
+    cfg = {**dict(torch_models["mistral_sw"][0].config.to_dict()), **change}
+    with pytest.raises(base.ModelConfigError, match=f"config.json {field}"):
+        base.spec_from_hf_config(cfg)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_sw", "phi3", "gemma2", "gemma3"])
+def test_bfloat16_close_to_float32(torch_models, family):
+    """bfloat16 weights and KV cache: a prefill longer than the windows, then decode steps
+    past it, close to transformers' float32 logits."""
+    model, path = torch_models[family]
     ckpt, params = ck.load_checkpoint(path, "bfloat16")
-    prompt = _prompts(3, ckpt.spec.vocab_size)[1]
-    logits, _ = jax.jit(base.make_forward(ckpt.spec))(
-        params, prompt[None], np.arange(len(prompt), dtype=np.int32)[None], None, None)
-    assert logits.dtype == jnp.float32
-    ref = _hf_logits(model, prompt)
-    assert np.abs(np.asarray(logits[0]) - ref).max() < 0.15 * np.abs(ref).max()
+    assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(params))
+    prompt = _prompts(3, ckpt.spec.vocab_size)[2]
+    extra = np.random.default_rng(4).integers(1, ckpt.spec.vocab_size, 4).astype(np.int32)
+    fwd = jax.jit(base.make_forward(ckpt.spec), donate_argnums=(3,))
+    cache = base.init_cache(ckpt.spec, 4, 16, jnp.bfloat16)
+    table = np.array([[2, 0, 3, 1]], np.int32)
+    logits, cache = fwd(params, prompt[None], np.arange(len(prompt), dtype=np.int32)[None], cache, table)
+    rows = [np.asarray(logits[0])]
+    for i, tok in enumerate(extra):
+        step, cache = fwd(params, np.array([[tok]], np.int32), np.array([[len(prompt) + i]], np.int32), cache, table)
+        rows.append(np.asarray(step[0]))
+    assert logits.dtype == jnp.float32 and cache[0][0].dtype == jnp.bfloat16
+    ref = _hf_logits(model, np.concatenate([prompt, extra]))
+    ours = np.concatenate(rows)
+    assert np.abs(ours - ref[:len(ours)]).max() < 0.15 * np.abs(ref).max(), family
+
+
+SHARDED = """
+import json, sys
+import jax, numpy as np
+from model_server import registry
+from model_server.models import base
+assert len(jax.devices()) == 2
+model = registry.load_model("lm.hf", sys.argv[1], {"num_slots": 1, "max_seq_len": 32, "dtype": "float32"},
+                            mesh=base.make_mesh())
+prompt = np.array(json.loads(sys.argv[2]), np.int32)[None]
+logits, _ = jax.jit(base.make_forward(model.spec))(model.params, prompt, np.arange(prompt.shape[1],
+                                                   dtype=np.int32)[None], None, None)
+split = [a.addressable_shards[0].data.shape != a.shape for a in jax.tree.leaves(model.params["layers"][0])]
+print(json.dumps({"logits": np.asarray(logits[0]).tolist(), "split": any(split)}))
+"""
+
+
+@pytest.mark.parametrize("family", ["phi3", "gemma3"])
+def test_tensor_parallel_matches_transformers(torch_models, family):
+    """Two forced host devices: the windowed families' heads and MLPs split over the mesh."""
+    import os
+    import subprocess
+    import sys
+
+    model, path = torch_models[family]
+    prompt = _prompts(6, model.config.vocab_size)[2]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", SHARDED, str(path), json.dumps(prompt.tolist())], env=env,
+                         capture_output=True, text=True, timeout=600, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["split"]
+    np.testing.assert_allclose(np.array(got["logits"]), _hf_logits(model, prompt), atol=1e-4, rtol=0)
