@@ -21,17 +21,17 @@ from typing import Any, Optional, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from model_server.engine import metrics, validation
+from model_server.engine import metrics, scoring, validation
 from model_server.engine.block_manager import BlockManager
 from model_server.engine.compile_counter import compile_count
 from model_server.engine.output import OutputProcessor
 from model_server.engine.programs import default_decode_buckets
 from model_server.engine.requests import EmbedJob, Group, Request, RequestHandle, Sequence as Seq
-from model_server.engine.runner import Runner, bucket_for
+from model_server.engine.runner import Runner
 from model_server.engine.scheduler import Scheduler
 from model_server.engine.tokenizer import EngineTokenizer
 from model_server.knobs import DEFAULT_BLOCK_SIZE, DEFAULT_TOKEN_BUDGET
-from model_server.engine.types import Delta, EngineError, QueueFull, SamplingParams
+from model_server.engine.types import EngineError, QueueFull, SamplingParams
 from model_server.models import base
 from model_server.tokenizer import Tokenizer
 
@@ -372,63 +372,10 @@ class Engine:
         return out, firsts
 
     def _run_aux_work(self) -> None:
-        busy = bool(self.scheduler.running)
-        budget = self.max_prefill_tokens if busy else 1 << 60
-        while budget > 0:
-            with self._lock:
-                if not self._aux:
-                    return
-                head = self._aux.popleft()
-                if isinstance(head, EmbedJob):
-                    self._waiting_samples -= 1
-                    group = None
-                else:
-                    t0 = bucket_for(self.prefill_buckets, len(head.prompt))
-                    rmax = max(self.programs.score_rows(t0))
-                    group = [head]
-                    while self._aux and len(group) < rmax and isinstance(self._aux[0], Request) and \
-                            bucket_for(self.prefill_buckets, len(self._aux[0].prompt)) <= t0:
-                        group.append(self._aux.popleft())
-                    self._waiting_samples -= len(group)
-            if group is None:
-                try:
-                    vec, cost = self.runner.embed(head)
-                    head.future.set_result(vec)
-                    with self._lock:
-                        self._counters["prompt_tokens_total"] += len(head.prompt)
-                except Exception as e:  # noqa: BLE001
-                    head.future.set_exception(e)
-                    raise
-                budget -= cost
-                continue
-            now = time.monotonic()
-            for r in group:
-                r.admitted = now
-                self.h_queue.observe(now - r.arrival)
-            budget -= self._score(group)
-            for r in group:
-                if not r.done:
-                    with self._lock:
-                        self._counters["prompt_tokens_total"] += len(r.prompt)
-                    for s in r.samples:
-                        s.finished = True
-                        r.handle.finish_reasons[s.index] = "length"
-                        r.handle._put(Delta(s.index, "", [], [], "length"))
-                    self._finish_request(r, "length")
+        scoring.run_aux_work(self)
 
     def _score(self, group: list[Request]) -> int:
-        """Fill `handle.prompt_logprobs` of every request in `group` (batched passes)."""
-        group = [r for r in group if not r.done]
-        cost = 0
-        while group:
-            rows = max(self.programs.score_rows(bucket_for(self.prefill_buckets, max(len(r.prompt) for r in group))))
-            chunk, group = group[:rows], group[rows:]
-            want_top = any((r.params.logprobs or 0) > 0 for r in chunk)
-            (chosen, ti, tl), c = self.runner.score(chunk, want_top)
-            for i, r in enumerate(chunk):
-                r.handle.prompt_logprobs = self.output.prompt_logprobs(r, chosen[i], ti[i], tl[i])
-            cost += c
-        return cost
+        return scoring.score(self, group)
 
     def _process(self, pending) -> None:
         out, snapshot = pending

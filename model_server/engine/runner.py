@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import time
 from typing import Any, Optional, Sequence as Seq
 
 import jax

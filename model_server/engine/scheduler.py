@@ -14,7 +14,6 @@ from __future__ import annotations
 import bisect
 import collections
 import dataclasses
-from typing import Optional
 
 from model_server.engine.block_manager import BlockManager, block_hashes
 from model_server.engine.requests import Group, Sequence, Status
