@@ -59,6 +59,7 @@ def run_aux_work(engine: "Engine") -> None:
                     r.handle._put(Delta(s.index, "", [], [], "length"))
                 engine._finish_request(r, "length")
 
+
 def score(engine: "Engine", group: list[Request]) -> int:
     """Fill `handle.prompt_logprobs` of every request in `group` (batched passes)."""
     group = [r for r in group if not r.done]
