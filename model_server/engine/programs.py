@@ -99,7 +99,7 @@ class Programs:
 
     def __init__(self, spec: base.ModelSpec, *, num_slots: int, max_seq_len: int,
                  buckets: list[int], decode_buckets: list[int], mesh: jax.sharding.Mesh,
-                 cache_sharding: NamedSharding, num_blocks: int, block_size: int):
+                 cache_sharding: NamedSharding, num_blocks: int, block_size: int, dtype: str = "float32"):
         self.spec = spec
         self.n = num_slots
         self.s = max_seq_len
@@ -113,7 +113,12 @@ class Programs:
         self.block_size = block_size
         #: table entries a sequence of max_seq_len positions needs
         self.max_blocks = -(-max_seq_len // block_size)
+        #: table widths of the decode programs (the decode kernel reads any width alike)
         self.kv_variants = kv_block_variants(self.max_blocks, kernels.enabled())
+        #: and of the prefill programs: one width where the prefill kernel serves (float32,
+        #: AVX-512, its head dims), else the pure-JAX path's gather wants narrow tables too
+        self.prefill_variants = kv_block_variants(self.max_blocks, kernels.use_prefill_attention(
+            spec.head_dim, block_size, dtype, dtype, dtype))
         self.prefill: dict[tuple[int, int, int], Any] = {}
         self.decode: dict[tuple[int, int], Any] = {}
         self.score: dict[tuple[int, int], Any] = {}
@@ -135,13 +140,14 @@ class Programs:
         r = rows_for(t, MAX_ROWS)
         return [1] if r == 1 else [1, r]
 
-    def width_for(self, positions: int) -> int:
+    def width_for(self, positions: int, prefill: bool = False) -> int:
         """The narrowest compiled table width holding positions [0, positions)."""
-        need = max(1, -(-positions // self.block_size))
-        return self.kv_variants[bisect.bisect_left(self.kv_variants, min(need, self.max_blocks))]
+        need = min(max(1, -(-positions // self.block_size)), self.max_blocks)
+        variants = self.prefill_variants if prefill else self.kv_variants
+        return variants[bisect.bisect_left(variants, need)]
 
     def prefill_widths(self, t: int) -> list[int]:
-        return [k for k in self.kv_variants if k * self.block_size >= min(t, self.s) or k == self.max_blocks]
+        return [k for k in self.prefill_variants if k * self.block_size >= min(t, self.s) or k == self.max_blocks]
 
     # ------------------------------------------------------------------ state
 

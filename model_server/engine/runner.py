@@ -59,7 +59,7 @@ class Runner:
         self.replicated = NamedSharding(mesh, P())
         self.programs = Programs(spec, num_slots=num_slots, max_seq_len=max_seq_len, buckets=buckets,
                                  decode_buckets=decode_buckets, mesh=mesh, cache_sharding=self.cache_sharding,
-                                 num_blocks=num_blocks, block_size=block_size)
+                                 num_blocks=num_blocks, block_size=block_size, dtype=dtype)
         self.cache = None
         self.state = None
         self.sp = self.programs.host_slot_params()
@@ -185,7 +185,7 @@ class Runner:
         for t, batch in batches:
             b = 1 if len(batch) == 1 else max(pr.prefill_rows(t))
             reach = max(max(c.start + c.length for c in batch), min(t, self.max_seq_len))
-            k = pr.width_for(reach)
+            k = pr.width_for(reach, prefill=True)
             toks = np.zeros((b, t), np.int32)
             starts = np.zeros((b,), np.int32)
             lens = np.zeros((b,), np.int32)
