@@ -63,7 +63,11 @@ def create_app(settings: AdminSettings | None = None, *, prepare: bool = True) -
     app.extensions["sax_admin"] = AdminContext(settings, engine, session_factory(engine), store, leader,
                                                heartbeats)
     from admin_server.api import bp
+    from admin_server.metrics import bp as metrics_bp
+    from admin_server.status_pages import bp as status_bp
     app.register_blueprint(bp)
+    app.register_blueprint(status_bp)
+    app.register_blueprint(metrics_bp)
     atexit.register(heartbeats.stop)
     if leader:
         leader.start()

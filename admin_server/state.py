@@ -236,13 +236,13 @@ HOPELESS = ("no live server can serve", "no live server serving")
 def note_demand(session: Session, settings: AdminSettings, model_id: Any) -> str | None:
     """A data call found no ready replica: the leader loads one (see scaling.autoscale).
     Returns why waiting for one is pointless (max_replicas 0, no server can serve it, its
-    loads fail and back off), or None."""
+    loads failed since it last served), or None."""
     model = _get_active(session, _check_in_cell(settings, model_id))
     if model.max_replicas == 0:
         return f"model {model.model_id} is published with max_replicas 0"
     if model.placement_note and model.placement_note.startswith(HOPELESS):
         return f"model {model.model_id} cannot be placed: {model.placement_note}"
-    if model.failures and model.retry_after and model.retry_after > time.time():
+    if model.failures:  # failed since it last served: callers hear why now, the leader retries
         return f"model {model.model_id} failed to load: {model.last_error}"
     session.execute(update(PublishedModel).where(PublishedModel.model_id == model.model_id)
                     .values(demand_at=time.time()))

@@ -29,6 +29,7 @@ from tests.cluster import (PG_ADMIN_URL, TINY_OVERRIDES, Proc, create_bucket, fr
 from tests.deploy import deploylib as dl
 
 INFRA = {"postgres", "gcs"}
+MONITORING = {"prometheus", "grafana"}  # profile `monitoring`
 MODEL = "/sax/test/tiny"
 
 
@@ -51,7 +52,7 @@ def _part_of(service: dict[str, Any]) -> str:
 
 
 def _saxplane_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {n: s for n, s in compose["services"].items() if n not in INFRA}
+    return {n: s for n, s in compose["services"].items() if n not in INFRA | MONITORING}
 
 
 def _listen_port(part: str, env: dict[str, str]) -> int:
@@ -65,7 +66,7 @@ def _listen_port(part: str, env: dict[str, str]) -> int:
 def test_services_images_and_dependencies(compose: dict[str, Any]) -> None:
     services = compose["services"]
     assert set(services) == {"postgres", "gcs", "migrate", "admin", "model-server-1", "model-server-2",
-                             "frontend", "saxutil"}
+                             "frontend", "saxutil", "prometheus", "grafana"}
     assert services["postgres"]["image"].startswith("postgres:")
     assert services["gcs"]["image"].startswith("fsouza/fake-gcs-server:")
     for name in INFRA:
@@ -159,10 +160,45 @@ def test_state_database_blob_store_and_volumes(compose: dict[str, Any]) -> None:
         assert binds == [("../checkpoints", "/checkpoints", True)], binds
 
 
+def test_monitoring_profile_scrapes_every_part_and_provisions_the_dashboard(compose: dict[str, Any]) -> None:
+    import json
+
+    import yaml
+
+    services = compose["services"]
+    for name in MONITORING:
+        assert services[name].get("profiles") == ["monitoring"], f"{name} starts only with --profile monitoring"
+
+    def mounted(service: str, target: str) -> Path:
+        (src,) = [src for src, tgt, _ in map(dl.parse_volume, services[service]["volumes"]) if tgt == target]
+        path = (dl.DOCKER / src).resolve()
+        assert path.exists(), f"{service}: {src} is missing"
+        return path
+
+    # Prometheus scrapes each serving part on the port that part listens on in the compose file.
+    prom = yaml.safe_load(mounted("prometheus", "/etc/prometheus/prometheus.yml").read_text())
+    targets = {t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
+    expected = {f"{n}:{_listen_port(_part_of(s), dl.environment(s))}"
+                for n, s in _saxplane_services(compose).items() if _part_of(s) in dl.SERVING_PARTS}
+    assert targets == expected
+    prom_port = int(re.search(r"--web.listen-address=:(\d+)", " ".join(services["prometheus"]["command"])).group(1))
+    # Grafana: the datasource is that Prometheus, the dashboard is provisioned from its mount.
+    prov = mounted("grafana", "/etc/grafana/provisioning")
+    (ds,) = yaml.safe_load((prov / "datasources" / "prometheus.yml").read_text())["datasources"]
+    assert ds["type"] == "prometheus" and ds["url"] == f"http://prometheus:{prom_port}" and ds["isDefault"]
+    (provider,) = yaml.safe_load((prov / "dashboards" / "saxplane.yml").read_text())["providers"]
+    dash_target = f"{provider['options']['path']}/saxplane-cell.json"
+    dash = json.loads(mounted("grafana", dash_target).read_text())
+    assert dash["uid"] == "saxplane-cell" and dash["panels"]
+    home = dl.environment(services["grafana"])["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == dash_target
+
+
 def test_env_example_documents_every_variable(dotenv: dict[str, str]) -> None:
     used = dl.referenced_vars(dl.COMPOSE) | dl.referenced_vars(dl.COMPOSE_GPU)  # `$$X` is the shell's
     assert used - set(dotenv) == set(), f"not in .env.example: {sorted(used - set(dotenv))}"
-    assert set(dotenv) - used == set(), f"unused in the compose files: {sorted(set(dotenv) - used)}"
+    unused = set(dotenv) - used - {"COMPOSE_PROJECT_NAME"}  # read by compose itself
+    assert unused == set(), f"unused in the compose files: {sorted(unused)}"
     # .env.example shows the defaults: the cell is the same with and without it.
     assert dl.load_compose(dotenv) == dl.load_compose({})
 

@@ -16,6 +16,7 @@ import pytest
 from tests.cluster import postgres_database
 from tests.deploy import deploylib as dl
 
+PIP_INSTALL = re.compile(r"\bpip(?:-with-ca)? install\b")
 BUILD_TOOLS = re.compile(r"\b(build-essential|gcc|g\+\+|clang|make|cmake|rustc|cargo|python3-dev|libpq-dev)\b")
 
 
@@ -48,12 +49,27 @@ def test_stages_base_user_and_cache(dockerfile: tuple[dict, list[dl.Stage]]) -> 
     # No build tools in the runtime stage, no pip there at all: it only copies the environment.
     for i in final.all("RUN"):
         assert not BUILD_TOOLS.search(i.args), f"build tools in the runtime stage: {i.args}"
-        assert "pip install" not in i.args, f"the runtime stage installs packages: {i.args}"
+        assert not PIP_INSTALL.search(i.args), f"the runtime stage installs packages: {i.args}"
+        assert "secret" not in i.flags.get("mount", ""), "no build secret in the runtime stage"
     # pip's cache is off wherever pip runs.
     for s in stages:
-        if any("pip install" in i.args for i in s.all("RUN")):
+        if any(PIP_INSTALL.search(i.args) for i in s.all("RUN")):
             assert s.env().get("PIP_NO_CACHE_DIR") in ("1", "true", "on") or all(
-                "--no-cache-dir" in i.args for i in s.all("RUN") if "pip install" in i.args), s.name
+                "--no-cache-dir" in i.args for i in s.all("RUN") if PIP_INSTALL.search(i.args)), s.name
+
+
+def test_pip_trusts_an_optional_ca_secret(dockerfile: tuple[dict, list[dl.Stage]]) -> None:
+    """Every pip that downloads mounts the optional `pip-ca` secret (a proxy's CA bundle, only
+    while it runs), through the wrapper that sets PIP_CERT when the secret is there."""
+    global_args, stages = dockerfile
+    assert global_args["PYTHON_IMAGE"] == "python:3.11-slim-bookworm"
+    build = stages[0]
+    (wrapper,) = [i for i in build.all("RUN") if "> /usr/local/bin/pip-with-ca" in i.args]
+    assert "/run/secrets/pip-ca" in wrapper.args and "PIP_CERT" in wrapper.args
+    for i in build.all("RUN"):
+        if PIP_INSTALL.search(i.args):
+            assert "pip-with-ca install" in i.args, i.args
+            assert i.flags.get("mount") == "type=secret,id=pip-ca,required=false", i.args
 
 
 def test_copies_name_files_that_exist_and_reach_the_context(dockerfile: tuple[dict, list[dl.Stage]]) -> None:

@@ -252,3 +252,42 @@ def test_admin_waits_for_the_migrate_job(rendered: dict[str, Any]) -> None:
         subprocess.run([str(dl.ENTRYPOINT), *job["args"]], env=env, check=True, capture_output=True, timeout=120)
         done = subprocess.run([str(dl.ENTRYPOINT), *argv], env=env, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_metrics_are_scraped_by_annotations_or_a_pod_monitor(rendered: dict[str, Any], tree: Path) -> None:
+    """Every serving part's pods say where their /metrics is (prometheus.io/* for the plain
+    kubernetes-pods job); deploy/k8s/monitoring's PodMonitor selects exactly those pods."""
+    import yaml
+
+    for name, docs in rendered.items():
+        for (kind, _), d in docs.items():
+            spec = dl.pod_spec(d)
+            if not spec or kind == "Job":
+                continue
+            (c,) = [c for c in spec["containers"] if _part(c) in dl.SERVING_PARTS]
+            ann = d["spec"]["template"]["metadata"].get("annotations") or {}
+            assert ann.get("prometheus.io/scrape") == "true" and ann.get("prometheus.io/path") == "/metrics", name
+            assert int(ann["prometheus.io/port"]) == _port(c, "http"), (name, kind)
+    (mon,) = dl.render(tree / "monitoring")
+    assert (mon["apiVersion"], mon["kind"], mon["metadata"]["namespace"]) == ("monitoring.coreos.com/v1",
+                                                                              "PodMonitor", NS)
+    sel = mon["spec"]["selector"]
+    (expr,) = sel["matchExpressions"]
+
+    def selected(labels: dict[str, str]) -> bool:
+        return all(labels.get(k) == v for k, v in sel["matchLabels"].items()) and \
+            (labels.get(expr["key"]) in expr["values"]) == (expr["operator"] == "In")
+
+    picked = []
+    for (kind, n), d in rendered["base"].items():
+        if dl.pod_spec(d) and selected(d["spec"]["template"]["metadata"]["labels"]):
+            picked.append(n)
+            (endpoint,) = mon["spec"]["podMetricsEndpoints"]
+            (c,) = [c for c in dl.pod_spec(d)["containers"] if _part(c) in dl.SERVING_PARTS]  # type: ignore[index]
+            assert endpoint["path"] == "/metrics" and endpoint["port"] in [p["name"] for p in c["ports"]]
+    assert sorted(picked) == ["saxplane-admin", "saxplane-frontend", "saxplane-model-server"]
+    # The annotation-driven job of deploy/prometheus/prometheus-k8s.yml reads those annotations.
+    job = yaml.safe_load((dl.REPO / "deploy" / "prometheus" / "prometheus-k8s.yml").read_text())["scrape_configs"][0]
+    sources = {s for r in job["relabel_configs"] for s in r.get("source_labels", [])}
+    assert {"__meta_kubernetes_pod_annotation_prometheus_io_scrape", "__meta_kubernetes_pod_annotation_prometheus_io_port",
+            "__meta_kubernetes_pod_annotation_prometheus_io_path"} <= sources
