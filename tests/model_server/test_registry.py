@@ -358,7 +358,7 @@ def test_spec_from_config_variants():
     # transformers 5 layout: rope_parameters
     new = dict(_LLAMA_CFG, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4})
     assert base.spec_from_hf_config(new).rope_type == "linear"
-    with pytest.raises(base.ModelConfigError, match="unsupported rope scaling type 'yarn'"):
+    with pytest.raises(base.ModelConfigError, match="unsupported rope_scaling type 'yarn'"):
         base.spec_from_hf_config(dict(_LLAMA_CFG, rope_scaling={"rope_type": "yarn", "factor": 4.0}))
     with pytest.raises(base.ModelConfigError, match="lacks 'hidden_size'"):
         base.spec_from_hf_config({k: v for k, v in _LLAMA_CFG.items() if k != "hidden_size"})
@@ -366,12 +366,13 @@ def test_spec_from_config_variants():
         base.spec_from_hf_config(dict(_LLAMA_CFG, num_key_value_heads=3))
 
 
-def test_sliding_window_caps_sequence_length():
+def test_sliding_window_does_not_cap_sequence_length():
     mistral = dict(_LLAMA_CFG, architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=1024)
     s = base.spec_from_hf_config(mistral)
-    assert s.sliding_window == 1024 and s.max_seq_len_limit == 1024
-    assert ServingKnobs().resolve(s.max_seq_len_limit, "cpu").max_seq_len == 1024
+    assert s.sliding_window == 1024 and s.window_of(0) == 1024 and s.max_seq_len_limit == 4096
+    assert ServingKnobs(max_seq_len=4096).resolve(s.max_seq_len_limit, "cpu").max_seq_len == 4096
     qwen = dict(_LLAMA_CFG, architectures=["Qwen2ForCausalLM"], model_type="qwen2", sliding_window=1024,
                 use_sliding_window=False)
     q = base.spec_from_hf_config(qwen)
+    assert q.window_of(0) is None
     assert q.max_seq_len_limit == 4096 and q.qkv_bias and not q.o_bias
