@@ -22,6 +22,7 @@ from admin_server.errors import AdminError, PermissionDenied, Unauthenticated, s
 from admin_server.lease import current_lease
 from admin_server.naming import InvalidArgument, parse_cell
 from admin_server.serving import parse_json, read_body
+from admin_server.snapshot import versions, wait_for_snapshot
 
 log = logging.getLogger(__name__)
 bp = Blueprint("admin", __name__)
@@ -134,8 +135,15 @@ def publish():  # type: ignore[no-untyped-def]
     with c.sessions.begin() as s:
         model = state.publish(s, c.settings, body())
         detail = state.model_detail(s, c.settings, model)
+        version = state.cell_version(s, c.settings.cell_name)
     c.wake_leader()
-    return jsonify(detail), 201
+    return jsonify({**detail, "snapshot": _durable(version)}), 201
+
+
+def _durable(version: int) -> dict[str, Any]:
+    """Waits for the snapshot of a committed change (see snapshot.wait_for_snapshot)."""
+    c = ctx()
+    return wait_for_snapshot(c.engine, c.settings.cell_name, version, c.settings.snapshot_wait_s, c.leader)
 
 
 @bp.get("/models")
@@ -165,8 +173,9 @@ def update_model(name: str):  # type: ignore[no-untyped-def]
     with c.sessions.begin() as s:
         model = state.update_model(s, c.settings, _model_id(name), body())
         detail = state.model_detail(s, c.settings, model)
+        version = state.cell_version(s, c.settings.cell_name)
     c.wake_leader()
-    return jsonify(detail)
+    return jsonify({**detail, "snapshot": _durable(version)})
 
 
 @bp.delete("/models/<path:name>")
@@ -175,8 +184,9 @@ def unpublish(name: str):  # type: ignore[no-untyped-def]
     c = ctx()
     with c.sessions.begin() as s:
         state.unpublish(s, c.settings, _model_id(name))
+        version = state.cell_version(s, c.settings.cell_name)
     c.wake_leader()
-    return jsonify({"model_id": _model_id(name)})
+    return jsonify({"model_id": _model_id(name), "snapshot": _durable(version)})
 
 
 @bp.post("/heartbeat")
@@ -200,8 +210,20 @@ def stats():  # type: ignore[no-untyped-def]
     from admin_server.leader import lease_name
     with c.sessions() as s:
         out = state.stats(s, c.settings)
+    out["snapshot_behind"] = out["version"] - out["snapshot_version"]
     out["leader"] = current_lease(c.engine, lease_name(c.settings))
     return jsonify(out)
+
+
+@bp.get("/metrics")
+def metrics():  # type: ignore[no-untyped-def]
+    """Prometheus: the cell's version and how many changes the blob-store snapshot is behind."""
+    version, written = versions(ctx().engine, ctx().settings.cell_name)
+    lines = ["# HELP sax_admin_cell_version Changes to the published set so far.",
+             "# TYPE sax_admin_cell_version gauge", f"sax_admin_cell_version {version}",
+             "# HELP sax_admin_snapshot_behind Changes the blob-store snapshot does not hold yet.",
+             "# TYPE sax_admin_snapshot_behind gauge", f"sax_admin_snapshot_behind {version - written}", ""]
+    return Response("\n".join(lines), mimetype="text/plain; version=0.0.4")
 
 
 @bp.post("/demand/<path:name>")

@@ -100,8 +100,11 @@ def parse_heartbeat(body: dict[str, Any]) -> tuple[dict[str, Any], list[Reported
                                   "must be numbers") from None
         if idle_s is not None and not 0 <= idle_s < 1e9:
             raise InvalidArgument("idle_s must be a non-negative number of seconds")
+        # A LOADING replica's error text says what the load is doing (compiling 12 of 50 programs,
+        # about 30 s left): listcell and `saxutil ls` show it beside the status.
+        note = m.get("error") or (m.get("progress") if m["status"] == "LOADING" else None)
         reported.append(ReportedModel(m["model_id"], generation, m["status"],
-                                      str(m["error"])[:4000] if m.get("error") else None, memory, load_time,
+                                      str(note)[:4000] if note else None, memory, load_time,
                                       min(running, 1 << 30), min(waiting, 1 << 30), idle_s))
     return desc, reported
 
@@ -236,6 +239,8 @@ class HeartbeatRecorder:
                 for key in ("error", "memory_bytes", "load_time_s"):
                     if getattr(rep, key):
                         new[key] = getattr(rep, key)
+                if observed in (Observed.LOADING.value, Observed.LOADED.value) and not rep.error:
+                    new["error"] = None  # a load's progress note ends with it
                 if observed == Observed.LOADED.value and rep.memory_bytes and r.model_memory is None:
                     learned.append((r.model_id, rep.memory_bytes))
             if new != current:

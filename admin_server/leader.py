@@ -57,6 +57,17 @@ class LeaderLoop:
         """Asks for a pass now (after a local mutation) instead of at the next tick."""
         self._wake.set()
 
+    def snapshot_soon(self) -> None:
+        """Asks for a snapshot now (a change waits for it), if this process leads."""
+        if self.lease.is_leader():
+            self._snapshot_due.set()
+        self._wake.set()
+
+    def snapshot_failing_past(self, deadline: float) -> bool:
+        """Whether this process leads, its last snapshot failed and the next try comes after
+        `deadline` (monotonic): no use waiting for it."""
+        return self.lease.is_leader() and self.snapshot_failures > 0 and self._snapshot_retry_at > deadline
+
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()

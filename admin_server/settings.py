@@ -48,6 +48,7 @@ class AdminSettings:
     scale_up_window_s: float = 10.0
     scale_down_load: float = 1.0
     db_timeout_s: float = 30.0   # PostgreSQL: longest statement, lock wait or connect of a request
+    snapshot_wait_s: float = 5.0  # a change is answered once the snapshot holds it, or after this long
     admin_token: str | None = None
     cluster_token: str | None = None
     checkpoint_roots: tuple[str, ...] = field(default=())
@@ -103,6 +104,7 @@ class AdminSettings:
             scale_up_window_s=_env_float(env, "SAX_SCALE_UP_WINDOW", cls.scale_up_window_s),
             scale_down_load=_env_float(env, "SAX_SCALE_DOWN_LOAD", cls.scale_down_load),
             db_timeout_s=_env_float(env, "SAX_DB_TIMEOUT", cls.db_timeout_s),
+            snapshot_wait_s=_env_float(env, "SAX_SNAPSHOT_WAIT", cls.snapshot_wait_s),
             admin_token=env.get("SAX_ADMIN_TOKEN") or None,
             cluster_token=env.get("SAX_CLUSTER_TOKEN") or None,
             checkpoint_roots=roots,

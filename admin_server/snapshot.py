@@ -2,7 +2,12 @@
 
 SQL is the authority; the snapshot is the disaster-recovery copy. The leader
 writes it whenever the cell's version moves past the last snapshot, after
-checking its epoch; an admin that starts on an empty database restores from it.
+checking its epoch. A publish, update or unpublish is answered only once the
+snapshot holds its version (`wait_for_snapshot`, bounded: while the blob store
+is out the answer says the snapshot is behind instead), so no acknowledged
+change is lost with the database. An admin that starts on an empty database,
+or on one older than the snapshot (a restored dump), restores the published set
+from it.
 """
 from __future__ import annotations
 
@@ -86,14 +91,87 @@ def write_snapshot(engine: Engine, store: BlobStore, cell: str, lease_name: str,
     return True
 
 
-def ensure_cell(engine: Engine, store: BlobStore, cell: str) -> int:
-    """Creates the cell's row on first start; on an empty database restores published
-    models from the snapshot. Returns the number of models restored."""
+def versions(engine: Engine, cell: str) -> tuple[int, int]:
+    """The cell's (version, snapshot_version)."""
     with engine.connect() as conn:
-        if conn.execute(select(CellState.cell).where(CellState.cell == cell)).first():
-            return 0
+        row = conn.execute(select(CellState.version, CellState.snapshot_version)
+                           .where(CellState.cell == cell)).first()
+    return (row.version, row.snapshot_version) if row else (0, 0)
+
+
+def wait_for_snapshot(engine: Engine, cell: str, version: int, timeout_s: float,
+                      leader: Any = None, poll_s: float = 0.05) -> dict[str, Any]:
+    """Waits (at most `timeout_s`) until the snapshot holds `version`, which a change just
+    committed; `leader` (this process's LeaderLoop) is asked to write it now if it leads, and
+    ends the wait early when its last snapshot failed and its next try is past the deadline.
+    Returns what the answer tells the caller: {"version", "snapshot_version", "behind"}."""
+    deadline = time.monotonic() + timeout_s
+    if leader is not None:
+        leader.snapshot_soon()
+    while True:
+        _, written = versions(engine, cell)
+        if written >= version:
+            return {"version": version, "snapshot_version": written, "behind": False}
+        if time.monotonic() >= deadline or (leader is not None and leader.snapshot_failing_past(deadline)):
+            log.warning("answering a change at version %d before the snapshot holds it (snapshot at %d): "
+                        "the blob store is unreachable or no admin leads", version, written)
+            return {"version": version, "snapshot_version": written, "behind": True}
+        time.sleep(poll_s)
+
+
+def _restore_rows(cell: str, doc: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"model_id": m["model_id"], "cell": cell, "model_path": m["model_path"],
+             "checkpoint": m.get("checkpoint"), "requested_replicas": m["replicas"],
+             "min_replicas": m.get("min_replicas", m["replicas"]),
+             "max_replicas": m.get("max_replicas", m["replicas"]),
+             "idle_seconds": m.get("idle_seconds", DEFAULT_IDLE_SECONDS),
+             "target_replicas": m["replicas"],
+             "overrides": m.get("overrides") or {}, "uuid": m["uuid"],
+             "generation": m.get("generation", 1), "state": ModelState.ACTIVE.value,
+             "failures": 0} for m in doc.get("models", [])]
+
+
+def _catch_up(engine: Engine, store: BlobStore, cell: str, doc: dict[str, Any]) -> int:
+    """The database is older than the snapshot (a dump restored after the snapshot was
+    written): the published set becomes the snapshot's. Models the snapshot does not hold are
+    unpublished (the reconciler unloads them); models it holds are inserted or brought to
+    their snapshot values. Returns the number of models the snapshot holds."""
+    rows = {r["model_id"]: r for r in _restore_rows(cell, doc)}
+    version = int(doc.get("version", 0))
+    with engine.begin() as conn:
+        cs = conn.execute(select(CellState.version).where(CellState.cell == cell).with_for_update()).first()
+        if cs is None or cs.version >= version:
+            return 0  # another process caught up first
+        present = {m.model_id: m for m in conn.execute(
+            select(PublishedModel).where(PublishedModel.cell == cell)).all()}
+        for model_id, m in present.items():
+            if model_id not in rows and m.state == ModelState.ACTIVE.value:
+                conn.execute(update(PublishedModel).where(PublishedModel.model_id == model_id)
+                             .values(state=ModelState.UNPUBLISHING.value))
+        for model_id, row in rows.items():
+            if model_id in present:  # brought to the snapshot's publication (uuid, generation, ...)
+                conn.execute(update(PublishedModel).where(PublishedModel.model_id == model_id)
+                             .values(**{k: v for k, v in row.items() if k != "model_id"}))
+            else:
+                conn.execute(insert(PublishedModel), [row])
+        conn.execute(update(CellState).where(CellState.cell == cell).values(
+            version=version, snapshot_version=version, restored_from=f"{store.url}/{snapshot_path(cell)}"))
+    log.warning("the database (version %d) was older than the snapshot (version %d): restored the %d "
+                "published models of /sax/%s from %s", cs.version, version, len(rows), cell, store.url)
+    return len(rows)
+
+
+def ensure_cell(engine: Engine, store: BlobStore, cell: str) -> int:
+    """Creates the cell's row on first start; on an empty database, or one older than the
+    snapshot, restores published models from the snapshot. Returns the number restored."""
+    with engine.connect() as conn:
+        known = conn.execute(select(CellState.version).where(CellState.cell == cell)).first()
     raw = store.read(snapshot_path(cell))  # outside the transaction: may be slow
     doc = json.loads(raw) if raw else None
+    if known is not None:
+        if doc and int(doc.get("version", 0)) > known.version:
+            return _catch_up(engine, store, cell, doc)
+        return 0
     try:
         with engine.begin() as conn:
             if conn.execute(select(CellState.cell).where(CellState.cell == cell)).first():
@@ -104,15 +182,7 @@ def ensure_cell(engine: Engine, store: BlobStore, cell: str) -> int:
             version = 0
             if doc and not has_models:
                 version = int(doc.get("version", 0))
-                rows = [{"model_id": m["model_id"], "cell": cell, "model_path": m["model_path"],
-                         "checkpoint": m.get("checkpoint"), "requested_replicas": m["replicas"],
-                         "min_replicas": m.get("min_replicas", m["replicas"]),
-                         "max_replicas": m.get("max_replicas", m["replicas"]),
-                         "idle_seconds": m.get("idle_seconds", DEFAULT_IDLE_SECONDS),
-                         "target_replicas": m["replicas"],
-                         "overrides": m.get("overrides") or {}, "uuid": m["uuid"],
-                         "generation": m.get("generation", 1), "state": ModelState.ACTIVE.value,
-                         "failures": 0} for m in doc.get("models", [])]
+                rows = _restore_rows(cell, doc)
                 if rows:
                     conn.execute(insert(PublishedModel), rows)
                 restored = len(rows)

@@ -26,6 +26,11 @@ def bump_version(session: Session, cell: str) -> None:
                     .values(version=CellState.version + 1))
 
 
+def cell_version(session: Session, cell: str) -> int:
+    """The cell's version as this transaction sees it (after its own bump)."""
+    return session.scalar(select(CellState.version).where(CellState.cell == cell)) or 0
+
+
 def _check_in_cell(settings: AdminSettings, model_id: Any) -> str:
     mid = parse_model_id(model_id)
     if mid.cell != settings.cell_name:

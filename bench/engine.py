@@ -39,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 VOCAB = 50257
+MODELS = ("gpt2", "qwen3-moe")
 
 
 def gpt2_small_spec():
@@ -52,8 +53,9 @@ def gpt2_small_spec():
         mlp_bias=True, eos_token_ids=(VOCAB - 1,))
 
 
-def synthetic_tokenizer():
-    """A valid byte-level BPE with exactly 50257 tokens (256 bytes, 50000 pair merges, eos)."""
+def synthetic_tokenizer(vocab_size: int = VOCAB):
+    """A valid byte-level BPE with exactly `vocab_size` tokens (GPT-2's 50257: 256 bytes,
+    50000 pair merges, eos)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -62,11 +64,11 @@ def synthetic_tokenizer():
     merges = []
     for a in alphabet:
         for b in alphabet:
-            if len(vocab) >= VOCAB - 1:
+            if len(vocab) >= vocab_size - 1:
                 break
             vocab[a + b] = len(vocab)
             merges.append((a, b))
-    vocab["<|endoftext|>"] = VOCAB - 1
+    vocab["<|endoftext|>"] = vocab_size - 1
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -256,6 +258,15 @@ def main(argv=None) -> int:
     ap.add_argument("--share-rounds", type=int, default=5,
                     help="batch-1 decodes measured against the bandwidth read just before and after")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--model", choices=MODELS, default="gpt2",
+                    help="qwen3-moe: the mixture-of-experts row (bench/engine_moe.py; its own options)")
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--model", choices=MODELS, default="gpt2")
+    chosen, rest = pre.parse_known_args(argv)
+    if chosen.model == "qwen3-moe":
+        from bench import engine_moe
+
+        return engine_moe.main(rest)
     args = ap.parse_args(argv)
 
     import torch

@@ -17,13 +17,32 @@ from client import sax
 from client.admin import AdminClient
 
 
-def _fail(message: str) -> None:
+# Exit codes (README "Client and CLI"): every failure prints one line on stderr.
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _fail(message: str, code: int = EXIT_FAILED) -> None:
     click.echo(f"saxutil: {message}", err=True)
-    sys.exit(1)
+    sys.exit(code)
 
 
 class SaxGroup(click.Group):
-    """Turns library errors into a one-line message and exit code 1."""
+    """Every failure is one line on stderr: exit 1 when the command failed (the cell's answer,
+    a connection, a file), 2 when it was called wrongly (a usage error, with the command whose
+    --help tells the right way), 130 when interrupted."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            rv = super().main(*args, **kwargs)
+        except click.UsageError as e:
+            where = e.ctx.command_path if e.ctx else "saxutil"
+            _fail(f"{e.format_message()} (see '{where} --help')", EXIT_USAGE)
+        except click.ClickException as e:
+            _fail(e.format_message())
+        except click.exceptions.Abort:
+            _fail("interrupted", EXIT_INTERRUPTED)
+        sys.exit(rv if isinstance(rv, int) else EXIT_OK)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -122,8 +141,9 @@ def publish(ctx: click.Context, model_id: str, model_path: str, checkpoint: str,
 
     Autoscaled, idle to zero: saxutil publish /sax/test/lm test.tiny None 1 --min-replicas 0 --max-replicas 3
     """
-    _admin(ctx).publish(model_id, model_path, checkpoint, replicas, _parse_overrides(overrides), **scaling)
+    d = _admin(ctx).publish(model_id, model_path, checkpoint, replicas, _parse_overrides(overrides), **scaling)
     click.echo(f"published {model_id}")
+    _snapshot_note(d)
     if wait and replicas:
         sax.WaitForReady(model_id, replicas, timeout, admin=ctx.obj["admin"], progress=_progress(model_id))
         click.echo(f"{model_id} is ready")
@@ -137,8 +157,9 @@ def unpublish(ctx: click.Context, model_id: str) -> None:
 
     Example: saxutil unpublish /sax/test/lm
     """
-    _admin(ctx).unpublish(model_id)
+    d = _admin(ctx).unpublish(model_id)
     click.echo(f"unpublished {model_id}")
+    _snapshot_note(d)
 
 
 @main.command()
@@ -158,6 +179,24 @@ def update(ctx: click.Context, model_id: str, replicas: int | None, checkpoint: 
     d = _admin(ctx).update(model_id, replicas=replicas, checkpoint=checkpoint, **scaling)
     click.echo(f"updated {model_id}: checkpoint {d['checkpoint']}, {d['requested_replicas']} replicas "
                f"({d['min_replicas']}..{d['max_replicas']}, idle {d['idle_seconds']:g}s)")
+    _snapshot_note(d)
+
+
+def _snapshot_note(answer: dict[str, Any]) -> None:
+    """Warns (stderr) when the admin committed a change that its blob-store snapshot does not
+    hold yet: the database alone has it until the store is back."""
+    snap = answer.get("snapshot") or {}
+    if snap.get("behind"):
+        click.echo(f"saxutil: warning: committed, but the blob-store snapshot is behind (at version "
+                   f"{snap.get('snapshot_version')}, the change is {snap.get('version')}); it is written "
+                   "when the store is reachable again", err=True)
+
+
+def _snapshot_behind(admin: AdminClient) -> None:
+    stats = admin.stats()
+    if stats.get("snapshot_behind"):
+        click.echo(f"warning: the blob-store snapshot is {stats['snapshot_behind']} change(s) behind the "
+                   "database (the blob store is unreachable, or no admin leads)", err=True)
 
 
 @main.command()
@@ -180,6 +219,7 @@ def ls(ctx: click.Context, path: str, as_json: bool) -> None:
         models = admin.models(path)
         click.echo(json.dumps(models) if as_json else
                    table(["#", "Model ID"], [[i + 1, m] for i, m in enumerate(models)]))
+        _snapshot_behind(admin)
     else:
         d = admin.model(path)
         if as_json:
@@ -196,11 +236,12 @@ def ls(ctx: click.Context, path: str, as_json: bool) -> None:
         if d.get("reason") and d["reason"] != d.get("last_error"):
             click.echo(f"not placed: {d['reason']}")
         if d["replicas"]:
-            click.echo(table(["Replica Address", "Status", "Generation", "Error"],
+            click.echo(table(["Replica Address", "Status", "Generation", "Error or progress"],
                              [[r["address"], r["status"], r["generation"], r.get("error") or ""]
                               for r in d["replicas"]]))
         if d.get("last_error"):
             click.echo(f"last error: {d['last_error']}")
+        _snapshot_behind(admin)
 
 
 @main.command()

@@ -11,6 +11,7 @@ from flask import Flask, Response, g, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST
 from werkzeug.exceptions import HTTPException
 
+from admin_server.probes import vllm_probes
 from client.admin import AdminClient
 from client.router import Router
 from http_frontend import openai_routes, saxml_routes, transport
@@ -83,6 +84,7 @@ def create_app(settings: FrontendSettings, admission: Admission | None = None,
     app.extensions["sax_frontend"] = fe
     app.register_blueprint(saxml_routes.bp)
     app.register_blueprint(openai_routes.bp)
+    app.register_blueprint(vllm_probes())
     admin_health: dict[str, Any] = {"at": 0.0, "status": "unknown"}
     health_lock = threading.Lock()
 

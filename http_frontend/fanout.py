@@ -20,8 +20,8 @@ from client.router import RoutedResponse
 from http_frontend.errors import FrontendError
 from http_frontend.exchange import Exchange
 from http_frontend.transport import hung_up
-from http_frontend.upstream import (DONE, SSE_HEADERS, Upstream, abort, body_response, dumps, sse,
-                                    stream_error_event)
+from http_frontend.upstream import (DONE, SSE_HEADERS, Upstream, abort, body_response, broken_stream_event,
+                                    dumps, sse)
 
 MAX_PROMPTS = 1024
 
@@ -125,8 +125,7 @@ class FanOut:
                         continue
                     if isinstance(item, Exception):
                         ex.error_kind = "stream_error"
-                        yield stream_error_event(f"replica {responses[i].address} broke off the stream: "
-                                                 f"{type(item).__name__}")
+                        yield broken_stream_event(responses[i].address, item)
                         break
                     chunk = json.loads(item)
                     if "error" in chunk:

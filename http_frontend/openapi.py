@@ -284,6 +284,13 @@ def document(server_url: str = "", max_n: int = 128) -> S:
         "/tokenizer_info": {"get": _op("Tokenizer description (vLLM)", answer=_ref("TokenizerInfo"),
                                        params=[_query("model", False)], op_id="tokenizer_info")},
         "/healthz": {"get": _op("Liveness", answer=_ref("Health"), codes=(), security=None, op_id="healthz")},
+        **{path: {method: {"summary": summary, "operationId": f"{op}_{method}",
+                            "responses": {"200": {"description": "OK (empty body)"}}} for method in methods}
+           for path, methods, summary, op in (("/health", ("get",), "Liveness (vLLM's probe)", "health"),
+                                              ("/ping", ("get", "post"), "Liveness (vLLM's probe)", "ping"))},
+        "/version": {"get": {"summary": "Saxplane's version (vLLM's probe)", "operationId": "version",
+                             "responses": {"200": {"description": "OK", "content": _json(
+                                 {"type": "object", "properties": {"version": STR}})}}}},
         "/metrics": {"get": {"summary": "Prometheus metrics", "operationId": "metrics",
                              "responses": {"200": {"description": "OK", "content": {
                                  "text/plain": {"schema": {"type": "string"}}}}}}},

@@ -7,6 +7,7 @@ field when the caller used a frontend alias the replicas do not know.
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import time
 from typing import Any, Iterable, Iterator
@@ -181,6 +182,20 @@ def iter_events(chunks: Iterable[bytes]) -> Iterator[bytes]:
         yield buf
 
 
+log = logging.getLogger(__name__)
+
+
+def broken_stream_event(address: str, exc: BaseException) -> bytes:
+    """The error event for a stream its replica broke off: a message for the caller (the
+    replica's address and the exception are logged, not sent)."""
+    log.warning("replica %s broke off a stream: %s: %s", address, type(exc).__name__, exc)
+    if isinstance(exc, (TimeoutError, socket.timeout)) or "Timeout" in type(exc).__name__:
+        why = "the model server stopped sending"
+    else:
+        why = "the model server's connection ended before the answer did"
+    return stream_error_event(f"the answer was cut off: {why}; send the request again")
+
+
 def stream_error_event(message: str) -> bytes:
     return sse({"error": {"message": message, "type": "server_error", "param": None, "code": "stream_error"}})
 
@@ -203,7 +218,7 @@ def stream_response(ex: Exchange, up: Upstream, resp: RoutedResponse, rename: tu
                 yield chunk
         except Exception as e:  # the replica went away mid-stream: say so, then end the stream
             ex.error_kind = "stream_error"
-            yield stream_error_event(f"replica {resp.address} broke off the stream: {type(e).__name__}")
+            yield broken_stream_event(resp.address, e)
             yield DONE
         finally:
             resp.close()

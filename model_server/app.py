@@ -9,6 +9,7 @@ from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException
 
+from admin_server.probes import vllm_probes
 from admin_server.serving import hung_up, parse_json, read_body
 from model_server.api import openai as openai_api
 from model_server.api import params
@@ -240,6 +241,7 @@ def create_app(mgr: ModelManager, limits: RequestLimits = RequestLimits()) -> Fl
     registry, req_counter, latency = make_registry(mgr)
     app.extensions["sax_metrics"] = (registry, req_counter, latency)
     app.register_blueprint(bp)
+    app.register_blueprint(vllm_probes())
 
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError):  # type: ignore[no-untyped-def]

@@ -446,6 +446,7 @@ def _load_hf_params(ckpt: Checkpoint, dtype: Any, shardings: Any, on_device: boo
             f"{', '.join(missing[:5])}{more}")
     np_dtype = base.dtype_of(dtype)
     params = empty_like_shapes(shapes)
+    stacks: dict[tuple, list] = {}  # path -> [host array, entries filled] (expert-stacked params)
     for rule in rules:
         stored = names[rule.hf_name]
         raw = tensors.where[stored].get(stored)
@@ -454,11 +455,19 @@ def _load_hf_params(ckpt: Checkpoint, dtype: Any, shardings: Any, on_device: boo
                                   f"cannot split it in {rule.split[2]}")
         arr = rule.apply(raw)
         want = _get(shapes, rule.path)
-        if tuple(arr.shape) != tuple(want):
+        expect = tuple(want) if rule.index is None else tuple(want[1:])
+        if tuple(arr.shape) != expect:
             raise CheckpointError(
                 f"{ckpt.source}: tensor {stored} has shape {tuple(raw.shape)}, expected one giving "
-                f"{tuple(want)} for config {spec.architecture} (hidden {spec.hidden_size}, "
+                f"{expect} for config {spec.architecture} (hidden {spec.hidden_size}, "
                 f"vocab {spec.vocab_size})")
+        if rule.index is not None:  # one entry of a stacked param: complete it first
+            stack = stacks.setdefault(rule.path, [np.empty(want, np_dtype), 0])
+            stack[0][rule.index] = arr
+            stack[1] += 1
+            if stack[1] < want[0]:
+                continue
+            arr = stacks.pop(rule.path)[0]
         arr = np.asarray(arr, dtype=np_dtype)
         if on_device:
             sharding = _get(shardings, rule.path) if shardings is not None else None

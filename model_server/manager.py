@@ -47,6 +47,7 @@ class ServedModel:
     kv_cache_bytes: int | None = None  # the KV block pool's share of memory_bytes
     static: bool = False
     started: float = field(default_factory=time.monotonic)
+    progress: str | None = None  # while LOADING: what the load is doing (model_server.load_progress)
     # When it last had a request (monotonic), and the engine's request count then.
     last_used: float = field(default_factory=time.monotonic)
     _requests_seen: int = 0
@@ -82,7 +83,8 @@ class ServedModel:
         return {"model_id": self.model_id, "generation": self.generation, "status": self.status,
                 "checkpoint": self.checkpoint if self.checkpoint is not None else "None",
                 "error": self.error, "memory_bytes": self.memory_bytes, "load_time_s": self.load_time_s,
-                "kv_cache_bytes": self.kv_cache_bytes, **self.load()}
+                "kv_cache_bytes": self.kv_cache_bytes, **self.load(),
+                **({"progress": self.progress} if self.status == LOADING and self.progress else {})}
 
 
 def default_loader(model_path: str, checkpoint: str | None, overrides: dict[str, Any],
@@ -91,7 +93,11 @@ def default_loader(model_path: str, checkpoint: str | None, overrides: dict[str,
     from model_server import registry
     from model_server.devices import make_mesh
     from model_server.engine import Engine
+    from model_server.load_progress import CURRENT, CompileProgress
 
+    sink = CURRENT.get()
+    if sink is not None:
+        sink("loading weights")
     loaded = registry.load_model(model_path, checkpoint, overrides, mesh=make_mesh(), cache_dir=cache_dir)
     k = loaded.knobs
     engine = Engine(loaded, num_slots=k.num_slots, max_seq_len=k.max_seq_len,
@@ -99,6 +105,7 @@ def default_loader(model_path: str, checkpoint: str | None, overrides: dict[str,
                     block_size=k.block_size, num_blocks=loaded.num_blocks(),
                     max_num_batched_tokens=k.max_num_batched_tokens,
                     enable_prefix_caching=k.enable_prefix_caching)
+    engine.compile_progress = CompileProgress(model_path, sink)
     engine.start()
     return loaded, engine
 
@@ -152,6 +159,9 @@ class ModelManager:
         t0 = time.monotonic()
         log.info("loading %s generation %d (%s, %s)", served.model_id, served.generation,
                  served.model_path, served.checkpoint)
+        from model_server.load_progress import CURRENT
+
+        token = CURRENT.set(lambda line: setattr(served, "progress", line))
         try:
             loaded, engine = self._loader(served.model_path, served.checkpoint, served.overrides,
                                           self._cache_dir)
@@ -160,6 +170,8 @@ class ModelManager:
             served.error = f"{type(e).__name__}: {e}"
             served.status = FAILED
             return
+        finally:
+            CURRENT.reset(token)
         served.loaded, served.engine = loaded, engine
         served.last_used = time.monotonic()
         served.load_time_s = round(time.monotonic() - t0, 3)

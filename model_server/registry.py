@@ -8,6 +8,8 @@ model paths:
   lm.qwen3  Qwen3ForCausalLM only
   lm.gemma  Gemma2ForCausalLM / Gemma3ForCausalLM only
   lm.phi3   Phi3ForCausalLM only
+  lm.qwen3_moe  Qwen3MoeForCausalLM only
+  lm.mixtral    MixtralForCausalLM only
   test.tiny random-weight 2-layer Llama-style model with a built-in tokenizer;
             checkpoint must be None (deterministic on every server)
 """
@@ -57,6 +59,8 @@ REGISTRY: dict[str, ModelPathEntry] = {
         ModelPathEntry("lm.qwen3", "Qwen3", frozenset({"Qwen3ForCausalLM"})),
         ModelPathEntry("lm.gemma", "Gemma 2 / Gemma 3 (text)", frozenset({"Gemma2ForCausalLM", "Gemma3ForCausalLM"})),
         ModelPathEntry("lm.phi3", "Phi-3", frozenset({"Phi3ForCausalLM"})),
+        ModelPathEntry("lm.qwen3_moe", "Qwen3-MoE", frozenset({"Qwen3MoeForCausalLM"})),
+        ModelPathEntry("lm.mixtral", "Mixtral", frozenset({"MixtralForCausalLM"})),
         ModelPathEntry("test.tiny", "tiny random-weight Llama-style test model", builtin="tiny"),
     ]
 }

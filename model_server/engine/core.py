@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -133,6 +133,8 @@ class Engine:
         self.h_e2e = metrics.Histogram(metrics.LATENCY_BUCKETS)
         self.h_step_tokens = metrics.Histogram(metrics.STEP_TOKEN_BUCKETS)
         self.warmup_seconds = 0.0
+        #: called while `start` compiles: (done, total, program name); see Programs.compile_all
+        self.compile_progress: Optional[Callable[[int, int, str], None]] = None
         self._compiles_at_ready = 0
 
     # aliases kept for callers of the engine before its split
@@ -150,7 +152,7 @@ class Engine:
         self._stopping = False
         self._error = None
         t0 = time.monotonic()
-        self.runner.start()
+        self.runner.start(self.compile_progress)
         self.warmup_seconds = time.monotonic() - t0
         self._compiles_at_ready = compile_count()
         self._running = True

@@ -324,8 +324,10 @@ class Programs:
         return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=self.rep)
 
     def compile_all(self, params: Any, cache: Any, state: Any, sp_dev: Any, tables_dev: Any,
-                    threads: Optional[int] = None) -> dict[str, float]:
-        """Lower and compile every variant (in parallel threads); returns timings."""
+                    threads: Optional[int] = None,
+                    progress: Optional[Callable[[int, int, str], None]] = None) -> dict[str, float]:
+        """Lower and compile every variant (in parallel threads); returns timings.
+        `progress(done, total, name)` is called before the first and after each program."""
         rep, cs = self.rep, self.cache_sharding
         cache_out = jax.tree.map(lambda _: cs, cache)
         jobs: list[tuple[str, Any, Callable]] = []
@@ -373,8 +375,14 @@ class Programs:
             return key, compiled
 
         threads = threads or min(len(jobs), max(1, os.cpu_count() or 1))
+        if progress is not None:
+            progress(0, len(jobs), "")
+        if progress is not None:
+            progress(0, len(jobs), "")
         with ThreadPoolExecutor(threads, thread_name_prefix="engine-compile") as ex:
-            for (kind, key), compiled in ex.map(build, jobs):
+            for done, (job, ((kind, key), compiled)) in enumerate(zip(jobs, ex.map(build, jobs)), 1):
+                if progress is not None:
+                    progress(done, len(jobs), job[0])
                 if kind in ("copy_blocks", "set_row", "first"):
                     setattr(self, kind, compiled)
                 else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-from typing import Any, Optional, Sequence as Seq
+from typing import Any, Callable, Optional, Sequence as Seq
 
 import jax
 import jax.numpy as jnp
@@ -76,13 +76,14 @@ class Runner:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self) -> None:
-        """Allocate the pool, compile every program and run each once."""
+    def start(self, progress: Optional[Callable[[int, int, str], None]] = None) -> None:
+        """Allocate the pool, compile every program (`progress`: see Programs.compile_all) and
+        run each once."""
         self.cache = base.init_cache(self.spec, self.num_blocks, self.block_size, self.dtype, self.cache_sharding)
         self.state = self.programs.init_state()
         self._upload()
         self.compile_timings = self.programs.compile_all(self.params, self.cache, self.state, self._sp_dev,
-                                                         self._tables_dev, self._compile_threads)
+                                                         self._tables_dev, self._compile_threads, progress)
         self._exercise()
         # After the first calls: the steps donate the cache, so these buffers are the ones
         # every later step reads and writes in place.

@@ -35,7 +35,7 @@ Contract (all functions are pure and jit-friendly; `spec` is static/hashable):
   normalised hidden states without the vocabulary projection (for ``embed``);
   ``forward(..., return_hidden=True)`` returns ``(logits, new_cache, hidden)``.
 
-Each family (`llama.Llama`, `gemma.Gemma`, `gpt2.GPT2`) is a Flax NNX module. Its state is
+Each family (`llama.Llama`, `gemma.Gemma`, `moe.MoE`, `gpt2.GPT2`) is a Flax NNX module. Its state is
 held as a plain pytree, the params (dicts, and a list for the layers): checkpoints load, shard and save that
 tree, and each family maps Hugging Face tensor names to it in one table (`hf_rules`). The
 module is split once per spec (`graphdef`); `bind` merges its graph with a param tree, inside
@@ -60,7 +60,7 @@ from model_server.models import layers
 KVCache = list  # list[tuple[jax.Array, jax.Array]]: the (k, v) pools of each layer
 Params = Any  # nested dict/list of arrays
 
-FAMILIES = ("llama", "gpt2", "gemma")
+FAMILIES = ("llama", "gpt2", "gemma", "moe")
 
 #: Hugging Face `architectures[0]` -> implementation family.
 ARCHITECTURES: dict[str, str] = {
@@ -71,6 +71,8 @@ ARCHITECTURES: dict[str, str] = {
     "Phi3ForCausalLM": "llama",
     "Gemma2ForCausalLM": "gemma",
     "Gemma3ForCausalLM": "gemma",
+    "Qwen3MoeForCausalLM": "moe",
+    "MixtralForCausalLM": "moe",
     "GPT2LMHeadModel": "gpt2",
 }
 
@@ -125,6 +127,15 @@ class ModelSpec:
     final_softcap: float = 0.0
     query_pre_attn_scalar: float = 0.0
     rope_local_theta: float = 0.0
+    # Sparse mixture of experts (Qwen3-MoE, Mixtral): the layers in `moe_layers` route each
+    # token to `num_experts_per_tok` of `num_experts` SwiGLU experts of width
+    # `moe_intermediate_size` (renormalised top-k weights when `norm_topk_prob`); the other
+    # layers have a dense MLP of `intermediate_size`.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    moe_layers: tuple[int, ...] = ()
     bos_token_id: Optional[int] = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: Optional[int] = None
@@ -141,6 +152,13 @@ class ModelSpec:
         if self.layer_windows and len(self.layer_windows) != self.num_layers:
             raise ModelConfigError(f"layer_windows has {len(self.layer_windows)} entries for "
                                    f"{self.num_layers} layers")
+        if self.moe_layers and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ModelConfigError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in "
+                                   f"[1, num_experts ({self.num_experts})]")
+        if self.moe_layers and self.moe_intermediate_size <= 0:
+            raise ModelConfigError(f"moe_intermediate_size must be positive, got {self.moe_intermediate_size}")
+        if any(not 0 <= i < self.num_layers for i in self.moe_layers):
+            raise ModelConfigError(f"moe_layers {self.moe_layers} outside [0, {self.num_layers})")
         if self.num_heads % self.num_kv_heads:
             raise ModelConfigError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
@@ -162,6 +180,7 @@ class ModelSpec:
         d = dataclasses.asdict(self)
         d["eos_token_ids"] = list(self.eos_token_ids)
         d["layer_windows"] = list(self.layer_windows)
+        d["moe_layers"] = list(self.moe_layers)
         return d
 
     @classmethod
@@ -173,6 +192,7 @@ class ModelSpec:
         d = dict(d)
         d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
         d["layer_windows"] = tuple(d.get("layer_windows", ()))
+        d["moe_layers"] = tuple(d.get("moe_layers", ()))
         return cls(**d)
 
 

@@ -24,6 +24,9 @@ class Rule:
     transpose: bool = False
     split: Optional[tuple[int, int, int]] = None
     rows: Optional[tuple[int, int]] = None
+    #: the HF tensor is entry `index` of our param's leading axis (one expert of the
+    #: expert-stacked MoE weights)
+    index: Optional[int] = None
 
     def apply(self, arr: np.ndarray) -> np.ndarray:
         if self.rows is not None:
@@ -69,6 +72,8 @@ def to_hf(rules: Iterable[Rule], params: Any) -> dict[str, np.ndarray]:
         arrays = []
         for rule in sorted(group, key=lambda r: r.split[1] if r.split else (r.rows[0] if r.rows else 0)):
             arr = np.asarray(get_path(params, rule.path))
+            if rule.index is not None:
+                arr = arr[rule.index]
             arrays.append(arr.T if rule.transpose else arr)
         split = group[0].split
         out[name] = np.ascontiguousarray(

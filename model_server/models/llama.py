@@ -239,11 +239,15 @@ class Block(nnx.Module):
         o, layer_cache = self.self_attention(h, h_q, positions, q_pos, layer_cache, block_tables,
                                              _inv_freq(spec), 1.0 / math.sqrt(spec.head_dim))
         x = x + o
-        h = L.rms_norm(x, self.mlp_norm[...], spec.norm_eps)
+        return x + self.mlp(L.rms_norm(x, self.mlp_norm[...], spec.norm_eps)), layer_cache
+
+    def mlp(self, h: jax.Array) -> jax.Array:
+        """The feed-forward part of the layer on its normed input (SwiGLU; a sparse
+        mixture of experts in `moe.Block`)."""
         gate, up = L.linears(h, [self.w_gate[...], self.w_up[...]],
                              [self._bias("b_gate"), self._bias("b_up")])
-        g = L.ACTIVATIONS[spec.activation](gate) * up
-        return x + L.linear(g, self.w_down[...], self._bias("b_down")), layer_cache
+        g = L.ACTIVATIONS[self.spec.activation](gate) * up
+        return L.linear(g, self.w_down[...], self._bias("b_down"))
 
 
 class Llama(DecoderModel):

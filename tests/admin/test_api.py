@@ -48,7 +48,8 @@ def test_publish_list_detail_update_unpublish(client) -> None:  # type: ignore[n
     assert r.json["checkpoint"] == "/ckpt/b" and r.json["generation"] == 2
     full = client.get("/models?detail=1").json["models"]
     assert [m["model_id"] for m in full] == ["/sax/test/lm"]
-    assert client.delete("/models/sax/test/lm").json == {"model_id": "/sax/test/lm"}
+    gone = client.delete("/models/sax/test/lm").json
+    assert gone["model_id"] == "/sax/test/lm" and gone["snapshot"]["behind"] is False, gone
     assert client.get("/models").json == {"models": []}
     assert client.get("/models/sax/test/lm").status_code == 404
 

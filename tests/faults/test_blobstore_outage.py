@@ -47,7 +47,7 @@ def test_blob_store_outage(tmp_path: Path, pg_url: str, monkeypatch: pytest.Monk
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator.host)
         create_bucket(emulator.host, BUCKET)
         admin = AdminProcess(tmp_path, root=f"gs://{BUCKET}/{PREFIX}", db_url=pg_url,
-                             env={"STORAGE_EMULATOR_HOST": emulator.host}).start()
+                             env={"STORAGE_EMULATOR_HOST": emulator.host, "SAX_SNAPSHOT_WAIT": "2"}).start()
         models = []
         for name in ("a", "b"):
             assert publish(admin.url, f"/sax/test/{name}", 0).status_code == 201
@@ -63,8 +63,10 @@ def test_blob_store_outage(tmp_path: Path, pg_url: str, monkeypatch: pytest.Monk
             r = publish(admin.url, f"/sax/test/{name}", 0)
             slowest = max(slowest, time.monotonic() - t0)
             assert r.status_code == 201, r.text
+            assert r.json()["snapshot"]["behind"] is True, r.json()  # the answer says so
             models.append(f"/sax/test/{name}")
-        assert slowest < 5, f"a publish took {slowest:.1f}s with the blob store down"
+        # Each waits for the snapshot SAX_SNAPSHOT_WAIT (2 s) at most, then answers.
+        assert slowest < 2 + 3, f"a publish took {slowest:.1f}s with the blob store down"
         assert requests.get(f"{admin.url}/models", timeout=10).json()["models"] == models
         # The leader keeps trying (and failing) to write the snapshot, and keeps leading meanwhile.
         time.sleep(4)

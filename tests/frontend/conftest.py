@@ -100,15 +100,16 @@ class _FakeHandler(BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         count = int(prompt[6:]) if isinstance(prompt, str) and prompt.startswith("count:") else 600
+        pad = b"x" * 65536 if prompt == "flood" else b""
         try:
             for i in range(count):  # "forever" (30 s) unless the reader goes away, or count:N events
                 self._chunk(b'data: {"id":"cmpl-fake","object":"text_completion","created":0,"model":"%s",'
-                            b'"choices":[{"index":0,"text":"t%d","logprobs":null,"finish_reason":null}]}\n\n'
-                            % (body.get("model", "").encode(), i))
+                            b'"choices":[{"index":0,"text":"t%d%s","logprobs":null,"finish_reason":null}]}\n\n'
+                            % (body.get("model", "").encode(), i, pad))
                 if prompt == "break" and i == 1:
                     self.connection.shutdown(socket.SHUT_RDWR)  # dies mid-stream
                     return
-                time.sleep(0.05)
+                time.sleep(0 if pad else 0.05)
             self._chunk(b"data: [DONE]\n\n")
             self._chunk(b"")
         except OSError:
@@ -119,7 +120,7 @@ class _FakeHandler(BaseHTTPRequestHandler):
 class FakeReplica:
     """A stand-in model server: heartbeats like one (SimServer) and answers /v1/completions by
     prompt: "hang" waits for `release`, "refuse" is a retryable 503, "break" dies mid-stream,
-    "cut:<its address>" dies in the middle of a whole answer, "count:N" streams N events, anything else answers (streams go on until the reader leaves)."""
+    "cut:<its address>" dies in the middle of a whole answer, "count:N" streams N events, "flood" streams 64 KiB events without pause, anything else answers (streams go on until the reader leaves)."""
     admin_url: str
     servable: str
     listen: bool = True

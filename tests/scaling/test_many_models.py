@@ -20,7 +20,7 @@ from tests.cluster import (TINY_OVERRIDES, AdminProcess, FrontendProcess, ModelS
                            wait_until)
 from tests.faults.harness import Load, StreamLoad, record
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # a dozen cold loads on two busy cores
 
 GiB = 1 << 30
 RAM = {**TINY_OVERRIDES, "ram": GiB, "max_queue": 64}

@@ -17,7 +17,7 @@ from tests.security.conftest import (ADMIN, ADMIN_TOKEN, API_KEYS, CLUSTER_TOKEN
                                      bearer)
 
 OPENAI_PATHS = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")
-OPEN_ROUTES = {"/", "/healthz", "/metrics", "/openapi.json"}   # deliberately without a key
+OPEN_ROUTES = {"/", "/healthz", "/health", "/ping", "/version", "/metrics", "/openapi.json"}  # deliberately keyless
 ALL_TOKENS = (*API_KEYS, ADMIN_TOKEN, CLUSTER_TOKEN, *WRONG_TOKENS)
 
 
