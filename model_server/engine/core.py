@@ -142,6 +142,8 @@ class Engine:
     h_tpot = property(lambda self: self.output.h_tpot)
     compile_timings = property(lambda self: self.runner.compile_timings)
     huge_page_bytes = property(lambda self: self.runner.huge_page_bytes)
+    params = property(lambda self: self.runner.params)
+    mesh = property(lambda self: self.runner.mesh)
 
     # ================================================================== lifecycle
 
