@@ -22,7 +22,7 @@ from admin_server.errors import AdminError, PermissionDenied, Unauthenticated, s
 from admin_server.lease import current_lease
 from admin_server.naming import InvalidArgument, parse_cell
 from admin_server.serving import parse_json, read_body
-from admin_server.snapshot import versions, wait_for_snapshot
+from admin_server.snapshot import wait_for_snapshot
 
 log = logging.getLogger(__name__)
 bp = Blueprint("admin", __name__)
@@ -213,17 +213,6 @@ def stats():  # type: ignore[no-untyped-def]
     out["snapshot_behind"] = out["version"] - out["snapshot_version"]
     out["leader"] = current_lease(c.engine, lease_name(c.settings))
     return jsonify(out)
-
-
-@bp.get("/metrics")
-def metrics():  # type: ignore[no-untyped-def]
-    """Prometheus: the cell's version and how many changes the blob-store snapshot is behind."""
-    version, written = versions(ctx().engine, ctx().settings.cell_name)
-    lines = ["# HELP sax_admin_cell_version Changes to the published set so far.",
-             "# TYPE sax_admin_cell_version gauge", f"sax_admin_cell_version {version}",
-             "# HELP sax_admin_snapshot_behind Changes the blob-store snapshot does not hold yet.",
-             "# TYPE sax_admin_snapshot_behind gauge", f"sax_admin_snapshot_behind {version - written}", ""]
-    return Response("\n".join(lines), mimetype="text/plain; version=0.0.4")
 
 
 @bp.post("/demand/<path:name>")

@@ -1,7 +1,7 @@
 """The admin's Prometheus metrics at `/metrics`: the cell as the tables hold it, read at scrape
 time (so every admin process, leader or not, answers alike): replicas by status per model,
 wanted replicas, consecutive load failures, each server's heartbeat age, liveness and memory,
-the leader lease's epoch.
+the leader lease's epoch, the cell's version and how far the blob-store snapshot is behind it.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from sqlalchemy import select
 from admin_server.leader import lease_name
 from admin_server.lease import current_lease
 from admin_server.schema import ModelServer, ModelState, PublishedModel, Replica
+from admin_server.snapshot import versions
 from admin_server.state import replica_status
 
 bp = Blueprint("metrics", __name__)
@@ -76,7 +77,13 @@ class CellCollector:
         if lease:
             epoch.add_metric([], float(lease["epoch"]))  # type: ignore[arg-type]
             lease_left.add_metric([], round(float(lease["expires_at"]) - now, 3))  # type: ignore[arg-type]
-        yield from (wanted, bounds, failures, replicas, load_time, age, alive, memory, epoch, lease_left)
+        version, written = versions(c.engine, cell)
+        cell_version = GaugeMetricFamily("sax_admin_cell_version", "Changes to the published set so far.")
+        cell_version.add_metric([], version)
+        behind = GaugeMetricFamily("sax_admin_snapshot_behind", "Changes the blob-store snapshot does not hold yet.")
+        behind.add_metric([], version - written)
+        yield from (wanted, bounds, failures, replicas, load_time, age, alive, memory, epoch, lease_left,
+                    cell_version, behind)
 
 
 @bp.get("/metrics")

@@ -92,6 +92,12 @@ TOOLS = {
 TOOL_CALL = _obj({"id": STR, "type": {"type": "string", "enum": ["function"]},
                   "function": _obj({"name": STR, "arguments": STR}, ("name", "arguments"))},
                  ("id", "type", "function"))
+#: A tool call in a request's history: what the model server checks (arguments as a JSON string
+#: or an object; id and type optional, as several SDKs send them).
+HISTORY_TOOL_CALL = _obj({"id": _nullable(STR), "type": {"type": "string", "enum": ["function"]},
+                          "function": _obj({"name": STR, "arguments": {"oneOf": [STR, {"type": "object"}]}},
+                                           ("name",))},
+                         ("function",))
 
 USAGE = _obj({"prompt_tokens": INT, "completion_tokens": INT, "total_tokens": INT},
              ("prompt_tokens", "completion_tokens", "total_tokens"))
@@ -111,7 +117,7 @@ OVERRIDES = _obj({
 
 # min_replicas <= replicas <= max_replicas (both default to replicas); idle_seconds default 300.
 SCALING: S = {"min_replicas": {"type": "integer", "minimum": 0}, "max_replicas": {"type": "integer", "minimum": 0},
-              "idle_seconds": {"type": "number", "exclusiveMinimum": 0}}
+              "idle_seconds": {"type": "number", "minimum": 0, "exclusiveMinimum": True}}
 
 
 def _schemas(max_n: int) -> S:
@@ -177,7 +183,7 @@ def _schemas(max_n: int) -> S:
                              "content": _nullable({"oneOf": [STR, {"type": "array", "items": _obj(
                                  {"type": {"type": "string", "enum": ["text"]}, "text": STR},
                                  ("type", "text"))}]}),
-                             "name": STR, "tool_calls": {"type": "array", "items": TOOL_CALL},
+                             "name": STR, "tool_calls": _nullable({"type": "array", "items": HISTORY_TOOL_CALL}),
                              "tool_call_id": STR}, ("role",)),
         "ChatCompletionRequest": _obj({
             "model": NONEMPTY,

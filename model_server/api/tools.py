@@ -127,29 +127,39 @@ def plan(body: dict[str, Any], template: str) -> Optional[ToolPlan]:
                   "\"function\": {\"name\": ...}}", "tool_choice")
 
 
+def _history_call(c: Any, i: int, j: int) -> dict[str, Any]:
+    """One of an assistant message's `tool_calls`, arguments parsed to an object."""
+    where = f"messages[{i}].tool_calls[{j}]"
+    fn = c.get("function") if isinstance(c, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise invalid(f"{where} must have a function with a name", "messages")
+    if c.get("id") is not None and not isinstance(c["id"], str):
+        raise invalid(f"{where}.id must be a string", "messages")
+    if c.get("type", "function") != "function":
+        raise invalid(f"{where}.type must be 'function'", "messages")
+    args = fn.get("arguments", "{}")
+    if isinstance(args, str):
+        try:
+            args = json.loads(args or "{}")
+        except ValueError:
+            raise invalid(f"{where}.function.arguments is not valid JSON", "messages") from None
+    if not isinstance(args, dict):
+        raise invalid(f"{where}.function.arguments must be a JSON object", "messages")
+    return {"id": c.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": args}}
+
+
 def history_message(m: dict[str, Any], i: int, content: str) -> dict[str, Any]:
     """A chat message for the template, with an assistant's `tool_calls` (arguments as objects,
     as Hugging Face templates expect) and a tool result's `tool_call_id`."""
     role = m.get("role")
     out: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": content}
-    if role == "assistant" and m.get("tool_calls"):
-        calls = m["tool_calls"]
+    calls = m.get("tool_calls")
+    if calls is not None:  # checked on any role (the request's shape), used on an assistant's
         if not isinstance(calls, list):
             raise invalid(f"messages[{i}].tool_calls must be a list", "messages")
-        out["tool_calls"] = []
-        for j, c in enumerate(calls):
-            fn = c.get("function") if isinstance(c, dict) else None
-            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-                raise invalid(f"messages[{i}].tool_calls[{j}] must have a function with a name", "messages")
-            args = fn.get("arguments", "{}")
-            if isinstance(args, str):
-                try:
-                    args = json.loads(args or "{}")
-                except ValueError:
-                    raise invalid(f"messages[{i}].tool_calls[{j}].function.arguments is not valid JSON",
-                                  "messages") from None
-            out["tool_calls"].append({"id": c.get("id"), "type": "function",
-                                      "function": {"name": fn["name"], "arguments": args}})
+        parsed = [_history_call(c, i, j) for j, c in enumerate(calls)]
+        if role == "assistant" and parsed:
+            out["tool_calls"] = parsed
     if role == "tool":
         if m.get("tool_call_id") is not None and not isinstance(m["tool_call_id"], str):
             raise invalid(f"messages[{i}].tool_call_id must be a string", "messages")

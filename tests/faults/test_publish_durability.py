@@ -14,6 +14,7 @@ from pathlib import Path
 import psycopg
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.cluster import PG_ADMIN_URL, REPO, AdminProcess, postgres_bin_dir, postgres_database, wait_until
 from tests.faults.harness import publish, record
@@ -101,7 +102,9 @@ def test_store_down_publish_succeeds_and_says_the_snapshot_is_behind(tmp_path: P
         stats = requests.get(f"{admin.url}/stats", timeout=10).json()
         assert stats["snapshot_behind"] >= 1, stats
         metrics = requests.get(f"{admin.url}/metrics", timeout=10).text
-        assert f"sax_admin_snapshot_behind {stats['snapshot_behind']}" in metrics, metrics
+        behind = [s.value for f in text_string_to_metric_families(metrics) if f.name == "sax_admin_snapshot_behind"
+                  for s in f.samples]
+        assert behind == [stats["snapshot_behind"]], metrics
         ls = subprocess.run([sys.executable, "-m", "client.cli", "--admin", f"127.0.0.1:{admin.port}", "ls",
                              "/sax/test"], capture_output=True, text=True, timeout=60, cwd=REPO)
         assert ls.returncode == 0 and "/sax/test/b" in ls.stdout, ls.stderr
