@@ -1,6 +1,7 @@
 """What every tool-call format shares: a parsed call, the parser interface, JSON helpers."""
 from __future__ import annotations
 
+import abc
 import json
 import uuid
 from dataclasses import dataclass, field
@@ -49,15 +50,16 @@ def json_values(text: str) -> Optional[list[Any]]:
         out.append(value)
 
 
-class ToolParser:
+class ToolParser(abc.ABC):
     """A model family's tool-call format. `start` marks where calls begin in the output (text
     before it is content); `parse` splits a whole output into content and calls."""
 
     name = ""
     start = ""
 
+    @abc.abstractmethod
     def parse(self, text: str) -> tuple[Optional[str], list[ToolCall]]:
-        raise NotImplementedError
+        """(content or None, calls) of a whole output."""
 
     def starts_calls(self, text: str) -> int:
         """Index in `text` where the calls begin, or -1."""

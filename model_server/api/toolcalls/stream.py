@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import abc
 import json
 import re
 from typing import Any, Optional
@@ -28,12 +29,15 @@ def _args(index: int, fragment: str) -> dict[str, Any]:
     return {"tool_calls": [{"index": index, "function": {"arguments": fragment}}]}
 
 
-class CallStream:
+class CallStream(abc.ABC):
+    """One choice's text deltas in, chat `delta` objects out."""
+
     def __init__(self) -> None:
         self.calls: list[ToolCall] = []
 
+    @abc.abstractmethod
     def feed(self, text: str) -> list[dict[str, Any]]:
-        raise NotImplementedError
+        """The deltas that `text`, the output's next piece, completes."""
 
     def finish(self) -> list[dict[str, Any]]:
         return []
