@@ -4,7 +4,9 @@ Locations come from the admin's `locate` and are cached per model; a watcher
 thread long-polls the admin and swaps in each new address set as soon as it
 changes. While the admin is unreachable the cache keeps serving. Each call
 goes to the ready replica with the fewest requests outstanding from this
-process, and is retried on another replica when it fails before any byte of
+process (among those with spare capacity, the one that last served the same
+leading bytes of a body is preferred: its engine likely holds that prompt prefix
+in its KV cache; see `client.affinity`), and is retried on another replica when it fails before any byte of
 the answer reached the caller: connection refused or reset, the replica no
 longer holds the model, a retryable refusal, or (for an answer read whole with
 `RoutedResponse.content()` / `.json()`) a replica that dies between its headers
@@ -26,6 +28,7 @@ from requests.adapters import HTTPAdapter
 
 from client import errors
 from client.admin import AdminClient
+from client.affinity import AffinityTable, prefix_keys
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,9 @@ LOAD_WAIT_S = 300.0      # how long a call waits for an idle model to be loaded 
 DEMAND_EVERY_S = 5.0     # a waiting call renews its demand this often (the leader may change)
 SUSPECT_S = 5.0          # a replica that refused a connection is skipped this long
 RETRYABLE_CODES = {"model_not_ready", "model_not_found", "queue_full"}
+#: A replica with prefix affinity is preferred while it has at most this many more requests
+#: outstanding than the least busy one ("spare capacity").
+AFFINITY_SLACK = 2
 
 
 @dataclass
@@ -63,6 +69,8 @@ class Router:
         self._locs: dict[str, Location] = {}
         self._watchers: dict[str, threading.Thread] = {}
         self._outstanding: Counter[str] = Counter()
+        self.affinity = AffinityTable()
+        self.affinity_hits = 0
         self._suspect: dict[str, float] = {}
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -171,7 +179,10 @@ class Router:
             pass
 
     # -- picking --------------------------------------------------------------------------
-    def pick(self, model_id: str, exclude: set[str] = frozenset()) -> str:  # type: ignore[assignment]
+    def pick(self, model_id: str, exclude: set[str] = frozenset(),  # type: ignore[assignment]
+             keys: list[bytes] | None = None) -> str:
+        """A ready replica: with prefix `keys`, the one that last served the longest run of
+        them while it has spare capacity; else the least outstanding."""
         loc = self.location(model_id)
         if not loc.addresses and self.load_wait_s > 0:
             loc = self.wait_for_replica(model_id)
@@ -184,6 +195,12 @@ class Router:
                     raise errors.Unavailable(f"every replica of {model_id} failed this call")
                 raise errors.Unavailable(f"model {model_id} has no ready replica")
             least = min(self._outstanding[a] for a in healthy)
+            if keys:
+                spare = [a for a in healthy if self._outstanding[a] <= least + AFFINITY_SLACK]
+                addr, _ = self.affinity.best(keys, spare)
+                if addr is not None:
+                    self.affinity_hits += 1
+                    return addr
             return random.choice([a for a in healthy if self._outstanding[a] == least])
 
     def outstanding(self, address: str) -> int:
@@ -215,9 +232,10 @@ class Router:
         (they count against max_attempts and are not picked again)."""
         tried = set(tried or ())
         last_error: errors.SaxError | None = None
+        keys = prefix_keys(body, data)
         for attempt in range(len(tried), self.max_attempts):
             try:
-                address = self.pick(model_id, tried)
+                address = self.pick(model_id, tried, keys)
             except errors.Unavailable:
                 if last_error is None:
                     raise
@@ -255,6 +273,8 @@ class Router:
                 if resp.status_code == 404:
                     self.refresh(model_id)
                 continue
+            self.affinity.served(keys, address)
+
             def replay(failed: str, tried: set[str] = set(tried)) -> RoutedResponse:
                 """The same call on another replica (this one broke off its answer)."""
                 self._mark_suspect(failed)

@@ -10,10 +10,15 @@ from admin_server.naming import OVERRIDE_KEYS
 #: Override keys the admin accepts that are not serving knobs (placement, aliases):
 #: the model server accepts and ignores them. The admin owns the full list.
 PLACEMENT_KEYS = frozenset(OVERRIDE_KEYS) - {"num_slots", "max_seq_len", "prefill_buckets", "dtype",
-                                             "max_queue"}
+                                             "max_queue", "kv_cache_bytes", "block_size",
+                                             "max_num_batched_tokens", "enable_prefix_caching"}
 DTYPES = ("float32", "bfloat16")
 DEFAULT_MAX_SEQ_LEN = 2048
 MIN_BUCKET = 16
+#: Positions per KV block (a multiple of 16, the CPU prefill kernel's tile; see bench/RESULTS.md).
+DEFAULT_BLOCK_SIZE = 16
+#: Tokens per engine step while sequences decode: decodes, then prompt chunks.
+DEFAULT_TOKEN_BUDGET = 256
 
 
 class OverrideError(ValueError):
@@ -25,8 +30,12 @@ class ServingKnobs:
     """Serving configuration. `None` fields are filled by `resolve` from the model/platform.
 
     num_slots: decode slots (max concurrent sequences); max_seq_len: prompt + generated
-    tokens per slot (KV cache length); prefill_buckets: prompt lengths prefill is padded to;
-    dtype: params/KV cache dtype; max_queue: requests waiting for a slot before refusals.
+    tokens per sequence; prefill_buckets: prompt-chunk lengths prefill is padded to (the
+    largest is the longest chunk); dtype: params/KV cache dtype; max_queue: requests waiting
+    for a slot before refusals; kv_cache_bytes: the KV block pool's size (default: room for
+    num_slots sequences of max_seq_len); block_size: positions per KV block;
+    max_num_batched_tokens: tokens per engine step while sequences decode (chunked prefill);
+    enable_prefix_caching: reuse cached KV blocks of shared prompt prefixes.
     """
 
     num_slots: int = 8
@@ -34,6 +43,29 @@ class ServingKnobs:
     prefill_buckets: Optional[tuple[int, ...]] = None
     dtype: Optional[str] = None
     max_queue: int = 64
+    kv_cache_bytes: Optional[int] = None
+    block_size: int = DEFAULT_BLOCK_SIZE
+    max_num_batched_tokens: int = DEFAULT_TOKEN_BUDGET
+    enable_prefix_caching: bool = True
+
+    def num_blocks(self, spec: Any) -> int:
+        """Blocks of the KV pool for `spec` (a resolved knob set): `kv_cache_bytes` of them,
+        or by default room for num_slots sequences of max_seq_len (and each slot's own last
+        block)."""
+        from model_server.models import base
+
+        assert self.max_seq_len is not None and self.dtype is not None
+        per_block = base.kv_bytes_per_token(spec, self.dtype) * self.block_size
+        max_blocks = -(-self.max_seq_len // self.block_size)
+        least = max_blocks + self.num_slots
+        if self.kv_cache_bytes is None:
+            return self.num_slots * max_blocks + self.num_slots
+        blocks = self.kv_cache_bytes // per_block
+        if blocks < least:
+            raise OverrideError(f"kv_cache_bytes {self.kv_cache_bytes} holds {blocks} blocks of {self.block_size} "
+                                f"positions; one sequence of max_seq_len {self.max_seq_len} needs {least} "
+                                f"({least * per_block} bytes)")
+        return blocks
 
     def resolve(self, max_seq_len_limit: int, platform: Optional[str] = None) -> "ServingKnobs":
         """Fill defaults and check against the model (`max_seq_len_limit` positions)."""
@@ -101,6 +133,19 @@ def parse_overrides(overrides: Optional[Mapping[str, Any]]) -> ServingKnobs:
         kw["max_seq_len"] = _positive_int("max_seq_len", overrides["max_seq_len"], 2)
     if "max_queue" in overrides:
         kw["max_queue"] = _positive_int("max_queue", overrides["max_queue"], 0)
+    if "kv_cache_bytes" in overrides:
+        kw["kv_cache_bytes"] = _positive_int("kv_cache_bytes", overrides["kv_cache_bytes"])
+    if "block_size" in overrides:
+        kw["block_size"] = _positive_int("block_size", overrides["block_size"])
+        if kw["block_size"] % 16:
+            raise OverrideError(f"override 'block_size' must be a multiple of 16, got {kw['block_size']}")
+    if "max_num_batched_tokens" in overrides:
+        kw["max_num_batched_tokens"] = _positive_int("max_num_batched_tokens", overrides["max_num_batched_tokens"], 16)
+    if "enable_prefix_caching" in overrides:
+        v = _maybe_json(overrides["enable_prefix_caching"])
+        if not isinstance(v, bool):
+            raise OverrideError(f"override 'enable_prefix_caching' must be true or false, got {v!r}")
+        kw["enable_prefix_caching"] = v
     if "dtype" in overrides:
         dtype = overrides["dtype"]
         if dtype not in DTYPES:

@@ -11,7 +11,11 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+if TYPE_CHECKING:  # the engine and registry import JAX: only where a model loads
+    from model_server.engine import Engine
+    from model_server.registry import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +40,11 @@ class ServedModel:
     overrides: dict[str, Any]
     status: str = LOADING
     error: str | None = None
-    engine: Any = None          # model_server.engine.Engine once loaded
-    loaded: Any = None          # registry.LoadedModel once loaded
+    engine: Optional["Engine"] = None          # once loaded
+    loaded: Optional["LoadedModel"] = None     # once loaded
     load_time_s: float | None = None
     memory_bytes: int | None = None
+    kv_cache_bytes: int | None = None  # the KV block pool's share of memory_bytes
     static: bool = False
     started: float = field(default_factory=time.monotonic)
     progress: str | None = None  # while LOADING: what the load is doing (model_server.load_progress)
@@ -78,12 +83,12 @@ class ServedModel:
         return {"model_id": self.model_id, "generation": self.generation, "status": self.status,
                 "checkpoint": self.checkpoint if self.checkpoint is not None else "None",
                 "error": self.error, "memory_bytes": self.memory_bytes, "load_time_s": self.load_time_s,
-                **self.load(),
+                "kv_cache_bytes": self.kv_cache_bytes, **self.load(),
                 **({"progress": self.progress} if self.status == LOADING and self.progress else {})}
 
 
 def default_loader(model_path: str, checkpoint: str | None, overrides: dict[str, Any],
-                   cache_dir: str | None) -> tuple[Any, Any]:
+                   cache_dir: str | None) -> tuple["LoadedModel", "Engine"]:
     """Loads weights and tokenizer, builds the engine and compiles every shape."""
     from model_server import registry
     from model_server.devices import make_mesh
@@ -96,7 +101,10 @@ def default_loader(model_path: str, checkpoint: str | None, overrides: dict[str,
     loaded = registry.load_model(model_path, checkpoint, overrides, mesh=make_mesh(), cache_dir=cache_dir)
     k = loaded.knobs
     engine = Engine(loaded, num_slots=k.num_slots, max_seq_len=k.max_seq_len,
-                    prefill_buckets=list(k.prefill_buckets), max_queue=k.max_queue, dtype=k.dtype)
+                    prefill_buckets=list(k.prefill_buckets), max_queue=k.max_queue, dtype=k.dtype,
+                    block_size=k.block_size, num_blocks=loaded.num_blocks(),
+                    max_num_batched_tokens=k.max_num_batched_tokens,
+                    enable_prefix_caching=k.enable_prefix_caching)
     engine.compile_progress = CompileProgress(model_path, sink)
     engine.start()
     return loaded, engine
@@ -168,6 +176,7 @@ class ModelManager:
         served.last_used = time.monotonic()
         served.load_time_s = round(time.monotonic() - t0, 3)
         served.memory_bytes = int(loaded.memory_bytes()) if hasattr(loaded, "memory_bytes") else None
+        served.kv_cache_bytes = int(loaded.kv_cache_bytes()) if hasattr(loaded, "kv_cache_bytes") else None
         with self._lock:
             still_wanted = self._models.get((served.model_id, served.generation)) is served
             served.status = LOADED if still_wanted else UNLOADING

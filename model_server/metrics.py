@@ -23,12 +23,18 @@ _ENGINE_METRICS = {
     "requests_refused_total": ("sax:requests_refused", "counter", "Requests refused (queue full)."),
     "decode_steps_total": ("sax:engine_decode_steps", "counter", "Decode steps (a token for each busy slot)."),
     "prefill_calls_total": ("sax:engine_prefill_calls", "counter", "Prefill calls (several prompts each)."),
+    "kv_cache_usage_perc": ("vllm:kv_cache_usage_perc", "gauge", "Fraction of the KV block pool in use (1 = full)."),
+    "kv_cache_blocks": ("sax:kv_cache_blocks", "gauge", "Blocks of the KV pool."),
+    "prefix_cache_queries_total": ("vllm:prefix_cache_queries", "counter", "Prompt tokens looked up in the prefix cache."),
+    "prefix_cache_hits_total": ("vllm:prefix_cache_hits", "counter", "Prompt tokens found in the prefix cache."),
+    "num_preemptions_total": ("vllm:num_preemptions", "counter", "Sequences preempted (recomputed later)."),
 }
 _ENGINE_HISTOGRAMS = {
     "time_to_first_token_seconds": ("vllm:time_to_first_token_seconds", "Time to first token."),
     "time_per_output_token_seconds": ("vllm:time_per_output_token_seconds", "Time per output token."),
     "request_queue_time_seconds": ("vllm:request_queue_time_seconds", "Time waiting for a slot."),
     "e2e_request_latency_seconds": ("vllm:e2e_request_latency_seconds", "Request latency in the engine."),
+    "iteration_tokens": ("vllm:iteration_tokens_total", "Tokens per engine step (decodes and prompt chunks)."),
 }
 
 

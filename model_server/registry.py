@@ -120,11 +120,11 @@ class LoadedModel:
         return self.knobs.dtype  # type: ignore[return-value]
 
     def forward_fn(self, return_hidden: bool = False) -> Callable:
-        """`f(params, tokens, positions, cache, slot_ids)`; see `model_server.models.base`."""
+        """`f(params, tokens, positions, cache, block_tables)`; see `model_server.models.base`."""
         return base.make_forward(self.spec, return_hidden=return_hidden)
 
     def forward_last_fn(self) -> Callable:
-        """`f(params, tokens, positions, cache, slot_ids, last_index)` -> ([B, V], cache)."""
+        """`f(params, tokens, positions, cache, block_tables, last_index)` -> ([B, V], cache)."""
         return base.make_forward_last(self.spec)
 
     def hidden_fn(self) -> Callable:
@@ -137,16 +137,18 @@ class LoadedModel:
         return jax.sharding.NamedSharding(
             self.mesh, base.cache_partition_spec(self.spec, axis, self.mesh.shape[axis]))
 
+    def num_blocks(self) -> int:
+        return self.knobs.num_blocks(self.spec)
+
     def init_cache(self) -> base.KVCache:
-        return base.init_cache(self.spec, self.knobs.num_slots, self.knobs.max_seq_len,  # type: ignore[arg-type]
-                               self.dtype, self.cache_sharding())
+        return base.init_cache(self.spec, self.num_blocks(), self.knobs.block_size, self.dtype,
+                               self.cache_sharding())
 
     def param_bytes(self) -> int:
         return base.param_bytes(self.spec, self.dtype)
 
     def kv_cache_bytes(self) -> int:
-        return base.kv_cache_bytes(self.spec, self.knobs.num_slots, self.knobs.max_seq_len,  # type: ignore[arg-type]
-                                   self.dtype)
+        return base.kv_cache_bytes(self.spec, self.num_blocks() * self.knobs.block_size, self.dtype)
 
     def memory_bytes(self) -> int:
         """Accelerator memory for params + KV cache (for the heartbeat / placement)."""
@@ -235,4 +237,4 @@ def estimate_memory_bytes(model_path: str, checkpoint: Optional[str],
         _check_architecture(entry, spec, str(checkpoint))
     knobs = knobs.resolve(spec.max_seq_len_limit, platform)
     return (base.param_bytes(spec, knobs.dtype)
-            + base.kv_cache_bytes(spec, knobs.num_slots, knobs.max_seq_len, knobs.dtype))  # type: ignore[arg-type]
+            + base.kv_cache_bytes(spec, knobs.num_blocks(spec) * knobs.block_size, knobs.dtype))

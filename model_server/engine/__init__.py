@@ -10,10 +10,16 @@
 
 Beyond the specified API:
 
-* ``Engine(..., decode_buckets=None, max_prefill_tokens=None, compile_threads=None)``:
-  row counts of the gathered decode variants (default: powers of two up to num_slots / 2),
-  padded prompt tokens prefilled per loop iteration while slots decode (default
-  max(largest bucket, 2048)), threads compiling at start.
+* ``Engine(..., decode_buckets=None, max_prefill_tokens=None, compile_threads=None,
+  block_size=16, num_blocks=None, kv_cache_bytes=None, max_num_batched_tokens=256,
+  enable_prefix_caching=True)``: row counts of the gathered decode variants (default: powers
+  of two up to num_slots / 2), padded scoring/embedding tokens per loop iteration while
+  sequences decode (default max(largest bucket, 2048)), threads compiling at start; the paged
+  KV pool (positions per block; blocks, or the bytes they may take; default room for
+  num_slots sequences of max_seq_len), tokens per step while sequences decode (chunked
+  prefill), the prefix cache. ``SamplingParams.prefix_caching=False`` opts a request out.
+* ``Engine.stats()`` adds vLLM's ``kv_cache_usage_perc``, ``prefix_cache_queries_total`` /
+  ``prefix_cache_hits_total`` (tokens), ``num_preemptions_total`` and ``iteration_tokens``.
 * ``Engine.validate(ids, params)`` raises InvalidRequest like `submit`, without queueing.
 * ``Engine.healthy``, ``Engine.eos_token_ids``, ``Engine.spec``, ``Engine.prefill_buckets``,
   ``Engine.warmup_seconds``, ``Engine.compile_timings``, ``Engine.compiles_since_ready()``;
@@ -26,7 +32,6 @@ Beyond the specified API:
   A cancelled request's iteration simply ends (no final Delta); its finish reason is
   "cancelled".
 """
-from model_server.engine.core import Engine, EngineTokenizer, RequestHandle, compile_count
 from model_server.engine.types import (MAX_LOGIT_BIAS, MAX_LOGPROBS, Completion, Delta, EngineError,
                                        InvalidRequest, QueueFull, SamplingParams, TokenLogprob)
 
@@ -35,3 +40,15 @@ __all__ = [
     "Completion", "EngineError", "InvalidRequest", "QueueFull", "MAX_LOGPROBS", "MAX_LOGIT_BIAS",
     "compile_count",
 ]
+
+# The parts that need JAX load on first use: the scheduler, block manager and request records
+# import (and test) without it.
+_LAZY = {"Engine": "core", "RequestHandle": "requests", "EngineTokenizer": "tokenizer",
+         "compile_count": "compile_counter"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f"model_server.engine.{_LAZY[name]}"), name)
+    raise AttributeError(name)

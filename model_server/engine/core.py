@@ -1,247 +1,55 @@
-"""Continuous-batching engine: decode slots, a preallocated KV cache and a background loop.
+"""The engine: continuous batching over a paged KV cache, driven by one loop thread.
 
-One loop thread owns the device state. Each iteration it (1) applies cancellations, (2) runs
-scoring / embedding work and admits waiting requests into free slots (prefill, padded to a
-bucket), (3) dispatches one decode step for all busy slots, and (4) only then reads the token
-ids of the *previous* step and turns them into text deltas, so detokenization and stop-string
-work overlap the device. A request joins as soon as its prefill is done and leaves the moment
-it finishes (its slot is reused by the next iteration's admission).
+Each iteration the loop (1) applies cancellations and takes new requests, (2) runs scoring /
+embedding work, (3) asks the scheduler for a step (decodes, prefill chunks, preemptions),
+(4) has the runner dispatch the prefill chunks, start the sequences whose prompts are done
+and dispatch one decode step, and (5) only then reads the token ids of the *previous* step and
+turns them into text deltas, so detokenization and stop-string work overlap the device.
 """
 from __future__ import annotations
 
-import bisect
 import collections
-import dataclasses
-import hashlib
 import itertools
 import logging
-import math
-import queue
 import secrets
 import threading
 import time
 import uuid
 from concurrent.futures import Future
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
-import jax
-import jax.monitoring
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from model_server import host_memory
-from model_server.engine import metrics
+from model_server.engine import metrics, scoring, validation
+from model_server.engine.block_manager import BlockManager
+from model_server.engine.compile_counter import compile_count
 from model_server.engine.guided import Guide
-from model_server.engine.programs import Programs, default_decode_buckets
-from model_server.engine.types import (MAX_LOGIT_BIAS, MAX_LOGPROBS, Completion, Delta, EngineError,
-                                       InvalidRequest, QueueFull, SamplingParams, TokenLogprob)
+from model_server.engine.output import OutputProcessor
+from model_server.engine.programs import default_decode_buckets
+from model_server.engine.requests import EmbedJob, Group, Request, RequestHandle, Sequence as Seq
+from model_server.engine.runner import Runner
+from model_server.engine.scheduler import Scheduler
+from model_server.engine.tokenizer import EngineTokenizer
+from model_server.knobs import DEFAULT_BLOCK_SIZE, DEFAULT_TOKEN_BUDGET
+from model_server.engine.types import EngineError, QueueFull, SamplingParams
 from model_server.models import base
 from model_server.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-# --------------------------------------------------------------------------- compile counter
-
-_compile_lock = threading.Lock()
-_compile_count = 0
-_listener_installed = False
-
-
-def _on_event(event: str, duration: float, **_: Any) -> None:
-    global _compile_count
-    if event == "/jax/core/compile/backend_compile_duration":
-        with _compile_lock:
-            _compile_count += 1
-
-
-def compile_count() -> int:
-    """XLA compilations in this process since the engine module was first used."""
-    global _listener_installed
-    with _compile_lock:
-        if not _listener_installed:
-            jax.monitoring.register_event_duration_secs_listener(_on_event)
-            _listener_installed = True
-        return _compile_count
-
-
-compile_count()
-
-# --------------------------------------------------------------------------- helpers
-
-
-class EngineTokenizer(Tokenizer):
-    """The model's tokenizer: `model_server.tokenizer.Tokenizer`'s methods, and everything of
-    the underlying Hugging Face tokenizer (`len()`, `eos_token`, ...) by delegation.
-
-    A text too long for the context window is refused before it is tokenized (a 10 MB prompt
-    took 22 s of CPU to tokenize): no token covers more characters than the longest entry of
-    the vocabulary, so a text over twice `max_seq_len` times that cannot fit."""
-
-    def __init__(self, hf_tokenizer: Any, max_seq_len: int) -> None:
-        super().__init__(hf_tokenizer)
-        self.max_seq_len = max_seq_len
-        longest = max(map(len, hf_tokenizer.get_vocab()), default=1)
-        self.max_text_chars = 2 * max_seq_len * max(longest, 1)
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        if len(text) > self.max_text_chars:
-            raise InvalidRequest(f"the prompt has {len(text)} characters, more than this model's context "
-                                 f"window of {self.max_seq_len} tokens can hold", "prompt")
-        return super().encode(text, add_special_tokens)
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "hf":
-            raise AttributeError(name)
-        return getattr(self.hf, name)
-
-    def __len__(self) -> int:
-        return len(self.hf)
-
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            **kwargs: Any) -> Any:
-        """The wrapper's (text, TokenizerError on failure); with `tokenize=...` given, HF's."""
-        if "tokenize" in kwargs:
-            return self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                               **kwargs)
-        return super().apply_chat_template(messages, add_generation_prompt, **kwargs)
-
-
-def _seed_words(seed: int, index: int) -> tuple[int, int]:
-    h = hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(h[:4], "little"), int.from_bytes(h[4:], "little")
-
-
-def _bucket_for(buckets: Sequence[int], length: int) -> Optional[int]:
-    i = bisect.bisect_left(buckets, length)
-    return buckets[i] if i < len(buckets) else None
-
-
-_END = object()
-
-
-class RequestHandle:
-    """A submitted request: iterate it for `Delta`s (blocks); `cancel()` frees its slots."""
-
-    def __init__(self, engine: "Engine", request_id: str, prompt_tokens: int, n: int):
-        self._engine = engine
-        self.request_id = request_id
-        self.prompt_tokens = prompt_tokens
-        self.n = n
-        self.prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None
-        self.completion_tokens = 0
-        self.finish_reasons: list[Optional[str]] = [None] * n
-        self.cancelled = False
-        self._q: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
-        self._done = threading.Event()
-
-    def __iter__(self) -> Iterator[Delta]:
-        return self.deltas()
-
-    def deltas(self, abandoned: Optional[Callable[[], bool]] = None, poll_s: float = 0.05) -> Iterator[Delta]:
-        """The request's deltas as they come. With `abandoned` (e.g. "the caller hung up"),
-        it is asked every `poll_s` while waiting; once it says so the request is cancelled
-        and the deltas end."""
-        next_check = time.monotonic() + poll_s
-        while True:
-            if abandoned is None:
-                item = self._q.get()
-            else:
-                try:
-                    item = self._q.get(timeout=max(0.0, next_check - time.monotonic()))
-                except queue.Empty:
-                    item = None
-                if time.monotonic() >= next_check:
-                    if abandoned():
-                        self.cancel()
-                        return
-                    next_check = time.monotonic() + poll_s
-                if item is None:
-                    continue
-            if item is _END:
-                self._q.put(_END)  # a second iteration ends at once
-                return
-            if isinstance(item, BaseException):
-                self._q.put(item)
-                raise item
-            yield item
-
-    def cancel(self) -> None:
-        self._engine._cancel(self)
-
-    def result(self, abandoned: Optional[Callable[[], bool]] = None) -> list[Completion]:
-        """Iterate to the end and assemble each sample's completion (see `deltas`)."""
-        outs = [Completion(i, "", [], [], None) for i in range(self.n)]
-        for d in self.deltas(abandoned):
-            c = outs[d.index]
-            c.text += d.text
-            c.token_ids += d.token_ids
-            c.logprobs += d.logprobs
-            if d.finish_reason is not None:
-                c.finish_reason = d.finish_reason
-        return outs
-
-    @property
-    def finished(self) -> bool:
-        return self._done.is_set()
-
-    def _put(self, item: Any) -> None:
-        self._q.put(item)
-
-    def _end(self, error: Optional[BaseException] = None) -> None:
-        if not self._done.is_set():
-            self._done.set()
-            self._q.put(error if error is not None else _END)
-
-
-@dataclasses.dataclass(eq=False)
-class _Sample:
-    req: "_Request"
-    index: int
-    slot: Optional[int] = None
-    generated: int = 0
-    detok: Any = None
-    held: str = ""
-    pending_ids: list = dataclasses.field(default_factory=list)
-    pending_lps: list = dataclasses.field(default_factory=list)
-    finished: bool = False
-    last_time: float = 0.0
-    grammar_end: Optional[str] = None   # "done": the grammar is complete, stop after this token;
-    #                                     "error": it refused this token, stop before it
-
-
-@dataclasses.dataclass(eq=False)
-class _Request:
-    id: str
-    prompt: list[int]
-    params: SamplingParams
-    handle: RequestHandle
-    arrival: float
-    kind: str  # "gen" | "score"
-    seed: int
-    samples: list[_Sample] = dataclasses.field(default_factory=list)
-    admitted: float = 0.0
-    first_token: float = 0.0
-    remaining: int = 0
-    done: bool = False
-    stop_ids: frozenset = frozenset()
-    grammar: Optional[str] = None   # compiled guided-decoding grammar
-
-
-@dataclasses.dataclass(eq=False)
-class _EmbedJob:
-    prompt: list[int]
-    future: Future
-    arrival: float
-
 
 class Engine:
-    """Continuous batching over `num_slots` decode slots; see the module docstring."""
+    """Continuous batching over `num_slots` decode rows and a pool of KV blocks; see the module
+    docstring and `model_server.engine`."""
 
     def __init__(self, model: Any, *, num_slots: int, max_seq_len: int,
                  prefill_buckets: Optional[Sequence[int]] = None, max_queue: int = 64,
                  dtype: str = "float32", decode_buckets: Optional[Sequence[int]] = None,
-                 max_prefill_tokens: Optional[int] = None, compile_threads: Optional[int] = None):
+                 max_prefill_tokens: Optional[int] = None, compile_threads: Optional[int] = None,
+                 block_size: int = DEFAULT_BLOCK_SIZE, num_blocks: Optional[int] = None,
+                 kv_cache_bytes: Optional[int] = None, max_num_batched_tokens: Optional[int] = None,
+                 enable_prefix_caching: bool = True):
         self.spec: base.ModelSpec = model.spec
         spec = self.spec
         if num_slots < 1:
@@ -251,6 +59,8 @@ class Engine:
         if max_seq_len > spec.max_seq_len_limit:
             raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's limit of "
                              f"{spec.max_seq_len_limit} positions")
+        if block_size < 1:
+            raise ValueError("block_size must be >= 1")
         self.num_slots = int(num_slots)
         self.max_seq_len = int(max_seq_len)
         self.max_queue = int(max_queue)
@@ -272,7 +82,20 @@ class Engine:
             dbuckets = sorted({int(b) for b in decode_buckets if 0 < int(b) < self.num_slots} | {self.num_slots})
         self.decode_buckets = dbuckets
         self.max_prefill_tokens = int(max_prefill_tokens or max(buckets[-1], 2048))
-        self._compile_threads = compile_threads
+        self.block_size = int(block_size)
+        max_blocks = -(-self.max_seq_len // self.block_size)
+        per_block = base.kv_bytes_per_token(spec, self.dtype) * self.block_size
+        if num_blocks is None:
+            num_blocks = (int(kv_cache_bytes) // per_block if kv_cache_bytes
+                          else self.num_slots * max_blocks + self.num_slots)
+        # one sequence of the whole window, and the extra samples' own last blocks, always fit
+        if num_blocks < max_blocks + self.num_slots:
+            raise ValueError(f"a KV pool of {num_blocks} blocks of {self.block_size} positions is too small: "
+                             f"it needs at least {max_blocks + self.num_slots} ({(max_blocks + self.num_slots) * per_block} "
+                             f"bytes) for one sequence of max_seq_len {self.max_seq_len}")
+        self.num_blocks = int(num_blocks)
+        self.kv_cache_bytes = self.num_blocks * per_block
+        self.token_budget = int(max_num_batched_tokens or DEFAULT_TOKEN_BUDGET)
 
         tok = model.tokenizer
         hf = tok.hf if isinstance(tok, Tokenizer) else tok
@@ -283,62 +106,45 @@ class Engine:
         self.eos_token_ids = tuple(int(e) for e in eos)
         self.guide = Guide(hf, spec.vocab_size, self.num_slots, self.eos_token_ids)
 
-        # Devices: a mesh over every device; params sharded for tensor parallelism.
-        mesh = getattr(model, "mesh", None)
-        if mesh is None:
-            mesh = base.make_mesh(jax.devices())
-        self.mesh = mesh
-        axis = mesh.axis_names[0]
-        size = mesh.shape[axis]
-        from model_server.checkpoint import param_shardings
-        shardings = param_shardings(spec, mesh)
-        params = model.params
-        if any(leaf.dtype != jnp.dtype(self.dtype) for leaf in jax.tree.leaves(params)):
-            params = jax.tree.map(lambda a: jnp.asarray(a, self.dtype), params)
-        self.params = jax.device_put(params, shardings)
-        self.cache_sharding = NamedSharding(mesh, base.cache_partition_spec(spec, axis, size))
-        self.replicated = NamedSharding(mesh, P())
-        self.programs = Programs(spec, num_slots=self.num_slots, max_seq_len=self.max_seq_len,
-                                 buckets=buckets, decode_buckets=dbuckets, mesh=mesh,
-                                 cache_sharding=self.cache_sharding)
-
-        self._cache = None
-        self._state = None
-        self._sp = self.programs.host_slot_params()
-        self._sp_dev = None
-        self._sp_dirty = True
-        self._rows_key: Optional[tuple] = None
-        self._rows_dev = None
-        #: per slot, a bound on the position its next decode step feeds (picks the cache blocks)
-        self._slot_pos = np.zeros((self.num_slots,), np.int64)
+        self.runner = Runner(model, spec, num_slots=self.num_slots, max_seq_len=self.max_seq_len,
+                             buckets=buckets, decode_buckets=dbuckets, dtype=self.dtype,
+                             num_blocks=self.num_blocks, block_size=self.block_size, guide=self.guide,
+                             compile_threads=compile_threads)
+        self.programs = self.runner.programs
+        self.blocks = BlockManager(self.num_blocks, self.block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, num_slots=self.num_slots, token_budget=self.token_budget,
+                                   max_chunk=buckets[-1], max_seq_len=self.max_seq_len)
+        self.output = OutputProcessor(self.tokenizer)
 
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
-        self._waiting: collections.deque[_Request] = collections.deque()  # need slots
+        self._inbox: collections.deque[Request] = collections.deque()
         self._aux: collections.deque[Any] = collections.deque()  # scoring / embedding
         self._waiting_samples = 0
+        self._admitted_seen = 0
         self._cancels: list[RequestHandle] = []
-        self._requests: dict[str, _Request] = {}
-        self._slots: list[Optional[_Sample]] = [None] * self.num_slots
-        self._free: list[int] = list(range(self.num_slots))  # kept sorted
+        self._requests: dict[str, Request] = {}
         self._thread: Optional[threading.Thread] = None
         self._running = False
         self._stopping = False
         self._error: Optional[BaseException] = None
-        self._pieces: dict[int, str] = {}
-        self._new_first: list = []
         self._ids = itertools.count()
-
-        self._counters = collections.Counter()
-        self.h_ttft = metrics.Histogram(metrics.TTFT_BUCKETS)
-        self.h_tpot = metrics.Histogram(metrics.TPOT_BUCKETS)
+        self._counters: collections.Counter = collections.Counter()
         self.h_queue = metrics.Histogram(metrics.LATENCY_BUCKETS)
         self.h_e2e = metrics.Histogram(metrics.LATENCY_BUCKETS)
+        self.h_step_tokens = metrics.Histogram(metrics.STEP_TOKEN_BUCKETS)
         self.warmup_seconds = 0.0
-        self.huge_page_bytes = 0
-        self.compile_timings: dict[str, float] = {}
-        self.compile_progress: Optional[Callable[[int, int, str], None]] = None  # see compile_all
+        #: called while `start` compiles: (done, total, program name); see Programs.compile_all
+        self.compile_progress: Optional[Callable[[int, int, str], None]] = None
         self._compiles_at_ready = 0
+
+    # aliases kept for callers of the engine before its split
+    h_ttft = property(lambda self: self.output.h_ttft)
+    h_tpot = property(lambda self: self.output.h_tpot)
+    compile_timings = property(lambda self: self.runner.compile_timings)
+    huge_page_bytes = property(lambda self: self.runner.huge_page_bytes)
+    params = property(lambda self: self.runner.params)
+    mesh = property(lambda self: self.runner.mesh)
 
     # ================================================================== lifecycle
 
@@ -349,57 +155,16 @@ class Engine:
         self._stopping = False
         self._error = None
         t0 = time.monotonic()
-        self._cache = base.init_cache(self.spec, self.num_slots, self.max_seq_len, self.dtype,
-                                      self.cache_sharding)
-        self._state = self.programs.init_state()
-        self._upload_sp()
-        self._mask_ones = self._put(self.guide.mask.copy())[0]  # all ones: no row guided
-        self.compile_timings = self.programs.compile_all(self.params, self._cache, self._state,
-                                                         self._sp_dev, self._compile_threads,
-                                                         progress=self.compile_progress)
-        self._exercise()
-        # After the first calls: the steps donate the cache, so these buffers are the ones
-        # every later step reads and writes in place.
-        self.huge_page_bytes = host_memory.advise_huge_pages((self.params, self._cache))
+        self.runner.start(self.compile_progress)
         self.warmup_seconds = time.monotonic() - t0
         self._compiles_at_ready = compile_count()
         self._running = True
         self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
         self._thread.start()
-        log.info("engine ready in %.1fs: %d slots, max_seq_len %d, buckets %s, %d programs, "
-                 "%d MB on huge pages", self.warmup_seconds, self.num_slots, self.max_seq_len,
-                 self.prefill_buckets, len(self.compile_timings), self.huge_page_bytes >> 20)
-
-    def _exercise(self) -> None:
-        """Run every compiled program once with dummy inputs (first-call costs, and so that
-        anything outside the programs, e.g. a transfer, happens now and not in steady state)."""
-        pr = self.programs
-        logits = None
-        for (t, b), fn in pr.prefill.items():
-            toks = np.zeros((b, t), np.int32)
-            self._cache, self._state, logits = fn(self.params, self._cache, self._state, *self._put(
-                toks, np.arange(b, dtype=np.int32) % self.num_slots, np.zeros((b,), np.int32)))
-        r = pr.first_rows
-        self._state, out = pr.first(self._state, self._sp_dev, logits,
-                                    *self._put(np.zeros((r,), np.int32), np.zeros((r,), np.bool_)),
-                                    self._mask_ones)
-        jax.tree.map(np.asarray, out)
-        for fn in pr.forward.values():
-            self._cache, logits = fn(self.params, self._cache, self._state)
-        self._state, out = pr.guided(self._state, self._sp_dev, logits, self._mask_ones)
-        jax.tree.map(np.asarray, out)
-        self._cache, self._state = pr.copy(self._cache, self._state,
-                                           *self._put(*[np.int32(0)] * 4))
-        for (b, _), fn in pr.decode.items():
-            rows = self._put(np.arange(b, dtype=np.int32))[0]
-            self._cache, self._state, out = fn(self.params, self._cache, self._state, self._sp_dev, rows)
-            jax.tree.map(np.asarray, out)
-        for (t, b), fn in pr.score.items():
-            for flag in (False, True):
-                jax.tree.map(np.asarray, fn(self.params, *self._put(np.zeros((b, t), np.int32), np.bool_(flag))))
-        for t, fn in pr.embed.items():
-            np.asarray(fn(self.params, *self._put(np.zeros((1, t), np.int32), np.ones((1,), np.int32))))
-        jax.block_until_ready((self._cache, self._state))
+        log.info("engine ready in %.1fs: %d slots, max_seq_len %d, %d KV blocks of %d (%.1f MB), buckets %s, "
+                 "%d programs, %d MB on huge pages", self.warmup_seconds, self.num_slots, self.max_seq_len,
+                 self.num_blocks, self.block_size, self.kv_cache_bytes / 1e6, self.prefill_buckets,
+                 len(self.compile_timings), self.huge_page_bytes >> 20)
 
     def stop(self) -> None:
         with self._cv:
@@ -434,83 +199,16 @@ class Engine:
         if not self._running or self._stopping:
             raise EngineError("the engine is not running")
 
-    def _check_prompt(self, prompt_ids: Sequence[int]) -> list[int]:
-        try:
-            ids = [int(t) for t in prompt_ids]
-        except (TypeError, ValueError):
-            raise InvalidRequest("the prompt must be a list of token ids", "prompt") from None
-        if not ids:
-            raise InvalidRequest("the prompt is empty", "prompt")
-        bad = [t for t in ids if not 0 <= t < self.spec.vocab_size]
-        if bad:
-            raise InvalidRequest(f"token id {bad[0]} is out of range for a vocabulary of "
-                                 f"{self.spec.vocab_size} tokens", "prompt")
-        if len(ids) > self.max_seq_len:
-            raise InvalidRequest(f"the prompt has {len(ids)} tokens, more than this model's "
-                                 f"context window of {self.max_seq_len} tokens", "prompt")
-        if len(ids) > self.prefill_buckets[-1]:
-            raise InvalidRequest(f"the prompt has {len(ids)} tokens, more than the longest "
-                                 f"prompt this server takes ({self.prefill_buckets[-1]})", "prompt")
-        return ids
-
     def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> list[int]:
         """Raise InvalidRequest if `submit` would; returns the prompt as a list of ints."""
-        ids = self._check_prompt(prompt_ids)
-        p = params
-
-        def need(cond: bool, msg: str, param: str) -> None:
-            if not cond:
-                raise InvalidRequest(msg, param)
-
-        def num(x: Any) -> bool:
-            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-        def integer(x: Any) -> bool:
-            return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-        need(integer(p.max_tokens) and p.max_tokens >= 0, "max_tokens must be a non-negative integer",
-             "max_tokens")
-        need(p.max_tokens > 0 or p.prompt_logprobs,
-             "max_tokens must be at least 1 (0 only when scoring the prompt)", "max_tokens")
-        if p.max_tokens > 0 and len(ids) + p.max_tokens > self.max_seq_len:
-            raise InvalidRequest(
-                f"this model's context window is {self.max_seq_len} tokens; the prompt has {len(ids)} "
-                f"and max_tokens asks for {p.max_tokens} more ({len(ids) + p.max_tokens} in all)",
-                "max_tokens")
-        need(integer(p.n) and 1 <= p.n <= self.num_slots,
-             f"n must be between 1 and {self.num_slots}", "n")
-        need(num(p.temperature) and 0 <= p.temperature <= 100, "temperature must be >= 0", "temperature")
-        need(integer(p.top_k) and 0 <= p.top_k < 1 << 31, "top_k must be a non-negative integer (0 = off)",
-             "top_k")  # it goes into an int32 array: a bigger one would fail the engine loop
-        need(num(p.top_p) and 0 < p.top_p <= 1, "top_p must be in (0, 1]", "top_p")
-        need(p.seed is None or integer(p.seed), "seed must be an integer", "seed")
-        need(num(p.presence_penalty) and -2 <= p.presence_penalty <= 2,
-             "presence_penalty must be between -2 and 2", "presence_penalty")
-        need(num(p.frequency_penalty) and -2 <= p.frequency_penalty <= 2,
-             "frequency_penalty must be between -2 and 2", "frequency_penalty")
-        need(num(p.repetition_penalty) and 0 < p.repetition_penalty <= 100,
-             "repetition_penalty must be > 0", "repetition_penalty")
-        need(isinstance(p.logit_bias, dict) and len(p.logit_bias) <= MAX_LOGIT_BIAS,
-             f"logit_bias takes at most {MAX_LOGIT_BIAS} entries", "logit_bias")
-        for k, v in p.logit_bias.items():
-            try:
-                kid = int(k)
-            except (TypeError, ValueError):
-                raise InvalidRequest(f"logit_bias key {k!r} is not a token id", "logit_bias") from None
-            need(0 <= kid < self.spec.vocab_size, f"logit_bias token id {kid} is out of range for a "
-                 f"vocabulary of {self.spec.vocab_size} tokens", "logit_bias")
-            need(num(v) and -100 <= v <= 100, "logit_bias values must be between -100 and 100",
-                 "logit_bias")
-        if p.guided is not None:
-            self.guide.compile(p.guided)  # cached: submit finds it again
-        need(isinstance(p.stop, (list, tuple)) and all(isinstance(s, str) for s in p.stop),
-             "stop must be a list of strings", "stop")
-        need(isinstance(p.stop_token_ids, (list, tuple)) and all(
-            integer(t) and 0 <= t < self.spec.vocab_size for t in p.stop_token_ids),
-            "stop_token_ids must be token ids of this model", "stop_token_ids")
-        need(p.logprobs is None or (integer(p.logprobs) and 0 <= p.logprobs <= MAX_LOGPROBS),
-             f"logprobs must be between 0 and {MAX_LOGPROBS}", "logprobs")
+        ids = validation.validate(self.spec, self.max_seq_len, self.prefill_buckets[-1], self.num_slots,
+                                  prompt_ids, params)
+        if params.guided is not None:
+            self.guide.compile(params.guided)  # cached: submit finds it again
         return ids
+
+    def _free_slots(self) -> int:
+        return len(self.scheduler.free_slots)
 
     def submit(self, prompt_ids: Sequence[int], params: Optional[SamplingParams] = None) -> RequestHandle:
         """Queue a request; raises InvalidRequest (bad request) or QueueFull (retryable)."""
@@ -522,23 +220,25 @@ class Engine:
         rid = f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         handle = RequestHandle(self, rid, len(ids), params.n)
         seed = int(params.seed) if params.seed is not None else secrets.randbits(63)
-        req = _Request(rid, ids, params, handle, time.monotonic(), kind, seed)
+        req = Request(rid, ids, params, handle, time.monotonic(), kind, seed)
         req.stop_ids = frozenset(int(t) for t in params.stop_token_ids) | (
             frozenset() if params.ignore_eos else frozenset(self.eos_token_ids))
-        req.samples = [_Sample(req, i) for i in range(params.n)]
+        req.samples = [Seq(req, i, list(ids)) for i in range(params.n)]
         req.remaining = params.n
         if params.guided is not None and kind == "gen":
             req.grammar = self.guide.compile(params.guided)
+            for s in req.samples:
+                s.matcher = self.guide.matcher(req.grammar)
         with self._cv:
             if self._error is not None or self._stopping:
                 raise EngineError("the engine is not running")
-            if self._waiting_samples + n > self.max_queue + len(self._free):
+            if self._waiting_samples + n > self.max_queue + self._free_slots():
                 self._counters["requests_refused_total"] += 1
                 raise QueueFull(f"too many requests waiting ({self._waiting_samples}); retry later",
                                 retry_after=self._retry_after())
             self._waiting_samples += n
             self._requests[rid] = req
-            (self._waiting if kind == "gen" else self._aux).append(req)
+            (self._inbox if kind == "gen" else self._aux).append(req)
             self._counters["requests_total"] += 1
             self._cv.notify_all()
         return handle
@@ -548,11 +248,11 @@ class Engine:
 
     def embed(self, prompt_ids: Sequence[int], timeout: Optional[float] = None) -> list[float]:
         """Mean-pooled final hidden state of the prompt (blocks until computed)."""
-        ids = self._check_prompt(prompt_ids)
+        ids = validation.check_prompt(self.spec, self.max_seq_len, self.prefill_buckets[-1], prompt_ids)
         self._check_ready()
-        job = _EmbedJob(ids, Future(), time.monotonic())
+        job = EmbedJob(ids, Future(), time.monotonic())
         with self._cv:
-            if self._waiting_samples + 1 > self.max_queue + len(self._free):
+            if self._waiting_samples + 1 > self.max_queue + self._free_slots():
                 self._counters["requests_refused_total"] += 1
                 raise QueueFull("too many requests waiting; retry later", retry_after=self._retry_after())
             self._waiting_samples += 1
@@ -573,13 +273,13 @@ class Engine:
     def stats(self) -> dict:
         with self._lock:
             running = sum(1 for r in self._requests.values() if r.admitted and not r.done)
-            waiting = len(self._waiting) + len(self._aux)
-            slots_used = self.num_slots - len(self._free)
+            waiting = len(self._inbox) + len(self._aux) + len(self.scheduler.waiting)
             c = dict(self._counters)
+        bm = self.blocks
         return {
             "running": running, "waiting": waiting, "waiting_samples": self._waiting_samples,
-            "slots_used": slots_used, "num_slots": self.num_slots, "max_seq_len": self.max_seq_len,
-            "max_queue": self.max_queue, "healthy": self.healthy,
+            "slots_used": self.num_slots - self._free_slots(), "num_slots": self.num_slots,
+            "max_seq_len": self.max_seq_len, "max_queue": self.max_queue, "healthy": self.healthy,
             "prompt_tokens_total": c.get("prompt_tokens_total", 0),
             "generation_tokens_total": c.get("generation_tokens_total", 0),
             "requests_total": c.get("requests_total", 0),
@@ -587,6 +287,11 @@ class Engine:
             "requests_finished_total": {r: c.get(f"finished_{r}", 0) for r in ("stop", "length", "cancelled")},
             "decode_steps_total": c.get("decode_steps_total", 0),
             "prefill_calls_total": c.get("prefill_calls_total", 0),
+            "kv_cache_usage_perc": bm.usage(), "kv_cache_blocks": bm.num_blocks,
+            "kv_cache_block_size": bm.block_size, "kv_cache_bytes": self.kv_cache_bytes,
+            "prefix_cache_queries_total": bm.queries, "prefix_cache_hits_total": bm.hits,
+            "num_preemptions_total": self.scheduler.preemptions,
+            "iteration_tokens": self.h_step_tokens.snapshot(),
             "time_to_first_token_seconds": self.h_ttft.snapshot(),
             "time_per_output_token_seconds": self.h_tpot.snapshot(),
             "request_queue_time_seconds": self.h_queue.snapshot(),
@@ -598,9 +303,7 @@ class Engine:
     # ================================================================== loop
 
     def _has_work(self) -> bool:
-        if self._cancels or self._aux or len(self._free) < self.num_slots:
-            return True
-        return bool(self._waiting) and self._waiting[0].params.n <= len(self._free)
+        return bool(self._cancels or self._aux or self._inbox or self.scheduler.has_work())
 
     def _loop(self) -> None:
         pending = None
@@ -612,17 +315,18 @@ class Engine:
                     if self._stopping:
                         break
                     cancels, self._cancels = self._cancels, []
+                    inbox = list(self._inbox)
+                    self._inbox.clear()
                 for h in cancels:
                     self._do_cancel(h)
-                self._new_first = []
-                self._schedule()
-                earlier = ([pending] if pending is not None else []) + self._new_first
-                out = self._dispatch_decode(earlier) if len(self._free) < self.num_slots else None
+                self._take(inbox)
+                self._run_aux_work()
+                out, firsts, pending = self._step(pending)
                 # Read the previous step while this one runs; then the first tokens of the
-                # requests admitted just now (ready before this step, so no extra latency).
+                # sequences started just now (ready before this step, so no extra latency).
                 if pending is not None:
                     self._process(pending)
-                for first in self._new_first:
+                for first in firsts:
                     self._process(first)
                 pending = out
         except BaseException as e:  # noqa: BLE001 - report to every waiting caller
@@ -630,379 +334,116 @@ class Engine:
             self._error = e
             self._fail_all(EngineError(f"the engine failed: {e}"))
 
-    def _fail_all(self, err: EngineError) -> None:
-        with self._cv:
-            reqs = list(self._requests.values())
-            aux = list(self._aux)
-            self._requests.clear()
-            self._waiting.clear()
-            self._aux.clear()
-            self._waiting_samples = 0
-        for r in reqs:
-            r.done = True
-            r.handle._end(err)
-        for a in aux:
-            if isinstance(a, _EmbedJob) and not a.future.done():
-                a.future.set_exception(err)
+    def _take(self, inbox: list[Request]) -> None:
+        """New requests join the scheduler's queue (those asking for prompt logprobs scored first)."""
+        scored = [r for r in inbox if r.params.prompt_logprobs and not r.done]
+        if scored:
+            self._score(scored)
+        for r in inbox:
+            if not r.done:
+                self.scheduler.add(Group(list(r.samples), r.prompt, r.arrival))
 
-    def _put(self, *arrays: Any) -> list:
-        return jax.device_put(list(arrays), self.replicated)
-
-    def _upload_sp(self) -> None:
-        self._sp_dev = jax.device_put(self._sp, self.replicated)
-        self._sp_dirty = False
-
-    # ------------------------------------------------------------------ scheduling
-
-    def _schedule(self) -> None:
-        busy = len(self._free) < self.num_slots
-        budget = self.max_prefill_tokens if busy else 1 << 60
-        while budget > 0:
-            with self._lock:
-                head = self._aux[0] if self._aux else None
-            if head is None:
-                break
-            budget -= self._run_aux()
-        while budget > 0:
-            with self._lock:
-                if not self._waiting or self._waiting[0].params.n > len(self._free):
-                    break
-            budget -= self._admit_group()
-
-    def _run_aux(self) -> int:
-        with self._lock:
-            head = self._aux.popleft()
-            if isinstance(head, _EmbedJob):
-                self._waiting_samples -= 1
-                group = None
-            else:
-                t0 = _bucket_for(self.prefill_buckets, len(head.prompt))
-                rmax = max(self.programs.score_rows(t0))
-                group = [head]
-                while self._aux and len(group) < rmax and isinstance(self._aux[0], _Request) and \
-                        _bucket_for(self.prefill_buckets, len(self._aux[0].prompt)) <= t0:
-                    group.append(self._aux.popleft())
-                self._waiting_samples -= len(group)
-        if group is None:
-            t = _bucket_for(self.prefill_buckets, len(head.prompt))
-            try:
-                toks = np.zeros((1, t), np.int32)
-                toks[0, :len(head.prompt)] = head.prompt
-                vec = self.programs.embed[t](self.params, *self._put(
-                    toks, np.array([len(head.prompt)], np.int32)))
-                head.future.set_result(np.asarray(vec).astype(float).tolist())
-                with self._lock:
-                    self._counters["prompt_tokens_total"] += len(head.prompt)
-            except Exception as e:  # noqa: BLE001
-                head.future.set_exception(e)
-                raise
-            return t
+    def _step(self, pending):
+        """Dispatch one engine step; returns its decode output, its first-token outputs, and
+        `pending` (the previous step's output) unless a guided step has read it already."""
+        sched, runner = self.scheduler, self.runner
+        plan = sched.schedule()
+        admitted = [c.group for c in plan.chunks if c.start == c.group.cached and c.group.req.admitted == 0.0]
         now = time.monotonic()
-        for r in group:
+        fresh = 0
+        for g in admitted:
+            r = g.req
             r.admitted = now
             self.h_queue.observe(now - r.arrival)
-        cost = self._score(group)
-        for r in group:
-            if not r.done:
-                self._count_prompt(r)
-                for s in r.samples:
-                    s.finished = True
-                    r.handle.finish_reasons[s.index] = "length"
-                    r.handle._put(Delta(s.index, "", [], [], "length"))
-                self._finish_request(r, "length")
-        return cost
+            fresh += len(r.samples)
+            with self._lock:
+                self._counters["prompt_tokens_total"] += len(r.prompt)
+        if fresh:
+            with self._lock:
+                self._waiting_samples -= fresh
+        for slot in sched.take_released():
+            runner.release(slot)
+        firsts = []
+        if plan.chunks:
+            self.h_step_tokens.observe(plan.tokens)
+            done_prompts = runner.prefill(plan.chunks)
+            if plan.copies:
+                runner.copy_blocks(plan.copies)
+            for logits, done in done_prompts:
+                for _, c in done:
+                    for s in c.group.seqs:
+                        self.output.start(s)
+                firsts.append(runner.start_sequences(logits, done))
+            with self._lock:
+                self._counters["prefill_calls_total"] += 1
+        elif plan.decode:
+            self.h_step_tokens.observe(plan.tokens)
+        out = None
+        if plan.decode:
+            if runner.has_guided(plan.decode):
+                def catch_up():
+                    nonlocal pending
+                    if pending is not None:
+                        self._process(pending)
+                        pending = None
 
-    def _count_prompt(self, r: _Request) -> None:
-        with self._lock:
-            self._counters["prompt_tokens_total"] += len(r.prompt)
+                out = runner.decode_guided(plan.decode, catch_up)
+                with self._lock:
+                    self._counters["guided_steps_total"] += 1
+            else:
+                out = runner.decode(plan.decode)
+            with self._lock:
+                self._counters["decode_steps_total"] += 1
+        return out, firsts, pending
 
-    def _score(self, group: list[_Request]) -> int:
-        """Fill `handle.prompt_logprobs` of every request in `group` (batched passes)."""
-        group = [r for r in group if not r.done]
-        cost = 0
-        while group:
-            rows = max(self.programs.score_rows(
-                _bucket_for(self.prefill_buckets, max(len(r.prompt) for r in group))))
-            chunk, group = group[:rows], group[rows:]
-            cost += self._score_chunk(chunk)
-        return cost
+    def _run_aux_work(self) -> None:
+        scoring.run_aux_work(self)
 
-    def _score_chunk(self, group: list[_Request]) -> int:
-        t = _bucket_for(self.prefill_buckets, max(len(r.prompt) for r in group))
-        b = 1 if len(group) == 1 else max(self.programs.score_rows(t))
-        toks = np.zeros((b, t), np.int32)
-        for i, r in enumerate(group):
-            toks[i, :len(r.prompt)] = r.prompt
-        want_top = any((r.params.logprobs or 0) > 0 for r in group)
-        chosen, ti, tl = self.programs.score[(t, b)](self.params, *self._put(toks, np.bool_(want_top)))
-        chosen, ti, tl = np.asarray(chosen), np.asarray(ti), np.asarray(tl)
-        for i, r in enumerate(group):
-            k = r.params.logprobs or 0
-            lps: list[Optional[TokenLogprob]] = [None]
-            for j in range(1, len(r.prompt)):
-                top = [(int(ti[i, j - 1, m]), self._piece(int(ti[i, j - 1, m])), float(tl[i, j - 1, m]))
-                       for m in range(k)]
-                tid = r.prompt[j]
-                lps.append(TokenLogprob(tid, self._piece(tid), float(chosen[i, j - 1]), top))
-            r.handle.prompt_logprobs = lps
-        return t * b
-
-    def _admit_group(self) -> int:
-        """Admit the head of the waiting queue (and followers of the same bucket) into slots."""
-        with self._lock:
-            head = self._waiting[0]
-            t0 = _bucket_for(self.prefill_buckets, len(head.prompt))
-            rmax = max(self.programs.prefill_rows(t0))
-            free = len(self._free)
-            group, need = [], 0
-            for r in self._waiting:
-                if len(group) == rmax or need + r.params.n > free or \
-                        _bucket_for(self.prefill_buckets, len(r.prompt)) > t0:
-                    break
-                group.append(r)
-                need += r.params.n
-            for _ in group:
-                self._waiting.popleft()
-            self._waiting_samples -= need
-            slots = [self._free.pop(0) for _ in range(need)]
-        now = time.monotonic()
-        self._score([r for r in group if r.params.prompt_logprobs])
-        b = 1 if len(group) == 1 else rmax
-        toks = np.zeros((b, t0), np.int32)
-        slot_ids = np.zeros((b,), np.int32)
-        lens = np.zeros((b,), np.int32)
-        it = iter(slots)
-        copies = []
-        for i, req in enumerate(group):
-            req.admitted = now
-            self.h_queue.observe(now - req.arrival)
-            self._count_prompt(req)
-            toks[i, :len(req.prompt)] = req.prompt
-            lens[i] = len(req.prompt)
-            first = None
-            for smp in req.samples:
-                smp.slot = next(it)
-                if first is None:
-                    first = smp.slot
-                else:
-                    copies.append((first, smp.slot, req.prompt[-1], len(req.prompt) - 1))
-                self._activate(smp)
-            slot_ids[i] = first
-        pr = self.programs
-        self._cache, self._state, logits = pr.prefill[(t0, b)](
-            self.params, self._cache, self._state, *self._put(toks, slot_ids, lens))
-        if self._sp_dirty:
-            self._upload_sp()
-        rows = pr.first_rows
-        valid = np.zeros((rows,), np.bool_)
-        valid[:len(group)] = True
-        first_slots = np.zeros((rows,), np.int32)
-        first_slots[:b] = slot_ids
-        new = [int(x) for x in slot_ids[:len(group)]]
-        # a copy: on CPU device_put may alias the host buffer, which the next fill rewrites
-        mask = self._put(self.guide.fill(new).copy())[0] if self.guide.any_attached(new) else self._mask_ones
-        self._state, out = pr.first(self._state, self._sp_dev, logits, *self._put(first_slots, valid), mask)
-        self._new_first.append((out, [req.samples[0] for req in group] + [None] * (rows - len(group))))
-        for src, dst, tok, pos in copies:
-            self._cache, self._state = pr.copy(self._cache, self._state, *self._put(
-                np.int32(src), np.int32(dst), np.int32(tok), np.int32(pos)))
-        with self._lock:
-            self._counters["prefill_calls_total"] += 1
-        return t0 * b
-
-    def _activate(self, s: _Sample) -> None:
-        r, p, slot, sp = s.req, s.req.params, s.slot, self._sp
-        self._slots[slot] = s
-        self._slot_pos[slot] = len(r.prompt)  # the first step feeds position len - 1 or len
-        s.detok = self.tokenizer.detokenizer(r.prompt)
-        s.last_time = r.admitted
-        sp["active"][slot] = True
-        sp["temperature"][slot] = p.temperature
-        sp["top_k"][slot] = p.top_k
-        sp["top_p"][slot] = p.top_p
-        sp["presence"][slot] = p.presence_penalty
-        sp["frequency"][slot] = p.frequency_penalty
-        sp["repetition"][slot] = p.repetition_penalty
-        sp["logprobs"][slot] = -1 if p.logprobs is None else p.logprobs
-        sp["keys"][slot] = _seed_words(r.seed, s.index)
-        sp["bias_ids"][slot] = self.spec.vocab_size
-        sp["bias_vals"][slot] = 0.0
-        sp["has_bias"][slot] = bool(p.logit_bias)
-        for j, (tid, val) in enumerate(sorted((int(k), float(v)) for k, v in p.logit_bias.items())):
-            sp["bias_ids"][slot, j] = tid
-            sp["bias_vals"][slot, j] = val
-        sp["guided"][slot] = r.grammar is not None
-        if r.grammar is not None:
-            self.guide.attach(slot, r.grammar)
-        self._sp_dirty = True
-
-    def _release(self, s: _Sample) -> None:
-        slot = s.slot
-        if slot is None:
-            return
-        s.slot = None
-        self._slots[slot] = None
-        self._sp["active"][slot] = False
-        if self._sp["guided"][slot]:
-            self._sp["guided"][slot] = False
-            self.guide.detach(slot)
-        self._sp_dirty = True
-        with self._lock:
-            bisect.insort(self._free, slot)
-
-    # ------------------------------------------------------------------ decode
-
-    def _dispatch_decode(self, earlier: Sequence[Any] = ()):
-        """Dispatch one decode step of the busy slots. With a grammar-guided slot it is the
-        forward pass, then (while the device runs it) the guided rows' matchers take the tokens
-        of `earlier` steps and fill their bitmask, then the masked sampling step."""
-        active = [i for i, s in enumerate(self._slots) if s is not None]
-        if self.guide.any_attached(active):
-            return self._dispatch_guided(active, earlier)
-        b = self.decode_buckets[bisect.bisect_left(self.decode_buckets, len(active))]
-        if b == self.num_slots:
-            rows = tuple(range(b))
-        else:
-            pad = [i for i, s in enumerate(self._slots) if s is None][:b - len(active)]
-            rows = tuple(active + pad)
-        if rows != self._rows_key:
-            self._rows_dev = self._put(np.asarray(rows, np.int32))[0]
-            self._rows_key = rows
-        if self._sp_dirty:
-            self._upload_sp()
-        # The fewest cache blocks that hold every active row's position (the steps already
-        # dispatched are counted: this one may run before their tokens are read).
-        reach = base.kv_blocks_for(self.max_seq_len, int(self._slot_pos[active].max()) + 1)
-        kb = self.programs.kv_variants[bisect.bisect_left(self.programs.kv_variants, reach)]
-        self._slot_pos[active] += 1
-        self._cache, self._state, out = self.programs.decode[(b, kb)](
-            self.params, self._cache, self._state, self._sp_dev, self._rows_dev)
-        snapshot = [self._slots[r] for r in rows]
-        with self._lock:
-            self._counters["decode_steps_total"] += 1
-        return out, snapshot
-
-    def _dispatch_guided(self, active: list[int], earlier: Sequence[Any]):
-        if self._sp_dirty:
-            self._upload_sp()
-        reach = base.kv_blocks_for(self.max_seq_len, int(self._slot_pos[active].max()) + 1)
-        kb = self.programs.kv_variants[bisect.bisect_left(self.programs.kv_variants, reach)]
-        self._slot_pos[active] += 1
-        self._cache, logits = self.programs.forward[kb](self.params, self._cache, self._state)
-        for out, snapshot in earlier:
-            toks = None
-            for i, s in enumerate(snapshot):
-                if s is None or s.finished or s.slot is None or s.grammar_end or \
-                        self.guide.matchers[s.slot] is None:
-                    continue
-                if toks is None:
-                    toks = np.asarray(out[0])
-                end = self.guide.accept(s.slot, int(toks[i]))
-                if end == "error":
-                    log.warning("request %s: the grammar refused token %d: %s", s.req.id, int(toks[i]),
-                                self.guide.matchers[s.slot].error)
-                s.grammar_end = end
-        mask = self._put(self.guide.fill(active).copy())[0]  # a copy, as in _admit_group
-        self._state, out = self.programs.guided(self._state, self._sp_dev, logits, mask)
-        with self._lock:
-            self._counters["decode_steps_total"] += 1
-            self._counters["guided_steps_total"] += 1
-        return out, list(self._slots)
+    def _score(self, group: list[Request]) -> int:
+        return scoring.score(self, group)
 
     def _process(self, pending) -> None:
         out, snapshot = pending
-        toks = np.asarray(out[0])
-        live = [(i, s) for i, s in enumerate(snapshot) if s is not None and not s.finished]
+        live = []
+        for i, s in enumerate(snapshot):
+            if s is None:
+                continue
+            s.inflight -= 1
+            if not s.finished:
+                live.append((i, s))
         if not live:
             return
+        toks = np.asarray(out[0])
         want_lp = any(s.req.params.logprobs is not None for _, s in live)
         if want_lp:
             chosen, top_ids, top_lps = (np.asarray(a) for a in out[1:])
         now = time.monotonic()
-        ntok = 0
         for i, s in live:
             tok = int(toks[i])
+            if s.matcher is not None and s.grammar_end is None:
+                s.grammar_end = self.guide.accept(s.matcher, tok)
+                if s.grammar_end == "error":
+                    log.warning("request %s: the grammar refused token %d: %s", s.req.id, tok, s.matcher.error)
             tlp = None
             k = s.req.params.logprobs
             if k is not None:
-                tlp = TokenLogprob(tok, self._piece(tok), float(chosen[i]),
-                                   [(int(top_ids[i, m]), self._piece(int(top_ids[i, m])),
-                                     float(top_lps[i, m])) for m in range(k)])
-            self._on_token(s, tok, tlp, now)
-            ntok += 1
+                tlp = self.output.logprob(tok, chosen[i], top_ids[i], top_lps[i], k)
+            finish = self.output.on_token(s, tok, tlp, now)
+            if finish is not None:
+                self._finish_sample(s, finish)
         with self._lock:
-            self._counters["generation_tokens_total"] += ntok
+            self._counters["generation_tokens_total"] += len(live)
 
-    def _piece(self, tid: int) -> str:
-        p = self._pieces.get(tid)
-        if p is None:
-            p = self.tokenizer.decode([tid], skip_special_tokens=False)
-            self._pieces[tid] = p
-        return p
-
-    # ------------------------------------------------------------------ text
-
-    def _on_token(self, s: _Sample, tok: int, tlp: Optional[TokenLogprob], now: float) -> None:
-        r, p = s.req, s.req.params
-        s.generated += 1
-        r.handle.completion_tokens += 1
-        if s.generated == 1:
-            if not r.first_token:
-                r.first_token = now
-                self.h_ttft.observe(now - r.arrival)
-        else:
-            self.h_tpot.observe(now - s.last_time)
-        s.last_time = now
-        s.pending_ids.append(tok)
-        if tlp is not None:
-            s.pending_lps.append(tlp)
-        finish = None
-        if tok in r.stop_ids:
-            finish = "stop"
-            new = s.detok.flush()
-        elif s.grammar_end == "done":  # the output is complete: nothing but end-of-sequence may follow
-            finish = "stop"
-            new = s.detok.add(tok) + s.detok.flush()
-        elif s.grammar_end == "error":  # a token outside the grammar is never emitted
-            finish = "stop"
-            new = s.detok.flush()
-        else:
-            new = s.detok.add(tok)
-            if s.generated >= p.max_tokens:
-                finish = "length"
-                new += s.detok.flush()
-        text = s.held + new
-        s.held = ""
-        stops = [x for x in p.stop if x]
-        if stops and text:
-            cut = min((i for i in (text.find(x) for x in stops) if i >= 0), default=-1)
-            if cut >= 0:
-                text, finish = text[:cut], "stop"
-            elif finish is None:
-                hold = 0
-                for x in stops:
-                    for k in range(min(len(x) - 1, len(text)), hold, -1):
-                        if text.endswith(x[:k]):
-                            hold = k
-                            break
-                if hold:
-                    text, s.held = text[:-hold], text[-hold:]
-        if text or finish is not None:
-            r.handle._put(Delta(s.index, text, s.pending_ids, s.pending_lps, finish))
-            s.pending_ids, s.pending_lps = [], []
-        if finish is not None:
-            self._finish_sample(s, finish)
-
-    def _finish_sample(self, s: _Sample, reason: str) -> None:
+    def _finish_sample(self, s: Seq, reason: str) -> None:
         s.finished = True
         s.req.handle.finish_reasons[s.index] = reason
-        self._release(s)
+        self.scheduler.finish(s)
         r = s.req
         r.remaining -= 1
         if r.remaining == 0:
             self._finish_request(r, reason)
 
-    def _finish_request(self, r: _Request, reason: str) -> None:
+    def _finish_request(self, r: Request, reason: str) -> None:
         if r.done:
             return
         r.done = True
@@ -1018,16 +459,34 @@ class Engine:
             r = self._requests.get(h.request_id)
             if r is None or r.done:
                 return
-            if r in self._waiting:
-                self._waiting.remove(r)
+            if r in self._inbox:
+                self._inbox.remove(r)
                 self._waiting_samples -= r.params.n
             elif r in self._aux:
                 self._aux.remove(r)
                 self._waiting_samples -= 1
+            elif r.admitted == 0.0 and r.kind == "gen":
+                self._waiting_samples -= r.params.n  # still in the scheduler's queue
         for s in r.samples:
             if not s.finished:
                 s.finished = True
                 r.handle.finish_reasons[s.index] = "cancelled"
-                self._release(s)
+                self.scheduler.finish(s)
         r.remaining = 0
         self._finish_request(r, "cancelled")
+
+    def _fail_all(self, err: EngineError) -> None:
+        with self._cv:
+            reqs = list(self._requests.values())
+            aux = list(self._aux)
+            self._requests.clear()
+            self._inbox.clear()
+            self._aux.clear()
+            self._waiting_samples = 0
+        for r in reqs:
+            r.done = True
+            r.handle._end(err)
+        for a in aux:
+            if isinstance(a, EmbedJob) and not a.future.done():
+                a.future.set_exception(err)
+

@@ -6,10 +6,10 @@ xgrammar because it refuses a schema keyword it does not implement (the request 
 naming it) instead of silently dropping the constraint, at a mask cost that fits the step
 (bench/RESULTS.md, "Guided decoding").
 
-The engine's side is small: `Guide` holds, per decode slot, a `Matcher` (fill the row's bits;
-accept a token; terminated) and the host bitmask `mask` [num_slots, words] int32 (bit t of row
-r: token t allowed; rows without a grammar stay all ones). The device programs take that mask
-as one more input (`sampling.apply_token_mask`).
+The engine's side is small: each guided sample holds a `Matcher` (fill its row's bits; accept a
+token; terminated), and `Guide` the host bitmask `mask` [num_slots, words] int32 (bit t of row
+r: token t allowed; rows without a grammar stay all ones), one row per decode slot. The device
+programs take that mask as one more input (`sampling.apply_token_mask`).
 """
 from __future__ import annotations
 
@@ -127,7 +127,6 @@ class Guide:
         bits = np.zeros((self.words * 32,), np.uint8)
         bits[[e for e in self._eos if 0 <= e < self.vocab_size]] = 1
         self._eos_row = np.packbits(bits, bitorder="little").view(np.int32)
-        self.matchers: list[Optional[Matcher]] = [None] * self.num_slots
 
     def _tokenizer(self) -> Any:
         with self._lock:
@@ -167,38 +166,33 @@ class Guide:
             self._cache[key] = text
         return text
 
-    # ------------------------------------------------------------------ slots
+    # ------------------------------------------------------------------ sequences
 
-    def attach(self, slot: int, grammar: str) -> Matcher:
+    def matcher(self, grammar: str) -> Matcher:
+        """A fresh matcher for one sample (it lives on the sample, so a preempted sample
+        resumes with its grammar state)."""
         import llguidance
 
         m = Matcher(llguidance.LLMatcher(self._tokenizer(), grammar, log_level=0,
                                          limits=llguidance.LLParserLimits(**LIMITS)))
         if m.m.is_error():
             raise InvalidRequest(f"the grammar failed: {m.error}")
-        self.matchers[slot] = m
         return m
 
-    def detach(self, slot: int) -> None:
-        self.matchers[slot] = None
+    def clear(self, slot: int) -> None:
+        """A slot's row back to all ones (no grammar)."""
         self.mask[slot] = -1
 
-    def any_attached(self, slots: Optional[Sequence[int]] = None) -> bool:
-        it = self.matchers if slots is None else (self.matchers[s] for s in slots)
-        return any(m is not None for m in it)
-
-    def fill(self, slots: Optional[Sequence[int]] = None) -> np.ndarray:
-        """Fill the bitmask rows of the guided slots among `slots` (default: all), in parallel;
-        a terminated matcher's row allows everything (its sample is finishing: the token is
-        dropped); a matcher that fails while computing its mask (a resource bound) allows only
-        end-of-sequence, so its sample ends instead of leaving the grammar."""
+    def fill(self, rows: Sequence[tuple[Matcher, int]]) -> np.ndarray:
+        """Fill the bitmask rows of (matcher, slot) pairs, in parallel; a terminated matcher's
+        row allows everything (its sample is finishing: the token is dropped); a matcher that
+        fails while computing its mask (a resource bound) allows only end-of-sequence, so its
+        sample ends instead of leaving the grammar. Returns a copy of the whole mask (on CPU
+        `device_put` may alias the host buffer, which the next fill rewrites)."""
         import llguidance.numpy as lln
 
         todo = []
-        for s in (range(self.num_slots) if slots is None else slots):
-            m = self.matchers[s]
-            if m is None:
-                continue
+        for m, s in rows:
             if m.failed:
                 self.mask[s] = self._eos_row
             elif m.terminated:
@@ -213,14 +207,12 @@ class Guide:
                     log.warning("guided decoding gave up on slot %d (%s): %s", s, m.m.stop_reason(),
                                 m.error[:300])
                     self.mask[s] = self._eos_row
-        return self.mask
+        return self.mask.copy()
 
-    def accept(self, slot: int, token: int) -> Optional[str]:
-        """Advance `slot`'s matcher by `token`: None while generating, "done" when the output is
-        complete, "error" when the grammar refused the token (the sample must stop)."""
-        m = self.matchers[slot]
-        if m is None:
-            return None
+    @staticmethod
+    def accept(m: Matcher, token: int) -> Optional[str]:
+        """Advance a matcher by the sampled `token`: None while generating, "done" when the
+        output is complete, "error" when the grammar refused the token (the sample must stop)."""
         if m.failed:   # it gave up on its mask: that row allowed end-of-sequence only
             return "error"
         if not m.accept(token):

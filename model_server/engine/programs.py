@@ -1,22 +1,26 @@
 """The engine's device programs: pure functions, compiled ahead of time for every shape.
 
-* ``prefill[(T, B)]``: write the KV of B prompts (padded to bucket T) into their slots, set the
-  slots' device state (last prompt token and its position, fresh counts, prompt mask) and
-  return the last prompt token's logits (padded to the most rows any prefill takes).
-* ``first``: sample the first token of the prefilled slots from those logits (same sampling
-  code and counters as a decode step, under the rows' token bitmask) and advance their state.
+The KV cache is a paged pool (see `model_server.models.base`); every program that touches it
+reads and writes through block tables.
+
+* ``prefill[(T, B, K)]``: a chunk of up to T tokens of each of B sequences, at positions
+  ``start[b] ..`` (after a cached prefix, or an earlier chunk), written into the pool through
+  the rows' first K table entries; returns the logits of each row's last chunk token
+  (padded to the most rows any prefill takes). Touches no decode state.
+* ``first``: sample the first token of sequences whose prefill just ended, from those logits
+  (one logits row may serve several samples of one prompt), and set their decode state.
 * ``decode[(B, K)]``: one token for B rows of slots (B == num_slots: all slots, no gather;
-  smaller B: the rows' cache is gathered, worth it while few slots are busy), reading and
-  writing only the first K blocks of the KV cache (the engine picks the fewest that hold every
-  row's position): forward + sampling + logprobs in one call; the cache and state are donated.
+  smaller B: the rows' state gathered, worth it while few slots are busy), through the first
+  K entries of the slots' block tables: forward + sampling + logprobs in one call.
 * ``forward[K]`` and ``guided``: the decode step of all slots split in two for batches with
   a grammar-guided row: the forward pass (its logits stay on the device) runs while the host
-  fills the rows' token bitmask from the previous step's tokens; ``guided`` then samples
-  under that mask ([num_slots, ceil(V/32)] int32) and advances the state. Batches without a
-  grammar never run these.
-* ``copy``: copy one slot's KV cache and prompt to another (n > 1 samples share one prefill;
-  the copy samples its own first token in the next decode step by re-feeding the last prompt
-  token).
+  brings the rows' grammar state up to date with the previous step's tokens and fills their
+  token bitmask; ``guided`` then samples under that mask ([num_slots, ceil(V/32)] int32) and
+  advances the state. Batches without a grammar never run these.
+* ``copy_blocks``: copy pool blocks (the partly filled last prompt block each extra sample of
+  a prompt gets as its own).
+* ``set_row``: a slot's output-token counts and prompt mask (only for sequences with
+  penalties; a resumed sequence's counts are those of what it generated before).
 * ``score[(T, B)]``: cache-free pass returning every prompt token's logprob and top logprobs.
 * ``embed[T]``: mean-pooled final hidden state.
 
@@ -25,6 +29,7 @@ executables only, so a steady-state call can never compile anything.
 """
 from __future__ import annotations
 
+import bisect
 import functools
 import logging
 import os
@@ -38,9 +43,10 @@ import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from model_server import kernels
 from model_server.engine import guided, sampling
 from model_server.engine.types import MAX_LOGIT_BIAS, MAX_LOGPROBS
-from model_server.models import base, layers
+from model_server.models import base
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +76,13 @@ def default_decode_buckets(num_slots: int) -> list[int]:
     return out + [num_slots]
 
 
-def kv_block_variants(blocks: int) -> list[int]:
-    """Cache-block counts the decode programs are compiled for: powers of two and all of them."""
+def kv_block_variants(blocks: int, kernels_read_tables: bool) -> list[int]:
+    """Table widths (blocks per sequence) the programs are compiled for.
+
+    The CPU kernels read only the positions a query sees, so one width serves every length
+    there; the pure-JAX path gathers the table's blocks, so it gets powers of two and all."""
+    if kernels_read_tables:
+        return [blocks]
     out, k = [], 1
     while k < blocks:
         out.append(k)
@@ -93,7 +104,7 @@ class Programs:
 
     def __init__(self, spec: base.ModelSpec, *, num_slots: int, max_seq_len: int,
                  buckets: list[int], decode_buckets: list[int], mesh: jax.sharding.Mesh,
-                 cache_sharding: NamedSharding):
+                 cache_sharding: NamedSharding, num_blocks: int, block_size: int, dtype: str = "float32"):
         self.spec = spec
         self.n = num_slots
         self.s = max_seq_len
@@ -103,18 +114,28 @@ class Programs:
         self.mesh = mesh
         self.rep = NamedSharding(mesh, P())
         self.cache_sharding = cache_sharding
-        self.prefill: dict[tuple[int, int], Any] = {}
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        #: table entries a sequence of max_seq_len positions needs
+        self.max_blocks = -(-max_seq_len // block_size)
+        #: table widths of the decode programs (the decode kernel reads any width alike)
+        self.kv_variants = kv_block_variants(self.max_blocks, kernels.enabled())
+        #: and of the prefill programs: one width where the prefill kernel serves (float32,
+        #: AVX-512, its head dims), else the pure-JAX path's gather wants narrow tables too
+        self.prefill_variants = kv_block_variants(self.max_blocks, kernels.use_prefill_attention(
+            spec.head_dim, block_size, dtype, dtype, dtype))
+        self.prefill: dict[tuple[int, int, int], Any] = {}
         self.decode: dict[tuple[int, int], Any] = {}
-        self.kv_variants = kv_block_variants(len(layers.kv_block_sizes(max_seq_len)))
         self.score: dict[tuple[int, int], Any] = {}
         self.embed: dict[int, Any] = {}
         self.forward: dict[int, Any] = {}
         self.guided: Any = None
-        self.copy: Any = None
+        self.copy_blocks: Any = None
+        self.set_row: Any = None
         self.first: Any = None
         self.mask_words = guided.words_for(self.v)
         self.k = min(MAX_LOGPROBS, self.v)
-        #: rows of the first-token program: the most prompts one prefill call takes
+        #: rows of the prefill logits: the most sequences one prefill call takes
         self.first_rows = max(max(self.prefill_rows(t)) for t in buckets)
 
     # ------------------------------------------------------------------ variants
@@ -126,6 +147,15 @@ class Programs:
     def score_rows(self, t: int) -> list[int]:
         r = rows_for(t, MAX_ROWS)
         return [1] if r == 1 else [1, r]
+
+    def width_for(self, positions: int, prefill: bool = False) -> int:
+        """The narrowest compiled table width holding positions [0, positions)."""
+        need = min(max(1, -(-positions // self.block_size)), self.max_blocks)
+        variants = self.prefill_variants if prefill else self.kv_variants
+        return variants[bisect.bisect_left(variants, need)]
+
+    def prefill_widths(self, t: int) -> list[int]:
+        return [k for k in self.prefill_variants if k * self.block_size >= min(t, self.s) or k == self.max_blocks]
 
     # ------------------------------------------------------------------ state
 
@@ -149,6 +179,10 @@ class Programs:
             "keys": np.zeros((n, 2), np.uint32), "logprobs": np.full((n,), -1, np.int32),
             "guided": np.zeros((n,), np.bool_),
         }
+
+    def host_tables(self) -> np.ndarray:
+        """Block tables of every slot, all padding (ids past the pool: writes dropped)."""
+        return np.full((self.n, self.max_blocks), self.num_blocks, np.int32)
 
     # ------------------------------------------------------------------ functions
 
@@ -178,35 +212,38 @@ class Programs:
         state["counts"] = state["counts"].at[row_slots, nxt].add(act.astype(jnp.int32))
         return state, (nxt,) + tuple(lp)
 
-    def _decode_fn(self, b: int, kv_blocks: int) -> Callable:
-        spec, n = self.spec, self.n
-        fwd_last = base.make_forward_last(spec, kv_blocks=kv_blocks)
-        full = b == n
+    def _step_logits(self, fwd_last: Callable, params, cache, tokens, pos, active, tab):
+        # rows not decoding this step (free, or started by this step's prefill) write nothing
+        feed = jnp.where(active, pos, -1)
+        return fwd_last(params, tokens[:, None], feed[:, None], cache, tab,
+                        jnp.zeros((tokens.shape[0],), jnp.int32))
 
-        def decode(params, cache, state, sp, rows):
+    def _decode_fn(self, b: int, width: int) -> Callable:
+        fwd_last = base.make_forward_last(self.spec)
+        full = b == self.n
+
+        def decode(params, cache, state, sp, rows, tables):
             if full:
                 p = sp
                 tokens, pos = state["tokens"], state["positions"]
-                slot_ids = None
+                tab = tables[:, :width]
             else:
                 p = jax.tree.map(lambda a: a[rows], sp)
                 tokens, pos = state["tokens"][rows], state["positions"][rows]
-                slot_ids = rows
-            logits, cache = fwd_last(params, tokens[:, None], pos[:, None], cache, slot_ids,
-                                     jnp.zeros((b,), jnp.int32))
+                tab = tables[rows, :width]
+            logits, cache = self._step_logits(fwd_last, params, cache, tokens, pos, p["active"], tab)
             state, out = self._advance(state, p, logits, None if full else rows)
             return cache, state, out
 
         return decode
 
-    def _forward_fn(self, kv_blocks: int) -> Callable:
+    def _forward_fn(self, width: int) -> Callable:
         """All slots' forward pass of a decode step (the first half of a guided step)."""
-        n = self.n
-        fwd_last = base.make_forward_last(self.spec, kv_blocks=kv_blocks)
+        fwd_last = base.make_forward_last(self.spec)
 
-        def forward(params, cache, state):
-            logits, cache = fwd_last(params, state["tokens"][:, None], state["positions"][:, None],
-                                     cache, None, jnp.zeros((n,), jnp.int32))
+        def forward(params, cache, state, sp, tables):
+            logits, cache = self._step_logits(fwd_last, params, cache, state["tokens"], state["positions"],
+                                              sp["active"], tables[:, :width])
             return cache, logits
 
         return forward
@@ -219,67 +256,63 @@ class Programs:
         return guided_step
 
     def _prefill_fn(self, t: int, b: int) -> Callable:
-        spec, n, s, r = self.spec, self.n, self.s, self.first_rows
-        fwd_last = base.make_forward_last(spec, fresh=True, kv_blocks=base.kv_blocks_for(s, t))
+        spec, r = self.spec, self.first_rows
+        fwd_last = base.make_forward_last(spec)
 
-        def prefill(params, cache, state, tokens, slot_ids, lens):
-            t_idx = jnp.arange(t, dtype=jnp.int32)[None, :]
-            valid = lens > 0
-            # Padding rows write beyond the window (dropped) and touch no state.
-            positions = jnp.where(valid[:, None], t_idx, s + t_idx)
+        def prefill(params, cache, tokens, starts, lens, tables):
+            # Row b's chunk sits at positions starts[b] + [0, T); its padding after lens[b]
+            # writes garbage in its own blocks (overwritten before anything reads it) or is
+            # dropped; a padding row (lens 0) has a table of padding only.
+            positions = starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
             last_index = jnp.maximum(lens - 1, 0)
-            logits, cache = fwd_last(params, tokens, positions, cache, slot_ids, last_index)
-            dst = jnp.where(valid, slot_ids, n)
-            last = jnp.take_along_axis(tokens, last_index[:, None], axis=1)[:, 0]
-            state = dict(state)
-            state["tokens"] = state["tokens"].at[dst].set(last, mode="drop")
-            state["positions"] = state["positions"].at[dst].set(lens - 1, mode="drop")
-            state["counts"] = state["counts"].at[dst].set(0, mode="drop")
-            pm = state["prompt_mask"].at[dst].set(False, mode="drop")
-            tok_rows = jnp.where(t_idx < lens[:, None], dst[:, None], n)
-            state["prompt_mask"] = pm.at[tok_rows, tokens].set(True, mode="drop")
+            logits, cache = fwd_last(params, tokens, positions, cache, tables, last_index)
             if b < r:
                 logits = jnp.concatenate([logits, jnp.zeros((r - b, logits.shape[1]), logits.dtype)])
-            return cache, state, logits
+            return cache, logits
 
         return prefill
 
     def _first_fn(self) -> Callable:
-        """Sample the first token of freshly prefilled slots from their last-prompt logits."""
+        """Sample the first token of freshly prefilled sequences from their last-token logits."""
         n = self.n
 
-        def first(state, sp, logits, slot_ids, valid, token_mask):
+        def first(state, sp, logits, logit_rows, slot_ids, positions, valid, reset, token_mask):
             p = jax.tree.map(lambda a: a[slot_ids], sp)
-            p["active"] = p["active"] & valid
-            pos = state["positions"][slot_ids]  # len - 1, as a decode step re-feeding it would
-            nxt = sampling.sample(logits, p, lambda: state["counts"][slot_ids],
-                                  lambda: state["prompt_mask"][slot_ids], pos, token_mask[slot_ids])
+            p["active"] = valid
+            lg = logits[logit_rows]
+            counts = jnp.where(reset[:, None], 0, state["counts"][slot_ids])
+            nxt = sampling.sample(lg, p, lambda: counts, lambda: state["prompt_mask"][slot_ids], positions,
+                                  token_mask[slot_ids])
             act = p["active"]
             want = jnp.any(act & (p["logprobs"] >= 0))
             want_top = jnp.any(act & (p["logprobs"] > 0))
-            lp = sampling.logprob_outputs(logits, nxt, want, want_top, self.k)
+            lp = sampling.logprob_outputs(lg, nxt, want, want_top, self.k)
             dst = jnp.where(act, slot_ids, n)
             state = dict(state)
             state["tokens"] = state["tokens"].at[dst].set(nxt, mode="drop")
-            state["positions"] = state["positions"].at[dst].set(pos + 1, mode="drop")
-            state["counts"] = state["counts"].at[dst, nxt].add(1, mode="drop")
+            state["positions"] = state["positions"].at[dst].set(positions + 1, mode="drop")
+            counts = counts.at[jnp.arange(counts.shape[0]), nxt].add(1)
+            state["counts"] = state["counts"].at[dst].set(counts, mode="drop")
             return state, (nxt,) + tuple(lp)
 
         return first
 
-    def _copy_fn(self) -> Callable:
-        def copy(cache, state, src, dst, token, position):
-            """Slot `dst` gets `src`'s KV cache and prompt, and re-feeds the last prompt token
-            (`token` at `position`) in the next decode step to sample its own first token."""
-            cache = jax.tree.map(lambda a: a.at[dst].set(a[src]), cache)
-            state = dict(state)
-            state["prompt_mask"] = state["prompt_mask"].at[dst].set(state["prompt_mask"][src])
-            state["counts"] = state["counts"].at[dst].set(0)
-            state["tokens"] = state["tokens"].at[dst].set(token)
-            state["positions"] = state["positions"].at[dst].set(position)
-            return cache, state
+    def _copy_blocks_fn(self) -> Callable:
+        def copy_blocks(cache, src, dst):
+            """Pool block dst[i] gets a copy of block src[i] (dst past the pool: nothing)."""
+            return [(kp.at[dst].set(kp[src], mode="drop"), vp.at[dst].set(vp[src], mode="drop"))
+                    for kp, vp in cache]
 
-        return copy
+        return copy_blocks
+
+    def _set_row_fn(self) -> Callable:
+        def set_row(state, slot, counts, mask):
+            state = dict(state)
+            state["counts"] = state["counts"].at[slot].set(counts)
+            state["prompt_mask"] = state["prompt_mask"].at[slot].set(mask)
+            return state
+
+        return set_row
 
     def _score_fn(self, t: int, b: int) -> Callable:
         spec, k = self.spec, self.k
@@ -330,7 +363,7 @@ class Programs:
     def _arg(self, shape, dtype) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=self.rep)
 
-    def compile_all(self, params: Any, cache: Any, state: Any, sp_dev: Any,
+    def compile_all(self, params: Any, cache: Any, state: Any, sp_dev: Any, tables_dev: Any,
                     threads: Optional[int] = None,
                     progress: Optional[Callable[[int, int, str], None]] = None) -> dict[str, float]:
         """Lower and compile every variant (in parallel threads); returns timings.
@@ -339,26 +372,28 @@ class Programs:
         cache_out = jax.tree.map(lambda _: cs, cache)
         jobs: list[tuple[str, Any, Callable]] = []
         i32 = np.int32
+        n = self.n
 
         for b in self.decode_buckets:
             for kb in self.kv_variants:
                 fn = jax.jit(self._decode_fn(b, kb), donate_argnums=(1, 2), out_shardings=(cache_out, rep, rep))
-                jobs.append((f"decode[{b}x{kb}]", ("decode", (b, kb)),
-                             functools.partial(fn.lower, params, cache, state, sp_dev, self._arg((b,), i32))))
+                jobs.append((f"decode[{b}x{kb}]", ("decode", (b, kb)), functools.partial(
+                    fn.lower, params, cache, state, sp_dev, self._arg((b,), i32), tables_dev)))
         words = self.mask_words
         for kb in self.kv_variants:
             fn = jax.jit(self._forward_fn(kb), donate_argnums=(1,), out_shardings=(cache_out, rep))
-            jobs.append((f"forward[{kb}]", ("forward", kb), functools.partial(fn.lower, params, cache, state)))
+            jobs.append((f"forward[{kb}]", ("forward", kb), functools.partial(
+                fn.lower, params, cache, state, sp_dev, tables_dev)))
         fn = jax.jit(self._guided_fn(), donate_argnums=(0,), out_shardings=(rep, rep))
         jobs.append(("guided", ("guided", None), functools.partial(
-            fn.lower, state, sp_dev, self._arg((self.n, self.v), np.float32),
-            self._arg((self.n, words), i32))))
+            fn.lower, state, sp_dev, self._arg((n, self.v), np.float32), self._arg((n, words), i32))))
         for t in self.buckets:
             for b in self.prefill_rows(t):
-                fn = jax.jit(self._prefill_fn(t, b), donate_argnums=(1, 2), out_shardings=(cache_out, rep, rep))
-                jobs.append((f"prefill[{t}x{b}]", ("prefill", (t, b)), functools.partial(
-                    fn.lower, params, cache, state, self._arg((b, t), i32), self._arg((b,), i32),
-                    self._arg((b,), i32))))
+                for kb in self.prefill_widths(t):
+                    fn = jax.jit(self._prefill_fn(t, b), donate_argnums=(1,), out_shardings=(cache_out, rep))
+                    jobs.append((f"prefill[{t}x{b}x{kb}]", ("prefill", (t, b, kb)), functools.partial(
+                        fn.lower, params, cache, self._arg((b, t), i32), self._arg((b,), i32),
+                        self._arg((b,), i32), self._arg((b, kb), i32))))
             for b in self.score_rows(t):
                 fn = jax.jit(self._score_fn(t, b), out_shardings=rep)
                 jobs.append((f"score[{t}x{b}]", ("score", (t, b)), functools.partial(
@@ -366,14 +401,17 @@ class Programs:
             fn = jax.jit(self._embed_fn(t), out_shardings=rep)
             jobs.append((f"embed[{t}]", ("embed", t), functools.partial(
                 fn.lower, params, self._arg((1, t), i32), self._arg((1,), i32))))
-        fn = jax.jit(self._copy_fn(), donate_argnums=(0, 1), out_shardings=(cache_out, rep))
-        jobs.append(("copy", ("copy", None), functools.partial(
-            fn.lower, cache, state, *[self._arg((), i32)] * 4)))
+        fn = jax.jit(self._copy_blocks_fn(), donate_argnums=(0,), out_shardings=cache_out)
+        jobs.append(("copy_blocks", ("copy_blocks", None), functools.partial(
+            fn.lower, cache, self._arg((n,), i32), self._arg((n,), i32))))
+        fn = jax.jit(self._set_row_fn(), donate_argnums=(0,), out_shardings=rep)
+        jobs.append(("set_row", ("set_row", None), functools.partial(
+            fn.lower, state, self._arg((), i32), self._arg((self.v,), i32), self._arg((self.v,), np.bool_))))
         r = self.first_rows
         fn = jax.jit(self._first_fn(), donate_argnums=(0,), out_shardings=(rep, rep))
         jobs.append(("first", ("first", None), functools.partial(
-            fn.lower, state, sp_dev, self._arg((r, self.v), np.float32), self._arg((r,), i32),
-            self._arg((r,), np.bool_), self._arg((self.n, words), i32))))
+            fn.lower, state, sp_dev, self._arg((r, self.v), np.float32), *[self._arg((n,), i32)] * 3,
+            self._arg((n,), np.bool_), self._arg((n,), np.bool_), self._arg((n, words), i32))))
 
         timings: dict[str, float] = {}
 
@@ -391,7 +429,7 @@ class Programs:
             for done, (job, ((kind, key), compiled)) in enumerate(zip(jobs, ex.map(build, jobs)), 1):
                 if progress is not None:
                     progress(done, len(jobs), job[0])
-                if kind in ("copy", "first", "guided"):
+                if kind in ("copy_blocks", "set_row", "first", "guided"):
                     setattr(self, kind, compiled)
                 else:
                     getattr(self, kind)[key] = compiled

@@ -31,6 +31,7 @@ class SamplingParams:
     prompt_logprobs: bool = False   # logprob of every prompt token given its prefix (first is None)
     n: int = 1                      # independent samples (indexes 0..n-1; seeds derived from seed)
     guided: Optional["GuidedSpec"] = None  # output constrained to a grammar (JSON schema, regex, ...)
+    prefix_caching: bool = True     # reuse (and offer) cached KV blocks of the prompt's prefix
 
 
 @dataclass

@@ -1,9 +1,10 @@
 """Native CPU kernels, called from jitted code as XLA FFI custom calls.
 
-* ``decode_attention``: a decode step's attention straight from the KV cache
-  (decode_attention.cc);
+* ``decode_attention``: a decode step's attention straight from the paged KV cache, through
+  the block tables (decode_attention.cc);
 * ``argmax``: the greedy pick over a decode step's logits (argmax.cc);
-* ``prefill_attention``: a prefill's causal self-attention, float32 (prefill_attention.cc);
+* ``prefill_attention``: a prefill chunk's attention to its sequence in the paged KV cache,
+  float32 (prefill_attention.cc);
 * ``matmul``: ``x . w^T`` for the few rows of a decode step, float32, one call for several
   weights of the same x (matmul.cc); larger products stay with XLA's dot, which is as fast or
   faster there.
@@ -168,24 +169,23 @@ def use_matmul(rows: int, *dtypes) -> bool:
     return MATMUL_MIN_ROWS <= rows <= MATMUL_MAX_ROWS and _tiled_ok(*dtypes)
 
 
-def use_prefill_attention(head_dim: int, *dtypes) -> bool:
-    """Whether a causal self-attention traced now should call `prefill_attention`."""
-    return head_dim in PREFILL_HEAD_DIMS and _tiled_ok(*dtypes)
+def use_prefill_attention(head_dim: int, block_size: int, *dtypes) -> bool:
+    """Whether a prefill chunk's attention traced now should call `prefill_attention`."""
+    return head_dim in PREFILL_HEAD_DIMS and block_size % 16 == 0 and _tiled_ok(*dtypes)
 
 
-def decode_attention(q: jax.Array, slot_ids: jax.Array, positions: jax.Array,
-                     k_blocks: Sequence[jax.Array], v_blocks: Sequence[jax.Array], scale: float,
-                     window: int = 0) -> jax.Array:
-    """One query token per row against its slot's cache positions [0, positions[b]] (with a
-    `window` > 0: only the last `window` of them, (positions[b] - window, positions[b]]).
+def decode_attention(q: jax.Array, block_tables: jax.Array, positions: jax.Array, k_pool: jax.Array,
+                     v_pool: jax.Array, scale: float, window: int = 0) -> jax.Array:
+    """One query token per row against its sequence's positions [0, positions[b]] in the
+    paged pools (with a `window` > 0: only the last `window` of them).
 
-    q [B, H, D]; slot_ids, positions [B] int32; blocks [N, KV, S_j, D] (float32 or bfloat16,
-    consecutive positions). Returns [B, H, D] float32 (see decode_attention.cc).
+    q [B, H, D]; block_tables [B, K], positions [B] int32; pools [blocks, KV, block_size, D]
+    (float32 or bfloat16). Returns [B, H, D] float32 (see decode_attention.cc).
     """
     _require()
     call = jax.ffi.ffi_call("saxplane_decode_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32))
-    return call(q.astype(jnp.float32), slot_ids.astype(jnp.int32), positions.astype(jnp.int32),
-                *k_blocks, *v_blocks, scale=np.float32(scale), window=np.int32(window))
+    return call(q.astype(jnp.float32), block_tables.astype(jnp.int32), positions.astype(jnp.int32),
+                k_pool, v_pool, scale=np.float32(scale), window=np.int32(window))
 
 
 def matmul(x: jax.Array, *ws: jax.Array) -> list[jax.Array]:
@@ -197,14 +197,17 @@ def matmul(x: jax.Array, *ws: jax.Array) -> list[jax.Array]:
     return list(call(x, *ws))
 
 
-def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, scale: float,
-                      window: int = 0) -> jax.Array:
-    """Causal (by position) self-attention: q [B, T, H, D], k, v [B, T, KV, D] float32,
-    positions [B, T] not decreasing along a row; with a `window` > 0 a query at position p
-    sees keys at positions (p - window, p] only. Returns [B, T, H, D] float32."""
+def prefill_attention(q: jax.Array, q_positions: jax.Array, k_pool: jax.Array, v_pool: jax.Array,
+                      block_tables: jax.Array, scale: float, window: int = 0) -> jax.Array:
+    """A prefill chunk's queries q [B, T, H, D] float32 at `q_positions` [B, T] (not
+    decreasing along a row) against their sequences in the paged pools [blocks, KV,
+    block_size, D] float32 through `block_tables` [B, K]: key j (position j) is visible to
+    query i when j <= q_positions[i] (and, with a `window` > 0, j > q_positions[i] - window).
+    Returns [B, T, H, D] float32 (see prefill_attention.cc)."""
     _require()
     call = jax.ffi.ffi_call("saxplane_prefill_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32))
-    return call(q, k, v, positions.astype(jnp.int32), scale=np.float32(scale), window=np.int32(window))
+    return call(q, q_positions.astype(jnp.int32), k_pool, v_pool, block_tables.astype(jnp.int32),
+                scale=np.float32(scale), window=np.int32(window))
 
 
 def argmax(x: jax.Array) -> jax.Array:

@@ -1,11 +1,13 @@
 // Decode-step attention over the engine's KV cache, an XLA FFI custom call for the CPU.
 //
-// One query token per row: row b attends to positions [0, positions[b]] of cache slot
-// slot_ids[b]; with a window w > 0 (sliding-window attention) to (positions[b] - w,
-// positions[b]] only: the rows before that are never read. The cache arrives as consecutive
-// position blocks (keys then values), each [num_slots, kv_heads, size_j, head_dim], float32 or bfloat16. Output [rows, heads, head_dim]
-// float32: softmax(q . k * scale) . v with float32 scores and sums, normalised after the
-// value product, as model_server/models/layers.py computes it.
+// One query token per row: row b attends to positions [0, positions[b]] of its sequence (with
+// a window w > 0, sliding-window attention, to (positions[b] - w, positions[b]] only: the rows
+// before that are never read). The cache is a paged pool, keys and values each
+// [num_blocks, kv_heads, block_size, head_dim], float32 or bfloat16; position s of row b lies
+// in block block_tables[b, s / block_size] at offset s % block_size (an id out of range, a
+// table's padding, reads block 0: such positions are never visible to a real query). Output
+// [rows, heads, head_dim] float32: softmax(q . k * scale) . v with float32 scores and sums,
+// normalised after the value product, as model_server/models/layers.py computes it.
 //
 // Why: XLA:CPU runs the batched dot of that formulation as one tiny matrix product per (row,
 // head) on one thread. Here each (row, kv head) pair reads only the positions in use, once
@@ -41,19 +43,14 @@ inline float bf16_to_float(uint16_t h) {
   return f;
 }
 
-struct Block {
-  const void* k;
-  const void* v;
-  int64_t size;  // positions in this block
-};
-
 struct Problem {
   const float* q;         // [rows, heads, dim]
-  const int32_t* slots;   // [rows]
+  const int32_t* tables;  // [rows, table_len]
   const int32_t* positions;  // [rows]
   float* out;             // [rows, heads, dim]
-  std::vector<Block> blocks;
-  int64_t rows, heads, kv_heads, dim, span, num_slots;
+  const void* k;          // [num_blocks, kv_heads, block_size, dim]
+  const void* v;
+  int64_t rows, heads, kv_heads, dim, span, num_blocks, block_size, table_len;
   int64_t window;  // 0: none
   float scale;
   bool bf16;
@@ -76,37 +73,33 @@ inline const float* load(const void* base, int64_t offset, int64_t len, float* t
   }
 }
 
-// Calls f(position - lo, row as float32) for positions [lo, n) of (slot, kv head), in the keys
-// or the values (`data`), block after block.
+// Calls f(position - lo, row as float32) for positions [lo, n) of (row b, kv head), in the
+// keys or the values (`data`), through the row's block table.
 template <bool BF16, typename F>
-inline void for_rows(const Problem& p, const void* Block::*data, int64_t slot, int64_t kvh, int64_t lo,
-                     int64_t n, int64_t dim, float* tmp, F&& f) {
-  int64_t s0 = 0;
-  for (const Block& blk : p.blocks) {
-    if (s0 >= n) break;
-    if (s0 + blk.size <= lo) {  // wholly before the window
-      s0 += blk.size;
-      continue;
-    }
-    const void* rows = blk.*data;
-    const int64_t m = std::min(blk.size, n - s0);
-    const int64_t base = ((slot * p.kv_heads + kvh) * blk.size) * dim;
-    for (int64_t s = std::max<int64_t>(0, lo - s0); s < m; ++s) {
-      const char* ahead = static_cast<const char*>(element<BF16>(rows, base + (s + kPrefetchRows) * dim));
+inline void for_rows(const Problem& p, const void* data, int64_t b, int64_t kvh, int64_t lo, int64_t n,
+                     int64_t dim, float* tmp, F&& f) {
+  const int32_t* table = p.tables + b * p.table_len;
+  const int64_t bs = p.block_size;
+  auto offset = [&](int64_t s) {
+    int64_t blk = table[s / bs];
+    blk = (blk < 0 || blk >= p.num_blocks) ? 0 : blk;
+    return ((blk * p.kv_heads + kvh) * bs + s % bs) * dim;
+  };
+  for (int64_t s = lo; s < n; ++s) {
+    if (s + kPrefetchRows < n) {
+      const char* ahead = static_cast<const char*>(element<BF16>(data, offset(s + kPrefetchRows)));
       for (int64_t c = 0; c < dim * (BF16 ? 2 : 4); c += kCacheLine) __builtin_prefetch(ahead + c, 0, 2);
-      f(s0 + s - lo, load<BF16>(rows, base + s * dim, dim, tmp));
     }
-    s0 += blk.size;
+    f(s - lo, load<BF16>(data, offset(s), dim, tmp));
   }
 }
 
-// One (row, kv head) item: every query head of the group, over positions [lo, n). DIM > 0
+// One (row, kv head) item: every query head of the group, over positions [lo, end). DIM > 0
 // fixes the head dim at compile time (unrolled dot products), 0 reads it from the problem.
 template <bool BF16, int DIM>
 void attend_item(const Problem& p, int64_t item, std::vector<float>& scores, std::vector<float>& tmp) {
   const int64_t b = item / p.kv_heads, kvh = item % p.kv_heads;
   const int64_t group = p.heads / p.kv_heads, dim = DIM > 0 ? DIM : p.dim;
-  const int64_t slot = std::clamp<int64_t>(p.slots[b], 0, p.num_slots - 1);  // as JAX's gather clamps
   const int64_t end = std::clamp<int64_t>(static_cast<int64_t>(p.positions[b]) + 1, 1, p.span);
   const int64_t lo = p.window > 0 ? std::max<int64_t>(0, static_cast<int64_t>(p.positions[b]) + 1 - p.window) : 0;
   const int64_t start = std::min(lo, end - 1), n = end - start;  // positions [start, end)
@@ -119,7 +112,7 @@ void attend_item(const Problem& p, int64_t item, std::vector<float>& scores, std
   tmp.resize(dim);
 
   // scores[g, s] = q[g] . k[s] * scale
-  for_rows<BF16>(p, &Block::k, slot, kvh, start, end, dim, tmp.data(), [&](int64_t s, const float* __restrict__ k) {
+  for_rows<BF16>(p, p.k, b, kvh, start, end, dim, tmp.data(), [&](int64_t s, const float* __restrict__ k) {
     for (int64_t g = 0; g < group; ++g) {
       const float* __restrict__ qg = q + g * dim;
       float dot = 0.f;
@@ -131,7 +124,7 @@ void attend_item(const Problem& p, int64_t item, std::vector<float>& scores, std
   for (int64_t g = 0; g < group; ++g) sums[g] = saxplane::softmax_numerators(sc + g * n, n);
   std::fill(acc, acc + group * dim, 0.f);
   // acc[g] = sum_s e[g, s] v[s]
-  for_rows<BF16>(p, &Block::v, slot, kvh, start, end, dim, tmp.data(), [&](int64_t s, const float* __restrict__ v) {
+  for_rows<BF16>(p, p.v, b, kvh, start, end, dim, tmp.data(), [&](int64_t s, const float* __restrict__ v) {
     for (int64_t g = 0; g < group; ++g) {
       const float e = sc[g * n + s];
       float* __restrict__ a = acc + g * dim;
@@ -164,51 +157,39 @@ void attend_any(const Problem& p, int64_t item) {
 }
 
 ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
-                               ffi::Buffer<ffi::S32> slot_ids, ffi::Buffer<ffi::S32> positions,
-                               ffi::RemainingArgs cache, ffi::ResultBuffer<ffi::F32> out,
+                               ffi::Buffer<ffi::S32> block_tables, ffi::Buffer<ffi::S32> positions,
+                               ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::ResultBuffer<ffi::F32> out,
                                float scale, int32_t window) {
-  auto qd = q.dimensions();
+  auto qd = q.dimensions(), td = block_tables.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 3) return ffi::Error::InvalidArgument("q must be [rows, heads, dim]");
-  if (cache.size() == 0 || cache.size() % 2) {
-    return ffi::Error::InvalidArgument("expected key blocks then as many value blocks");
+  if (td.size() != 2 || td[0] != qd[0]) return ffi::Error::InvalidArgument("block tables must be [rows, blocks]");
+  if (kd.size() != 4 || vd.size() != 4 || kd[3] != qd[2] || kd[0] != vd[0] || kd[1] != vd[1] ||
+      kd[2] != vd[2] || kd[3] != vd[3] || k.element_type() != v.element_type()) {
+    return ffi::Error::InvalidArgument("the pools must be [blocks, kv_heads, block_size, dim]");
   }
   Problem p;
   p.rows = qd[0];
   p.heads = qd[1];
   p.dim = qd[2];
   p.q = q.typed_data();
-  p.slots = slot_ids.typed_data();
+  p.tables = block_tables.typed_data();
+  p.table_len = td[1];
   p.positions = positions.typed_data();
   p.out = out->typed_data();
   p.scale = scale;
   p.window = window;
-  const size_t nblocks = cache.size() / 2;
-  p.span = 0;
-  for (size_t j = 0; j < nblocks; ++j) {
-    auto k = cache.get<ffi::AnyBuffer>(j);
-    auto v = cache.get<ffi::AnyBuffer>(nblocks + j);
-    if (k.has_error() || v.has_error()) return ffi::Error::InvalidArgument("bad cache block");
-    auto kd = k->dimensions(), vd = v->dimensions();
-    if (kd.size() != 4 || vd.size() != 4 || kd[3] != p.dim || vd[3] != p.dim || kd[2] != vd[2] ||
-        kd[1] != vd[1] || kd[0] != vd[0] || k->element_type() != v->element_type()) {
-      return ffi::Error::InvalidArgument("cache blocks must be [slots, kv_heads, size, dim]");
-    }
-    if (j == 0) {
-      p.kv_heads = kd[1];
-      p.num_slots = kd[0];
-      p.bf16 = k->element_type() == ffi::DataType::BF16;
-      if (!p.bf16 && k->element_type() != ffi::DataType::F32) {
-        return ffi::Error::InvalidArgument("cache blocks must be float32 or bfloat16");
-      }
-    }
-    const auto dtype = p.bf16 ? ffi::DataType::BF16 : ffi::DataType::F32;
-    if (kd[0] != p.num_slots || kd[1] != p.kv_heads || k->element_type() != dtype) {
-      return ffi::Error::InvalidArgument("cache blocks must share their slots, kv heads and dtype");
-    }
-    if (p.heads % p.kv_heads) return ffi::Error::InvalidArgument("heads must be a multiple of kv heads");
-    p.blocks.push_back(Block{k->untyped_data(), v->untyped_data(), kd[2]});
-    p.span += kd[2];
+  p.num_blocks = kd[0];
+  p.kv_heads = kd[1];
+  p.block_size = kd[2];
+  p.span = p.table_len * p.block_size;
+  p.k = k.untyped_data();
+  p.v = v.untyped_data();
+  p.bf16 = k.element_type() == ffi::DataType::BF16;
+  if (!p.bf16 && k.element_type() != ffi::DataType::F32) {
+    return ffi::Error::InvalidArgument("the pools must be float32 or bfloat16");
   }
+  if (p.kv_heads == 0 || p.heads % p.kv_heads) return ffi::Error::InvalidArgument("heads must be a multiple of kv heads");
+  if (p.rows == 0 || p.span == 0) return ffi::Error::Success();
   saxplane::parallel_for(pool, p.rows * p.kv_heads, [&p](int64_t i) { attend_any(p, i); });
   return ffi::Error::Success();
 }
@@ -221,7 +202,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SaxDecodeAttention, DecodeAttentionImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
-                                  .RemainingArgs()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale")
                                   .Attr<int32_t>("window"));

@@ -1,19 +1,22 @@
-// Causal self-attention of a prefill (T prompt tokens attending to one another), an XLA FFI
-// custom call for the CPU.
+// Attention of a prefill chunk (Tq prompt tokens of each row) to its sequence in the paged KV
+// cache, an XLA FFI custom call for the CPU.
 //
-// q [B, T, H, D], k and v [B, T, KV, D] float32 (D a multiple of the vector width),
-// positions [B, T] int32 (not decreasing along a row, as in every prompt); key j is visible to
-// query i when positions[j] <= positions[i] and, with a window w > 0 (sliding-window
-// attention), positions[j] > positions[i] - w. Output [B, T, H, D] float32: softmax(q . k *
-// scale) . v with float32 scores and sums, normalised after the value product, as
-// model_server/models/layers.py computes it.
+// q [B, Tq, H, D] float32 (D a multiple of the vector width), q_positions [B, Tq] int32 (not
+// decreasing along a row, as in every prompt chunk), the pools k and v [num_blocks, KV,
+// block_size, D] float32 (block_size a multiple of the vector width), block_tables [B, K]
+// int32: position j of row b lies in block block_tables[b, j / block_size] (an id out of range
+// reads block 0; such positions are never visible to a real query). The chunk's own keys and
+// values are in the pool already. Key j is visible to query i when j <= q_positions[i] and,
+// with a window w > 0 (sliding-window attention), j > q_positions[i] - w. Output [B, Tq, H, D]
+// float32: softmax(q . k * scale) . v with float32 scores and sums, normalised after the value
+// product, as model_server/models/layers.py computes it.
 //
 // Why: XLA:CPU runs the batched per-head products of the pure-JAX formulation one head at a
-// time on one thread, at about a quarter of the FMA peak. Here the keys of each (row, kv head)
-// are transposed once, then every (row, head, block of kQB queries) item computes its scores
-// in register tiles (queries x 64 keys), a softmax, and the value product in register tiles
-// (queries x D), skipping the keys after its block; the items are spread over XLA's intra-op
-// threads.
+// time on one thread, at about a quarter of the FMA peak. Here the keys each (row, kv head)
+// sees are gathered from the pool and transposed once (the values gathered beside them), then
+// every (row, head, block of kQB queries) item computes its scores in register tiles (queries
+// x 64 keys), a softmax, and the value product in register tiles (queries x D), skipping the
+// keys after its block; the items are spread over XLA's intra-op threads.
 #include <algorithm>
 #include <cmath>
 #include <initializer_list>
@@ -37,31 +40,46 @@ using saxplane::Vec;
 constexpr int64_t kQB = 32;  // queries per item
 constexpr int kQR = 6;       // queries per score tile
 constexpr int kKV = 4;       // key vectors per score tile (64 keys with AVX-512)
-constexpr size_t kKeptKeyFloats = size_t{4} << 20;  // 16 MB of transposed keys kept per thread
+constexpr size_t kKeptKeyFloats = size_t{8} << 20;  // 32 MB of gathered keys and values kept per thread
 
 struct Problem {
-  const float* q;  // [B, T, H, D]
-  const float* k;  // [B, T, KV, D]
-  const float* v;  // [B, T, KV, D]
-  const int32_t* positions;  // [B, T]
-  float* out;      // [B, T, H, D]
-  float* kt;       // [B, KV, D, tp]: keys transposed, zero-padded to tp positions
-  int64_t b, t, tp, h, kv, d;
+  const float* q;  // [B, Tq, H, D]
+  const float* k;  // [num_blocks, KV, bs, D]
+  const float* v;  // [num_blocks, KV, bs, D]
+  const int32_t* positions;  // [B, Tq]
+  const int32_t* tables;     // [B, K]
+  float* out;      // [B, Tq, H, D]
+  float* kt;       // [B, KV, D, tp]: the visible keys transposed, zero-padded to tp positions
+  float* vg;       // [B, KV, tp, D]: the visible values, gathered
+  int64_t b, t, tp, h, kv, d, bs, nblocks, table_len;
   int64_t window;  // 0: none
   float scale;
 };
 
-void transpose_keys(const Problem& p, int64_t item) {
+// Keys a row's queries see: positions [0, last query position], within the table.
+inline int64_t keys_of_row(const Problem& p, int64_t bi) {
+  const int64_t last = p.positions[bi * p.t + p.t - 1];
+  return std::clamp<int64_t>(last + 1, 0, p.table_len * p.bs);
+}
+
+void gather_keys(const Problem& p, int64_t item) {
   const int64_t bi = item / p.kv, g = item % p.kv;
-  float* dst = p.kt + item * p.d * p.tp;
-  const float* src = p.k + (bi * p.t * p.kv + g) * p.d;  // key j at src + j * kv * d
-  for (int64_t j0 = 0; j0 < p.t; j0 += kLanes) {  // head dims are multiples of kLanes
-    for (int64_t x = 0; x < p.d; x += kLanes) {
-      saxplane::transpose_block(src + j0 * p.kv * p.d + x, p.kv * p.d, p.t - j0, dst + x * p.tp + j0, p.tp);
+  float* kdst = p.kt + item * p.d * p.tp;
+  float* vdst = p.vg + item * p.tp * p.d;
+  const int64_t n = keys_of_row(p, bi);
+  const int32_t* table = p.tables + bi * p.table_len;
+  for (int64_t j0 = 0; j0 < n; j0 += kLanes) {  // block sizes are multiples of kLanes
+    int64_t blk = table[j0 / p.bs];
+    blk = (blk < 0 || blk >= p.nblocks) ? 0 : blk;
+    const int64_t at = ((blk * p.kv + g) * p.bs + j0 % p.bs) * p.d;
+    const int64_t rows = std::min<int64_t>(kLanes, n - j0);
+    for (int64_t x = 0; x < p.d; x += kLanes) {  // head dims are multiples of kLanes
+      saxplane::transpose_block(p.k + at + x, p.d, rows, kdst + x * p.tp + j0, p.tp);
     }
+    std::copy(p.v + at, p.v + at + rows * p.d, vdst + j0 * p.d);
   }
-  const int64_t written = (p.t + kLanes - 1) / kLanes * kLanes;  // padding past t already zeroed
-  for (int64_t x = 0; x < p.d; ++x) std::fill(dst + x * p.tp + written, dst + (x + 1) * p.tp, 0.f);
+  const int64_t written = (n + kLanes - 1) / kLanes * kLanes;  // columns past n already zeroed
+  for (int64_t x = 0; x < p.d; ++x) std::fill(kdst + x * p.tp + written, kdst + (x + 1) * p.tp, 0.f);
 }
 
 // s[r, j0 + 0 .. JV * kLanes) = q[r] . keys * scale for R query rows (q rows `qstride` apart).
@@ -107,7 +125,7 @@ inline void value_tile(const float* e, int64_t estride, const float* v, int64_t 
 template <int R, int DV>
 inline void value_rows(const Problem& p, const float* e, int64_t estride, const float* v, int64_t n,
                        const float* sums, float* out, int64_t rows) {
-  const int64_t vstride = p.kv * p.d, ostride = p.h * p.d;
+  const int64_t vstride = p.d, ostride = p.h * p.d;
   int64_t r = 0;
   for (; r + R <= rows; r += R) {
     value_tile<R, DV>(e + r * estride, estride, v, vstride, n, sums + r, out + r * ostride, ostride);
@@ -122,7 +140,9 @@ void attend_block(const Problem& p, int64_t item, std::vector<float>& scratch) {
   const int64_t bi = item / (p.h * blocks), hi = (item / blocks) % p.h, qb = blocks - 1 - item % blocks;
   const int64_t g = hi / (p.h / p.kv);
   const int64_t q0 = qb * kQB, rows = std::min(kQB, p.t - q0);
-  const int64_t n = q0 + rows;  // keys after the block's last query are never visible
+  const int32_t* pos = p.positions + bi * p.t;
+  // keys after the block's last query are never visible
+  const int64_t n = std::clamp<int64_t>(static_cast<int64_t>(pos[q0 + rows - 1]) + 1, 1, keys_of_row(p, bi));
   constexpr int64_t kw = kKV * kLanes;
   const int64_t nw = (n + kLanes - 1) / kLanes * kLanes;  // score columns computed (zero-padded keys)
   const int64_t d = DV * kLanes, qstride = p.h * d;
@@ -131,7 +151,6 @@ void attend_block(const Problem& p, int64_t item, std::vector<float>& scratch) {
   float* sums = s + kQB * p.tp;
   const float* q = p.q + ((bi * p.t + q0) * p.h + hi) * d;
   const float* kt = p.kt + (bi * p.kv + g) * d * p.tp;
-  const int32_t* pos = p.positions + bi * p.t;
 
   // Scores, key tile by key tile (it stays in L1 while every query row uses it).
   auto scores = [&](int64_t j0, auto jv) {
@@ -145,24 +164,20 @@ void attend_block(const Problem& p, int64_t item, std::vector<float>& scratch) {
   int64_t j0 = 0;
   for (; j0 + kw <= nw; j0 += kw) scores(j0, std::integral_constant<int, kKV>{});
   for (; j0 < nw; j0 += kLanes) scores(j0, std::integral_constant<int, 1>{});
-  // Softmax numerators in place. Positions do not decrease, so the keys a query sees are a
-  // prefix [0, seen) of the block's, or with a window a range [first, seen); the rest get
+  // Softmax numerators in place over the keys a query sees, [first, seen); the rest get
   // exactly 0.
   for (int64_t r = 0; r < rows; ++r) {
     float* row = s + r * p.tp;
-    const int32_t pi = pos[q0 + r];
-    const int64_t seen = std::upper_bound(pos, pos + n, pi) - pos;
+    const int64_t pi = pos[q0 + r];
+    const int64_t seen = std::clamp<int64_t>(pi + 1, 1, n);
     int64_t first = 0;
-    if (p.window > 0) {
-      const int64_t lowest = static_cast<int64_t>(pi) - p.window + 1;
-      first = std::min<int64_t>(std::lower_bound(pos, pos + n, lowest) - pos, seen);
-      std::fill(row, row + first, 0.f);
-    }
+    if (p.window > 0) first = std::clamp<int64_t>(pi - p.window + 1, 0, seen - 1);
+    std::fill(row, row + first, 0.f);
     const float sum = saxplane::softmax_numerators(row + first, seen - first);
     std::fill(row + seen, row + n, 0.f);
     sums[r] = sum;
   }
-  const float* v = p.v + (bi * p.t * p.kv + g) * d;
+  const float* v = p.vg + (bi * p.kv + g) * p.tp * d;
   float* out = p.out + ((bi * p.t + q0) * p.h + hi) * d;
   value_rows<(DV >= 8 ? 2 : (DV > 4 ? 4 : 6)), DV>(p, s, p.tp, v, n, sums, out, rows);
 }
@@ -187,43 +202,52 @@ void attend(const Problem& p, int64_t item) {
   }
 }
 
-ffi::Error PrefillAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                                ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> positions,
-                                ffi::ResultBuffer<ffi::F32> out, float scale, int32_t window) {
+ffi::Error PrefillAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S32> positions,
+                                ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                                ffi::Buffer<ffi::S32> block_tables, ffi::ResultBuffer<ffi::F32> out,
+                                float scale, int32_t window) {
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), pd = positions.dimensions();
-  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || pd.size() != 2) {
-    return ffi::Error::InvalidArgument("expected q [B, T, H, D], k and v [B, T, KV, D], positions [B, T]");
+  auto td = block_tables.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || pd.size() != 2 || td.size() != 2) {
+    return ffi::Error::InvalidArgument(
+        "expected q [B, T, H, D], positions [B, T], pools [blocks, KV, block_size, D], tables [B, K]");
   }
   Problem p;
-  p.b = qd[0], p.t = qd[1], p.h = qd[2], p.d = qd[3], p.kv = kd[2];
-  for (int i : {0, 1, 3}) {
-    if (kd[i] != qd[i] || vd[i] != qd[i]) return ffi::Error::InvalidArgument("q, k and v disagree");
+  p.b = qd[0], p.t = qd[1], p.h = qd[2], p.d = qd[3];
+  p.nblocks = kd[0], p.kv = kd[1], p.bs = kd[2], p.table_len = td[1];
+  for (int i = 0; i < 4; ++i) {
+    if (kd[i] != vd[i]) return ffi::Error::InvalidArgument("the key and value pools disagree");
   }
-  if (vd[2] != p.kv || pd[0] != p.b || pd[1] != p.t) return ffi::Error::InvalidArgument("shapes disagree");
+  if (kd[3] != p.d || pd[0] != p.b || pd[1] != p.t || td[0] != p.b) return ffi::Error::InvalidArgument("shapes disagree");
   if (p.kv == 0 || p.h % p.kv) return ffi::Error::InvalidArgument("heads must be a multiple of kv heads");
   if (p.d % kLanes || !supported_head_vectors(p.d / kLanes)) {
     return ffi::Error::InvalidArgument("unsupported head dim");
   }
-  if (p.b == 0 || p.t == 0) return ffi::Error::Success();
+  if (p.bs % kLanes) return ffi::Error::InvalidArgument("the block size must be a multiple of the vector width");
+  if (p.b == 0 || p.t == 0 || p.table_len == 0) return ffi::Error::Success();
   p.q = q.typed_data();
   p.k = k.typed_data();
   p.v = v.typed_data();
   p.positions = positions.typed_data();
+  p.tables = block_tables.typed_data();
   p.out = out->typed_data();
   p.scale = scale;
   p.window = window;
-  p.tp = (p.t + kKV * kLanes - 1) / (kKV * kLanes) * (kKV * kLanes);
+  int64_t most = 1;
+  for (int64_t bi = 0; bi < p.b; ++bi) most = std::max(most, keys_of_row(p, bi));
+  p.tp = (most + kKV * kLanes - 1) / (kKV * kLanes) * (kKV * kLanes);
   // The caller's own buffer, kept across calls up to kKeptKeyFloats: a fresh one of a few MB
   // costs its page faults on every call (measured: ~0.15 ms of a 2 ms GPT-2 layer at 512
-  // tokens); a long prompt's larger one is freed when the call ends. transpose_keys writes
-  // all of it, padding included.
+  // tokens); a long prompt's larger one is freed when the call ends. gather_keys writes all
+  // of the transposed keys, padding included, and the values the queries read.
   thread_local std::vector<float> kept;
   std::vector<float> once;
-  const size_t need = static_cast<size_t>(p.b * p.kv * p.d * p.tp);
-  std::vector<float>& kt = need <= kKeptKeyFloats ? kept : once;
-  kt.resize(need);
-  p.kt = kt.data();
-  saxplane::parallel_for(pool, p.b * p.kv, [&p](int64_t i) { transpose_keys(p, i); });
+  const size_t need = static_cast<size_t>(2 * p.b * p.kv * p.d * p.tp);
+  std::vector<float>& buf = need <= kKeptKeyFloats ? kept : once;
+  buf.resize(need);
+  p.kt = buf.data();
+  p.vg = buf.data() + need / 2;
+  saxplane::parallel_for(pool, p.b * p.kv, [&p](int64_t i) { gather_keys(p, i); });
   const int64_t blocks = (p.t + kQB - 1) / kQB;
   saxplane::parallel_for(pool, p.b * p.h * blocks, [&p](int64_t i) { attend(p, i); });
   return ffi::Error::Success();
@@ -235,6 +259,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SaxPrefillAttention, PrefillAttentionImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()

@@ -2,37 +2,34 @@
 
 Contract (all functions are pure and jit-friendly; `spec` is static/hashable):
 
-* ``init_cache(spec, num_slots, max_seq_len, dtype)`` -> ``KVCache``: a list with one
-  ``(k_blocks, v_blocks)`` pair per layer; block ``j`` of each is an array shaped
-  ``[num_slots, num_kv_heads, size_j, head_dim]`` holding positions ``[j * KV_BLOCK, ...)``
-  (head-major buffers per layer: a stacked ``[layers, ...]`` cache or a sequence-major layout
-  were measured slower; blocks let a step read only the part of the window in use, as slicing
-  one buffer would copy it).
+* ``init_cache(spec, num_blocks, block_size, dtype)`` -> ``KVCache``: the paged KV cache, a
+  list with one ``(k_pool, v_pool)`` pair per layer, each ``[num_blocks, num_kv_heads,
+  block_size, head_dim]`` (head-major within a block). A sequence's positions live in the
+  blocks its block table names: position ``p`` in block ``table[p // block_size]`` at offset
+  ``p % block_size``.
 
-* ``forward(spec, params, tokens, positions, cache, slot_ids)`` ->
+* ``forward(spec, params, tokens, positions, cache, block_tables)`` ->
   ``(logits[B, T, V] float32, new_cache)``; ``make_forward(spec)`` closes over `spec` and
-  returns the 5-argument function ``f(params, tokens, positions, cache, slot_ids)`` meant for
-  ``jax.jit(f, donate_argnums=(3,))`` (jit once, at load, and reuse the jitted object).
+  returns the 5-argument function ``f(params, tokens, positions, cache, block_tables)`` meant
+  for ``jax.jit(f, donate_argnums=(3,))`` (jit once, at load, and reuse the jitted object).
 
-  - ``tokens``/``positions`` are ``int32[B, T]``; ``slot_ids`` is ``int32[B]``.
-  - Row ``b`` reads and writes cache slot ``slot_ids[b]``. The k/v of token ``(b, t)`` is
-    written at cache position ``positions[b, t]`` of that slot, and the token attends to every
-    cache position ``<= positions[b, t]`` of the slot (causal by absolute position, so stale
-    data of a previous occupant beyond the current position is never seen).
-  - ``T == 1`` with ``B == num_slots`` is a decode step; ``B`` small with ``T`` a bucket length
-    is a prefill. Padding tokens after a real prompt write garbage at later positions; that is
-    harmless because those positions are overwritten before anything attends to them. Writes at
-    positions ``>= max_seq_len`` are dropped.
-  - Two rows of one call must not share a slot (their writes would race).
-  - ``slot_ids=None`` means row ``b`` uses slot ``b`` and ``B == num_slots``; this skips a
-    gather of the whole cache and is the fast path for decode over all slots.
+  - ``tokens``/``positions`` are ``int32[B, T]``; ``block_tables`` is ``int32[B, K]``.
+  - The k/v of token ``(b, t)`` is written at position ``positions[b, t]`` of row b's
+    sequence (through its table), and the token attends to every position ``<=
+    positions[b, t]`` of it: its cached prefix and the tokens of this call (causal by
+    absolute position, so stale data beyond the current position is never seen). A decode
+    step is ``T == 1``; a prefill chunk is T tokens after a cached prefix of any length.
+    Padding tokens after a chunk's real ones write garbage at later positions of their own
+    blocks, overwritten before anything attends to them; writes past the table or to ids
+    out of the pool's range (a table's padding) are dropped.
+  - Two rows of one call must not write the same block (shared blocks are full, read-only).
   - ``cache=None`` runs without any cache (attention within the given tokens only, causal by
     position); ``new_cache`` is then ``None``. Useful for scoring and embeddings.
 
-* ``forward_last(spec, params, tokens, positions, cache, slot_ids, last_index[B])`` ->
+* ``forward_last(spec, params, tokens, positions, cache, block_tables, last_index[B])`` ->
   ``(logits[B, V] float32, new_cache)``: logits of one token per row only (prefill: the last
-  real prompt token), skipping the [B, T, V] projection and, in the last layer, all but the
-  other tokens' keys and values; ``make_forward_last(spec)`` likewise.
+  real token of the chunk), skipping the [B, T, V] projection and, in the last layer, all but
+  the other tokens' keys and values; ``make_forward_last(spec)`` likewise.
 
 * ``hidden_states(...)`` (same arguments) -> ``(hidden[B, T, D], new_cache)``: the final
   normalised hidden states without the vocabulary projection (for ``embed``);
@@ -60,7 +57,7 @@ from flax import nnx
 
 from model_server.models import layers
 
-KVCache = list  # list[tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]], (k, v) blocks per layer
+KVCache = list  # list[tuple[jax.Array, jax.Array]]: the (k, v) pools of each layer
 Params = Any  # nested dict/list of arrays
 
 FAMILIES = ("llama", "gpt2", "gemma", "moe")
@@ -239,9 +236,14 @@ def param_bytes(spec: ModelSpec, dtype: Any = "bfloat16") -> int:
     return param_count(spec) * dtype_of(dtype).itemsize
 
 
-def kv_cache_bytes(spec: ModelSpec, num_slots: int, max_seq_len: int, dtype: Any = "bfloat16") -> int:
-    per_layer = 2 * num_slots * spec.num_kv_heads * max_seq_len * spec.head_dim
-    return spec.num_layers * per_layer * dtype_of(dtype).itemsize
+def kv_bytes_per_token(spec: ModelSpec, dtype: Any = "bfloat16") -> int:
+    """Bytes one position of one sequence takes in the KV cache (keys and values, all layers)."""
+    return spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * dtype_of(dtype).itemsize
+
+
+def kv_cache_bytes(spec: ModelSpec, tokens: int, dtype: Any = "bfloat16") -> int:
+    """Bytes of a KV cache of `tokens` positions in all (e.g. num_blocks * block_size)."""
+    return tokens * kv_bytes_per_token(spec, dtype)
 
 
 def _is_shape(x: Any) -> bool:
@@ -277,15 +279,14 @@ class DecoderModel(nnx.Module, abc.ABC):
         self.layers = nnx.List([self.Block(spec, i) for i in range(spec.num_layers)])
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: Optional[KVCache],
-                 slot_ids: Optional[jax.Array], fresh: bool = False, kv_blocks: Optional[int] = None,
-                 last_index: Optional[jax.Array] = None):
+                 block_tables: Optional[jax.Array], last_index: Optional[jax.Array] = None):
         """(final-normed hidden [B, T, D], new cache or None); with `last_index` the hidden
         state of token `last_index[b]` only, [B, 1, D] (see `hidden_states`)."""
         x = self.embed_tokens(tokens, positions)
         new_cache: Optional[KVCache] = [] if cache is not None else None
         for i, block in enumerate(self.layers):
-            x, layer_cache = block(x, positions, None if cache is None else cache[i], slot_ids,
-                                   fresh, kv_blocks, last_index)
+            x, layer_cache = block(x, positions, None if cache is None else cache[i], block_tables,
+                                   last_index)
             if new_cache is not None:
                 new_cache.append(layer_cache)
         return self.final_norm_of(x), new_cache
@@ -317,36 +318,30 @@ def bind(spec: ModelSpec, params: Params) -> nnx.Module:
 
 # --------------------------------------------------------------------------- cache
 
-def init_cache(spec: ModelSpec, num_slots: int, max_seq_len: int, dtype: Any,
+def init_cache(spec: ModelSpec, num_blocks: int, block_size: int, dtype: Any,
                sharding: Optional[jax.sharding.Sharding] = None) -> KVCache:
-    """Zeroed KV cache: list (per layer) of (k blocks, v blocks), block j
-    [num_slots, kv_heads, size_j, head_dim] (see layers.kv_block_sizes)."""
+    """Zeroed paged KV cache: list (per layer) of (k pool, v pool), each
+    [num_blocks, kv_heads, block_size, head_dim]."""
     dt = jnp.dtype(dtype)
+    shape = (num_blocks, spec.num_kv_heads, block_size, spec.head_dim)
 
-    def zeros(size: int) -> jax.Array:
-        shape = (num_slots, spec.num_kv_heads, size, spec.head_dim)
+    def zeros() -> jax.Array:
         if sharding is None:
             return jnp.zeros(shape, dt)
         return jax.jit(lambda: jnp.zeros(shape, dt), out_shardings=sharding)()
 
-    sizes = layers.kv_block_sizes(max_seq_len)
-    return [(tuple(zeros(n) for n in sizes), tuple(zeros(n) for n in sizes)) for _ in range(spec.num_layers)]
-
-
-def kv_blocks_for(max_seq_len: int, positions: int) -> int:
-    """Leading cache blocks that hold positions [0, positions)."""
-    return min(len(layers.kv_block_sizes(max_seq_len)), max(1, -(-positions // layers.KV_BLOCK)))
+    return [(zeros(), zeros()) for _ in range(spec.num_layers)]
 
 
 # --------------------------------------------------------------------------- forward
 
 def hidden_states(spec: ModelSpec, params: Params, tokens: jax.Array, positions: jax.Array,
-                  cache: Optional[KVCache], slot_ids: Optional[jax.Array], *, fresh: bool = False,
-                  kv_blocks: Optional[int] = None, last_index: Optional[jax.Array] = None):
-    """Final normalised hidden states [B, T, D] and the updated cache (`fresh`, `kv_blocks`:
-    see forward_last). With `last_index` [B], only token `last_index[b]` of each row: [B, 1, D];
-    the last layer then computes the other tokens' keys and values only (for the cache)."""
-    return bind(spec, params)(tokens, positions, cache, slot_ids, fresh, kv_blocks, last_index)
+                  cache: Optional[KVCache], block_tables: Optional[jax.Array], *,
+                  last_index: Optional[jax.Array] = None):
+    """Final normalised hidden states [B, T, D] and the updated cache. With `last_index` [B],
+    only token `last_index[b]` of each row: [B, 1, D]; the last layer then computes the other
+    tokens' keys and values only (for the cache)."""
+    return bind(spec, params)(tokens, positions, cache, block_tables, last_index)
 
 
 def logits_from_hidden(spec: ModelSpec, params: Params, hidden: jax.Array) -> jax.Array:
@@ -355,10 +350,10 @@ def logits_from_hidden(spec: ModelSpec, params: Params, hidden: jax.Array) -> ja
 
 
 def forward(spec: ModelSpec, params: Params, tokens: jax.Array, positions: jax.Array,
-            cache: Optional[KVCache], slot_ids: Optional[jax.Array], *,
+            cache: Optional[KVCache], block_tables: Optional[jax.Array], *,
             return_hidden: bool = False):
     """(logits [B,T,V] float32, new_cache) or, with return_hidden, (logits, new_cache, hidden)."""
-    hidden, new_cache = hidden_states(spec, params, tokens, positions, cache, slot_ids)
+    hidden, new_cache = hidden_states(spec, params, tokens, positions, cache, block_tables)
     logits = logits_from_hidden(spec, params, hidden)
     if return_hidden:
         return logits, new_cache, hidden
@@ -367,7 +362,7 @@ def forward(spec: ModelSpec, params: Params, tokens: jax.Array, positions: jax.A
 
 @functools.lru_cache(maxsize=64)
 def make_forward(spec: ModelSpec, *, return_hidden: bool = False) -> Callable:
-    """`f(params, tokens, positions, cache, slot_ids)`; jit it with `donate_argnums=(3,)`.
+    """`f(params, tokens, positions, cache, block_tables)`; jit it with `donate_argnums=(3,)`.
 
     Jit the returned function once and keep the jitted object: every `jax.jit(...)` call
     makes a new wrapper (the same function object is returned for the same spec).
@@ -376,31 +371,26 @@ def make_forward(spec: ModelSpec, *, return_hidden: bool = False) -> Callable:
 
 
 def forward_last(spec: ModelSpec, params: Params, tokens: jax.Array, positions: jax.Array,
-                 cache: Optional[KVCache], slot_ids: Optional[jax.Array], last_index: jax.Array, *,
-                 fresh: bool = False, kv_blocks: Optional[int] = None):
+                 cache: Optional[KVCache], block_tables: Optional[jax.Array], last_index: jax.Array):
     """Prefill variant: logits only at token `last_index[b]` of each row -> ([B, V] float32, cache).
 
     Skips the [B, T, V] projection (large for big vocabularies and long buckets) and, in the
-    last layer, everything but the keys and values of the other tokens. `fresh`: the
-    tokens open their sequences (each row's positions start at 0, or lie beyond the window for
-    padding rows), so they attend to one another only, not to the whole cache window.
-    `kv_blocks`: only that many leading cache blocks are touched (the call's positions must
-    lie in them; see `kv_blocks_for`); None: all.
+    last layer, everything but the keys and values of the other tokens.
     """
-    last, new_cache = hidden_states(spec, params, tokens, positions, cache, slot_ids, fresh=fresh,
-                                    kv_blocks=kv_blocks, last_index=last_index)  # [B, 1, D]
+    last, new_cache = hidden_states(spec, params, tokens, positions, cache, block_tables,
+                                    last_index=last_index)  # [B, 1, D]
     return logits_from_hidden(spec, params, last)[:, 0, :], new_cache
 
 
 @functools.lru_cache(maxsize=64)
-def make_forward_last(spec: ModelSpec, *, fresh: bool = False, kv_blocks: Optional[int] = None) -> Callable:
-    """`f(params, tokens, positions, cache, slot_ids, last_index)`; see `forward_last`."""
-    return functools.partial(forward_last, spec, fresh=fresh, kv_blocks=kv_blocks)
+def make_forward_last(spec: ModelSpec) -> Callable:
+    """`f(params, tokens, positions, cache, block_tables, last_index)`; see `forward_last`."""
+    return functools.partial(forward_last, spec)
 
 
 @functools.lru_cache(maxsize=64)
 def make_hidden_fn(spec: ModelSpec) -> Callable:
-    """`f(params, tokens, positions, cache, slot_ids) -> (hidden, new_cache)`."""
+    """`f(params, tokens, positions, cache, block_tables) -> (hidden, new_cache)`."""
     return functools.partial(hidden_states, spec)
 
 
@@ -416,7 +406,7 @@ def param_partition_specs(spec: ModelSpec, axis: str = "tp", axis_size: int = 1)
 
 
 def cache_partition_spec(spec: ModelSpec, axis: str = "tp", axis_size: int = 1):
-    """KV cache arrays split over kv heads when divisible."""
+    """KV cache pools [blocks, kv heads, block size, head dim] split over kv heads when divisible."""
     from jax.sharding import PartitionSpec as P
     if axis_size > 1 and spec.num_kv_heads % axis_size == 0:
         return P(None, axis, None, None)

@@ -119,13 +119,13 @@ class Block(llama.Block):
     layer_shapes = staticmethod(_layer_shapes)
     norm = staticmethod(L.gemma_rms_norm)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, layer_cache: Any, slot_ids: jax.Array | None,
-                 fresh: bool, kv_blocks: int | None, last_index: jax.Array | None):
+    def __call__(self, x: jax.Array, positions: jax.Array, layer_cache: Any, block_tables: jax.Array | None,
+                 last_index: jax.Array | None):
         spec, eps = self.spec, self.spec.norm_eps
         h = L.gemma_rms_norm(x, self.attn_norm[...], eps)
         x, h_q, q_pos = L.last_layer_rows(self.index, spec.num_layers, last_index, x, h, positions)
         o, layer_cache = self.self_attention(
-            h, h_q, positions, q_pos, layer_cache, slot_ids, fresh, kv_blocks,
+            h, h_q, positions, q_pos, layer_cache, block_tables,
             _inv_freq(spec, local=spec.window_of(self.index) is not None),
             1.0 / math.sqrt(spec.query_pre_attn_scalar), spec.attn_softcap)
         x = x + L.gemma_rms_norm(o, self.post_attn_norm[...], eps)

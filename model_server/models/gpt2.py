@@ -130,8 +130,8 @@ class Block(nnx.Module):
         self.spec, self.index = spec, index
         declare_params(self, _layer_shapes(spec))
 
-    def __call__(self, x: jax.Array, positions: jax.Array, layer_cache: Any, slot_ids: jax.Array | None,
-                 fresh: bool, kv_blocks: int | None, last_index: jax.Array | None):
+    def __call__(self, x: jax.Array, positions: jax.Array, layer_cache: Any, block_tables: jax.Array | None,
+                 last_index: jax.Array | None):
         spec, (b, t) = self.spec, positions.shape
         h_, hd = spec.num_heads, spec.head_dim
         scale = 1.0 / math.sqrt(hd) if spec.attn_scale_weights else 1.0
@@ -142,8 +142,7 @@ class Block(nnx.Module):
         q, k, v = L.qkv(h, h_q, [self.wq[...], self.wk[...], self.wv[...]],
                         [self.bq[...], self.bk[...], self.bv[...]])
         q, k, v = q.reshape(b, -1, h_, hd), k.reshape(b, t, h_, hd), v.reshape(b, t, h_, hd)
-        o, layer_cache = L.attention(q, k, v, positions, layer_cache, slot_ids, scale, fresh,
-                                     kv_blocks, q_pos)
+        o, layer_cache = L.attention(q, k, v, positions, layer_cache, block_tables, scale, q_pos)
         x = x + L.linear(o, self.wo[...], self.bo[...])
         h = L.layer_norm(x, self.mlp_norm[...], self.mlp_norm_b[...], spec.norm_eps)
         up = L.ACTIVATIONS[spec.activation](L.linear(h, self.w_fc[...], self.b_fc[...]))

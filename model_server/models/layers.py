@@ -85,14 +85,6 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 
 #: Query rows per block of causal self-attention: key blocks past a query block are skipped.
 CAUSAL_BLOCK = 64
-#: Positions per KV-cache block. A decode step reads (and writes) only the leading blocks that
-#: hold its rows' positions, so short sequences in a long window do not pay for the whole window.
-KV_BLOCK = 256
-
-
-def kv_block_sizes(max_seq_len: int) -> list[int]:
-    """Sizes of the cache blocks covering positions [0, max_seq_len)."""
-    return [min(KV_BLOCK, max_seq_len - start) for start in range(0, max_seq_len, KV_BLOCK)]
 
 
 def take_rows(x: jax.Array, index: jax.Array) -> jax.Array:
@@ -115,65 +107,90 @@ def last_layer_rows(layer: int, num_layers: int, last_index: Optional[jax.Array]
     return take_rows(x, last_index), take_rows(h, last_index), take_rows(positions, last_index)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
-              layer_cache: Optional[tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]],
-              slot_ids: Optional[jax.Array], scale: float, fresh: bool = False,
-              kv_blocks: Optional[int] = None, q_positions: Optional[jax.Array] = None,
-              window: Optional[int] = None, softcap: float = 0.0):
-    """Grouped-query attention with an optional slot KV cache.
-
-    q: [B, T, H, D]; k, v: [B, T, KV, D]; positions: [B, T]. `q_positions` [B, Tq]: the
-    positions of the queries when they are fewer than the keys (q [B, Tq, H, D]; e.g. the
-    last token only, when nothing else of the layer's output is used); None: `positions`.
-    layer_cache: (k blocks, v blocks), block j [N, KV, size_j, D] holding the size_j positions
-    after those of the blocks before it; or None. Returns (out [B, T, H*D], new layer cache).
-    With a cache the new k/v are written at their positions and the tokens attend to the
-    cache, unless `fresh`: the tokens open their sequences, so they attend to one another only
-    (a prefill: the T x T causal product instead of T x S). `kv_blocks`: only the first that
-    many blocks are written and read (every position the call writes or attends must lie in
-    them; other writes are dropped); None: all. `window`: a query at position p sees only keys
-    at positions (p - window, p] (sliding-window attention); None: all up to p. `softcap`:
-    scores become softcap * tanh(scores / softcap) before the mask (Gemma 2); 0: unchanged.
-    """
-    new_cache = None
-    qpos = positions if q_positions is None else q_positions
-    if layer_cache is not None:
-        kb, vb = layer_cache
-        used = len(kb) if kv_blocks is None else kv_blocks
-        rows = jnp.arange(q.shape[0], dtype=jnp.int32) if slot_ids is None else slot_ids
-        kb, vb = list(kb), list(vb)
-        offset = 0
-        for j in range(used):
-            size = kb[j].shape[2]
-            local = positions - offset
-            local = jnp.where((local >= 0) & (local < size), local, size)  # elsewhere: dropped
-            idx = (rows[:, None], slice(None), local)
-            kb[j] = kb[j].at[idx].set(k.astype(kb[j].dtype), mode="drop")  # value [B, T, KV, D]
-            vb[j] = vb[j].at[idx].set(v.astype(vb[j].dtype), mode="drop")
-            offset += size
-        new_cache = (tuple(kb), tuple(vb))
-        if not fresh:
-            keys, vals = kb[:used], vb[:used]
-            if q.shape[1] == 1 and not softcap and kernels.enabled():  # a CPU decode step: no gather
-                b, _, h, d = q.shape
-                out = kernels.decode_attention(q[:, 0], rows, qpos[:, 0], keys, vals, scale, window or 0)
-                return out.reshape(b, 1, h * d).astype(q.dtype), new_cache
-            if slot_ids is not None:
-                keys, vals = [a[slot_ids] for a in keys], [a[slot_ids] for a in vals]
-            span = sum(a.shape[2] for a in keys)
-            mask = visible(jnp.arange(span, dtype=positions.dtype)[None, None, :], qpos[:, :, None], window)
-            return _attend(q, keys, vals, mask, scale, softcap), new_cache
-    if q_positions is not None:
-        mask = visible(positions[:, None, :], q_positions[:, :, None], window)  # [B, Tq, T]
-        return _attend(q, [jnp.swapaxes(k, 1, 2)], [jnp.swapaxes(v, 1, 2)], mask, scale, softcap), new_cache
-    return causal_self_attention(q, k, v, positions, scale, window, softcap), new_cache
-
-
 def visible(key_pos: jax.Array, query_pos: jax.Array, window: Optional[int]) -> jax.Array:
     """Whether a key at `key_pos` is visible to a query at `query_pos` (broadcast): causal,
     and within the last `window` positions when there is a window."""
     mask = key_pos <= query_pos
     return mask if not window else mask & (key_pos > query_pos - window)
+
+
+def write_kv(pools: tuple[jax.Array, jax.Array], k: jax.Array, v: jax.Array, positions: jax.Array,
+             block_tables: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Write k, v [B, T, KV, D] into the paged pools ([blocks, KV, block_size, D] each):
+    token (b, t) goes to block `block_tables[b, positions[b, t] // block_size]` at offset
+    `positions[b, t] % block_size`. Positions past the table, and table entries out of the
+    pool's range (padding), are dropped."""
+    kp, vp = pools
+    nb, bs = kp.shape[0], kp.shape[2]
+    width = block_tables.shape[1]
+    index = positions // bs
+    inside = (positions >= 0) & (index < width)
+    ids = jnp.take_along_axis(block_tables, jnp.clip(index, 0, width - 1), axis=1)
+    ids = jnp.where(inside & (ids >= 0), ids, nb)
+    offsets = positions % bs
+    kp = kp.at[ids, :, offsets].set(k.astype(kp.dtype), mode="drop")
+    vp = vp.at[ids, :, offsets].set(v.astype(vp.dtype), mode="drop")
+    return kp, vp
+
+
+def gather_blocks(pool: jax.Array, block_tables: jax.Array) -> jax.Array:
+    """The positions a table covers, in order: [B, KV, K * block_size, D]."""
+    b, width = block_tables.shape
+    _, kv, bs, d = pool.shape
+    rows = jnp.take(pool, block_tables, axis=0, mode="clip")  # [B, K, KV, bs, D]
+    return jnp.moveaxis(rows, 2, 1).reshape(b, kv, width * bs, d)
+
+
+def paged_attention(q: jax.Array, q_positions: jax.Array, pools: tuple[jax.Array, jax.Array],
+                    block_tables: jax.Array, scale: float, window: Optional[int] = None,
+                    softcap: float = 0.0) -> jax.Array:
+    """Queries q [B, Tq, H, D] at `q_positions` [B, Tq] against their sequences in the paged
+    pools (through `block_tables` [B, K]): key j is at position j. -> [B, Tq, H*D].
+
+    On the CPU the native kernels read the pools through the tables (a decode step: one query
+    per row; a prefill chunk: the register-tiled kernel); elsewhere (GPU/TPU, several
+    devices) the table's blocks are gathered and attended in JAX.
+    """
+    b, tq, h, d = q.shape
+    kp, vp = pools
+    if not softcap and kernels.enabled():
+        if tq == 1:
+            out = kernels.decode_attention(q[:, 0], block_tables, q_positions[:, 0], kp, vp, scale, window or 0)
+            return out.reshape(b, 1, h * d).astype(q.dtype)
+        if kernels.use_prefill_attention(d, kp.shape[2], q.dtype, kp.dtype, vp.dtype):
+            out = kernels.prefill_attention(q, q_positions, kp, vp, block_tables, scale, window or 0)
+            return out.reshape(b, tq, h * d).astype(q.dtype)
+    keys, vals = gather_blocks(kp, block_tables), gather_blocks(vp, block_tables)
+    span = keys.shape[2]
+    mask = visible(jnp.arange(span, dtype=q_positions.dtype)[None, None, :], q_positions[:, :, None], window)
+    return _attend(q, [keys], [vals], mask, scale, softcap)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
+              layer_cache: Optional[tuple[jax.Array, jax.Array]], block_tables: Optional[jax.Array],
+              scale: float, q_positions: Optional[jax.Array] = None, window: Optional[int] = None,
+              softcap: float = 0.0):
+    """Grouped-query attention, with the paged KV cache or without any.
+
+    q: [B, Tq, H, D]; k, v: [B, T, KV, D]; positions: [B, T] (the keys'). `q_positions`
+    [B, Tq]: the queries' positions when they are fewer than the keys (e.g. the last token
+    only, when nothing else of the layer's output is used); None: `positions`. layer_cache:
+    the (keys, values) pools [blocks, KV, block_size, D] with `block_tables` [B, K]: the new
+    k/v are written at their positions (`write_kv`) and the queries attend to their sequences
+    in the pool, cached prefix included (`paged_attention`); None: the tokens attend to one
+    another only (scoring, embeddings). `window`: a query at position p sees only keys at
+    positions (p - window, p] (sliding-window attention); None: all up to p. `softcap`: scores
+    become softcap * tanh(scores / softcap) before the mask (Gemma 2); 0: unchanged.
+    Returns (out [B, Tq, H*D], new layer cache or None).
+    """
+    qpos = positions if q_positions is None else q_positions
+    if layer_cache is not None:
+        new_cache = write_kv(layer_cache, k, v, positions, block_tables)
+        return paged_attention(q, qpos, new_cache, block_tables, scale, window, softcap), new_cache
+    if q_positions is not None:
+        mask = visible(positions[:, None, :], q_positions[:, :, None], window)  # [B, Tq, T]
+        return _attend(q, [jnp.swapaxes(k, 1, 2)], [jnp.swapaxes(v, 1, 2)], mask, scale, softcap), None
+    return causal_self_attention(q, k, v, positions, scale, window, softcap), None
 
 
 def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
@@ -186,9 +203,12 @@ def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: j
     of the full T x T product for long prompts.
     """
     b, t, h, d = q.shape
-    if not softcap and kernels.use_prefill_attention(d, q.dtype, k.dtype, v.dtype):
-        return kernels.prefill_attention(q, k, v, positions, scale, window or 0).reshape(b, t, h * d)
     keys, vals = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, KV, T, D]
+    if not softcap and kernels.use_prefill_attention(d, t, q.dtype, k.dtype, v.dtype):
+        # each row's keys as one block of a pool of B blocks (prompts' positions are 0..T-1)
+        tables = jnp.arange(b, dtype=jnp.int32)[:, None]
+        out = kernels.prefill_attention(q, positions, keys, vals, tables, scale, window or 0)
+        return out.reshape(b, t, h * d)
     outs = []
     for start in range(0, t, CAUSAL_BLOCK):
         stop = min(t, start + CAUSAL_BLOCK)

@@ -213,7 +213,7 @@ class Block(nnx.Module):
         return None if param is None else param[...]
 
     def self_attention(self, h: jax.Array, h_q: jax.Array, positions: jax.Array, q_pos: jax.Array | None,
-                       layer_cache: Any, slot_ids: jax.Array | None, fresh: bool, kv_blocks: int | None,
+                       layer_cache: Any, block_tables: jax.Array | None,
                        inv_freq: np.ndarray, scale: float, softcap: float = 0.0):
         """q/k/v projections, q/k norms (`spec.qk_norm`), RoPE, attention over this layer's
         window and the output projection -> (out [B, Tq, D], new layer cache)."""
@@ -227,16 +227,16 @@ class Block(nnx.Module):
             k = self.norm(k, self.k_norm[...], spec.norm_eps)
         k = L.apply_rope(k, positions, inv_freq)
         q = L.apply_rope(q, positions if q_pos is None else q_pos, inv_freq)
-        o, layer_cache = L.attention(q, k, v, positions, layer_cache, slot_ids, scale, fresh, kv_blocks, q_pos,
+        o, layer_cache = L.attention(q, k, v, positions, layer_cache, block_tables, scale, q_pos,
                                      window=spec.window_of(self.index), softcap=softcap)
         return L.linear(o, self.wo[...], self._bias("bo")), layer_cache
 
-    def __call__(self, x: jax.Array, positions: jax.Array, layer_cache: Any, slot_ids: jax.Array | None,
-                 fresh: bool, kv_blocks: int | None, last_index: jax.Array | None):
+    def __call__(self, x: jax.Array, positions: jax.Array, layer_cache: Any, block_tables: jax.Array | None,
+                 last_index: jax.Array | None):
         spec = self.spec
         h = L.rms_norm(x, self.attn_norm[...], spec.norm_eps)
         x, h_q, q_pos = L.last_layer_rows(self.index, spec.num_layers, last_index, x, h, positions)
-        o, layer_cache = self.self_attention(h, h_q, positions, q_pos, layer_cache, slot_ids, fresh, kv_blocks,
+        o, layer_cache = self.self_attention(h, h_q, positions, q_pos, layer_cache, block_tables,
                                              _inv_freq(spec), 1.0 / math.sqrt(spec.head_dim))
         x = x + o
         return x + self.mlp(L.rms_norm(x, self.mlp_norm[...], spec.norm_eps)), layer_cache

@@ -16,8 +16,8 @@ import requests
 
 from client import sax
 from client.router import Router
-from tests.cluster import (TINY_OVERRIDES, AdminProcess, ModelServerProcess, free_port, publish_and_wait,
-                           wait_until)
+from tests.cluster import (TINY_OVERRIDES, AdminProcess, ModelServerProcess, free_port, metric,
+                           publish_and_wait, wait_until)
 
 pytestmark = pytest.mark.slow
 LM = "/sax/test/lm"
@@ -154,6 +154,51 @@ def test_router_spreads_load_over_replicas(cell: Cell) -> None:
     assert len(seen) == 2 and min(seen.values()) >= 3, seen
     assert router.outstanding(next(iter(seen))) == 0
     router.close()
+
+
+def _prefix_hit_rate(cell: Cell, send, prefixes: list[str], repeats: int) -> float:
+    """Prefix-cache hits / lookups over every server while `send(text)` runs the workload:
+    each prefix with `repeats` different endings, the prefixes interleaved."""
+    def totals() -> tuple[float, float]:
+        return (sum(metric(s.url, "vllm:prefix_cache_hits_total", model_name=LM) for s in cell.servers),
+                sum(metric(s.url, "vllm:prefix_cache_queries_total", model_name=LM) for s in cell.servers))
+
+    h0, q0 = totals()
+    for i in range(repeats):
+        for p in prefixes:
+            send(f"{p} question {i}?")
+    h1, q1 = totals()
+    return (h1 - h0) / (q1 - q0)
+
+
+def test_prefix_affinity_keeps_the_hit_rate_of_one_replica(cell: Cell) -> None:
+    """Requests sharing a long leading prompt through the router land where that prefix is
+    cached: the hit rate over two replicas is close to that of one replica serving all."""
+    extra = {"per_example_max_decode_steps": 2, "temperature": 0}
+    system = "You are the assistant of team {}; answer briefly, cite the design, no guesses at all."
+    one = next(s for s in cell.servers if _holds(s.url))
+
+    def direct(text: str) -> None:
+        r = requests.post(f"{one.url}/lm/generate", json={"model": LM, "text": text, "extra_inputs": extra}, timeout=60)
+        assert r.status_code == 200, r.text
+
+    router = Router(sax.AdminClient(cell.admin_addr))
+
+    def routed(text: str) -> None:
+        with router.post(LM, "/lm/generate", {"model": LM, "text": text, "extra_inputs": extra}) as r:
+            assert r.status_code == 200
+            r.json()
+
+    single = _prefix_hit_rate(cell, direct, [system.format(f"alpha{k}") for k in range(4)], 4)
+    spread = _prefix_hit_rate(cell, routed, [system.format(f"beta{k}") for k in range(4)], 4)
+    router.close()
+    assert single > 0.4, single
+    assert spread >= 0.85 * single, (spread, single)
+    assert router.affinity_hits >= 12
+
+
+def _holds(url: str) -> bool:
+    return metric(url, "sax:model_loaded", model_name=LM, status="LOADED") > 0
 
 
 def test_saxutil_commands(cell: Cell) -> None:

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from model_server import registry
+from model_server import kernels, registry
 from model_server.engine import (Engine, EngineError, InvalidRequest, QueueFull, SamplingParams,
                                  compile_count)
 from model_server.models import base, layers
@@ -26,14 +26,13 @@ def model():
 
 @pytest.fixture(scope="module")
 def engine(model):
-    """Cache blocks of 16 positions: every test's sequences cross block boundaries, and decode
-    steps switch between the 1-, 2- and 4-block programs as they grow."""
+    """KV blocks of 16 positions: every test's sequences cross block boundaries (and, on the
+    pure-JAX path, decode steps switch between the 1-, 2- and 4-block programs as they grow)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(layers, "KV_BLOCK", 16)
         eng = Engine(model, num_slots=SLOTS, max_seq_len=WINDOW, prefill_buckets=[16, 64], max_queue=2,
                      dtype="float32", decode_buckets=[2])
         eng.start()
-        assert eng.programs.kv_variants == [1, 2, 4]
+        assert eng.programs.kv_variants == ([4] if kernels.enabled() else [1, 2, 4])
         yield eng
         eng.stop()
 

@@ -21,7 +21,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from model_server import registry  # noqa: E402
+from model_server import kernels, registry  # noqa: E402
 from model_server.checkpoint import CheckpointError  # noqa: E402
 from model_server.engine import Engine, SamplingParams  # noqa: E402
 from model_server.models import layers  # noqa: E402
@@ -52,14 +52,13 @@ def family(request) -> str:
 def engine(torch_models, family) -> Iterator[Engine]:
     """The family's engine, built as `manager.default_loader` builds it."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(layers, "KV_BLOCK", KV_BLOCK)
         model = registry.load_model(MODEL_PATHS[family], str(torch_models[family][1]), _overrides())
         k = model.knobs
         eng = Engine(model, num_slots=k.num_slots, max_seq_len=k.max_seq_len,
                      prefill_buckets=list(k.prefill_buckets), max_queue=k.max_queue, dtype=k.dtype,
                      decode_buckets=[2])
         eng.start()
-        assert eng.programs.kv_variants == [1, 2, 4]
+        assert eng.programs.kv_variants == ([4] if kernels.enabled() else [1, 2, 4])
         yield eng
         eng.stop()
 

@@ -26,10 +26,10 @@ SCRIPT = textwrap.dedent("""
     model = registry.load_model("test.tiny", None, {"num_slots": 2, "max_seq_len": 32}, mesh=mesh)
     eng = Engine(model, num_slots=2, max_seq_len=32, prefill_buckets=[32], max_queue=4)
     eng.start()
-    wq = eng.params["layers"][0]["w_gate"]
-    out = {"devices": eng.mesh.size, "w_gate_spec": str(wq.sharding.spec),
+    wq = eng.runner.params["layers"][0]["w_gate"]
+    out = {"devices": eng.runner.mesh.size, "w_gate_spec": str(wq.sharding.spec),
            "w_gate_shard": list(wq.addressable_shards[0].data.shape),
-           "lm_head_shard": list(eng.params["lm_head"].addressable_shards[0].data.shape)}
+           "lm_head_shard": list(eng.runner.params["lm_head"].addressable_shards[0].data.shape)}
     prompts = json.loads(sys.argv[1])
     c0 = compile_count()
     hs = [eng.submit(p, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=2)) for p in prompts]

@@ -25,35 +25,42 @@ def test_the_kernel_builds_where_a_compiler_exists():
     assert kernels.enabled(), "the decode-attention kernel did not build or load (see the log)"
 
 
-def reference(q, slots, positions, k_blocks, v_blocks, scale, window=0):
-    """layers._attend on the gathered slots, in float32 (the kernel's precision)."""
-    keys = [jnp.asarray(a)[slots].astype(jnp.float32) for a in k_blocks]
-    vals = [jnp.asarray(a)[slots].astype(jnp.float32) for a in v_blocks]
-    span = sum(a.shape[2] for a in k_blocks)
-    mask = layers.visible(jnp.arange(span)[None, None, :], jnp.asarray(positions)[:, None, None], window)
-    b, h, d = q.shape
-    return np.asarray(layers._attend(jnp.asarray(q)[:, None], keys, vals, mask, scale)).reshape(b, h, d)
+def paged(rng, num_blocks, kv_heads, bs, dim, dtype, scale=1.0):
+    k = jnp.asarray(scale * rng.standard_normal((num_blocks, kv_heads, bs, dim)), dtype)
+    v = jnp.asarray(rng.standard_normal((num_blocks, kv_heads, bs, dim)), dtype)
+    return k, v
+
+
+def pure_jax(monkeypatch, q, qpos, k, v, tables, scale, window=None):
+    """layers.paged_attention with the kernels off (the GPU/TPU path), in float32."""
+    with monkeypatch.context() as mp:
+        mp.setenv(kernels.ENV_SWITCH, "0")
+        out = jax.jit(lambda *a: layers.paged_attention(*a, scale, window))(
+            q, qpos, (k.astype(jnp.float32), v.astype(jnp.float32)), tables)
+        return np.asarray(out)
 
 
 @needs_compiler
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("dim,kv_heads,group", [(64, 2, 3), (16, 3, 1), (128, 1, 4)])
-@pytest.mark.parametrize("window", [0, 1, 7, 20])  # none; itself only; inside a block; across blocks
-def test_kernel_matches_pure_jax(dtype, dim, kv_heads, group, window):
+@pytest.mark.parametrize("window", [None, 1, 5, 20])  # none; itself only; inside a block; across blocks
+def test_decode_kernel_reads_through_block_tables(monkeypatch, dtype, dim, kv_heads, group, window):
     rng = np.random.default_rng(dim + group)
-    slots_total, sizes = 5, [16, 16, 8]
-    k_blocks = [jnp.asarray(rng.standard_normal((slots_total, kv_heads, s, dim)), dtype) for s in sizes]
-    v_blocks = [jnp.asarray(rng.standard_normal((slots_total, kv_heads, s, dim)), dtype) for s in sizes]
+    bs, nb = 16, 12
+    k, v = paged(rng, nb, kv_heads, bs, dim, dtype)
     heads = kv_heads * group
     q = rng.standard_normal((6, heads, dim)).astype(np.float32)
-    slots = np.array([3, 0, 4, 1, 2, 3], np.int32)
+    tables = rng.permutation(nb * 3)[:18].reshape(6, 3).astype(np.int32) % nb
+    tables[5, 2] = nb  # padding entry: never visible
     # first position only, inside the first block, a block boundary, the last position, past the end
-    positions = np.array([0, 9, 16, 39, 70, 31], np.int32)
+    positions = np.array([0, 9, 16, 47, 70, 31], np.int32)
+    if window:
+        positions = np.minimum(positions, 47)  # past the end means nothing with a window
     scale = 1 / np.sqrt(dim)
-    got = jax.jit(lambda *a: kernels.decode_attention(*a, scale, window))(q, slots, positions, k_blocks, v_blocks)
-    want = reference(q, slots, positions, k_blocks, v_blocks, scale, window)
-    rows = positions < sum(sizes) if window else slice(None)  # a window past the end sees nothing: undefined
-    np.testing.assert_allclose(np.asarray(got)[rows], want[rows], atol=2e-6, rtol=1e-5)
+    got = jax.jit(lambda *a: kernels.decode_attention(*a, scale, window or 0))(q, tables, positions, k, v)
+    want = pure_jax(monkeypatch, q[:, None], np.minimum(positions, 47)[:, None], k, v, tables, scale, window)
+    np.testing.assert_allclose(np.asarray(got).reshape(6, heads * dim), want.reshape(6, heads * dim),
+                               atol=2e-6, rtol=1e-5)
 
 
 needs_avx512 = pytest.mark.skipif(not kernels._has_avx512(), reason="no AVX-512: XLA's dot serves")
@@ -101,22 +108,23 @@ def test_matmul_of_several_weights_in_one_call(m):
     (2, 65, 4, 2, 80),    # a head dim of 5 vectors
     (1, 256, 12, 12, 64),  # GPT-2's heads, whole key tiles
 ])
-@pytest.mark.parametrize("window", [0, 5, 40])  # none; short; longer than a query block
-def test_prefill_attention_matches_pure_jax(monkeypatch, batch, t, heads, kv_heads, dim, window):
+def test_prefill_attention_matches_pure_jax(monkeypatch, batch, t, heads, kv_heads, dim):
+    """A chunk of t queries after a cached prefix of another length in each row, through
+    shuffled block tables, with and without a window."""
     rng = np.random.default_rng(t)
+    bs = 16
+    width = -(-(t + 40) // bs)
+    nb = batch * width + 3
+    k, v = paged(rng, nb, kv_heads, bs, dim, "float32")
     q = rng.standard_normal((batch, t, heads, dim)).astype(np.float32)
-    k = rng.standard_normal((batch, t, kv_heads, dim)).astype(np.float32)
-    v = rng.standard_normal((batch, t, kv_heads, dim)).astype(np.float32)
-    positions = np.tile(np.arange(t, dtype=np.int32), (batch, 1))
-    positions[-1] += 1000  # a padding row of a prefill: positions past the window
-    if t > 8:
-        positions[0, t // 2:] += 3  # a jump: still causal by position
+    tables = rng.permutation(nb)[:batch * width].reshape(batch, width).astype(np.int32)
+    starts = np.array([0, 37, 16][:batch] + [5] * max(0, batch - 3), np.int32)
+    positions = starts[:, None] + np.arange(t, dtype=np.int32)[None]
     scale = dim ** -0.5
-    got = jax.jit(lambda *a: kernels.prefill_attention(*a, scale, window))(q, k, v, positions)
-    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
-    want = jax.jit(lambda *a: layers.causal_self_attention(*a, scale, window))(q, k, v, positions)
-    np.testing.assert_allclose(np.asarray(got).reshape(batch, t, heads * dim), np.asarray(want),
-                               atol=2e-6, rtol=1e-5)
+    for window in (None, 5, 40):  # none; short; longer than a query block
+        got = jax.jit(lambda *a: kernels.prefill_attention(*a, scale, window or 0))(q, positions, k, v, tables)
+        want = pure_jax(monkeypatch, q, positions, k, v, tables, scale, window)
+        np.testing.assert_allclose(np.asarray(got).reshape(batch, t, heads * dim), want, atol=2e-6, rtol=1e-5)
 
 
 @needs_compiler
@@ -192,20 +200,19 @@ def test_block_transpose_in_registers(tmp_path, isa):
 def test_attention_kernels_match_pure_jax_on_sharp_scores(monkeypatch):
     """Scores tens apart (a softmax that is nearly one-hot, exps spanning the float range)."""
     rng = np.random.default_rng(11)
-    b, t, h, d = 2, 70, 4, 32
+    b, t, h, d, bs = 2, 70, 4, 32, 16
+    width = -(-t // bs)
+    k, v = paged(rng, b * width, h, bs, d, "float32", scale=4.0)
     q = 4 * rng.standard_normal((b, t, h, d)).astype(np.float32)
-    k = 4 * rng.standard_normal((b, t, h, d)).astype(np.float32)
-    v = rng.standard_normal((b, t, h, d)).astype(np.float32)
+    tables = np.arange(b * width, dtype=np.int32)[::-1].reshape(b, width).copy()
     positions = np.tile(np.arange(t, dtype=np.int32), (b, 1))
-    got = jax.jit(lambda *a: kernels.prefill_attention(*a, 1.0))(q, k, v, positions)
-    cache_k, cache_v = np.moveaxis(k, 1, 2), np.moveaxis(v, 1, 2)  # [slots, kv heads, positions, dim]
-    slots, last = np.array([1, 0], np.int32), np.array([t - 1, t // 2], np.int32)
-    step = jax.jit(lambda *a: kernels.decode_attention(*a, 1.0))(q[:, -1], slots, last, [cache_k], [cache_v])
-    want_step = reference(q[:, -1], slots, last, [cache_k], [cache_v], 1.0)
-    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
-    want = jax.jit(lambda *a: layers.causal_self_attention(*a, 1.0))(q, k, v, positions)
-    np.testing.assert_allclose(np.asarray(got).reshape(b, t, h * d), np.asarray(want), atol=2e-5, rtol=1e-4)
-    np.testing.assert_allclose(np.asarray(step), want_step, atol=2e-5, rtol=1e-4)
+    got = jax.jit(lambda *a: kernels.prefill_attention(*a, 1.0))(q, positions, k, v, tables)
+    last = np.array([t - 1, t // 2], np.int32)
+    step = jax.jit(lambda *a: kernels.decode_attention(*a, 1.0))(q[:, -1], tables, last, k, v)
+    want = pure_jax(monkeypatch, q, positions, k, v, tables, 1.0)
+    want_step = pure_jax(monkeypatch, q[:, -1:], last[:, None], k, v, tables, 1.0)
+    np.testing.assert_allclose(np.asarray(got).reshape(b, t, h * d), want, atol=5e-5, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(step).reshape(b, h * d), want_step.reshape(b, h * d), atol=2e-5, rtol=1e-4)
 
 
 @needs_compiler
@@ -227,16 +234,15 @@ def test_decode_steps_call_the_kernel_and_match_without_it(monkeypatch):
     pure-JAX program (SAX_CPU_KERNELS=0) on a prefilled cache of several blocks; the prefill
     calls the prefill-attention kernel, and its layers (more rows than the matmul kernel
     takes) keep XLA's dot."""
-    monkeypatch.setattr(layers, "KV_BLOCK", 16)
     spec = base.ModelSpec(family="llama", model_type="llama", vocab_size=64, hidden_size=64, num_layers=2,
                           num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=64,
                           max_position_embeddings=64)
     params = base.random_params(spec, seed=3)
     seqs = np.random.default_rng(0).integers(0, 64, size=(3, 40)).astype(np.int32)
-    slots = np.array([2, 0, 1], np.int32)
+    slots = np.array([[6, 7, 8], [0, 1, 2], [5, 4, 3]], np.int32)  # block tables
     prefill_args = (params, seqs[:, :39], np.tile(np.arange(39, dtype=np.int32), (3, 1)),
-                    base.init_cache(spec, 4, 48, jnp.float32), slots, np.full((3,), 38, np.int32))
-    prefill = jax.jit(base.make_forward_last(spec, fresh=True)).lower(*prefill_args)
+                    base.init_cache(spec, 9, 16, jnp.float32), slots, np.full((3,), 38, np.int32))
+    prefill = jax.jit(base.make_forward_last(spec)).lower(*prefill_args)
     calls = [line for line in prefill.as_text().splitlines() if "@saxplane_matmul" in line]
     assert all("(tensor<3x64xf32>" in line for line in calls)  # the last tokens' logits only
     assert ("saxplane_prefill_attention" in prefill.as_text()) == kernels._has_avx512()

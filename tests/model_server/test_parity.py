@@ -48,9 +48,10 @@ def test_logits_match(torch_models, family):
     prompts = _prompts(1, spec.vocab_size)
     tokens, positions = _prefill_batch(prompts)
     fwd = jax.jit(base.make_forward(spec), donate_argnums=(3,))
-    cache = base.init_cache(spec, 4, 64, jnp.float32)
-    # rows go to slots 3, 0, 2 (a padded prefill batch with different prompt lengths)
-    logits, cache = fwd(params, tokens, positions, cache, jnp.array([3, 0, 2], jnp.int32))
+    cache = base.init_cache(spec, 16, 16, jnp.float32)
+    # rows go to shuffled blocks of the pool (a padded prefill batch with different prompt lengths)
+    tables = np.array([[12, 3, 7, 0], [5, 9, 1, 14], [2, 11, 6, 15]], np.int32)
+    logits, cache = fwd(params, tokens, positions, cache, tables)
     nocache, _ = jax.jit(base.make_forward(spec))(params, tokens, positions, None, None)
     for b, prompt in enumerate(prompts):
         ref = _hf_logits(model, prompt)
@@ -79,7 +80,8 @@ def test_flax_module_state_is_the_checkpoint_tree(torch_models, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_matches_generate(torch_models, family):
-    """Prefill into slots, then batched decode steps over all slots, vs HF generate."""
+    """Prefill into the paged cache, then batched decode steps through the block tables, vs HF
+    generate."""
     model, path = torch_models[family]
     ckpt, params = ck.load_checkpoint(path, "float32")
     spec = ckpt.spec
@@ -87,15 +89,17 @@ def test_greedy_matches_generate(torch_models, family):
     num_slots, max_len = len(prompts), BUCKET + NEW_TOKENS
 
     fwd = jax.jit(base.make_forward(spec), donate_argnums=(3,))
-    cache = base.init_cache(spec, num_slots, max_len, jnp.float32)
+    blocks = -(-max_len // 16)  # each sequence its own run of 16-position blocks
+    cache = base.init_cache(spec, num_slots * blocks, 16, jnp.float32)
+    tables = np.arange(num_slots * blocks, dtype=np.int32).reshape(num_slots, blocks)
     tokens, positions = _prefill_batch(prompts)
-    logits, cache = fwd(params, tokens, positions, cache, jnp.arange(num_slots, dtype=jnp.int32))
+    logits, cache = fwd(params, tokens, positions, cache, tables)
     lens = np.array([len(p) for p in prompts], np.int32)
     last = np.asarray(logits)[np.arange(num_slots), lens - 1].argmax(-1).astype(np.int32)
     generated = [last]
     pos = lens.copy()
     for _ in range(NEW_TOKENS - 1):
-        logits, cache = fwd(params, last[:, None], pos[:, None], cache, None)
+        logits, cache = fwd(params, last[:, None], pos[:, None], cache, tables)
         last = np.asarray(logits[:, 0]).argmax(-1).astype(np.int32)
         generated.append(last)
         pos += 1
@@ -178,13 +182,14 @@ def test_bfloat16_close_to_float32(torch_models, family):
     prompt = _prompts(3, ckpt.spec.vocab_size)[2]
     extra = np.random.default_rng(4).integers(1, ckpt.spec.vocab_size, 4).astype(np.int32)
     fwd = jax.jit(base.make_forward(ckpt.spec), donate_argnums=(3,))
-    cache = base.init_cache(ckpt.spec, 1, 64, jnp.bfloat16)
-    logits, cache = fwd(params, prompt[None], np.arange(len(prompt), dtype=np.int32)[None], cache, None)
+    cache = base.init_cache(ckpt.spec, 4, 16, jnp.bfloat16)
+    table = np.array([[2, 0, 3, 1]], np.int32)
+    logits, cache = fwd(params, prompt[None], np.arange(len(prompt), dtype=np.int32)[None], cache, table)
     rows = [np.asarray(logits[0])]
     for i, tok in enumerate(extra):
-        step, cache = fwd(params, np.array([[tok]], np.int32), np.array([[len(prompt) + i]], np.int32), cache, None)
+        step, cache = fwd(params, np.array([[tok]], np.int32), np.array([[len(prompt) + i]], np.int32), cache, table)
         rows.append(np.asarray(step[0]))
-    assert logits.dtype == jnp.float32 and cache[0][0][0].dtype == jnp.bfloat16
+    assert logits.dtype == jnp.float32 and cache[0][0].dtype == jnp.bfloat16
     ref = _hf_logits(model, np.concatenate([prompt, extra]))
     ours = np.concatenate(rows)
     assert np.abs(ours - ref[:len(ours)]).max() < 0.15 * np.abs(ref).max(), family

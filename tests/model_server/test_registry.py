@@ -24,7 +24,7 @@ def model() -> registry.LoadedModel:
     return registry.load_model("test.tiny", None, {"num_slots": 4, "max_seq_len": 64, "dtype": "float32"})
 
 
-_PAD = 32
+_PAD = 48
 
 
 @functools.lru_cache(maxsize=None)
@@ -114,14 +114,21 @@ def test_loaded_model_knobs_and_memory(model):
     assert model.knobs == ServingKnobs(4, 64, (16, 32, 64), "float32", 64)
     spec = model.spec
     assert model.param_bytes() == 4 * base.param_count(spec)
-    assert model.kv_cache_bytes() == spec.num_layers * 2 * 4 * spec.num_kv_heads * 64 * spec.head_dim * 4
+    # default pool: 4 sequences of 64 positions in blocks of 16, and one block per slot
+    assert model.num_blocks() == 4 * 4 + 4
+    assert model.kv_cache_bytes() == spec.num_layers * 2 * 20 * 16 * spec.num_kv_heads * spec.head_dim * 4
     assert model.memory_bytes() == model.param_bytes() + model.kv_cache_bytes()
     assert registry.estimate_memory_bytes("test.tiny", None, {"num_slots": 4, "max_seq_len": 64,
                                                                "dtype": "float32"}) == model.memory_bytes()
     assert model.stats()["memory_bytes"] == model.memory_bytes()
     cache = model.init_cache()
     assert len(cache) == spec.num_layers
-    assert [a.shape for a in cache[0][0]] == [(4, spec.num_kv_heads, 64, spec.head_dim)]
+    assert cache[0][0].shape == (20, spec.num_kv_heads, 16, spec.head_dim)
+    small = registry.load_model("test.tiny", None, {"num_slots": 4, "max_seq_len": 64, "dtype": "float32",
+                                                    "kv_cache_bytes": 12 * 16 * base.kv_bytes_per_token(spec, "float32")})
+    assert small.num_blocks() == 12 and small.init_cache()[0][0].shape[0] == 12
+    with pytest.raises(OverrideError, match="kv_cache_bytes"):
+        registry.load_model("test.tiny", None, {"num_slots": 4, "max_seq_len": 64, "kv_cache_bytes": 1000})
 
 
 def test_unload():
@@ -133,51 +140,61 @@ def test_unload():
 
 # --------------------------------------------------------------------------- forward / KV cache contract
 
-def test_engine_style_prefill_and_decode(model):
-    """Prefill two prompts into slots 2 and 0 (padded buckets), then decode over all slots.
+def _tables(rows: int, width: int, seed: int = 0, pool: int = 20) -> np.ndarray:
+    """Disjoint block tables in a shuffled pool (so no row's blocks are contiguous)."""
+    ids = np.random.default_rng(seed).permutation(pool)[:rows * width]
+    return ids.reshape(rows, width).astype(np.int32)
 
-    Each step's logits must equal a cache-free forward over the whole sequence; slot 2
-    first holds a longer stale sequence that must not leak into the new one.
+
+def test_engine_style_prefill_and_decode(model):
+    """Prefill two prompts through shuffled block tables (padded buckets), then decode both.
+
+    Each step's logits must equal a cache-free forward over the whole sequence; the blocks
+    first hold a longer stale sequence that must not leak into the new ones.
     """
     fwd = jax.jit(model.forward_fn(), donate_argnums=(3,))
     cache = model.init_cache()
-    n, bucket = model.knobs.num_slots, 16
+    bucket = 16
     rng = np.random.default_rng(0)
+    tables = _tables(2, 4)
 
-    def prefill(cache, slot, prompt):
+    def prefill(cache, row, prompt):
         toks = np.zeros((1, bucket), np.int32)
         toks[0, :len(prompt)] = prompt
-        logits, cache = fwd(model.params, toks, np.arange(bucket, dtype=np.int32)[None], cache,
-                            np.array([slot], np.int32))
+        logits, cache = fwd(model.params, toks, np.arange(bucket, dtype=np.int32)[None], cache, tables[row:row + 1])
         np.testing.assert_allclose(np.asarray(logits[0, :len(prompt)]), _full_logits(model, prompt), atol=1e-5)
         return int(np.asarray(logits[0, len(prompt) - 1]).argmax()), cache
 
-    _, cache = prefill(cache, 2, rng.integers(1, 300, 14))  # stale occupant of slot 2
-    seqs = {2: list(rng.integers(1, 300, 6)), 0: list(rng.integers(1, 300, 9))}
-    for slot, prompt in seqs.items():
-        nxt, cache = prefill(cache, slot, prompt)
-        seqs[slot].append(nxt)
-    for _ in range(6):
-        tokens = np.zeros((n, 1), np.int32)
-        positions = np.zeros((n, 1), np.int32)  # idle slots decode garbage at position 0
-        for slot, seq in seqs.items():
-            tokens[slot, 0], positions[slot, 0] = seq[-1], len(seq) - 1
-        logits, cache = fwd(model.params, tokens, positions, cache, None)
-        for slot, seq in seqs.items():
-            np.testing.assert_allclose(np.asarray(logits[slot, 0]), _full_logits(model, seq)[-1], atol=1e-5)
-            seq.append(int(np.asarray(logits[slot, 0]).argmax()))
+    _, cache = prefill(cache, 0, rng.integers(1, 300, 14))  # stale occupant of row 0's blocks
+    seqs = {0: list(rng.integers(1, 300, 6)), 1: list(rng.integers(1, 300, 9))}
+    for row, prompt in seqs.items():
+        nxt, cache = prefill(cache, row, prompt)
+        seqs[row].append(nxt)
+    for _ in range(14):  # across a block boundary
+        tokens = np.array([[seqs[r][-1]] for r in (0, 1)], np.int32)
+        positions = np.array([[len(seqs[r]) - 1] for r in (0, 1)], np.int32)
+        logits, cache = fwd(model.params, tokens, positions, cache, tables)
+        for row, seq in seqs.items():
+            np.testing.assert_allclose(np.asarray(logits[row, 0]), _full_logits(model, seq)[-1], atol=1e-5)
+            seq.append(int(np.asarray(logits[row, 0]).argmax()))
 
 
-def test_decode_with_slot_ids_matches_identity(model):
+def test_a_chunk_after_a_cached_prefix_matches_the_whole_prompt(model):
+    """A prompt prefilled in chunks (the first shared by two rows' tables, as a prefix-cache
+    hit) gives the logits of the one-shot prefill and of the cache-free pass."""
+    seq = list(np.arange(45) % 50 + 3)
+    want = _full_logits(model, seq)
+    fl = jax.jit(base.make_forward_last(model.spec), donate_argnums=(3,))
     cache = model.init_cache()
-    toks = np.arange(1, 17, dtype=np.int32).reshape(4, 4)
-    pos = np.tile(np.arange(4, dtype=np.int32), (4, 1))
-    fwd = jax.jit(model.forward_fn())
-    a, cache_a = fwd(model.params, toks, pos, cache, None)
-    b, cache_b = fwd(model.params, toks[::-1], pos, model.init_cache(), np.array([3, 2, 1, 0], np.int32))
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b)[::-1], atol=1e-6)
-    for (ka, va), (kb, vb) in zip(cache_a, cache_b):
-        np.testing.assert_allclose(np.asarray(ka), np.asarray(kb), atol=1e-6)
+    tables = np.array([[7, 3, 11, 5], [7, 3, 2, 9]], np.int32)  # both rows share blocks 7 and 3
+    toks = np.array([seq[:32]], np.int32)
+    _, cache = fl(model.params, toks, np.arange(32, dtype=np.int32)[None], cache, tables[:1], np.array([31], np.int32))
+    for row in (0, 1):  # the rest (13 tokens, padded to 16) after the shared 32
+        chunk = np.zeros((1, 16), np.int32)
+        chunk[0, :13] = seq[32:]
+        logits, cache = fl(model.params, chunk, 32 + np.arange(16, dtype=np.int32)[None], cache,
+                           tables[row:row + 1], np.array([12], np.int32))
+        np.testing.assert_allclose(np.asarray(logits)[0], want[44], atol=1e-5)
 
 
 def _tiny_gpt2_spec() -> base.ModelSpec:
@@ -188,8 +205,7 @@ def _tiny_gpt2_spec() -> base.ModelSpec:
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-@pytest.mark.parametrize("fresh", [True, False])
-def test_forward_last_for_prefill(model, family, fresh):
+def test_forward_last_for_prefill(model, family):
     """Logits at one token per row (the last layer computing the other tokens' keys and values
     only) equal the full forward's at that token, and every layer's cache is the same."""
     spec, params = model.spec, model.params
@@ -200,11 +216,11 @@ def test_forward_last_for_prefill(model, family, fresh):
     toks[0, :5], toks[1, :10] = np.arange(1, 6), np.arange(20, 30)
     pos = np.tile(np.arange(16, dtype=np.int32), (2, 1))
     last_index = np.array([4, 9], np.int32)
-    slots = np.array([1, 3], np.int32)
-    full, cache_full = jax.jit(base.make_forward(spec))(params, toks, pos, base.init_cache(spec, 4, 64, jnp.float32),
-                                                        slots)
-    last, cache_last = jax.jit(base.make_forward_last(spec, fresh=fresh))(
-        params, toks, pos, base.init_cache(spec, 4, 64, jnp.float32), slots, last_index)
+    tables = np.array([[3], [1]], np.int32)
+    full, cache_full = jax.jit(base.make_forward(spec))(params, toks, pos, base.init_cache(spec, 4, 16, jnp.float32),
+                                                        tables)
+    last, cache_last = jax.jit(base.make_forward_last(spec))(
+        params, toks, pos, base.init_cache(spec, 4, 16, jnp.float32), tables, last_index)
     assert last.shape == (2, spec.vocab_size)
     np.testing.assert_allclose(np.asarray(last), np.asarray(full)[[0, 1], last_index], atol=1e-5)
     for a, b in zip(jax.tree.leaves(cache_last), jax.tree.leaves(cache_full), strict=True):
@@ -222,7 +238,7 @@ def test_forward_last_skips_the_last_layer_for_other_tokens():
         cost = jax.jit(fn).lower(params, toks, pos, None, None, *args).compile().cost_analysis()
         return (cost[0] if isinstance(cost, list) else cost)["flops"]
 
-    last = flops(base.make_forward_last(spec, fresh=True), np.array([4, 9], np.int32))
+    last = flops(base.make_forward_last(spec), np.array([4, 9], np.int32))
     hidden = flops(base.make_hidden_fn(spec))
     per_layer = hidden / spec.num_layers
     assert last < hidden - 0.5 * per_layer, (last, hidden)
@@ -237,58 +253,29 @@ def test_out_of_range_ids_are_clipped(model):
     assert np.isfinite(np.asarray(out)).all()
 
 
-def test_fresh_prefill_matches_attending_the_cache(model):
-    """A fresh prefill attends within its tokens, in causal blocks (a long and a short prompt,
-    over more than one block, and a padding row beyond the window): same logits and cache as
-    attending the whole cache window, and as the cache-free pass."""
-    t = 2 * layers.CAUSAL_BLOCK + 9
-    toks = np.zeros((3, t), np.int32)
-    toks[0] = np.arange(t) % 50 + 3
-    toks[1, :7] = np.arange(40, 47)
-    pos = np.tile(np.arange(t, dtype=np.int32), (3, 1))
-    pos[2] += 2 * t  # a padding row: its writes fall beyond the window and are dropped
-    slots = np.array([2, 0, 1], np.int32)
-    last_index = np.array([t - 1, 6, 0], np.int32)
-
-    def run(fresh):
-        cache = base.init_cache(model.spec, 3, 2 * t, jnp.float32)
-        fn = jax.jit(base.make_forward_last(model.spec, fresh=fresh))
-        return fn(model.params, toks, pos, cache, slots, last_index)
-
-    (fresh, cache_f), (full, cache_c) = run(True), run(False)
-    np.testing.assert_allclose(np.asarray(fresh)[:2], np.asarray(full)[:2], atol=1e-5)
-    for a, b in zip(jax.tree.leaves(cache_f), jax.tree.leaves(cache_c), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
-    nocache, _ = jax.jit(base.make_forward(model.spec))(model.params, toks[:1], pos[:1], None, None)
-    np.testing.assert_allclose(np.asarray(fresh)[0], np.asarray(nocache)[0, -1], atol=1e-5)
-
-
-def test_decode_touches_only_the_cache_blocks_it_needs(model, monkeypatch):
-    """Blocks of 16 positions: a 20-token prefill, then decode steps that each read and write
-    only the blocks up to their position (1 to 3 of 4) give the cache-free forward's logits,
-    and leave the blocks past the position untouched."""
-    monkeypatch.setattr(layers, "KV_BLOCK", 16)
-    spec, window = model.spec, 64
+def test_decode_reads_only_its_table(model):
+    """Decode steps through a table one block wide, then two (the pure-JAX path's narrow
+    variants) give the cache-free logits; writes past the table are dropped, and a padding
+    entry (an id past the pool) writes nothing."""
+    spec = model.spec
     seq = list(np.arange(40) % 50 + 3)
-    want = np.asarray(jax.jit(base.make_forward(spec))(
-        model.params, np.array([seq], np.int32), np.arange(40, dtype=np.int32)[None], None, None)[0][0])
-    cache = base.init_cache(spec, 2, window, jnp.float32)
-    assert [a.shape[2] for a in cache[0][0]] == [16, 16, 16, 16]
-    slots = np.array([1], np.int32)
-    prefill = jax.jit(base.make_forward_last(spec, fresh=True, kv_blocks=base.kv_blocks_for(window, 20)))
-    logits, cache = prefill(model.params, np.array([seq[:20]], np.int32), np.arange(20, dtype=np.int32)[None],
-                            cache, slots, np.array([19], np.int32))
-    np.testing.assert_allclose(np.asarray(logits)[0], want[19], atol=1e-5)
-    steps = {}
-    for pos in range(20, 40):
-        kb = base.kv_blocks_for(window, pos + 1)
-        if kb not in steps:
-            steps[kb] = jax.jit(base.make_forward_last(spec, kv_blocks=kb))
-        logits, cache = steps[kb](model.params, np.array([[seq[pos]]], np.int32), np.array([[pos]], np.int32),
-                                  cache, slots, np.array([0], np.int32))
+    want = _full_logits(model, seq)
+    cache = base.init_cache(spec, 6, 16, jnp.float32)
+    fl = jax.jit(base.make_forward_last(spec))
+    table = np.array([[4, 1, 6]], np.int32)  # 6: padding (the pool has 6 blocks)
+    logits, cache = fl(model.params, np.array([seq[:10]], np.int32), np.arange(10, dtype=np.int32)[None],
+                       cache, table[:, :1], np.array([9], np.int32))
+    np.testing.assert_allclose(np.asarray(logits)[0], want[9], atol=1e-5)
+    for pos in range(10, 32):
+        width = 1 if pos < 16 else 2
+        logits, cache = fl(model.params, np.array([[seq[pos]]], np.int32), np.array([[pos]], np.int32),
+                           cache, table[:, :width], np.array([0], np.int32))
         np.testing.assert_allclose(np.asarray(logits)[0], want[pos], atol=1e-5, err_msg=f"position {pos}")
-    assert sorted(steps) == [2, 3]
-    assert not np.asarray(cache[0][0][3]).any()  # positions 48.. never written
+    before = [np.asarray(a).copy() for a in jax.tree.leaves(cache)]
+    _, cache = fl(model.params, np.array([[seq[32]]], np.int32), np.array([[32]], np.int32), cache, table,
+                  np.array([0], np.int32))
+    for a, b in zip(before, jax.tree.leaves(cache)):
+        np.testing.assert_array_equal(a, np.asarray(b))
 
 
 def test_hidden_states_for_embed(model):
@@ -306,9 +293,9 @@ def test_hidden_states_for_embed(model):
 def test_bfloat16_model():
     m = registry.load_model("test.tiny", None, {"dtype": "bfloat16", "num_slots": 2, "max_seq_len": 32})
     cache = m.init_cache()
-    assert cache[0][0][0].dtype == jnp.bfloat16
+    assert cache[0][0].dtype == jnp.bfloat16
     logits, cache = jax.jit(m.forward_fn(), donate_argnums=(3,))(
-        m.params, np.ones((2, 1), np.int32), np.zeros((2, 1), np.int32), cache, None)
+        m.params, np.ones((2, 1), np.int32), np.zeros((2, 1), np.int32), cache, np.array([[0], [2]], np.int32))
     assert logits.dtype == jnp.float32 and logits.shape == (2, 1, m.spec.vocab_size)
     assert np.isfinite(np.asarray(logits)).all()
 
@@ -335,9 +322,9 @@ def test_tensor_parallel_matches_single_device(tmp_path):
         outs = []
         for m in (sharded, single, hf, orbax):
             f = jax.jit(m.forward_fn(), donate_argnums=(3,))
-            logits, cache = f(m.params, toks, pos, m.init_cache(), None)
+            logits, cache = f(m.params, toks, pos, m.init_cache(), np.array([[1], [3]], np.int32))
             outs.append(np.asarray(logits))
-            outs.append(len(cache[0][0][0].sharding.device_set))
+            outs.append(len(cache[0][0].sharding.device_set))
         assert outs[1] == 2 and outs[3] == 1  # kv heads sharded over both devices
         for i in (4, 6):
             assert outs[i + 1] == 2
