@@ -171,6 +171,8 @@ OVERRIDE_KEYS: dict[str, Callable[[Any], Any]] = {
     "max_seq_len": _int_in(1, 1 << 20),
     "prefill_buckets": _buckets,
     "dtype": _one_of("float32", "bfloat16"),
+    "quantization": _one_of("int8"),
+    "kv_cache_dtype": _one_of("float32", "bfloat16", "int8"),
     "max_queue": _int_in(0, 1 << 20),
     "kv_cache_bytes": _int_in(1, 1 << 50),
     "block_size": _int_in(1, 1024),
@@ -194,7 +196,7 @@ def check_overrides(overrides: Any) -> dict[str, Any]:
         if key not in OVERRIDE_KEYS:
             raise InvalidArgument(
                 f"unknown override {key!r}; known overrides: {', '.join(sorted(OVERRIDE_KEYS))}")
-        if isinstance(value, str) and key not in ("alias", "dtype", "chip"):
+        if isinstance(value, str) and key not in ("alias", "dtype", "chip", "quantization", "kv_cache_dtype"):
             try:
                 value = json.loads(value)
             except ValueError:

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model_server.models import base
+from model_server.models import base, quant
 from model_server.models.hfmap import empty_like_shapes, set_path
 
 log = logging.getLogger(__name__)
@@ -402,36 +402,54 @@ def read_spec(source: str | os.PathLike) -> base.ModelSpec:
         raise CheckpointError(f"{source}: {e}") from e
 
 
-def param_shardings(spec: base.ModelSpec, mesh: Optional[jax.sharding.Mesh]) -> Any:
-    """NamedSharding per param for `mesh` (axis 0 is tensor parallel), or None."""
+def param_shardings(spec: base.ModelSpec, mesh: Optional[jax.sharding.Mesh],
+                    quantization: Optional[str] = None) -> Any:
+    """NamedSharding per param for `mesh` (axis 0 is tensor parallel), or None; with
+    `quantization`, the tree of the quantized params (see models/quant.py)."""
     if mesh is None:
         return None
     from jax.sharding import NamedSharding, PartitionSpec
 
     axis = mesh.axis_names[0]
     specs = base.param_partition_specs(spec, axis, mesh.shape[axis])
+    if quantization is not None:
+        specs = quant.partition_specs(specs, base.param_shapes(spec))
     return jax.tree.map(lambda p: NamedSharding(mesh, p), specs,
                         is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def load_params(ckpt: Checkpoint, dtype: Any = "float32", *,
-                mesh: Optional[jax.sharding.Mesh] = None, on_device: bool = True) -> Any:
-    """Load the params of `ckpt` in `dtype` (sharded over `mesh` when given).
+                mesh: Optional[jax.sharding.Mesh] = None, on_device: bool = True,
+                quantization: Optional[str] = None) -> Any:
+    """Load the params of `ckpt` in `dtype` (sharded over `mesh` when given); with
+    `quantization` ('int8'), the weights its rule names quantized as they are read (HF: tensor
+    by tensor, from the checkpoint's own precision; Orbax: after the restore).
 
     With `on_device=False` (HF only) returns host numpy arrays, e.g. for conversion.
     """
     t0 = time.monotonic()
-    shardings = param_shardings(ckpt.spec, mesh)
+    shardings = param_shardings(ckpt.spec, mesh, quantization)
     if ckpt.format == "orbax":
-        params = _restore_orbax(ckpt, dtype, shardings)
+        params = _restore_orbax(ckpt, dtype, param_shardings(ckpt.spec, mesh))
+        if quantization is not None:
+            params = place_params(quant.quantize_tree(jax.tree.map(np.asarray, params)), shardings)
     else:
-        params = _load_hf_params(ckpt, dtype, shardings, on_device)
-    log.info("loaded %s params (%s, %.1f MB) in %.2fs", ckpt.source, ckpt.format,
-             base.param_bytes(ckpt.spec, dtype) / 1e6, time.monotonic() - t0)
+        params = _load_hf_params(ckpt, dtype, shardings, on_device, quantization)
+    log.info("loaded %s params (%s%s, %.1f MB) in %.2fs", ckpt.source, ckpt.format,
+             f", {quantization}" if quantization else "",
+             base.param_bytes(ckpt.spec, dtype, quantization) / 1e6, time.monotonic() - t0)
     return params
 
 
-def _load_hf_params(ckpt: Checkpoint, dtype: Any, shardings: Any, on_device: bool) -> Any:
+def place_params(params: Any, shardings: Any) -> Any:
+    """Host params on the device(s): with their shardings, or on the default device."""
+    if shardings is None:
+        return jax.tree.map(jnp.asarray, params)
+    return jax.device_put(params, shardings)
+
+
+def _load_hf_params(ckpt: Checkpoint, dtype: Any, shardings: Any, on_device: bool,
+                    quantization: Optional[str] = None) -> Any:
     spec = ckpt.spec
     family = base.family_module(spec)
     tensors = SafetensorsDir(ckpt.path)
@@ -468,10 +486,13 @@ def _load_hf_params(ckpt: Checkpoint, dtype: Any, shardings: Any, on_device: boo
             if stack[1] < want[0]:
                 continue
             arr = stacks.pop(rule.path)[0]
-        arr = np.asarray(arr, dtype=np_dtype)
+        if quantization is not None and quant.quantizable(str(rule.path[-1]), tuple(arr.shape)):
+            arr = quant.quantize_array(arr)
+        else:
+            arr = np.asarray(arr, dtype=np_dtype)
         if on_device:
             sharding = _get(shardings, rule.path) if shardings is not None else None
-            arr = jax.device_put(arr, sharding) if sharding is not None else jnp.asarray(arr)
+            arr = place_params(arr, sharding)
         set_path(params, rule.path, arr)
     return params
 

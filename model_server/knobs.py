@@ -11,8 +11,12 @@ from admin_server.naming import OVERRIDE_KEYS
 #: the model server accepts and ignores them. The admin owns the full list.
 PLACEMENT_KEYS = frozenset(OVERRIDE_KEYS) - {"num_slots", "max_seq_len", "prefill_buckets", "dtype",
                                              "max_queue", "kv_cache_bytes", "block_size",
-                                             "max_num_batched_tokens", "enable_prefix_caching"}
+                                             "max_num_batched_tokens", "enable_prefix_caching",
+                                             "quantization", "kv_cache_dtype"}
 DTYPES = ("float32", "bfloat16")
+#: Weight quantizations (see models/quant.py) and KV cache dtypes (int8: per-head scales).
+QUANTIZATIONS = ("int8",)
+KV_CACHE_DTYPES = ("float32", "bfloat16", "int8")
 DEFAULT_MAX_SEQ_LEN = 2048
 MIN_BUCKET = 16
 #: Positions per KV block (a multiple of 16, the CPU prefill kernel's tile; see bench/RESULTS.md).
@@ -35,7 +39,10 @@ class ServingKnobs:
     for a slot before refusals; kv_cache_bytes: the KV block pool's size (default: room for
     num_slots sequences of max_seq_len); block_size: positions per KV block;
     max_num_batched_tokens: tokens per engine step while sequences decode (chunked prefill);
-    enable_prefix_caching: reuse cached KV blocks of shared prompt prefixes.
+    enable_prefix_caching: reuse cached KV blocks of shared prompt prefixes;
+    quantization: None (weights in dtype) or 'int8' (weight-only, per-output-channel scales,
+    see models/quant.py); kv_cache_dtype: the KV pool's dtype (default: dtype; 'int8' keeps a
+    float32 scale per position and KV head).
     """
 
     num_slots: int = 8
@@ -47,6 +54,8 @@ class ServingKnobs:
     block_size: int = DEFAULT_BLOCK_SIZE
     max_num_batched_tokens: int = DEFAULT_TOKEN_BUDGET
     enable_prefix_caching: bool = True
+    quantization: Optional[str] = None
+    kv_cache_dtype: Optional[str] = None
 
     def num_blocks(self, spec: Any) -> int:
         """Blocks of the KV pool for `spec` (a resolved knob set): `kv_cache_bytes` of them,
@@ -54,8 +63,8 @@ class ServingKnobs:
         block)."""
         from model_server.models import base
 
-        assert self.max_seq_len is not None and self.dtype is not None
-        per_block = base.kv_bytes_per_token(spec, self.dtype) * self.block_size
+        assert self.max_seq_len is not None and self.kv_cache_dtype is not None
+        per_block = base.kv_bytes_per_token(spec, self.kv_cache_dtype) * self.block_size
         max_blocks = -(-self.max_seq_len // self.block_size)
         least = max_blocks + self.num_slots
         if self.kv_cache_bytes is None:
@@ -89,7 +98,7 @@ class ServingKnobs:
                 platform = jax.default_backend()
             dtype = "float32" if platform == "cpu" else "bfloat16"
         return dataclasses.replace(self, max_seq_len=max_len, prefill_buckets=tuple(buckets),
-                                   dtype=dtype)
+                                   dtype=dtype, kv_cache_dtype=self.kv_cache_dtype or dtype)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -151,6 +160,12 @@ def parse_overrides(overrides: Optional[Mapping[str, Any]]) -> ServingKnobs:
         if dtype not in DTYPES:
             raise OverrideError(f"override 'dtype' must be one of {', '.join(DTYPES)}, got {dtype!r}")
         kw["dtype"] = dtype
+    for key, allowed in (("quantization", QUANTIZATIONS), ("kv_cache_dtype", KV_CACHE_DTYPES)):
+        if key in overrides:
+            value = overrides[key]
+            if value not in allowed:
+                raise OverrideError(f"override {key!r} must be one of {', '.join(allowed)}, got {value!r}")
+            kw[key] = value
     if "prefill_buckets" in overrides:
         raw = _maybe_json(overrides["prefill_buckets"])
         if not isinstance(raw, (list, tuple)) or not raw:

@@ -102,6 +102,7 @@ def default_loader(model_path: str, checkpoint: str | None, overrides: dict[str,
     k = loaded.knobs
     engine = Engine(loaded, num_slots=k.num_slots, max_seq_len=k.max_seq_len,
                     prefill_buckets=list(k.prefill_buckets), max_queue=k.max_queue, dtype=k.dtype,
+                    kv_cache_dtype=k.kv_cache_dtype,
                     block_size=k.block_size, num_blocks=loaded.num_blocks(),
                     max_num_batched_tokens=k.max_num_batched_tokens,
                     enable_prefix_caching=k.enable_prefix_caching)

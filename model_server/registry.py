@@ -25,7 +25,7 @@ import jax
 from model_server import checkpoint as ckpt_lib
 from model_server.checkpoint import CheckpointError
 from model_server.knobs import OverrideError, ServingKnobs, parse_overrides
-from model_server.models import base
+from model_server.models import base, quant
 from model_server.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -141,14 +141,15 @@ class LoadedModel:
         return self.knobs.num_blocks(self.spec)
 
     def init_cache(self) -> base.KVCache:
-        return base.init_cache(self.spec, self.num_blocks(), self.knobs.block_size, self.dtype,
+        return base.init_cache(self.spec, self.num_blocks(), self.knobs.block_size, self.knobs.kv_cache_dtype,
                                self.cache_sharding())
 
     def param_bytes(self) -> int:
-        return base.param_bytes(self.spec, self.dtype)
+        return base.param_bytes(self.spec, self.dtype, self.knobs.quantization)
 
     def kv_cache_bytes(self) -> int:
-        return base.kv_cache_bytes(self.spec, self.num_blocks() * self.knobs.block_size, self.dtype)
+        return base.kv_cache_bytes(self.spec, self.num_blocks() * self.knobs.block_size,
+                                   self.knobs.kv_cache_dtype)
 
     def memory_bytes(self) -> int:
         """Accelerator memory for params + KV cache (for the heartbeat / placement)."""
@@ -175,11 +176,9 @@ def _check_architecture(entry: ModelPathEntry, spec: base.ModelSpec, checkpoint:
             f"{', '.join(sorted(entry.architectures))} (use lm.hf for any architecture)")
 
 
-def _place(params: Any, spec: base.ModelSpec, mesh: Optional[jax.sharding.Mesh]) -> Any:
-    shardings = ckpt_lib.param_shardings(spec, mesh)
-    if shardings is None:
-        return jax.device_put(params)
-    return jax.device_put(params, shardings)
+def _place(params: Any, spec: base.ModelSpec, mesh: Optional[jax.sharding.Mesh],
+           quantization: Optional[str] = None) -> Any:
+    return ckpt_lib.place_params(params, ckpt_lib.param_shardings(spec, mesh, quantization))
 
 
 def load_model(model_path: str, checkpoint: Optional[str], overrides: Optional[Mapping[str, Any]] = None,
@@ -194,7 +193,11 @@ def load_model(model_path: str, checkpoint: Optional[str], overrides: Optional[M
 
         spec = tiny.spec()
         knobs = knobs.resolve(spec.max_seq_len_limit)
-        params = _place(tiny.params(knobs.dtype), spec, mesh)
+        if knobs.quantization is None:
+            params = tiny.params(knobs.dtype)
+        else:  # quantized from the float32 weights, the rest in the serving dtype
+            params = quant.cast_tree(quant.quantize_tree(tiny.params("float32")), knobs.dtype)
+        params = _place(params, spec, mesh, knobs.quantization)
         tokenizer = Tokenizer(tiny.build_hf_tokenizer())
         fmt = "builtin"
     else:
@@ -213,7 +216,7 @@ def load_model(model_path: str, checkpoint: Optional[str], overrides: Optional[M
         if tokenizer.vocab_size > spec.vocab_size:
             raise CheckpointError(f"{checkpoint}: tokenizer has {tokenizer.vocab_size} tokens but the "
                                   f"model only {spec.vocab_size}")
-        params = ckpt_lib.load_params(ckpt, knobs.dtype, mesh=mesh)
+        params = ckpt_lib.load_params(ckpt, knobs.dtype, mesh=mesh, quantization=knobs.quantization)
         fmt = ckpt.format
     model = LoadedModel(model_path, checkpoint, spec, params, tokenizer, knobs, mesh,
                         time.monotonic() - t0, fmt)
@@ -236,5 +239,5 @@ def estimate_memory_bytes(model_path: str, checkpoint: Optional[str],
         spec = ckpt_lib.read_spec(_norm_checkpoint(checkpoint))  # type: ignore[arg-type]
         _check_architecture(entry, spec, str(checkpoint))
     knobs = knobs.resolve(spec.max_seq_len_limit, platform)
-    return (base.param_bytes(spec, knobs.dtype)
-            + base.kv_cache_bytes(spec, knobs.num_blocks(spec) * knobs.block_size, knobs.dtype))
+    return (base.param_bytes(spec, knobs.dtype, knobs.quantization)
+            + base.kv_cache_bytes(spec, knobs.num_blocks(spec) * knobs.block_size, knobs.kv_cache_dtype))

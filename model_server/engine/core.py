@@ -49,7 +49,7 @@ class Engine:
                  max_prefill_tokens: Optional[int] = None, compile_threads: Optional[int] = None,
                  block_size: int = DEFAULT_BLOCK_SIZE, num_blocks: Optional[int] = None,
                  kv_cache_bytes: Optional[int] = None, max_num_batched_tokens: Optional[int] = None,
-                 enable_prefix_caching: bool = True):
+                 enable_prefix_caching: bool = True, kv_cache_dtype: Optional[str] = None):
         self.spec: base.ModelSpec = model.spec
         spec = self.spec
         if num_slots < 1:
@@ -65,6 +65,7 @@ class Engine:
         self.max_seq_len = int(max_seq_len)
         self.max_queue = int(max_queue)
         self.dtype = str(jnp.dtype(dtype))
+        self.kv_cache_dtype = str(jnp.dtype(kv_cache_dtype or dtype))
         if prefill_buckets is None:
             buckets, b = [], 16
             while b < self.max_seq_len:
@@ -84,7 +85,7 @@ class Engine:
         self.max_prefill_tokens = int(max_prefill_tokens or max(buckets[-1], 2048))
         self.block_size = int(block_size)
         max_blocks = -(-self.max_seq_len // self.block_size)
-        per_block = base.kv_bytes_per_token(spec, self.dtype) * self.block_size
+        per_block = base.kv_bytes_per_token(spec, self.kv_cache_dtype) * self.block_size
         if num_blocks is None:
             num_blocks = (int(kv_cache_bytes) // per_block if kv_cache_bytes
                           else self.num_slots * max_blocks + self.num_slots)
@@ -108,6 +109,7 @@ class Engine:
 
         self.runner = Runner(model, spec, num_slots=self.num_slots, max_seq_len=self.max_seq_len,
                              buckets=buckets, decode_buckets=dbuckets, dtype=self.dtype,
+                             kv_cache_dtype=self.kv_cache_dtype,
                              num_blocks=self.num_blocks, block_size=self.block_size, guide=self.guide,
                              compile_threads=compile_threads)
         self.programs = self.runner.programs

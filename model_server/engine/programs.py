@@ -104,7 +104,8 @@ class Programs:
 
     def __init__(self, spec: base.ModelSpec, *, num_slots: int, max_seq_len: int,
                  buckets: list[int], decode_buckets: list[int], mesh: jax.sharding.Mesh,
-                 cache_sharding: NamedSharding, num_blocks: int, block_size: int, dtype: str = "float32"):
+                 cache_sharding: NamedSharding, num_blocks: int, block_size: int, dtype: str = "float32",
+                 kv_cache_dtype: Optional[str] = None):
         self.spec = spec
         self.n = num_slots
         self.s = max_seq_len
@@ -118,12 +119,14 @@ class Programs:
         self.block_size = block_size
         #: table entries a sequence of max_seq_len positions needs
         self.max_blocks = -(-max_seq_len // block_size)
-        #: table widths of the decode programs (the decode kernel reads any width alike)
-        self.kv_variants = kv_block_variants(self.max_blocks, kernels.enabled())
+        kv_dtype = kv_cache_dtype or dtype
+        #: table widths of the decode programs (the decode kernel reads any width alike; it
+        #: takes float32 and bfloat16 pools, an int8 one is gathered in JAX)
+        self.kv_variants = kv_block_variants(self.max_blocks, kernels.enabled() and kv_dtype != "int8")
         #: and of the prefill programs: one width where the prefill kernel serves (float32,
         #: AVX-512, its head dims), else the pure-JAX path's gather wants narrow tables too
         self.prefill_variants = kv_block_variants(self.max_blocks, kernels.use_prefill_attention(
-            spec.head_dim, block_size, dtype, dtype, dtype))
+            spec.head_dim, block_size, dtype, kv_dtype, kv_dtype))
         self.prefill: dict[tuple[int, int, int], Any] = {}
         self.decode: dict[tuple[int, int], Any] = {}
         self.score: dict[tuple[int, int], Any] = {}
@@ -300,8 +303,7 @@ class Programs:
     def _copy_blocks_fn(self) -> Callable:
         def copy_blocks(cache, src, dst):
             """Pool block dst[i] gets a copy of block src[i] (dst past the pool: nothing)."""
-            return [(kp.at[dst].set(kp[src], mode="drop"), vp.at[dst].set(vp[src], mode="drop"))
-                    for kp, vp in cache]
+            return jax.tree.map(lambda pool: pool.at[dst].set(pool[src], mode="drop"), cache)
 
         return copy_blocks
 
@@ -369,7 +371,7 @@ class Programs:
         """Lower and compile every variant (in parallel threads); returns timings.
         `progress(done, total, name)` is called before the first and after each program."""
         rep, cs = self.rep, self.cache_sharding
-        cache_out = jax.tree.map(lambda _: cs, cache)
+        cache_out = base.cache_shardings(cache, cs)
         jobs: list[tuple[str, Any, Callable]] = []
         i32 = np.int32
         n = self.n

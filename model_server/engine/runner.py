@@ -16,7 +16,7 @@ from model_server.engine.guided import Guide
 from model_server.engine.programs import Programs
 from model_server.engine.requests import EmbedJob, Request, Sequence
 from model_server.engine.scheduler import Chunk
-from model_server.models import base
+from model_server.models import base, quant
 
 
 def seed_words(seed: int, index: int) -> tuple[int, int]:
@@ -37,12 +37,14 @@ def _penalized(seq: Sequence) -> bool:
 class Runner:
     def __init__(self, model: Any, spec: base.ModelSpec, *, num_slots: int, max_seq_len: int,
                  buckets: list[int], decode_buckets: list[int], dtype: str, num_blocks: int,
-                 block_size: int, guide: Guide, compile_threads: Optional[int] = None):
+                 block_size: int, guide: Guide, compile_threads: Optional[int] = None,
+                 kv_cache_dtype: Optional[str] = None):
         self.spec = spec
         self.num_slots = num_slots
         self.max_seq_len = max_seq_len
         self.buckets = buckets
         self.dtype = dtype
+        self.kv_cache_dtype = kv_cache_dtype or dtype
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.guide = guide
@@ -53,15 +55,14 @@ class Runner:
         self.mesh = mesh
         axis = mesh.axis_names[0]
         from model_server.checkpoint import param_shardings
-        params = model.params
-        if any(leaf.dtype != jnp.dtype(dtype) for leaf in jax.tree.leaves(params)):
-            params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
-        self.params = jax.device_put(params, param_shardings(spec, mesh))
+        params = quant.cast_tree(model.params, dtype)  # int8 weights (and their scales) kept
+        self.params = jax.device_put(params, param_shardings(spec, mesh, quant.quantization_of(params)))
         self.cache_sharding = NamedSharding(mesh, base.cache_partition_spec(spec, axis, mesh.shape[axis]))
         self.replicated = NamedSharding(mesh, P())
         self.programs = Programs(spec, num_slots=num_slots, max_seq_len=max_seq_len, buckets=buckets,
                                  decode_buckets=decode_buckets, mesh=mesh, cache_sharding=self.cache_sharding,
-                                 num_blocks=num_blocks, block_size=block_size, dtype=dtype)
+                                 num_blocks=num_blocks, block_size=block_size, dtype=dtype,
+                                 kv_cache_dtype=self.kv_cache_dtype)
         self.cache = None
         self.state = None
         self.sp = self.programs.host_slot_params()
@@ -82,7 +83,8 @@ class Runner:
     def start(self, progress: Optional[Callable[[int, int, str], None]] = None) -> None:
         """Allocate the pool, compile every program (`progress`: see Programs.compile_all) and
         run each once."""
-        self.cache = base.init_cache(self.spec, self.num_blocks, self.block_size, self.dtype, self.cache_sharding)
+        self.cache = base.init_cache(self.spec, self.num_blocks, self.block_size, self.kv_cache_dtype,
+                                     self.cache_sharding)
         self.state = self.programs.init_state()
         self._upload()
         self._mask_ones = self.put(self.guide.mask.copy())[0]

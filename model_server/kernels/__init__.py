@@ -7,7 +7,8 @@
   float32 (prefill_attention.cc);
 * ``matmul``: ``x . w^T`` for the few rows of a decode step, float32, one call for several
   weights of the same x (matmul.cc); larger products stay with XLA's dot, which is as fast or
-  faster there.
+  faster there; ``matmul_q8``: the same with int8 weights and float32 scales per output row
+  (``quantization: int8``), converted in registers.
 
 Only for the CPU backend on a single device (a multi-device mesh, GPU and TPU keep the
 pure-JAX code). The C++ sources beside this file are compiled at first use with the
@@ -44,6 +45,7 @@ _SOURCES = sorted(_HERE.glob("*.cc"))
 _HEADERS = sorted(_HERE.glob("*.h"))
 #: FFI target name -> the handler symbol the library exports
 _TARGETS = {"saxplane_decode_attention": "SaxDecodeAttention", "saxplane_matmul": "SaxMatmul",
+            "saxplane_matmul_q8": "SaxMatmulQ8",
             "saxplane_prefill_attention": "SaxPrefillAttention", "saxplane_argmax": "SaxArgmax"}
 #: Head dims the prefill kernel takes (multiples of the vector width it has tiles for).
 PREFILL_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
@@ -51,6 +53,8 @@ PREFILL_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
 #: 1.2-3x XLA's speed from 2 to 64 rows, slower from 128 rows; at 1 row (a GEMV, bound by
 #: memory) its one-stream form reads the weights 5-20% faster than XLA's dot.
 MATMUL_MIN_ROWS, MATMUL_MAX_ROWS = 1, 64
+#: Rows `matmul_q8` takes (others: XLA's dot of the converted weights); see bench/RESULTS.md.
+MATMUL_Q8_MAX_ROWS = 64
 #: Compiled with fast math (vectorised exp from glibc's libmvec, reassociated sums) but linked
 #: without it: GCC < 13 would link crtfastmath.o into the library, which switches the whole
 #: process to flushing denormals when it is loaded.
@@ -169,6 +173,11 @@ def use_matmul(rows: int, *dtypes) -> bool:
     return MATMUL_MIN_ROWS <= rows <= MATMUL_MAX_ROWS and _tiled_ok(*dtypes)
 
 
+def use_matmul_q8(rows: int, x_dtype) -> bool:
+    """Whether a product of `rows` rows of x by int8 weights traced now should call `matmul_q8`."""
+    return MATMUL_MIN_ROWS <= rows <= MATMUL_Q8_MAX_ROWS and _tiled_ok(x_dtype)
+
+
 def use_prefill_attention(head_dim: int, block_size: int, *dtypes) -> bool:
     """Whether a prefill chunk's attention traced now should call `prefill_attention`."""
     return head_dim in PREFILL_HEAD_DIMS and block_size % 16 == 0 and _tiled_ok(*dtypes)
@@ -195,6 +204,15 @@ def matmul(x: jax.Array, *ws: jax.Array) -> list[jax.Array]:
     call = jax.ffi.ffi_call("saxplane_matmul", [jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32)
                                                 for w in ws])
     return list(call(x, *ws))
+
+
+def matmul_q8(x: jax.Array, *ws) -> list[jax.Array]:
+    """x [M, K] float32 . w [N, K]^T -> [M, N] float32 for each int8 weight `w` (a
+    `models.quant.QTensor`: values q [N, K] int8, scales [N] float32), in one call."""
+    _require()
+    call = jax.ffi.ffi_call("saxplane_matmul_q8", [jax.ShapeDtypeStruct((x.shape[0], w.q.shape[0]), jnp.float32)
+                                                   for w in ws])
+    return list(call(x, *(a for w in ws for a in (w.q, w.scale.astype(jnp.float32)))))
 
 
 def prefill_attention(q: jax.Array, q_positions: jax.Array, k_pool: jax.Array, v_pool: jax.Array,

@@ -12,8 +12,14 @@
 //   accumulators along K (both operands contiguous there), summed across lanes at the end;
 // * more rows, broadcast form on the inputs transposed once per call (see Panel).
 // Runs of output tiles are spread over XLA's intra-op threads.
+//
+// The same code serves int8 weights with float32 scales per output row (SaxMatmulQ8, the
+// `quantization: int8` override): w's values are sign-extended and converted to floats in
+// registers as they are loaded (a quarter of the bytes to stream: the one-row form is bound
+// by them), each output multiplied by its row's scale at the end.
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "parallel.h"
@@ -37,10 +43,28 @@ constexpr int kMR = 2;
 constexpr int kNR = 4;
 #endif
 
+// Output n of a weight of element type W: times its scale (int8), as is (float).
+template <typename W>
+inline float scaled(float v, const float* scale, int64_t n) {
+  if constexpr (std::is_same_v<W, int8_t>) {
+    return v * scale[n];
+  } else {
+    return v;
+  }
+}
+
+// Prefetch a weight row's data at element kk only once per cache line.
+template <typename W>
+inline bool line_start(int64_t kk) {
+  return (kk * static_cast<int64_t>(sizeof(W))) % 64 < kLanes * static_cast<int64_t>(sizeof(W));
+}
+
+template <typename W>
 struct Problem {
-  const float* x;  // [M, K]
-  const float* w;  // [N, K]
-  float* y;        // [M, N]
+  const float* x;      // [M, K]
+  const W* w;          // [N, K]
+  const float* scale;  // [N] (int8 weights)
+  float* y;            // [M, N]
   int64_t m, n, k;
   int64_t tiles_per_item;  // NR-output tiles per work item
   int64_t items;
@@ -49,28 +73,29 @@ struct Problem {
 // The weight rows of the tile after the one whose rows are `ws` (at output n0), which a tile
 // fetches a line per row while it computes: each row is only K floats long, too short a stream
 // for the hardware prefetcher to ramp up on. Rows past the end: the tile's own (cached).
-template <int NR>
-inline void next_tile_rows(const float* __restrict__ const* ws, int64_t n0, int64_t n, int64_t k,
-                           const float** next) {
+template <int NR, typename W>
+inline void next_tile_rows(const W* __restrict__ const* ws, int64_t n0, int64_t n, int64_t k,
+                           const W** next) {
   for (int j = 0; j < NR; ++j) next[j] = n0 + NR + j < n ? ws[j] + NR * k : ws[j];
 }
 
 // y[m0:m0+MR, n0:n0+NR] = x[m0:m0+MR] . w[n0:n0+NR]^T over all of K.
-template <int MR, int NR>
-inline void tile(const Problem& p, int64_t m0, int64_t n0) {
+template <int MR, int NR, typename W>
+inline void tile(const Problem<W>& p, int64_t m0, int64_t n0) {
   const int64_t k = p.k, kv = k - k % kLanes;
   const float* __restrict__ xs[MR];
-  const float* __restrict__ ws[NR];
+  const W* __restrict__ ws[NR];
   for (int i = 0; i < MR; ++i) xs[i] = p.x + (m0 + i) * k;
   for (int j = 0; j < NR; ++j) ws[j] = p.w + (n0 + j) * k;
   Vec acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = Vec{};
-  const float* next[NR];
+  const W* next[NR];
   next_tile_rows<NR>(ws, n0, p.n, k, next);
   for (int64_t kk = 0; kk < kv; kk += kLanes) {
     Vec wv[NR];
-    for (int j = 0; j < NR; ++j) __builtin_prefetch(next[j] + kk, 0, 3);
+    if (line_start<W>(kk))
+      for (int j = 0; j < NR; ++j) __builtin_prefetch(next[j] + kk, 0, 3);
     for (int j = 0; j < NR; ++j) wv[j] = load(ws[j] + kk);
     for (int i = 0; i < MR; ++i) {
       const Vec xv = load(xs[i] + kk);
@@ -81,26 +106,28 @@ inline void tile(const Problem& p, int64_t m0, int64_t n0) {
     float* __restrict__ out = p.y + (m0 + i) * p.n + n0;
     for (int j = 0; j < NR; ++j) {
       float s = hsum(acc[i][j]);
-      for (int64_t kk = kv; kk < k; ++kk) s += xs[i][kk] * ws[j][kk];
-      out[j] = s;
+      for (int64_t kk = kv; kk < k; ++kk) s += xs[i][kk] * static_cast<float>(ws[j][kk]);
+      out[j] = scaled<W>(s, p.scale, n0 + j);
     }
   }
 }
 
-template <int MR>
-inline void tile_n(const Problem& p, int64_t m0, int64_t n0, int64_t nr) {
+template <int MR, typename W>
+inline void tile_n(const Problem<W>& p, int64_t m0, int64_t n0, int64_t nr) {
   if (nr == kNR) return tile<MR, kNR>(p, m0, n0);
   for (int64_t j = 0; j < nr; ++j) tile<MR, 1>(p, m0, n0 + j);  // a last, narrower tile
 }
 
-inline void tile_mn(const Problem& p, int64_t m0, int64_t mr, int64_t n0, int64_t nr) {
+template <typename W>
+inline void tile_mn(const Problem<W>& p, int64_t m0, int64_t mr, int64_t n0, int64_t nr) {
   if (mr == kMR) return tile_n<kMR>(p, m0, n0, nr);
   for (int64_t i = 0; i < mr; ++i) tile_n<1>(p, m0 + i, n0, nr);
 }
 
 // Work item `item`: one run of output tiles, tile after tile, each over every row (its weight
 // rows are read from memory once and reused from cache).
-void run_item(const Problem& p, int64_t item) {
+template <typename W>
+void run_item(const Problem<W>& p, int64_t item) {
   const int64_t n_begin = item * p.tiles_per_item * kNR;
   const int64_t n_end = std::min(p.n, n_begin + p.tiles_per_item * kNR);
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kNR) {
@@ -116,10 +143,12 @@ void run_item(const Problem& p, int64_t item) {
 // * broadcast(w[n0 + j, k]): MV vector loads and NR scalar broadcasts per MV * NR FMAs, no
 // horizontal sums; each weight row is read once per block of rows, sequentially along K.
 
+template <typename W>
 struct Panel {
-  const float* xt;  // [K, mp]
-  const float* w;   // [N, K]
-  float* y;         // [M, N]
+  const float* xt;     // [K, mp]
+  const W* w;          // [N, K]
+  const float* scale;  // [N] (int8 weights)
+  float* y;            // [M, N]
   int64_t m, mp, n, k;
   int64_t mc;              // rows per block (a multiple of kLanes * kMV)
   int64_t tiles_per_item;  // kPanelNR-output tiles per work item
@@ -129,24 +158,25 @@ struct Panel {
 constexpr int kMV = 2;       // row vectors per tile: 2 x 16 = 32 rows with AVX-512
 constexpr int kPanelNR = 12;  // outputs per tile: 24 accumulators
 
-template <int MV, int NR>
-inline void panel_tile(const Panel& p, int64_t m0, int64_t n0) {
+template <int MV, int NR, typename W>
+inline void panel_tile(const Panel<W>& p, int64_t m0, int64_t n0) {
   Vec acc[MV][NR];
   for (int v = 0; v < MV; ++v)
     for (int j = 0; j < NR; ++j) acc[v][j] = Vec{};
-  const float* __restrict__ ws[NR];
+  const W* __restrict__ ws[NR];
   for (int j = 0; j < NR; ++j) ws[j] = p.w + (n0 + j) * p.k;
   const float* __restrict__ xt = p.xt + m0;
-  const float* next[NR];
+  const W* next[NR];
   next_tile_rows<NR>(ws, n0, p.n, p.k, next);
   for (int64_t k0 = 0; k0 < p.k; k0 += kLanes) {
-    for (int j = 0; j < NR; ++j) __builtin_prefetch(next[j] + k0, 0, 3);
+    if (line_start<W>(k0))
+      for (int j = 0; j < NR; ++j) __builtin_prefetch(next[j] + k0, 0, 3);
     const int64_t k1 = std::min<int64_t>(p.k, k0 + kLanes);
     for (int64_t kk = k0; kk < k1; ++kk) {
       Vec xv[MV];
       for (int v = 0; v < MV; ++v) xv[v] = load(xt + kk * p.mp + v * kLanes);
       for (int j = 0; j < NR; ++j) {
-        const float b = ws[j][kk];
+        const float b = static_cast<float>(ws[j][kk]);
         for (int v = 0; v < MV; ++v) acc[v][j] += xv[v] * b;
       }
     }
@@ -156,12 +186,13 @@ inline void panel_tile(const Panel& p, int64_t m0, int64_t n0) {
     const int64_t rows = std::min<int64_t>(kLanes, p.m - r0);
     for (int64_t l = 0; l < rows; ++l) {
       float* __restrict__ out = p.y + (r0 + l) * p.n + n0;
-      for (int j = 0; j < NR; ++j) out[j] = acc[v][j][l];
+      for (int j = 0; j < NR; ++j) out[j] = scaled<W>(acc[v][j][l], p.scale, n0 + j);
     }
   }
 }
 
-void panel_item(const Panel& p, int64_t item) {
+template <typename W>
+void panel_item(const Panel<W>& p, int64_t item) {
   const int64_t mb = item / p.n_items, ni = item % p.n_items;
   const int64_t m_begin = mb * p.mc, m_end = std::min(p.mp, m_begin + p.mc);
   const int64_t n_begin = ni * p.tiles_per_item * kPanelNR;
@@ -192,7 +223,8 @@ void panel_item(const Panel& p, int64_t item) {
 // Measured on GPT-2-small's chain of products: 5-20% faster than XLA's dot, at the speed of
 // XLA's own row sums over the same matrices. Several rows side by side were slower; software
 // prefetch depends on the CPU (SAX_GEMV_PREFETCH_ROWS below).
-inline float dot_row(const float* __restrict__ x, const float* __restrict__ w, int64_t k) {
+template <typename W>
+inline float dot_row(const float* __restrict__ x, const W* __restrict__ w, int64_t k) {
   const int64_t kv = k - k % kLanes;
   Vec acc{}, acc1{}, acc2{}, acc3{};  // four chains of FMAs, not one (measured 2-10% faster)
   int64_t kk = 0;
@@ -204,7 +236,7 @@ inline float dot_row(const float* __restrict__ x, const float* __restrict__ w, i
   }
   for (; kk < kv; kk += kLanes) acc += load(x + kk) * load(w + kk);
   float s = hsum((acc + acc1) + (acc2 + acc3));
-  for (kk = kv; kk < k; ++kk) s += x[kk] * w[kk];
+  for (kk = kv; kk < k; ++kk) s += x[kk] * static_cast<float>(w[kk]);
   return s;
 }
 
@@ -218,22 +250,25 @@ constexpr int64_t kGemvItemsPerThread = 8;
 #define SAX_GEMV_PREFETCH_ROWS 0
 #endif
 
+template <typename W>
 struct Gemv {
-  const float* x;  // [K]
-  const float* w;  // [N, K]
-  float* y;        // [N]
+  const float* x;      // [K]
+  const W* w;          // [N, K]
+  const float* scale;  // [N] (int8 weights)
+  float* y;            // [N]
   int64_t n, k;
   int64_t per;  // rows per work item
   int64_t items;
 };
 
-void gemv_item(const Gemv& p, int64_t i) {
+template <typename W>
+void gemv_item(const Gemv<W>& p, int64_t i) {
   for (int64_t r = i * p.per, e = std::min(p.n, r + p.per); r < e; ++r) {
     if constexpr (SAX_GEMV_PREFETCH_ROWS > 0) {
-      const float* ahead = p.w + std::min<int64_t>(e - 1, r + SAX_GEMV_PREFETCH_ROWS) * p.k;
-      for (int64_t kk = 0; kk < p.k; kk += kLanes) __builtin_prefetch(ahead + kk, 0, 3);
+      const W* ahead = p.w + std::min<int64_t>(e - 1, r + SAX_GEMV_PREFETCH_ROWS) * p.k;
+      for (int64_t kk = 0; kk < p.k; kk += 64 / sizeof(W)) __builtin_prefetch(ahead + kk, 0, 3);
     }
-    p.y[r] = dot_row(p.x, p.w + r * p.k, p.k);
+    p.y[r] = scaled<W>(dot_row(p.x, p.w + r * p.k, p.k), p.scale, r);
   }
 }
 
@@ -246,9 +281,11 @@ int64_t tiles_per_item(int64_t n_tiles, int64_t threads) {
 constexpr int64_t kDotRows = 8;
 
 // One product of a call: a weight matrix and its output.
+template <typename W>
 struct Output {
-  const float* w;  // [N, K]
-  float* y;        // [M, N]
+  const W* w;          // [N, K]
+  const float* scale;  // [N] (int8 weights)
+  float* y;            // [M, N]
   int64_t n;
 };
 
@@ -264,29 +301,30 @@ void run_parts(ffi::ThreadPool& pool, const std::vector<Part>& parts, F run) {
   });
 }
 
-void matmul(ffi::ThreadPool& pool, const float* x, int64_t m, int64_t k, const std::vector<Output>& outs) {
+template <typename W>
+void matmul(ffi::ThreadPool& pool, const float* x, int64_t m, int64_t k, const std::vector<Output<W>>& outs) {
   const int64_t threads = pool.num_threads();  // the caller is one of them (parallel.h)
   if (m == 1) {
-    std::vector<Gemv> parts;
-    for (const Output& o : outs) {
+    std::vector<Gemv<W>> parts;
+    for (const Output<W>& o : outs) {
       const int64_t items = std::min<int64_t>(o.n, kGemvItemsPerThread * threads);
       const int64_t per = (o.n + items - 1) / items;
-      parts.push_back(Gemv{x, o.w, o.y, o.n, k, per, (o.n + per - 1) / per});
+      parts.push_back(Gemv<W>{x, o.w, o.scale, o.y, o.n, k, per, (o.n + per - 1) / per});
     }
-    return run_parts(pool, parts, gemv_item);
+    return run_parts(pool, parts, gemv_item<W>);
   }
   if (m <= kDotRows) {
-    std::vector<Problem> parts;
-    for (const Output& o : outs) {
-      Problem p;
-      p.x = x, p.w = o.w, p.y = o.y;
+    std::vector<Problem<W>> parts;
+    for (const Output<W>& o : outs) {
+      Problem<W> p;
+      p.x = x, p.w = o.w, p.scale = o.scale, p.y = o.y;
       p.m = m, p.n = o.n, p.k = k;
       const int64_t n_tiles = (o.n + kNR - 1) / kNR;
       p.tiles_per_item = tiles_per_item(n_tiles, threads);
       p.items = (n_tiles + p.tiles_per_item - 1) / p.tiles_per_item;
       parts.push_back(p);
     }
-    return run_parts(pool, parts, run_item);
+    return run_parts(pool, parts, run_item<W>);
   }
   constexpr int64_t step = kLanes * kMV;
   const int64_t mp = (m + step - 1) / step * step;
@@ -300,12 +338,13 @@ void matmul(ffi::ThreadPool& pool, const float* x, int64_t m, int64_t k, const s
     for (int64_t r = r0; r < r0 + rows; ++r)
       for (int64_t kk = kv; kk < k; ++kk) xt[kk * mp + r] = x[r * k + kk];
   }
-  std::vector<Panel> parts;
-  for (const Output& o : outs) {
-    Panel p;
+  std::vector<Panel<W>> parts;
+  for (const Output<W>& o : outs) {
+    Panel<W> p;
     p.m = m, p.mp = mp, p.n = o.n, p.k = k;
     p.xt = xt.data();
     p.w = o.w;
+    p.scale = o.scale;
     p.y = o.y;
     // Rows per block: their transposed inputs (mc * K floats) stay within about 512 KB of L2.
     p.mc = std::min(mp, std::max<int64_t>(step, (131072 / std::max<int64_t>(k, 1)) / step * step));
@@ -316,7 +355,7 @@ void matmul(ffi::ThreadPool& pool, const float* x, int64_t m, int64_t k, const s
     p.items = p.m_blocks * p.n_items;
     parts.push_back(p);
   }
-  run_parts(pool, parts, panel_item);
+  run_parts(pool, parts, panel_item<W>);
 }
 
 // x [M, K] and weights w_j [N_j, K] -> y_j = x . w_j^T [M, N_j]: several weights applied to
@@ -329,7 +368,7 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Remain
     return ffi::Error::InvalidArgument("expected x [M, K] and as many weights [N, K] as results");
   }
   const int64_t m = xd[0], k = xd[1];
-  std::vector<Output> outs;
+  std::vector<Output<float>> outs;
   for (size_t j = 0; j < ws.size(); ++j) {
     auto w = ws.get<ffi::Buffer<ffi::F32>>(j);
     auto y = ys.get<ffi::Buffer<ffi::F32>>(j);
@@ -338,7 +377,37 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Remain
     if (wd.size() != 2 || wd[1] != k || yd.size() != 2 || yd[0] != m || yd[1] != wd[0]) {
       return ffi::Error::InvalidArgument("expected weights [N, K] and results [M, N]");
     }
-    if (wd[0] > 0) outs.push_back(Output{w->typed_data(), y.value()->typed_data(), wd[0]});
+    if (wd[0] > 0) outs.push_back(Output<float>{w->typed_data(), nullptr, y.value()->typed_data(), wd[0]});
+  }
+  if (m > 0 && !outs.empty()) matmul(pool, x.typed_data(), m, k, outs);
+  return ffi::Error::Success();
+}
+
+// x [M, K] and int8 weights q_j [N_j, K] with float32 scales s_j [N_j] (arguments q_0, s_0,
+// q_1, s_1, ...) -> y_j = (x . q_j^T) * s_j [M, N_j].
+ffi::Error MatmulQ8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs ws,
+                        ffi::RemainingRets ys) {
+  auto xd = x.dimensions();
+  if (xd.size() != 2 || ws.size() == 0 || ws.size() != 2 * ys.size()) {
+    return ffi::Error::InvalidArgument("expected x [M, K] and (int8 weight [N, K], scales [N]) per result");
+  }
+  const int64_t m = xd[0], k = xd[1];
+  std::vector<Output<int8_t>> outs;
+  for (size_t j = 0; j < ys.size(); ++j) {
+    auto w = ws.get<ffi::Buffer<ffi::S8>>(2 * j);
+    auto s = ws.get<ffi::Buffer<ffi::F32>>(2 * j + 1);
+    auto y = ys.get<ffi::Buffer<ffi::F32>>(j);
+    if (w.has_error() || s.has_error() || y.has_error()) {
+      return ffi::Error::InvalidArgument("weights must be int8, scales and results float32");
+    }
+    auto wd = w->dimensions(), sd = s->dimensions(), yd = y.value()->dimensions();
+    if (wd.size() != 2 || wd[1] != k || sd.size() != 1 || sd[0] != wd[0] || yd.size() != 2 || yd[0] != m ||
+        yd[1] != wd[0]) {
+      return ffi::Error::InvalidArgument("expected weights [N, K], scales [N] and results [M, N]");
+    }
+    if (wd[0] > 0) {
+      outs.push_back(Output<int8_t>{w->typed_data(), s->typed_data(), y.value()->typed_data(), wd[0]});
+    }
   }
   if (m > 0 && !outs.empty()) matmul(pool, x.typed_data(), m, k, outs);
   return ffi::Error::Success();
@@ -347,6 +416,13 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Remain
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SaxMatmul, MatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .RemainingArgs()
+                                  .RemainingRets());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SaxMatmulQ8, MatmulQ8Impl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

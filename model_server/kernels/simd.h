@@ -3,6 +3,10 @@
 #ifndef SAXPLANE_KERNELS_SIMD_H_
 #define SAXPLANE_KERNELS_SIMD_H_
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
 #include <cmath>
 #include <cstdint>
 
@@ -20,6 +24,21 @@ typedef float Vec __attribute__((vector_size(kLanes * 4), aligned(4)));
 typedef float VecMem __attribute__((vector_size(kLanes * 4), aligned(4), may_alias));
 
 inline Vec load(const float* p) { return *reinterpret_cast<const VecMem*>(p); }
+
+// kLanes int8 values at any address, converted to floats in registers (the int8 weights'
+// form of `load`): one sign-extending load and one conversion. Intrinsics, because GCC 12
+// scalarises __builtin_convertvector from int8 vectors.
+inline Vec load(const int8_t* p) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<Vec>(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))));
+#elif defined(__AVX2__)
+  return reinterpret_cast<Vec>(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))));
+#else
+  Vec v;
+  for (int l = 0; l < kLanes; ++l) v[l] = static_cast<float>(p[l]);
+  return v;
+#endif
+}
 
 inline void store(float* p, Vec v) { *reinterpret_cast<VecMem*>(p) = v; }
 

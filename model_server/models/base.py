@@ -231,14 +231,22 @@ def param_count(spec: ModelSpec) -> int:
     return int(sum(math.prod(s) for s in leaves))
 
 
-def param_bytes(spec: ModelSpec, dtype: Any = "bfloat16") -> int:
-    """Bytes the params take in `dtype`."""
-    return param_count(spec) * dtype_of(dtype).itemsize
+def param_bytes(spec: ModelSpec, dtype: Any = "bfloat16", quantization: Optional[str] = None) -> int:
+    """Bytes the params take in `dtype`; with `quantization` ('int8'), the quantized ones at
+    one byte each plus their float32 scales (see quant.py)."""
+    if quantization is None:
+        return param_count(spec) * dtype_of(dtype).itemsize
+    from model_server.models import quant
+    return quant.param_bytes(param_shapes(spec), dtype_of(dtype).itemsize)
 
 
 def kv_bytes_per_token(spec: ModelSpec, dtype: Any = "bfloat16") -> int:
-    """Bytes one position of one sequence takes in the KV cache (keys and values, all layers)."""
-    return spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * dtype_of(dtype).itemsize
+    """Bytes one position of one sequence takes in the KV cache (keys and values, all layers);
+    an int8 cache adds its float32 scale per position and KV head."""
+    per_head = spec.head_dim * dtype_of(dtype).itemsize
+    if dtype_of(dtype) == np.int8:
+        per_head += 4
+    return spec.num_layers * 2 * spec.num_kv_heads * per_head
 
 
 def kv_cache_bytes(spec: ModelSpec, tokens: int, dtype: Any = "bfloat16") -> int:
@@ -321,16 +329,39 @@ def bind(spec: ModelSpec, params: Params) -> nnx.Module:
 def init_cache(spec: ModelSpec, num_blocks: int, block_size: int, dtype: Any,
                sharding: Optional[jax.sharding.Sharding] = None) -> KVCache:
     """Zeroed paged KV cache: list (per layer) of (k pool, v pool), each
-    [num_blocks, kv_heads, block_size, head_dim]."""
+    [num_blocks, kv_heads, block_size, head_dim]. An int8 pool is a `quant.QTensor`: int8
+    values and a float32 scale per position and KV head [num_blocks, kv_heads, block_size]
+    (symmetric, set as each position is written; see layers.write_kv)."""
+    from model_server.models.quant import QTensor
+
     dt = jnp.dtype(dtype)
     shape = (num_blocks, spec.num_kv_heads, block_size, spec.head_dim)
 
-    def zeros() -> jax.Array:
+    def full(shape: tuple, dt: Any, value: float) -> jax.Array:
         if sharding is None:
-            return jnp.zeros(shape, dt)
-        return jax.jit(lambda: jnp.zeros(shape, dt), out_shardings=sharding)()
+            return jnp.full(shape, value, dt)
+        return jax.jit(lambda: jnp.full(shape, value, dt), out_shardings=pool_sharding(sharding, len(shape)))()
 
-    return [(zeros(), zeros()) for _ in range(spec.num_layers)]
+    def pool() -> Any:
+        if dt == jnp.int8:
+            return QTensor(full(shape, dt, 0), full(shape[:-1], jnp.float32, 1.0))
+        return full(shape, dt, 0)
+
+    return [(pool(), pool()) for _ in range(spec.num_layers)]
+
+
+def pool_sharding(sharding: jax.sharding.Sharding, ndim: int) -> jax.sharding.Sharding:
+    """The cache's sharding for an array of `ndim` dims of a pool (an int8 pool's scales have
+    three: no head dim)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    if not isinstance(sharding, NamedSharding) or len(sharding.spec) <= ndim:
+        return sharding
+    return NamedSharding(sharding.mesh, P(*tuple(sharding.spec)[:ndim]))
+
+
+def cache_shardings(cache: KVCache, sharding: jax.sharding.Sharding) -> Any:
+    """The sharding tree of `cache` (e.g. a program's out_shardings)."""
+    return jax.tree.map(lambda a: pool_sharding(sharding, a.ndim), cache)
 
 
 # --------------------------------------------------------------------------- forward

@@ -141,9 +141,9 @@ class Gemma(DecoderModel):
     Block = Block
 
     def embed_tokens(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
-        table = self.embed[...]
-        scale = jnp.asarray(math.sqrt(self.spec.hidden_size), table.dtype)  # rounded as HF's is
-        return jnp.take(table, tokens, axis=0, mode="clip") * scale
+        dtype = self.final_norm[...].dtype
+        scale = jnp.asarray(math.sqrt(self.spec.hidden_size), dtype)  # rounded as HF's is
+        return L.embed_rows(self.embed[...], tokens, dtype) * scale
 
     def final_norm_of(self, x: jax.Array) -> jax.Array:
         return L.gemma_rms_norm(x, self.final_norm[...], self.spec.norm_eps)

@@ -156,8 +156,8 @@ class GPT2(DecoderModel):
 
     def embed_tokens(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
         pos = jnp.clip(positions, 0, self.spec.max_position_embeddings - 1)
-        return (jnp.take(self.embed[...], tokens, axis=0, mode="clip")
-                + jnp.take(self.pos_embed[...], pos, axis=0))
+        table = self.pos_embed[...]
+        return L.embed_rows(self.embed[...], tokens, table.dtype) + jnp.take(table, pos, axis=0)
 
     def final_norm_of(self, x: jax.Array) -> jax.Array:
         return L.layer_norm(x, self.final_norm[...], self.final_norm_b[...], self.spec.norm_eps)

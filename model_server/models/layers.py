@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from model_server import kernels
+from model_server.models.quant import QTensor, is_quantized
 
 F32 = jnp.float32
 
@@ -128,15 +129,32 @@ def write_kv(pools: tuple[jax.Array, jax.Array], k: jax.Array, v: jax.Array, pos
     ids = jnp.take_along_axis(block_tables, jnp.clip(index, 0, width - 1), axis=1)
     ids = jnp.where(inside & (ids >= 0), ids, nb)
     offsets = positions % bs
-    kp = kp.at[ids, :, offsets].set(k.astype(kp.dtype), mode="drop")
-    vp = vp.at[ids, :, offsets].set(v.astype(vp.dtype), mode="drop")
-    return kp, vp
+    return _write_pool(kp, k, ids, offsets), _write_pool(vp, v, ids, offsets)
 
 
-def gather_blocks(pool: jax.Array, block_tables: jax.Array) -> jax.Array:
-    """The positions a table covers, in order: [B, KV, K * block_size, D]."""
+def _write_pool(pool: jax.Array | QTensor, x: jax.Array, ids: jax.Array, offsets: jax.Array):
+    """x [B, T, KV, D] into `pool` at (ids, :, offsets); an int8 pool gets each (position,
+    head) row quantized symmetrically with its own scale max|row| / 127."""
+    if not is_quantized(pool):
+        return pool.at[ids, :, offsets].set(x.astype(pool.dtype), mode="drop")
+    xf = x.astype(F32)
+    amax = jnp.max(jnp.abs(xf), axis=-1)
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+    q = jnp.clip(jnp.round(xf / scale[..., None]), -127, 127).astype(jnp.int8)
+    return QTensor(pool.q.at[ids, :, offsets].set(q, mode="drop"),
+                   pool.scale.at[ids, :, offsets].set(scale, mode="drop"))
+
+
+def gather_blocks(pool: jax.Array | QTensor, block_tables: jax.Array, dtype: Optional[jnp.dtype] = None
+                  ) -> jax.Array:
+    """The positions a table covers, in order: [B, KV, K * block_size, D] (an int8 pool's
+    dequantized into `dtype`)."""
     b, width = block_tables.shape
     _, kv, bs, d = pool.shape
+    if is_quantized(pool):
+        q = gather_blocks(pool.q, block_tables)
+        s = jnp.moveaxis(jnp.take(pool.scale, block_tables, axis=0, mode="clip"), 2, 1).reshape(b, kv, width * bs)
+        return (q.astype(F32) * s[..., None]).astype(dtype or F32)
     rows = jnp.take(pool, block_tables, axis=0, mode="clip")  # [B, K, KV, bs, D]
     return jnp.moveaxis(rows, 2, 1).reshape(b, kv, width * bs, d)
 
@@ -154,13 +172,13 @@ def paged_attention(q: jax.Array, q_positions: jax.Array, pools: tuple[jax.Array
     b, tq, h, d = q.shape
     kp, vp = pools
     if not softcap and kernels.enabled():
-        if tq == 1:
+        if tq == 1 and not is_quantized(kp):
             out = kernels.decode_attention(q[:, 0], block_tables, q_positions[:, 0], kp, vp, scale, window or 0)
             return out.reshape(b, 1, h * d).astype(q.dtype)
         if kernels.use_prefill_attention(d, kp.shape[2], q.dtype, kp.dtype, vp.dtype):
             out = kernels.prefill_attention(q, q_positions, kp, vp, block_tables, scale, window or 0)
             return out.reshape(b, tq, h * d).astype(q.dtype)
-    keys, vals = gather_blocks(kp, block_tables), gather_blocks(vp, block_tables)
+    keys, vals = gather_blocks(kp, block_tables, q.dtype), gather_blocks(vp, block_tables, q.dtype)
     span = keys.shape[2]
     mask = visible(jnp.arange(span, dtype=q_positions.dtype)[None, None, :], q_positions[:, :, None], window)
     return _attend(q, [keys], [vals], mask, scale, softcap)
@@ -258,11 +276,30 @@ def linears(x: jax.Array, ws: Sequence[jax.Array], bs: Sequence[Optional[jax.Arr
     the threads): XLA fuses such sibling products itself, but not custom calls."""
     lead, k = x.shape[:-1], x.shape[-1]
     rows = math.prod(lead)
-    if kernels.use_matmul(rows, x.dtype, *(w.dtype for w in ws)):
+    quantized = [is_quantized(w) for w in ws]
+    if all(quantized) and kernels.use_matmul_q8(rows, x.dtype):
+        ys = [y.reshape(*lead, w.shape[0]) for y, w in zip(kernels.matmul_q8(x.reshape(rows, k), *ws), ws)]
+        ys = [y if out_dtype == F32 else y.astype(x.dtype) for y in ys]
+    elif not any(quantized) and kernels.use_matmul(rows, x.dtype, *(w.dtype for w in ws)):
         ys = [y.reshape(*lead, w.shape[0]) for y, w in zip(kernels.matmul(x.reshape(rows, k), *ws), ws)]
     else:
-        ys = [jnp.einsum("...i,oi->...o", x, w, preferred_element_type=out_dtype) for w in ws]
+        ys = [_dot_q8(x, w, out_dtype) if q else jnp.einsum("...i,oi->...o", x, w, preferred_element_type=out_dtype)
+              for w, q in zip(ws, quantized)]
     return [y if b is None else y + b for y, b in zip(ys, bs)]
+
+
+def _dot_q8(x: jax.Array, w: QTensor, out_dtype: Optional[jnp.dtype]) -> jax.Array:
+    """x . w^T for an int8 weight: (x . q^T) * scale, q converted to x's dtype (exact) inside
+    the product and float32 accumulation (XLA fuses the conversion into the dot)."""
+    y = jnp.einsum("...i,oi->...o", x, w.q.astype(x.dtype), preferred_element_type=F32) * w.scale
+    return y.astype(out_dtype or x.dtype)
+
+
+def embed_rows(table: jax.Array | QTensor, tokens: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """Rows `tokens` of an embedding table (plain or int8) in `dtype`."""
+    if is_quantized(table):
+        return table.rows(tokens, dtype)
+    return jnp.take(table, tokens, axis=0, mode="clip")
 
 
 def qkv(h: jax.Array, h_q: jax.Array, ws: Sequence[jax.Array], bs: Sequence[Optional[jax.Array]]):

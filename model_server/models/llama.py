@@ -256,7 +256,7 @@ class Llama(DecoderModel):
     Block = Block
 
     def embed_tokens(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
-        return jnp.take(self.embed[...], tokens, axis=0, mode="clip")
+        return L.embed_rows(self.embed[...], tokens, self.final_norm[...].dtype)
 
     def final_norm_of(self, x: jax.Array) -> jax.Array:
         return L.rms_norm(x, self.final_norm[...], self.spec.norm_eps)

@@ -20,6 +20,7 @@ from model_server.models import layers as L
 from model_server.models import llama
 from model_server.models.base import ModelConfigError, ModelSpec, declare_params
 from model_server.models.hfmap import Rule
+from model_server.models.quant import is_quantized
 
 MODEL_TYPES = ("qwen3_moe", "mixtral")
 MODULE = "MoE"
@@ -141,7 +142,11 @@ class Block(llama.Block):
         spec = self.spec
         if self.index not in spec.moe_layers:
             return super().mlp(h)
-        return X.moe_mlp(h, self.router[...], self.e_gate[...], self.e_up[...], self.e_down[...],
+        # int8 experts (quant.py) are dequantized here: the grouped/dense expert products
+        # take plain matrices
+        gate, up, down = (w.dequantize(h.dtype) if is_quantized(w) else w
+                          for w in (self.e_gate[...], self.e_up[...], self.e_down[...]))
+        return X.moe_mlp(h, self.router[...], gate, up, down,
                          spec.num_experts_per_tok, spec.norm_topk_prob, L.ACTIVATIONS[spec.activation])
 
 
