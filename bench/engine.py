@@ -3,6 +3,7 @@
     python -m bench.engine                 # full run (a few minutes)
     python -m bench.engine --new-tokens 32 # quicker
     python -m bench.engine --window 1024 --concurrency 1 8  # a long window: KV blocks in use only
+    python -m bench.engine --model gpt2-int8  # int8 weights vs float32 (bench/engine_quant.py)
 
 Both run in this process on the same weights (12 layers, d=768, vocab 50257, fp32); torch
 uses every core (`torch.set_num_threads(os.cpu_count())`), XLA its defaults. Measured:
@@ -39,7 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 VOCAB = 50257
-MODELS = ("gpt2", "qwen3-moe")
+MODELS = ("gpt2", "qwen3-moe", "gpt2-int8")
 
 
 def gpt2_small_spec():
@@ -259,7 +260,8 @@ def main(argv=None) -> int:
                     help="batch-1 decodes measured against the bandwidth read just before and after")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--model", choices=MODELS, default="gpt2",
-                    help="qwen3-moe: the mixture-of-experts row (bench/engine_moe.py; its own options)")
+                    help="qwen3-moe: the mixture-of-experts row (bench/engine_moe.py; its own options); "
+                    "gpt2-int8: int8 weights vs float32 (bench/engine_quant.py; its own options)")
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--model", choices=MODELS, default="gpt2")
     chosen, rest = pre.parse_known_args(argv)
@@ -267,6 +269,10 @@ def main(argv=None) -> int:
         from bench import engine_moe
 
         return engine_moe.main(rest)
+    if chosen.model == "gpt2-int8":
+        from bench import engine_quant
+
+        return engine_quant.main(rest)
     args = ap.parse_args(argv)
 
     import torch

@@ -198,3 +198,63 @@ def test_quantized_engine_serves_without_compiling(q8_engine):
             total += 1
             seq.append(tok)
     assert agree >= 0.9 * total
+
+
+SHARDED = """
+import json, sys
+import jax
+from model_server import registry
+from model_server.engine import Engine, SamplingParams, compile_count
+from model_server.models import base
+
+over = {"num_slots": 2, "max_seq_len": 32, "quantization": "int8", "kv_cache_dtype": sys.argv[2]}
+model = registry.load_model("test.tiny", None, over, mesh=base.make_mesh() if len(jax.devices()) > 1 else None)
+eng = Engine(model, num_slots=2, max_seq_len=32, prefill_buckets=[32], kv_cache_dtype=sys.argv[2],
+             num_blocks=model.num_blocks())
+eng.start()
+w = eng.runner.params["layers"][0]["w_gate"]
+out = {"devices": len(jax.devices()), "q": list(w.q.addressable_shards[0].data.shape),
+       "scale": list(w.scale.addressable_shards[0].data.shape), "kv": str(eng.runner.cache[0][0].dtype)}
+c0 = compile_count()
+hs = [eng.submit(p, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=1))
+      for p in json.loads(sys.argv[1])]
+res = [h.result()[0] for h in hs]
+out["tokens"] = [r.token_ids for r in res]
+out["logprobs"] = [[lp.logprob for lp in r.logprobs] for r in res]
+out["compiles"] = compile_count() - c0
+eng.stop()
+print("RESULT " + json.dumps(out))
+"""
+
+
+def _run_sharded(prompts, devices: int, kv_dtype: str) -> dict:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+    for _attempt in range(2):  # XLA's emulated collectives may miss a rendezvous under load
+        proc = subprocess.run([sys.executable, "-c", SHARDED, json.dumps(prompts), kv_dtype], env=env,
+                              capture_output=True, text=True, timeout=300, cwd=root)
+        if proc.returncode == 0 or "rendezvous" not in proc.stderr:
+            break
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.split("RESULT ", 1)[1])
+
+
+@pytest.mark.slow
+def test_int8_tensor_parallel_matches_one_device():
+    """On 4 devices (the pure-JAX path) int8 weights are split as the float ones (values by
+    rows, their scales alongside) and an int8 KV pool by heads; greedy tokens match one device."""
+    model = registry.load_model("test.tiny", None, {"num_slots": 2, "max_seq_len": 32})
+    prompts = [model.tokenizer.encode(t, add_special_tokens=False)[:20]
+               for t in ("Hello world! This is", "def add(a, b):")]
+    one = _run_sharded(prompts, 1, "int8")
+    four = _run_sharded(prompts, 4, "int8")
+    assert four["devices"] == 4 and four["kv"] == "int8" and four["compiles"] == 0
+    d, f = model.spec.hidden_size, model.spec.intermediate_size
+    assert one["q"] == [f, d] and four["q"] == [f // 4, d] and four["scale"] == [f // 4]
+    assert four["tokens"] == one["tokens"]
+    np.testing.assert_allclose(four["logprobs"], one["logprobs"], atol=2e-3)

@@ -73,7 +73,7 @@ def test_resolve_knobs():
     k = ServingKnobs().resolve(256, platform="cpu")
     assert (k.max_seq_len, k.dtype, k.prefill_buckets) == (256, "float32", (16, 32, 64, 128, 256))
     assert ServingKnobs().resolve(100_000, platform="gpu") == ServingKnobs(
-        8, 2048, (16, 32, 64, 128, 256, 512, 1024, 2048), "bfloat16", 64)
+        8, 2048, (16, 32, 64, 128, 256, 512, 1024, 2048), "bfloat16", 64, kv_cache_dtype="bfloat16")
     assert ServingKnobs(max_seq_len=48).resolve(256, "cpu").prefill_buckets == (16, 32, 48)
     with pytest.raises(OverrideError, match="exceeds the model's limit of 256"):
         ServingKnobs(max_seq_len=512).resolve(256, "cpu")
@@ -111,7 +111,7 @@ def test_tiny_is_deterministic(model):
 
 
 def test_loaded_model_knobs_and_memory(model):
-    assert model.knobs == ServingKnobs(4, 64, (16, 32, 64), "float32", 64)
+    assert model.knobs == ServingKnobs(4, 64, (16, 32, 64), "float32", 64, kv_cache_dtype="float32")
     spec = model.spec
     assert model.param_bytes() == 4 * base.param_count(spec)
     # default pool: 4 sequences of 64 positions in blocks of 16, and one block per slot
