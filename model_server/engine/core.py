@@ -31,7 +31,7 @@ from model_server.engine.requests import EmbedJob, Group, Request, RequestHandle
 from model_server.engine.runner import Runner
 from model_server.engine.scheduler import Scheduler
 from model_server.engine.tokenizer import EngineTokenizer
-from model_server.knobs import DEFAULT_BLOCK_SIZE, DEFAULT_TOKEN_BUDGET
+from model_server.knobs import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_QUEUE_WAIT_S, DEFAULT_TOKEN_BUDGET
 from model_server.engine.types import EngineError, QueueFull, SamplingParams
 from model_server.models import base
 from model_server.tokenizer import Tokenizer
@@ -49,7 +49,7 @@ class Engine:
                  max_prefill_tokens: Optional[int] = None, compile_threads: Optional[int] = None,
                  block_size: int = DEFAULT_BLOCK_SIZE, num_blocks: Optional[int] = None,
                  kv_cache_bytes: Optional[int] = None, max_num_batched_tokens: Optional[int] = None,
-                 enable_prefix_caching: bool = True):
+                 enable_prefix_caching: bool = True, max_queue_wait_s: Optional[float] = None):
         self.spec: base.ModelSpec = model.spec
         spec = self.spec
         if num_slots < 1:
@@ -96,6 +96,7 @@ class Engine:
         self.num_blocks = int(num_blocks)
         self.kv_cache_bytes = self.num_blocks * per_block
         self.token_budget = int(max_num_batched_tokens or DEFAULT_TOKEN_BUDGET)
+        self.max_queue_wait_s = float(max_queue_wait_s or DEFAULT_MAX_QUEUE_WAIT_S)
 
         tok = model.tokenizer
         hf = tok.hf if isinstance(tok, Tokenizer) else tok
@@ -320,6 +321,7 @@ class Engine:
                 for h in cancels:
                     self._do_cancel(h)
                 self._take(inbox)
+                self._expire_waiting()
                 self._run_aux_work()
                 out, firsts, pending = self._step(pending)
                 # Read the previous step while this one runs; then the first tokens of the
@@ -342,6 +344,19 @@ class Engine:
         for r in inbox:
             if not r.done:
                 self.scheduler.add(Group(list(r.samples), r.prompt, r.arrival))
+
+    def _expire_waiting(self) -> None:
+        """Requests not admitted within max_queue_wait_s get the retryable refusal."""
+        expired = self.scheduler.expire(time.monotonic() - self.max_queue_wait_s)
+        for g in expired:
+            r = g.req
+            with self._lock:
+                self._waiting_samples -= len(g.seqs)
+                self._counters["requests_refused_total"] += 1
+                self._requests.pop(r.id, None)
+            r.done = True
+            r.handle._end(QueueFull(f"waited {self.max_queue_wait_s:.0f}s without a slot; retry later",
+                                    retry_after=self._retry_after()))
 
     def _step(self, pending):
         """Dispatch one engine step; returns its decode output, its first-token outputs, and

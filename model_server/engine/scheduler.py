@@ -218,6 +218,17 @@ class Scheduler:
 
     # ------------------------------------------------------------------ leaving
 
+    def expire(self, older_than: float) -> list[Group]:
+        """Take out the waiting groups of requests never admitted that arrived before
+        `older_than` (preempted sequences are never expired: they are recomputed)."""
+        out = [g for g in self.waiting if g.arrival < older_than and g.req.admitted == 0.0
+               and not any(s.generated for s in g.seqs)]
+        for g in out:
+            self.waiting.remove(g)
+            for s in g.seqs:
+                s.status = Status.FINISHED
+        return out
+
     def finish(self, seq: Sequence) -> None:
         """`seq` is done (finished, cancelled): its slot and blocks go back."""
         if seq.status is Status.RUNNING:
