@@ -20,6 +20,10 @@ MIN_BUCKET = 16
 DEFAULT_BLOCK_SIZE = 16
 #: Tokens per engine step while sequences decode: decodes, then prompt chunks.
 DEFAULT_TOKEN_BUDGET = 256
+#: Longest prompt chunk one prefill call computes: longer prompts prefill in chunks even when
+#: nothing decodes (each reads the chunks before it through the block table). Larger buckets
+#: serve scoring only; chunks pad less than one long bucket and compile fewer programs.
+MAX_PREFILL_CHUNK = 512
 #: Seconds a request may wait for admission before its retryable refusal (queue_full).
 DEFAULT_MAX_QUEUE_WAIT_S = 60
 

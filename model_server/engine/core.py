@@ -31,7 +31,8 @@ from model_server.engine.requests import EmbedJob, Group, Request, RequestHandle
 from model_server.engine.runner import Runner
 from model_server.engine.scheduler import Scheduler
 from model_server.engine.tokenizer import EngineTokenizer
-from model_server.knobs import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_QUEUE_WAIT_S, DEFAULT_TOKEN_BUDGET
+from model_server.knobs import (DEFAULT_BLOCK_SIZE, DEFAULT_MAX_QUEUE_WAIT_S, DEFAULT_TOKEN_BUDGET,
+                                MAX_PREFILL_CHUNK)
 from model_server.engine.types import EngineError, QueueFull, SamplingParams
 from model_server.models import base
 from model_server.tokenizer import Tokenizer
@@ -75,7 +76,9 @@ class Engine:
             buckets = sorted({int(b) for b in prefill_buckets if 0 < int(b) <= self.max_seq_len})
             if not buckets:
                 raise ValueError("no usable prefill bucket (all exceed max_seq_len)")
-        self.prefill_buckets = buckets
+        self.prefill_buckets = buckets  # scoring passes pad to these
+        #: prompt chunks pad to these (compiled prefill programs)
+        self.chunk_buckets = [b for b in buckets if b <= MAX_PREFILL_CHUNK] or buckets[:1]
         if decode_buckets is None:
             dbuckets = default_decode_buckets(self.num_slots)
         else:
@@ -108,13 +111,14 @@ class Engine:
         self.guide = Guide(hf, spec.vocab_size, self.num_slots, self.eos_token_ids)
 
         self.runner = Runner(model, spec, num_slots=self.num_slots, max_seq_len=self.max_seq_len,
-                             buckets=buckets, decode_buckets=dbuckets, dtype=self.dtype,
+                             buckets=buckets, chunk_buckets=self.chunk_buckets, decode_buckets=dbuckets, dtype=self.dtype,
                              num_blocks=self.num_blocks, block_size=self.block_size, guide=self.guide,
                              compile_threads=compile_threads)
         self.programs = self.runner.programs
         self.blocks = BlockManager(self.num_blocks, self.block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, num_slots=self.num_slots, token_budget=self.token_budget,
-                                   max_chunk=buckets[-1], max_seq_len=self.max_seq_len)
+                                   max_chunk=self.chunk_buckets[-1], max_seq_len=self.max_seq_len,
+                                   idle_budget=buckets[-1])
         self.output = OutputProcessor(self.tokenizer)
 
         self._lock = threading.Lock()
