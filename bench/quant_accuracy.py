@@ -10,7 +10,10 @@ with `quantization: int8`; random prompts of 24 tokens;
 * greedy agreement: the share of prompts whose greedy continuation (`--new-tokens`) is
   identical, and the share of generated tokens before the first difference;
 * prompt logprobs: mean |logp_int8 - logp_f32| of every prompt token after the first (the
-  `echo` / scoring figure), and the same for the float32 model's top token at each position.
+  `echo` / scoring figure), and the same for the float32 model's top token at each position;
+* next-token agreement over the prompts (teacher-forced: the same context for both), and the
+  float32 model's median margin between its top two logprobs: random weights give nearly flat
+  distributions (small margins), where a greedy continuation diverges after one flip.
 """
 from __future__ import annotations
 
@@ -84,7 +87,10 @@ def measure(path: pathlib.Path, prompts: int, new_tokens: int) -> dict[str, floa
     targets = start[:, 1:]
     take = lambda lp, t: np.take_along_axis(lp[:, :-1], t[..., None], -1)[..., 0]  # noqa: E731
     top = lp_f[:, :-1].argmax(-1)
+    srt = np.sort(lp_f, -1)
     return {"identical": float(same.all(1).mean()), "prefix": float(prefix.mean() / new_tokens),
+            "next": float((lp_q.argmax(-1) == lp_f.argmax(-1)).mean()),
+            "margin": float(np.median(srt[..., -1] - srt[..., -2])),
             "lp": float(np.abs(take(lp_q, targets) - take(lp_f, targets)).mean()),
             "lp_top": float(np.abs(take(lp_q, top) - take(lp_f, top)).mean()),
             "arch": spec.architecture}
@@ -98,11 +104,12 @@ def main(argv=None) -> int:
     assert args.new_tokens <= WIDTH - PROMPT_LEN
     rows = {name: measure(path, args.prompts, args.new_tokens) for name, path in checkpoints().items()}
     print(f"| checkpoint | architecture | greedy identical ({args.prompts} prompts, {args.new_tokens} tokens) "
-          f"| tokens before the first difference | mean abs prompt-logprob diff | same, f32's top token |")
-    print("| --- | --- | --- | --- | --- | --- |")
+          f"| tokens before the first difference | next-token agreement (teacher-forced) "
+          f"| mean abs prompt-logprob diff | same, f32's top token | f32 median top-2 margin |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, r in rows.items():
         print(f"| {name} | {r['arch']} | {100 * r['identical']:.0f}% | {100 * r['prefix']:.0f}% | "
-              f"{r['lp']:.4f} | {r['lp_top']:.4f} |")
+              f"{100 * r['next']:.1f}% | {r['lp']:.4f} | {r['lp_top']:.4f} | {r['margin']:.3f} |")
     return 0
 
 

@@ -12,7 +12,7 @@ from admin_server.naming import OVERRIDE_KEYS
 PLACEMENT_KEYS = frozenset(OVERRIDE_KEYS) - {"num_slots", "max_seq_len", "prefill_buckets", "dtype",
                                              "max_queue", "kv_cache_bytes", "block_size",
                                              "max_num_batched_tokens", "enable_prefix_caching",
-                                             "quantization", "kv_cache_dtype"}
+                                             "max_queue_wait_s", "quantization", "kv_cache_dtype"}
 DTYPES = ("float32", "bfloat16")
 #: Weight quantizations (see models/quant.py) and KV cache dtypes (int8: per-head scales).
 QUANTIZATIONS = ("int8",)
@@ -23,6 +23,12 @@ MIN_BUCKET = 16
 DEFAULT_BLOCK_SIZE = 16
 #: Tokens per engine step while sequences decode: decodes, then prompt chunks.
 DEFAULT_TOKEN_BUDGET = 256
+#: Longest prompt chunk one prefill call computes: longer prompts prefill in chunks even when
+#: nothing decodes (each reads the chunks before it through the block table). Larger buckets
+#: serve scoring only; chunks pad less than one long bucket and compile fewer programs.
+MAX_PREFILL_CHUNK = 512
+#: Seconds a request may wait for admission before its retryable refusal (queue_full).
+DEFAULT_MAX_QUEUE_WAIT_S = 60
 
 
 class OverrideError(ValueError):
@@ -40,6 +46,8 @@ class ServingKnobs:
     num_slots sequences of max_seq_len); block_size: positions per KV block;
     max_num_batched_tokens: tokens per engine step while sequences decode (chunked prefill);
     enable_prefix_caching: reuse cached KV blocks of shared prompt prefixes;
+    max_queue_wait_s: seconds a request may wait for a slot and blocks before it is refused
+    (retryable: a caller or the frontend tries again, or elsewhere);
     quantization: None (weights in dtype) or 'int8' (weight-only, per-output-channel scales,
     see models/quant.py); kv_cache_dtype: the KV pool's dtype (default: dtype; 'int8' keeps a
     float32 scale per position and KV head).
@@ -54,6 +62,7 @@ class ServingKnobs:
     block_size: int = DEFAULT_BLOCK_SIZE
     max_num_batched_tokens: int = DEFAULT_TOKEN_BUDGET
     enable_prefix_caching: bool = True
+    max_queue_wait_s: int = DEFAULT_MAX_QUEUE_WAIT_S
     quantization: Optional[str] = None
     kv_cache_dtype: Optional[str] = None
 
@@ -150,6 +159,8 @@ def parse_overrides(overrides: Optional[Mapping[str, Any]]) -> ServingKnobs:
             raise OverrideError(f"override 'block_size' must be a multiple of 16, got {kw['block_size']}")
     if "max_num_batched_tokens" in overrides:
         kw["max_num_batched_tokens"] = _positive_int("max_num_batched_tokens", overrides["max_num_batched_tokens"], 16)
+    if "max_queue_wait_s" in overrides:
+        kw["max_queue_wait_s"] = _positive_int("max_queue_wait_s", overrides["max_queue_wait_s"])
     if "enable_prefix_caching" in overrides:
         v = _maybe_json(overrides["enable_prefix_caching"])
         if not isinstance(v, bool):
