@@ -172,12 +172,33 @@ inline void panel_tile(const Panel<W>& p, int64_t m0, int64_t n0) {
     if (line_start<W>(k0))
       for (int j = 0; j < NR; ++j) __builtin_prefetch(next[j] + k0, 0, 3);
     const int64_t k1 = std::min<int64_t>(p.k, k0 + kLanes);
-    for (int64_t kk = k0; kk < k1; ++kk) {
-      Vec xv[MV];
-      for (int v = 0; v < MV; ++v) xv[v] = load(xt + kk * p.mp + v * kLanes);
-      for (int j = 0; j < NR; ++j) {
-        const float b = static_cast<float>(ws[j][kk]);
-        for (int v = 0; v < MV; ++v) acc[v][j] += xv[v] * b;
+    if constexpr (std::is_same_v<W, int8_t>) {
+      // int8: the tile's kLanes columns converted once (a vector per row) into floats the
+      // broadcasts then read, as the float32 form reads its weights (a scalar int8 load and
+      // conversion per broadcast made 32 rows slower than float32 weights)
+      float wf[NR][kLanes];
+      if (k1 - k0 == kLanes) {
+        for (int j = 0; j < NR; ++j) saxplane::store(wf[j], load(ws[j] + k0));
+      } else {
+        for (int j = 0; j < NR; ++j)
+          for (int64_t kk = k0; kk < k1; ++kk) wf[j][kk - k0] = static_cast<float>(ws[j][kk]);
+      }
+      for (int64_t kk = k0; kk < k1; ++kk) {
+        Vec xv[MV];
+        for (int v = 0; v < MV; ++v) xv[v] = load(xt + kk * p.mp + v * kLanes);
+        for (int j = 0; j < NR; ++j) {
+          const float b = wf[j][kk - k0];
+          for (int v = 0; v < MV; ++v) acc[v][j] += xv[v] * b;
+        }
+      }
+    } else {
+      for (int64_t kk = k0; kk < k1; ++kk) {
+        Vec xv[MV];
+        for (int v = 0; v < MV; ++v) xv[v] = load(xt + kk * p.mp + v * kLanes);
+        for (int j = 0; j < NR; ++j) {
+          const float b = ws[j][kk];
+          for (int v = 0; v < MV; ++v) acc[v][j] += xv[v] * b;
+        }
       }
     }
   }
