@@ -11,7 +11,8 @@ from admin_server.naming import OVERRIDE_KEYS
 #: the model server accepts and ignores them. The admin owns the full list.
 PLACEMENT_KEYS = frozenset(OVERRIDE_KEYS) - {"num_slots", "max_seq_len", "prefill_buckets", "dtype",
                                              "max_queue", "kv_cache_bytes", "block_size",
-                                             "max_num_batched_tokens", "enable_prefix_caching"}
+                                             "max_num_batched_tokens", "enable_prefix_caching",
+                                             "max_loras", "max_lora_rank"}
 DTYPES = ("float32", "bfloat16")
 DEFAULT_MAX_SEQ_LEN = 2048
 MIN_BUCKET = 16
@@ -35,7 +36,9 @@ class ServingKnobs:
     for a slot before refusals; kv_cache_bytes: the KV block pool's size (default: room for
     num_slots sequences of max_seq_len); block_size: positions per KV block;
     max_num_batched_tokens: tokens per engine step while sequences decode (chunked prefill);
-    enable_prefix_caching: reuse cached KV blocks of shared prompt prefixes.
+    enable_prefix_caching: reuse cached KV blocks of shared prompt prefixes; max_loras: LoRA
+    adapters resident at once over this (base) model (0: none; more swap in and out LRU);
+    max_lora_rank: the largest adapter rank it takes.
     """
 
     num_slots: int = 8
@@ -47,6 +50,8 @@ class ServingKnobs:
     block_size: int = DEFAULT_BLOCK_SIZE
     max_num_batched_tokens: int = DEFAULT_TOKEN_BUDGET
     enable_prefix_caching: bool = True
+    max_loras: int = 0
+    max_lora_rank: int = 16
 
     def num_blocks(self, spec: Any) -> int:
         """Blocks of the KV pool for `spec` (a resolved knob set): `kv_cache_bytes` of them,
@@ -141,6 +146,10 @@ def parse_overrides(overrides: Optional[Mapping[str, Any]]) -> ServingKnobs:
             raise OverrideError(f"override 'block_size' must be a multiple of 16, got {kw['block_size']}")
     if "max_num_batched_tokens" in overrides:
         kw["max_num_batched_tokens"] = _positive_int("max_num_batched_tokens", overrides["max_num_batched_tokens"], 16)
+    if "max_loras" in overrides:
+        kw["max_loras"] = _positive_int("max_loras", overrides["max_loras"], 0)
+    if "max_lora_rank" in overrides:
+        kw["max_lora_rank"] = _positive_int("max_lora_rank", overrides["max_lora_rank"])
     if "enable_prefix_caching" in overrides:
         v = _maybe_json(overrides["enable_prefix_caching"])
         if not isinstance(v, bool):
