@@ -12,7 +12,8 @@ from admin_server.naming import OVERRIDE_KEYS
 PLACEMENT_KEYS = frozenset(OVERRIDE_KEYS) - {"num_slots", "max_seq_len", "prefill_buckets", "dtype",
                                              "max_queue", "kv_cache_bytes", "block_size",
                                              "max_num_batched_tokens", "enable_prefix_caching",
-                                             "max_queue_wait_s", "quantization", "kv_cache_dtype"}
+                                             "max_queue_wait_s", "max_loras", "max_lora_rank",
+                                             "quantization", "kv_cache_dtype"}
 DTYPES = ("float32", "bfloat16")
 #: Weight quantizations (see models/quant.py) and KV cache dtypes (int8: per-head scales).
 QUANTIZATIONS = ("int8",)
@@ -47,7 +48,9 @@ class ServingKnobs:
     max_num_batched_tokens: tokens per engine step while sequences decode (chunked prefill);
     enable_prefix_caching: reuse cached KV blocks of shared prompt prefixes;
     max_queue_wait_s: seconds a request may wait for a slot and blocks before it is refused
-    (retryable: a caller or the frontend tries again, or elsewhere);
+    (retryable: a caller or the frontend tries again, or elsewhere); max_loras: LoRA
+    adapters resident at once over this (base) model (0: none; more swap in and out LRU);
+    max_lora_rank: the largest adapter rank it takes;
     quantization: None (weights in dtype) or 'int8' (weight-only, per-output-channel scales,
     see models/quant.py); kv_cache_dtype: the KV pool's dtype (default: dtype; 'int8' keeps a
     float32 scale per position and KV head).
@@ -63,6 +66,8 @@ class ServingKnobs:
     max_num_batched_tokens: int = DEFAULT_TOKEN_BUDGET
     enable_prefix_caching: bool = True
     max_queue_wait_s: int = DEFAULT_MAX_QUEUE_WAIT_S
+    max_loras: int = 0
+    max_lora_rank: int = 16
     quantization: Optional[str] = None
     kv_cache_dtype: Optional[str] = None
 
@@ -161,6 +166,10 @@ def parse_overrides(overrides: Optional[Mapping[str, Any]]) -> ServingKnobs:
         kw["max_num_batched_tokens"] = _positive_int("max_num_batched_tokens", overrides["max_num_batched_tokens"], 16)
     if "max_queue_wait_s" in overrides:
         kw["max_queue_wait_s"] = _positive_int("max_queue_wait_s", overrides["max_queue_wait_s"])
+    if "max_loras" in overrides:
+        kw["max_loras"] = _positive_int("max_loras", overrides["max_loras"], 0)
+    if "max_lora_rank" in overrides:
+        kw["max_lora_rank"] = _positive_int("max_lora_rank", overrides["max_lora_rank"])
     if "enable_prefix_caching" in overrides:
         v = _maybe_json(overrides["enable_prefix_caching"])
         if not isinstance(v, bool):
