@@ -6,6 +6,8 @@ import socket
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 
+from model_server.slice import SliceConfig
+
 
 @dataclass(frozen=True)
 class StaticModel:
@@ -55,6 +57,8 @@ class ModelServerSettings:
     max_prompt_tokens: int | None = None
     max_tokens: int | None = None
     max_n: int = 128
+    # a multi-host slice (SAX_SLICE_HOSTS, SAX_SLICE_RANK, SAX_COORDINATOR); None: this host alone
+    slice: SliceConfig | None = None
 
     @property
     def limits(self) -> RequestLimits:
@@ -83,6 +87,7 @@ class ModelServerSettings:
             max_prompt_tokens=int(env["SAX_MAX_PROMPT_TOKENS"]) if env.get("SAX_MAX_PROMPT_TOKENS") else None,
             max_tokens=int(env["SAX_MAX_TOKENS"]) if env.get("SAX_MAX_TOKENS") else None,
             max_n=int(env.get("SAX_MAX_N") or cls.max_n),
+            slice=SliceConfig.from_env(env),
         )
         known = {f.name for f in fields(cls)}
         out = replace(base, **{k: v for k, v in overrides.items() if k in known and v is not None})
