@@ -175,6 +175,7 @@ OVERRIDE_KEYS: dict[str, Callable[[Any], Any]] = {
     "kv_cache_bytes": _int_in(1, 1 << 50),
     "block_size": _int_in(1, 1024),
     "max_num_batched_tokens": _int_in(16, 1 << 20),
+    "max_queue_wait_s": _int_in(1, 1 << 20),
     "enable_prefix_caching": lambda v: v if isinstance(v, bool) else (_ for _ in ()).throw(ValueError("must be true or false")),
     "ram": _int_in(0, 1 << 50),
     "chip": lambda v: _str_list(v) if isinstance(v, list) else _str_list([v])[0],

@@ -11,7 +11,8 @@ from admin_server.naming import OVERRIDE_KEYS
 #: the model server accepts and ignores them. The admin owns the full list.
 PLACEMENT_KEYS = frozenset(OVERRIDE_KEYS) - {"num_slots", "max_seq_len", "prefill_buckets", "dtype",
                                              "max_queue", "kv_cache_bytes", "block_size",
-                                             "max_num_batched_tokens", "enable_prefix_caching"}
+                                             "max_num_batched_tokens", "enable_prefix_caching",
+                                             "max_queue_wait_s"}
 DTYPES = ("float32", "bfloat16")
 DEFAULT_MAX_SEQ_LEN = 2048
 MIN_BUCKET = 16
@@ -19,6 +20,12 @@ MIN_BUCKET = 16
 DEFAULT_BLOCK_SIZE = 16
 #: Tokens per engine step while sequences decode: decodes, then prompt chunks.
 DEFAULT_TOKEN_BUDGET = 256
+#: Longest prompt chunk one prefill call computes: longer prompts prefill in chunks even when
+#: nothing decodes (each reads the chunks before it through the block table). Larger buckets
+#: serve scoring only; chunks pad less than one long bucket and compile fewer programs.
+MAX_PREFILL_CHUNK = 512
+#: Seconds a request may wait for admission before its retryable refusal (queue_full).
+DEFAULT_MAX_QUEUE_WAIT_S = 60
 
 
 class OverrideError(ValueError):
@@ -35,7 +42,9 @@ class ServingKnobs:
     for a slot before refusals; kv_cache_bytes: the KV block pool's size (default: room for
     num_slots sequences of max_seq_len); block_size: positions per KV block;
     max_num_batched_tokens: tokens per engine step while sequences decode (chunked prefill);
-    enable_prefix_caching: reuse cached KV blocks of shared prompt prefixes.
+    enable_prefix_caching: reuse cached KV blocks of shared prompt prefixes;
+    max_queue_wait_s: seconds a request may wait for a slot and blocks before it is refused
+    (retryable: a caller or the frontend tries again, or elsewhere).
     """
 
     num_slots: int = 8
@@ -47,6 +56,7 @@ class ServingKnobs:
     block_size: int = DEFAULT_BLOCK_SIZE
     max_num_batched_tokens: int = DEFAULT_TOKEN_BUDGET
     enable_prefix_caching: bool = True
+    max_queue_wait_s: int = DEFAULT_MAX_QUEUE_WAIT_S
 
     def num_blocks(self, spec: Any) -> int:
         """Blocks of the KV pool for `spec` (a resolved knob set): `kv_cache_bytes` of them,
@@ -141,6 +151,8 @@ def parse_overrides(overrides: Optional[Mapping[str, Any]]) -> ServingKnobs:
             raise OverrideError(f"override 'block_size' must be a multiple of 16, got {kw['block_size']}")
     if "max_num_batched_tokens" in overrides:
         kw["max_num_batched_tokens"] = _positive_int("max_num_batched_tokens", overrides["max_num_batched_tokens"], 16)
+    if "max_queue_wait_s" in overrides:
+        kw["max_queue_wait_s"] = _positive_int("max_queue_wait_s", overrides["max_queue_wait_s"])
     if "enable_prefix_caching" in overrides:
         v = _maybe_json(overrides["enable_prefix_caching"])
         if not isinstance(v, bool):

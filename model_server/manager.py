@@ -103,7 +103,8 @@ def build_engine(model_path: str, checkpoint: str | None, overrides: dict[str, A
     engine = (engine_cls or Engine)(
         loaded, num_slots=k.num_slots, max_seq_len=k.max_seq_len, prefill_buckets=list(k.prefill_buckets),
         max_queue=k.max_queue, dtype=k.dtype, block_size=k.block_size, num_blocks=loaded.num_blocks(),
-        max_num_batched_tokens=k.max_num_batched_tokens, enable_prefix_caching=k.enable_prefix_caching)
+        max_num_batched_tokens=k.max_num_batched_tokens, enable_prefix_caching=k.enable_prefix_caching,
+        max_queue_wait_s=k.max_queue_wait_s)
     engine.compile_progress = CompileProgress(model_path, sink)
     return loaded, engine
 

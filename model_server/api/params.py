@@ -130,8 +130,11 @@ def sampling_fields(body: dict[str, Any], vocab_size: int, max_n: int) -> dict[s
         "stop": stop_strings(body),
         "stop_token_ids": token_list(stop_ids, "stop_token_ids", vocab_size) if stop_ids is not None else [],
         "ignore_eos": boolean(body, "ignore_eos"),
+        # an extra: false keeps this request's prompt out of the prefix cache (no reuse, no offer)
+        "prefix_caching": boolean(body, "prefix_caching", True),
     }
 
 
 SAMPLING_KEYS = {"temperature", "top_p", "top_k", "n", "seed", "presence_penalty", "frequency_penalty",
-                 "repetition_penalty", "logit_bias", "stop", "stop_token_ids", "ignore_eos"}
+                 "repetition_penalty", "logit_bias", "stop", "stop_token_ids", "ignore_eos",
+                 "prefix_caching"}

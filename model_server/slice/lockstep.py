@@ -110,6 +110,11 @@ class Recorder:
             self.register(initial_values(runner), base)
             local_puts(runner)
             pr = runner.programs
+            compiled = jax.stages.Compiled
+            unknown = [k for k, v in vars(pr).items() if k not in TABLES + SINGLES and (
+                isinstance(v, compiled) or (isinstance(v, dict) and any(isinstance(x, compiled) for x in v.values())))]
+            if unknown:  # a program kind this layer would not record: the followers would fall out of step
+                raise SliceFailed(f"lockstep does not know the engine programs {unknown}")
             for kind in TABLES:
                 table = getattr(pr, kind)
                 for key in list(table):
