@@ -51,14 +51,23 @@ def serve(info: SliceInfo, *, connect_timeout_s: float = 300.0) -> int:
             log.info("built %s (engine %d) in %.1fs", model_path, eid, time.monotonic() - t0)
         elif kind == "start":
             eid = msg[1]
+            compiled: list[bool] = []
+
+            def progress(done: int, total: int, _name: str, eid: int = eid) -> None:
+                if done == total:  # rank 0 waits for this before the warm-up's collectives
+                    compiled.append(True)
+                    ch.send(("compiled", eid, None))
+
             try:
                 runner = engines[eid][1].runner
                 local_puts(runner)
-                runner.start()
+                runner.start(progress)
                 err = None
             except Exception as e:
                 log.exception("starting engine %d failed", eid)
                 err = f"{type(e).__name__}: {e}"
+                if not compiled:
+                    ch.send(("compiled", eid, err))
             ch.send(("started", eid, err))
         elif kind == "attach":
             replayer.attach(msg[1], engines[msg[1]][1].runner, msg[2])

@@ -86,16 +86,37 @@ class SliceLeader:
             self._check(self.channel.wait_replies("built", eid, LOAD_TIMEOUT_S), eid)
             self.channel.send(("start", eid))
             local_puts(engine.runner)
-            engine.start()  # compiles, then runs each program once: with the followers, collectives and all
-            self._check(self.channel.wait_replies("started", eid, LOAD_TIMEOUT_S), eid)
-            base = self.recorder.reserve(len(initial_values(engine.runner)))
-            self.channel.send(("attach", eid, base))
-            self.recorder.attach(eid, engine.runner, base)
+            engine.compile_progress = self._compiled_barrier(eid, engine.compile_progress)
+            try:
+                # Compiles, then runs each program once with the followers (collectives and all).
+                engine.start()
+                self._check(self.channel.wait_replies("started", eid, LOAD_TIMEOUT_S), eid)
+                base = self.recorder.reserve(len(initial_values(engine.runner)))
+                self.channel.send(("attach", eid, base))
+                self.recorder.attach(eid, engine.runner, base)
+            except Exception as e:
+                # Past "start" the ranks may be out of step (one ran collectives the others did
+                # not): only a restart of the group brings them back together.
+                self.fail(f"loading {model_path} failed part-way on the slice: {type(e).__name__}: {e}")
+                raise
             engine.slice, engine.eid = self, eid
             self._engines[eid] = engine
             if self.failed is not None:
                 engine.fail_slice(self.failed)
             return loaded, engine
+
+    def _compiled_barrier(self, eid: int, progress: Optional[Callable[[int, int, str], None]]
+                          ) -> Callable[[int, int, str], None]:
+        """Compile progress that, once every program is compiled, waits for the followers to
+        have compiled theirs too: the warm-up's collectives must not wait on a rank still
+        compiling (gloo gives up on a peer after 30 s; only rank 0 hits XLA's cache)."""
+        def step(done: int, total: int, name: str) -> None:
+            if progress is not None:
+                progress(done, total, name)
+            if done == total:
+                self._check(self.channel.wait_replies("compiled", eid, LOAD_TIMEOUT_S), eid)
+
+        return step
 
     def _check(self, replies: dict[int, Any], eid: int) -> None:
         errors = {r: e for r, e in replies.items() if e}

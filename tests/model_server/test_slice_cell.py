@@ -3,13 +3,16 @@ one 4-device model server.
 
 Rank 0 registers as one server ("2 hosts x 2 devices", 4 devices); a Llama-shaped checkpoint
 (transformers' LlamaForCausalLM, GQA) sharded over all 4 devices serves greedy text identical
-to transformers' `generate` through the frontend. kill -9 of the follower: the slice's replica
-leaves the routing table within 20 s, calls get an answer (never a hang), rank 0 exits by itself
-and the model moves to the single-host server; a restarted pair registers again and takes a
-replica. kill -9 of rank 0: the follower exits by itself within the heartbeat timeout.
+to transformers' `generate` through the frontend. A follower frozen (SIGSTOP) under a stream:
+the stream ends with an error event within the slice timeout, the replica leaves the routing
+table, rank 0 exits by itself and the model moves to the single-host server. A restarted pair
+registers again and takes a replica; kill -9 of its follower: out of routing within 20 s,
+every call answered meanwhile. kill -9 of rank 0: the follower exits by itself within the
+heartbeat timeout.
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -106,6 +109,29 @@ def cell(tmp_path_factory) -> Iterator[tuple[Path, AdminProcess, FrontendProcess
         admin.stop()
 
 
+def _stream_until_frozen(frontend: FrontendProcess, prompt: list[int], freeze) -> tuple[str, list, float]:
+    """A long stream through the frontend; `freeze()` runs at its first token. Returns how it
+    ended ("done", "error" or "HTTP <status>"), its events, and seconds from the freeze to the end."""
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 60, "temperature": 0, "stream": True}
+    events: list = []
+    frozen = 0.0
+    with requests.post(f"{frontend.url}/v1/completions", json=body, stream=True, timeout=(10, 30)) as r:
+        if r.status_code != 200:
+            return f"HTTP {r.status_code}", events, 0.0
+        for line in r.iter_lines():
+            if not line.startswith(b"data: "):
+                continue
+            payload = line[6:]
+            events.append("[DONE]" if payload == b"[DONE]" else json.loads(payload))
+            if not frozen:
+                freeze()
+                frozen = time.monotonic()
+            if events[-1] == "[DONE]":
+                break
+    took = time.monotonic() - frozen
+    return ("error" if any(isinstance(e, dict) and "error" in e for e in events) else "done"), events, took
+
+
 def test_slice_serves_fails_over_and_comes_back(cell, torch_models):
     from transformers import AutoTokenizer
 
@@ -116,8 +142,7 @@ def test_slice_serves_fails_over_and_comes_back(cell, torch_models):
     want = tok.decode(prompt + _reference(model, prompt, NEW_TOKENS))[len(tok.decode(prompt)):]
 
     pair = Slice(tmp, admin.port, "a").start()
-    single = None
-    pair2 = None
+    single = pair2 = pair3 = None
     try:
         # One server for the whole slice.
         srv = wait_until(lambda: _servers(admin).get(pair.leader.address), timeout=30, what="the slice registered")
@@ -133,27 +158,26 @@ def test_slice_serves_fails_over_and_comes_back(cell, torch_models):
         assert r.json()["choices"][0]["text"] == want
         assert "built lm.llama" in pair.follower.log()
 
-        # A single-host server joins; the follower dies.
+        # A single-host server joins; the follower hangs (SIGSTOP) under a stream in flight.
         single = ModelServerProcess(tmp, admin=f"127.0.0.1:{admin.port}").start()
         wait_until(lambda: single.address in _servers(admin), timeout=30, what="the single server registered")
-        pair.follower.kill9()
-        killed = time.monotonic()
-        r = _complete(frontend, prompt)  # an answer, not a hang: an error, or text from elsewhere
-        assert r.status_code in (200, 429, 500, 502, 503), r.text
+        end, events, took = _stream_until_frozen(frontend, prompt[:4], pair.follower.pause)
+        assert end == "error" and events[-1] == "[DONE]", (end, events[-3:])
+        err = next(e for e in events if isinstance(e, dict) and "error" in e)
+        assert took < 3 + 5, f"the stream ended {took:.1f} s after the freeze"  # SAX_SLICE_TIMEOUT 3
         wait_until(lambda: pair.leader.address not in _locate(admin), timeout=20, interval=0.1,
-                   what="the slice out of the routing table")
-        gone_s = time.monotonic() - killed
+                   what="the hung slice out of the routing table")
         wait_until(lambda: pair.leader.proc.poll() is not None, timeout=HEARTBEAT_TIMEOUT_S + 10,
                    what="rank 0 exiting by itself")
-        assert "slice failed" in pair.leader.log()
+        assert "stopped answering" in pair.leader.log()
+        print(f"[slice figure] follower frozen under a stream -> stream error event: {took:.2f} s ({err})")
         wait_until(lambda: _locate(admin) == [single.address], timeout=600, interval=0.5,
                    what="the model moved to the single-host server")
         r = _complete(frontend, prompt)
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == want, r.text
-        print(f"[slice figure] follower killed -> replica out of routing: {gone_s:.2f} s")
+        pair.stop()
 
         # The pair restarted: it registers again and takes the second replica.
-        pair.stop()
         pair2 = Slice(tmp, admin.port, "b").start()
         wait_until(lambda: pair2.leader.address in _servers(admin), timeout=30, what="the new slice registered")
         requests.put(f"{admin.url}/models{MODEL}", timeout=10, json={"replicas": 2}).raise_for_status()
@@ -163,14 +187,33 @@ def test_slice_serves_fails_over_and_comes_back(cell, torch_models):
             "model": MODEL, "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0})
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == want, r.text
 
+        # kill -9 of the follower: out of routing within 20 s; calls are answered meanwhile.
+        pair2.follower.kill9()
+        killed = time.monotonic()
+        answers = []
+        while pair2.leader.address in _locate(admin):
+            assert time.monotonic() - killed < 20, "the dead slice is still routed to"
+            answers.append(_complete(frontend, prompt))
+        gone_s = time.monotonic() - killed
+        answers.append(_complete(frontend, prompt))
+        assert all(a.status_code in (200, 429, 500, 502, 503) for a in answers), [a.text for a in answers]
+        assert answers[-1].status_code == 200 and answers[-1].json()["choices"][0]["text"] == want
+        wait_until(lambda: pair2.leader.proc.poll() is not None, timeout=HEARTBEAT_TIMEOUT_S + 10,
+                   what="rank 0 exiting by itself")
+        assert "slice rank 1 is gone" in pair2.leader.log()
+        print(f"[slice figure] follower killed -> replica out of routing: {gone_s:.2f} s")
+        pair2.stop()
+
         # kill -9 of rank 0: the follower exits by itself within the heartbeat timeout.
-        pair2.leader.kill9()
+        pair3 = Slice(tmp, admin.port, "c").start()
+        wait_until(lambda: pair3.leader.address in _servers(admin), timeout=30, what="the third slice registered")
+        pair3.leader.kill9()
         t0 = time.monotonic()
-        wait_until(lambda: pair2.follower.proc.poll() is not None, timeout=HEARTBEAT_TIMEOUT_S,
+        wait_until(lambda: pair3.follower.proc.poll() is not None, timeout=HEARTBEAT_TIMEOUT_S,
                    interval=0.05, what="the follower exiting")
         print(f"[slice figure] rank 0 killed -> follower exited: {time.monotonic() - t0:.2f} s")
     finally:
-        for p in (pair, pair2):
+        for p in (pair, pair2, pair3):
             if p is not None:
                 p.stop()
         if single is not None:
