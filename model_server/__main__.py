@@ -119,7 +119,7 @@ def main(log_level: str, models: tuple[str, ...], overrides: tuple[str, ...], ta
     except ValueError as e:
         raise click.UsageError(str(e)) from e
     if slice_cfg is not None and slice_cfg.rank is None:
-        raise click.UsageError("--slice-hosts auto needs the rank: --slice-rank, SAX_SLICE_RANK or LWS_WORKER_INDEX")
+        raise click.UsageError("--slice-hosts auto needs the rank: --slice-rank, SAX_SLICE_RANK, LWS_WORKER_INDEX or TPU_WORKER_ID")
     settings = ModelServerSettings.from_env(
         **flags, tags=parse_tags(tags) if tags else None, slice=slice_cfg,
         static_models=tuple(dataclasses.replace(StaticModel.parse(m), overrides=extra) for m in models) or None)

@@ -53,8 +53,8 @@ class SliceConfig:
     def from_env(cls, env: Optional[Mapping[str, str]] = None, **flags: Any) -> Optional["SliceConfig"]:
         env = os.environ if env is None else env
         pick = lambda flag, var: flags.get(flag) if flags.get(flag) not in (None, "") else env.get(var)  # noqa: E731
-        # under LeaderWorkerSet the rank is the pod's worker index
-        rank = pick("rank", "SAX_SLICE_RANK") or env.get("LWS_WORKER_INDEX")
+        # under LeaderWorkerSet the rank is the pod's worker index; on TPU VMs, the worker id
+        rank = pick("rank", "SAX_SLICE_RANK") or env.get("LWS_WORKER_INDEX") or env.get("TPU_WORKER_ID")
         cfg = cls.parse(pick("hosts", "SAX_SLICE_HOSTS"), rank, pick("coordinator", "SAX_COORDINATOR"),
                         pick("channel_port", "SAX_SLICE_CHANNEL_PORT"))
         if cfg is not None and env.get("SAX_SLICE_TIMEOUT"):
@@ -89,6 +89,9 @@ def initialize(cfg: SliceConfig) -> SliceInfo:
     else:
         jax.distributed.initialize(cfg.coordinator, cfg.hosts, cfg.rank,
                                    heartbeat_timeout_seconds=cfg.jax_heartbeat_timeout_s)
+    if cfg.rank is not None and cfg.rank != jax.process_index():
+        raise RuntimeError(f"slice rank {cfg.rank} was given, but jax.distributed made this process "
+                           f"{jax.process_index()}")
     address = distributed.global_state.coordinator_address or cfg.coordinator or ""
     host, _, port = address.rpartition(":")
     info = SliceInfo(rank=jax.process_index(), hosts=jax.process_count(), leader_host=host.strip("[]"),
