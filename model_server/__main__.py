@@ -131,6 +131,11 @@ def main(log_level: str, models: tuple[str, ...], overrides: tuple[str, ...], ta
         follower.main(initialize(slice_cfg))
     from admin_server.serving import run_gunicorn
 
+    if slice_cfg is not None:  # a lost rank stops the whole server (model_server.slice.leader)
+        from model_server.slice import MASTER_PID_ENV
+
+        os.environ[MASTER_PID_ENV] = str(os.getpid())
+
     # One worker: the models live in its memory. Streams are long: no worker timeout.
     run_gunicorn(lambda: build_app(settings), bind=f"{settings.host}:{settings.port}", workers=1,
                  threads=settings.threads, timeout=0, graceful_timeout=30)

@@ -16,6 +16,9 @@ from typing import Any, Mapping, Optional
 
 log = logging.getLogger(__name__)
 
+#: set by `python -m model_server` for its gunicorn worker: the master a failed slice stops too
+MASTER_PID_ENV = "_SAXPLANE_GUNICORN_MASTER"
+
 
 @dataclass(frozen=True)
 class SliceConfig:

@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 
 from model_server.engine.core import Engine
 from model_server.engine.types import EngineError
-from model_server.slice import SliceInfo
+from model_server.slice import MASTER_PID_ENV, SliceInfo
 from model_server.slice.channel import LeaderChannel
 from model_server.slice.lockstep import Recorder, SliceFailed, initial_values, local_puts
 
@@ -162,9 +162,11 @@ def _exit_server(reason: str) -> None:
     """Stop the whole model server (gunicorn's master too, else it would start a new worker that
     can never join the old slice)."""
     log.error("exiting: %s", reason)
-    try:
-        os.kill(os.getppid(), signal.SIGINT)
-    except OSError:
-        pass
+    master = os.environ.get(MASTER_PID_ENV)
+    if master and int(master) == os.getppid():  # under `python -m model_server`'s gunicorn
+        try:
+            os.kill(int(master), signal.SIGINT)
+        except OSError:
+            pass
     time.sleep(1.0)
     os._exit(3)
