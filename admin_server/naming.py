@@ -163,6 +163,12 @@ def _alias(v: Any) -> str:
     return v
 
 
+def _base(v: Any) -> str:
+    if not isinstance(v, str) or not re.fullmatch(r"/sax/[a-z]+[a-z0-9-_]*/[a-z]+[a-z0-9-_]*", v):
+        raise InvalidArgument(f"expected the base's model id like /sax/cell/model, got {v!r}")
+    return v
+
+
 # Every override key a publish may carry. Serving knobs are applied by the
 # model server; `ram`, `chip` and `constraints` steer placement; `alias`
 # names the model on the OpenAI API.
@@ -181,6 +187,9 @@ OVERRIDE_KEYS: dict[str, Callable[[Any], Any]] = {
     "chip": lambda v: _str_list(v) if isinstance(v, list) else _str_list([v])[0],
     "constraints": _str_list,
     "alias": _alias,
+    "max_loras": _int_in(0, 256),
+    "max_lora_rank": _int_in(1, 1024),
+    "base": _base,
 }
 
 
@@ -195,7 +204,7 @@ def check_overrides(overrides: Any) -> dict[str, Any]:
         if key not in OVERRIDE_KEYS:
             raise InvalidArgument(
                 f"unknown override {key!r}; known overrides: {', '.join(sorted(OVERRIDE_KEYS))}")
-        if isinstance(value, str) and key not in ("alias", "dtype", "chip"):
+        if isinstance(value, str) and key not in ("alias", "dtype", "chip", "base"):
             try:
                 value = json.loads(value)
             except ValueError:

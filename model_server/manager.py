@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 LOADING, LOADED, FAILED, UNLOADING = "LOADING", "LOADED", "FAILED", "UNLOADING"
 Key = tuple[str, int]
+#: (model_path, checkpoint, overrides, cache_dir) -> the loaded model and its started engine.
+Loader = Callable[[str, Optional[str], dict[str, Any], Optional[str]], tuple["LoadedModel", "Engine"]]
 
 
 class ModelNotFound(LookupError):
@@ -104,7 +106,7 @@ def build_engine(model_path: str, checkpoint: str | None, overrides: dict[str, A
         loaded, num_slots=k.num_slots, max_seq_len=k.max_seq_len, prefill_buckets=list(k.prefill_buckets),
         max_queue=k.max_queue, dtype=k.dtype, block_size=k.block_size, num_blocks=loaded.num_blocks(),
         max_num_batched_tokens=k.max_num_batched_tokens, enable_prefix_caching=k.enable_prefix_caching,
-        max_queue_wait_s=k.max_queue_wait_s)
+        max_queue_wait_s=k.max_queue_wait_s, max_loras=k.max_loras, max_lora_rank=k.max_lora_rank)
     engine.compile_progress = CompileProgress(model_path, sink)
     return loaded, engine
 
@@ -119,13 +121,15 @@ def default_loader(model_path: str, checkpoint: str | None, overrides: dict[str,
 
 class ModelManager:
     def __init__(self, *, cache_dir: str | None = None,
-                 loader: Callable[..., tuple[Any, Any]] = default_loader,
+                 loader: Loader = default_loader,
                  drain_timeout_s: float = 30.0) -> None:
         self._models: dict[Key, ServedModel] = {}
         self._lock = threading.Lock()
         # One load at a time: loads compete for memory and compile threads.
         self._loads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sax-load")
         self._unloads = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sax-unload")
+        # Adapters load beside (not behind) models: host work only, under a second.
+        self._adapter_loads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sax-adapter")
         self._loader = loader
         self._cache_dir = cache_dir
         self._drain_timeout_s = drain_timeout_s
@@ -142,7 +146,7 @@ class ModelManager:
                                  None if checkpoint in (None, "None") else checkpoint,
                                  dict(overrides or {}), static=static)
             self._models[key] = served
-        self._loads.submit(self._load, served)
+        (self._adapter_loads if model_path == "lm.lora" else self._loads).submit(self._load, served)
         return served
 
     def converge(self, desired: list[dict[str, Any]]) -> None:
@@ -170,8 +174,11 @@ class ModelManager:
 
         token = CURRENT.set(lambda line: setattr(served, "progress", line))
         try:
-            loaded, engine = self._loader(served.model_path, served.checkpoint, served.overrides,
-                                          self._cache_dir)
+            if served.model_path == "lm.lora":
+                loaded, engine = self._load_adapter(served)
+            else:
+                loaded, engine = self._loader(served.model_path, served.checkpoint, served.overrides,
+                                              self._cache_dir)
         except Exception as e:  # any load failure is reported to the admin, never fatal
             log.exception("loading %s failed", served.model_id)
             served.error = f"{type(e).__name__}: {e}"
@@ -190,6 +197,20 @@ class ModelManager:
         log.info("loaded %s generation %d in %.2fs", served.model_id, served.generation, served.load_time_s)
         if not still_wanted:
             self._unload(served)
+
+    def _load_adapter(self, served: ServedModel) -> tuple[Any, Any]:
+        """An `lm.lora` adapter over its base, which must be LOADED here (the admin places
+        adapters only beside a loaded replica of their base)."""
+        from model_server import lora_model
+
+        base_id = served.overrides.get("base")
+        if not isinstance(base_id, str):
+            raise ValueError("lm.lora needs the override 'base': the model id of its base model")
+        try:
+            base = self.resolve(base_id)
+        except (ModelNotFound, ModelNotReady) as e:
+            raise RuntimeError(f"base model {base_id} is not loaded on this server: {e}") from None
+        return lora_model.load(served.model_id, served.checkpoint, served.overrides, base, self._cache_dir)
 
     def _unload(self, served: ServedModel) -> None:
         """Stops routing to the model, lets in-flight requests finish (bounded), frees memory."""

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 #: program tables of `model_server.engine.programs.Programs` (dicts by shape key) and single programs
 TABLES = ("prefill", "decode", "forward", "score", "embed")
-SINGLES = ("first", "guided", "copy_blocks", "set_row")
+SINGLES = ("first", "guided", "copy_blocks", "set_row", "set_adapter")
 
 Op = tuple
 
@@ -60,7 +60,8 @@ def local_puts(runner: Any) -> None:
 
 def initial_values(runner: Any) -> list:
     """The device values every rank holds after `Runner.start()`, in a fixed order."""
-    tree = (runner.params, runner.cache, runner.state, runner._sp_dev, runner._tables_dev, runner._mask_ones)
+    tree = (runner.params, runner.lora, runner.cache, runner.state, runner._sp_dev, runner._tables_dev,
+            runner._mask_ones)
     return jax.tree.leaves(tree)
 
 
@@ -120,7 +121,8 @@ class Recorder:
                 for key in list(table):
                     table[key] = Call(self, eid, kind, key, table[key])
             for kind in SINGLES:
-                setattr(pr, kind, Call(self, eid, kind, None, getattr(pr, kind)))
+                if getattr(pr, kind) is not None:  # set_adapter: only with LoRA slots
+                    setattr(pr, kind, Call(self, eid, kind, None, getattr(pr, kind)))
 
     # ------------------------------------------------------------------ calls
 
