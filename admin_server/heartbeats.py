@@ -26,7 +26,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, bindparam, func, select, update
 
-from admin_server.naming import InvalidArgument
+from common.naming import InvalidArgument
 from admin_server.schema import ModelServer, Observed, PublishedModel, Replica, Wanted
 from admin_server.settings import AdminSettings
 

@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 
 from admin_server.blobstore import BlobStore, BlobStoreError
 from admin_server.lease import LeaseLost, fence
-from admin_server.naming import DEFAULT_IDLE_SECONDS
+from common.naming import DEFAULT_IDLE_SECONDS
 from admin_server.schema import CellState, ModelState, PublishedModel
 
 log = logging.getLogger(__name__)

@@ -14,8 +14,9 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from admin_server.errors import AlreadyExists, Conflict, NotFound
-from admin_server.naming import (InvalidArgument, check_checkpoint, check_model_path,
-                                 check_overrides, check_replicas, check_scaling, parse_model_id)
+from common.naming import (InvalidArgument, check_checkpoint, check_model_path, check_replicas, check_scaling,
+                           parse_model_id)
+from common.overrides import check_overrides
 from admin_server.schema import (CellState, ModelServer, ModelState, Observed, PublishedModel,
                                  Replica, Wanted)
 from admin_server.settings import AdminSettings

@@ -11,7 +11,7 @@ from flask import Flask, Response, g, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST
 from werkzeug.exceptions import HTTPException
 
-from admin_server.probes import vllm_probes
+from common.probes import vllm_probes
 from client.admin import AdminClient
 from client.router import Router
 from http_frontend import openai_routes, saxml_routes, transport

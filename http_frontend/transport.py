@@ -27,7 +27,7 @@ from urllib.parse import urlencode, urlsplit
 import requests
 from requests.structures import CaseInsensitiveDict
 
-from admin_server.serving import hung_up
+from common.http import hung_up
 from http_frontend.metrics import record_attempt
 
 READ_CHUNK = 65536

@@ -101,7 +101,7 @@ def main(log_level: str, models: tuple[str, ...], overrides: tuple[str, ...], ta
     settings = ModelServerSettings.from_env(
         **flags, tags=parse_tags(tags) if tags else None,
         static_models=tuple(dataclasses.replace(StaticModel.parse(m), overrides=extra) for m in models) or None)
-    from admin_server.serving import run_gunicorn
+    from common.serving import run_gunicorn
 
     # One worker: the models live in its memory. Streams are long: no worker timeout.
     run_gunicorn(lambda: build_app(settings), bind=f"{settings.host}:{settings.port}", workers=1,

@@ -1,0 +1,5 @@
+"""Rules every part of the cell shares (Saxml's `common/`): names and validation, override keys,
+request bounds, the env-settings helper and the gunicorn serving helpers.
+
+Every part imports this package; it imports no part.
+"""
