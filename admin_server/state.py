@@ -42,7 +42,7 @@ def _check_in_cell(settings: AdminSettings, model_id: Any) -> str:
 def _get_active(session: Session, model_id: str, *, lock: bool = False) -> PublishedModel:
     stmt = select(PublishedModel).where(PublishedModel.model_id == model_id)
     model = session.scalars(stmt.with_for_update() if lock else stmt).first()
-    if model is None or model.state != ModelState.ACTIVE.value:
+    if model is None or model.state != ModelState.ACTIVE:
         raise NotFound(f"model {model_id} is not published")
     return model
 
@@ -57,7 +57,7 @@ def publish(session: Session, settings: AdminSettings, body: dict[str, Any]) -> 
                                  body.get("idle_seconds"), settings.max_replicas)
     existing = session.get(PublishedModel, model_id, with_for_update=True)
     if existing is not None:
-        if existing.state == ModelState.UNPUBLISHING.value:
+        if existing.state == ModelState.UNPUBLISHING:
             raise Conflict(f"model {model_id} is being unpublished; retry later")
         raise AlreadyExists(f"model {model_id} is already published")
     model = PublishedModel(
@@ -65,7 +65,7 @@ def publish(session: Session, settings: AdminSettings, body: dict[str, Any]) -> 
         requested_replicas=replicas, min_replicas=lo, max_replicas=hi, idle_seconds=idle,
         target_replicas=replicas, scale_reason=f"published with {replicas} replicas", scaled_at=time.time(),
         overrides=overrides, uuid=str(uuid.uuid4()), generation=1,
-        state=ModelState.ACTIVE.value, failures=0)
+        state=ModelState.ACTIVE, failures=0)
     session.add(model)
     bump_version(session, settings.cell_name)
     session.flush()
@@ -74,9 +74,9 @@ def publish(session: Session, settings: AdminSettings, body: dict[str, Any]) -> 
 
 def unpublish(session: Session, settings: AdminSettings, model_id: Any) -> None:
     model = _get_active(session, _check_in_cell(settings, model_id), lock=True)
-    model.state = ModelState.UNPUBLISHING.value
+    model.state = ModelState.UNPUBLISHING
     session.execute(update(Replica).where(Replica.model_id == model.model_id)
-                    .values(wanted=Wanted.UNLOADED.value, updated_at=time.time()))
+                    .values(wanted=Wanted.UNLOADED, updated_at=time.time()))
     holders = select(Replica.server_address).where(Replica.model_id == model.model_id)
     session.execute(update(ModelServer).where(ModelServer.address.in_(holders))
                     .values(assignment_version=ModelServer.assignment_version + 1))
@@ -130,10 +130,10 @@ def update_model(session: Session, settings: AdminSettings, model_id: Any,
 
 def replica_status(r: Replica, now: float) -> str:
     """What a user sees for a replica: a failed one stays FAILED while it backs off."""
-    if r.wanted == Wanted.UNLOADED.value and r.observed == Observed.NONE.value:
-        return Observed.FAILED.value if r.retry_after and r.retry_after > now else "UNLOADED"
-    if r.wanted == Wanted.UNLOADED.value and r.observed == Observed.LOADED.value:
-        return Observed.UNLOADING.value
+    if r.wanted == Wanted.UNLOADED and r.observed == Observed.NONE:
+        return Observed.FAILED if r.retry_after and r.retry_after > now else Wanted.UNLOADED
+    if r.wanted == Wanted.UNLOADED and r.observed == Observed.LOADED:
+        return Observed.UNLOADING
     return r.observed
 
 
@@ -174,7 +174,7 @@ def serving_state(model: PublishedModel, active: int) -> str:
 
 
 def _routable(r: Replica) -> bool:
-    return r.wanted == Wanted.LOADED.value and r.observed == Observed.LOADED.value
+    return r.wanted == Wanted.LOADED and r.observed == Observed.LOADED
 
 
 def get_detail(session: Session, settings: AdminSettings, model_id: Any) -> dict[str, Any]:
@@ -184,7 +184,7 @@ def get_detail(session: Session, settings: AdminSettings, model_id: Any) -> dict
 def list_models(session: Session, settings: AdminSettings, cell: str) -> list[PublishedModel]:
     return list(session.scalars(
         select(PublishedModel).where(PublishedModel.cell == cell,
-                                     PublishedModel.state == ModelState.ACTIVE.value)
+                                     PublishedModel.state == ModelState.ACTIVE)
         .order_by(PublishedModel.model_id)))
 
 
@@ -203,7 +203,7 @@ def list_servers(session: Session, settings: AdminSettings) -> list[dict[str, An
     for r in replicas:
         # What the placement charges the server: a replica holds memory from the moment it is
         # wanted until its server reports it gone.
-        charged = r.wanted == Wanted.LOADED.value or r.observed != Observed.NONE.value
+        charged = r.wanted == Wanted.LOADED or r.observed != Observed.NONE
         need = max(int((r.overrides or {}).get("ram") or r.model_memory or 0), r.memory_bytes or 0)
         used[r.server_address] = used.get(r.server_address, 0) + (need if charged else 0)
         by_server.setdefault(r.server_address, []).append(
@@ -223,7 +223,7 @@ def list_servers(session: Session, settings: AdminSettings) -> list[dict[str, An
 def stats(session: Session, settings: AdminSettings) -> dict[str, Any]:
     cell = settings.cell_name
     n_models = session.scalar(select(func.count()).select_from(PublishedModel).where(
-        PublishedModel.cell == cell, PublishedModel.state == ModelState.ACTIVE.value))
+        PublishedModel.cell == cell, PublishedModel.state == ModelState.ACTIVE))
     n_servers = session.scalar(select(func.count()).select_from(ModelServer).where(
         ModelServer.cell == cell))
     by_status = dict(session.execute(select(Replica.observed, func.count())
@@ -262,8 +262,8 @@ def locate(session: Session, settings: AdminSettings, model_id: Any) -> dict[str
     addresses = sorted(session.scalars(
         select(Replica.server_address)
         .join(ModelServer, ModelServer.address == Replica.server_address)
-        .where(Replica.model_id == model.model_id, Replica.wanted == Wanted.LOADED.value,
-               Replica.observed == Observed.LOADED.value,
+        .where(Replica.model_id == model.model_id, Replica.wanted == Wanted.LOADED,
+               Replica.observed == Observed.LOADED,
                ModelServer.last_heartbeat >= alive_after)).unique())
     digest = hashlib.sha1("\n".join([model.uuid, *addresses]).encode()).hexdigest()[:16]
     return {"model_id": model.model_id, "addresses": addresses, "version": digest,

@@ -247,8 +247,6 @@ class Router:
         sent.update(headers or {})
         query = f"?{urlencode(params)}" if params else ""
         for attempt in range(len(tried), self.max_attempts):
-            if caller is not None and caller.gone():
-                raise errors.Cancelled(f"{model_id}: the caller hung up")
             try:
                 address = self.pick(model_id, tried, keys, caller)
             except errors.Unavailable:
