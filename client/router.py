@@ -21,14 +21,14 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Mapping
 from urllib.parse import urlencode
 
 from client import errors
 from client.admin import AdminClient
 from client.affinity import AffinityTable, prefix_keys
-from client.transport import (Answer, Attempt, Caller, CallerGone, RequestsTransport, TimedOut, Transport,
-                              TransportError, timed_out)
+from client.routed import OnAttempt, RoutedResponse
+from client.transport import Answer, Attempt, Caller, CallerGone, RequestsTransport, TimedOut, Transport, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class Location:
     fetched: float
 
 
-OnAttempt = Callable[[Attempt], None]
+__all__ = ["Location", "OnAttempt", "RoutedResponse", "Router"]
 
 
 class Router:
@@ -220,19 +220,19 @@ class Router:
 
     # -- calls ----------------------------------------------------------------------------
     def post(self, model_id: str, path: str, body: Any = None, *, data: bytes | None = None,
-             **call: Any) -> "RoutedResponse":
+             **call: Any) -> RoutedResponse:
         """POSTs `body` (JSON) or raw `data` to a ready replica of `model_id`; see `request`."""
         return self.request("POST", model_id, path, body=body, data=data, **call)
 
     def get(self, model_id: str, path: str, params: Mapping[str, str] | None = None,
-            **call: Any) -> "RoutedResponse":
+            **call: Any) -> RoutedResponse:
         """A GET on a ready replica of `model_id`; see `request`."""
         return self.request("GET", model_id, path, params=params, **call)
 
     def request(self, method: str, model_id: str, path: str, *, body: Any = None, data: bytes | None = None,
                 params: Mapping[str, str] | None = None, stream: bool = False, timeout: float | None = None,
                 headers: Mapping[str, str] | None = None, tried: set[str] | None = None,
-                caller: Caller | None = None, on_attempt: OnAttempt | None = None) -> "RoutedResponse":
+                caller: Caller | None = None, on_attempt: OnAttempt | None = None) -> RoutedResponse:
         """Sends the call to a ready replica of `model_id`, retrying on another replica before
         any byte of an answer. The caller must close() the response (or use it as a context
         manager); closing early drops the upstream connection, which cancels the request on the
@@ -302,7 +302,7 @@ class Router:
                 return self.request(method, model_id, path, body=body, data=data, params=params, stream=stream,
                                     timeout=timeout, headers=headers, tried=tried | {failed}, caller=caller,
                                     on_attempt=on)
-            return RoutedResponse(resp, address, self, replay, on_attempt)
+            return RoutedResponse(resp, address, self._release, replay, on_attempt)
         if last_error is None:
             raise errors.Unavailable(f"every replica of {model_id} failed this call")
         raise last_error
@@ -328,89 +328,3 @@ def _json(resp: Answer) -> Any:
         return json.loads(text)
     except ValueError:
         return {"error": text[:500].decode("utf-8", "replace")}
-
-
-class RoutedResponse:
-    """An upstream answer that releases its replica's outstanding count when closed."""
-
-    def __init__(self, resp: Answer, address: str, router: Router, replay: Any = None,
-                 on_attempt: OnAttempt | None = None) -> None:
-        self.resp, self.address, self._router = resp, address, router
-        self._replay = replay   # replay(failed_address, on_attempt) -> RoutedResponse: on another replica
-        self._on_attempt = on_attempt
-        self._closed = False
-
-    @property
-    def status_code(self) -> int:
-        return self.resp.status_code
-
-    @property
-    def headers(self) -> Any:
-        return self.resp.headers
-
-    def json(self) -> Any:
-        return json.loads(self.content())  # read whole (on another replica if this one breaks off)
-
-    def content(self, on_attempt: OnAttempt | None = None) -> bytes:
-        """The whole body. When the replica breaks off before its end, none of the answer has
-        reached the caller yet: the call goes to another replica (as a failure before the
-        first byte does) and its answer, status and headers included, replaces this one. Those
-        attempts go to `on_attempt` (default: the call's own callback)."""
-        try:
-            while True:
-                try:
-                    return self.resp.content
-                except TransportError as e:
-                    if self._replay is None or isinstance(e, TimedOut) or timed_out(e):
-                        raise
-                    failed, replay = self.address, self._replay
-                    log.info("replica %s broke off its answer (%s): trying another one", failed, e)
-                    self.close()
-                    try:
-                        again = replay(failed, on_attempt or self._on_attempt)
-                    except errors.SaxError:
-                        raise e from None
-                    # Take the new answer over (its release becomes ours).
-                    self.resp, self.address, self._replay = again.resp, again.address, again._replay
-                    self._closed, again._closed = False, True
-        finally:
-            self.close()
-
-    def iter_raw(self, chunk_size: int = 8192) -> Iterator[bytes]:
-        """The body's bytes as they arrive (SSE streams pass through unchanged)."""
-        try:
-            yield from self.resp.stream(chunk_size)
-        finally:
-            self.close()
-
-    def iter_sse(self) -> Iterator[bytes]:
-        """Decoded `data:` payloads of an SSE stream, ending before `[DONE]`."""
-        buf = b""
-        try:
-            for data in self.resp.stream():
-                buf += data
-                *lines, buf = buf.split(b"\n")
-                for line in lines:
-                    if line.startswith(b"data: "):
-                        payload = line[6:].rstrip(b"\r")
-                        if payload == b"[DONE]":
-                            return
-                        yield payload
-        finally:
-            self.close()
-
-    def abort(self) -> None:
-        """Drops the upstream connection at once (a reader blocked on it wakes up)."""
-        self.resp.abort()
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self.resp.close()
-            self._router._release(self.address)
-
-    def __enter__(self) -> "RoutedResponse":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
