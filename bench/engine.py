@@ -3,6 +3,7 @@
     python -m bench.engine                 # full run (a few minutes)
     python -m bench.engine --new-tokens 32 # quicker
     python -m bench.engine --window 1024 --concurrency 1 8  # a long window: KV blocks in use only
+    python -m bench.engine --no-workloads  # without the shared-prefix / mixed long-prompt rows
 
 Both run in this process on the same weights (12 layers, d=768, vocab 50257, fp32); torch
 uses every core (`torch.set_num_threads(os.cpu_count())`), XLA its defaults. Measured:
@@ -258,6 +259,8 @@ def main(argv=None) -> int:
     ap.add_argument("--share-rounds", type=int, default=5,
                     help="batch-1 decodes measured against the bandwidth read just before and after")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--no-workloads", action="store_true",
+                    help="skip the engine v2 rows (bench.engine_workloads: shared-prefix chat, mixed long prompt)")
     ap.add_argument("--model", choices=MODELS, default="gpt2",
                     help="qwen3-moe: the mixture-of-experts row (bench/engine_moe.py; its own options)")
     pre = argparse.ArgumentParser(add_help=False)
@@ -415,6 +418,11 @@ def main(argv=None) -> int:
         print(f"  share of the sustained bandwidth read just before and after each batch-1 decode: median "
               f"{100 * statistics.median(shares):.0f}% (rounds: {', '.join(f'{100 * x:.0f}%' for x in shares)})")
     print(f"XLA compilations while the engines served (after warm-up): {recompiles}")
+    if not args.no_workloads:
+        from bench import engine_workloads
+
+        print("\n# engine v2 workloads (bench.engine_workloads), same weights' shape")
+        engine_workloads.main([])
     return 0
 
 

@@ -57,6 +57,7 @@ OVERRIDE_KEYS: dict[str, Callable[[Any], Any]] = {
     "kv_cache_bytes": _int_in(1, 1 << 50),
     "block_size": _int_in(1, 1024),
     "max_num_batched_tokens": _int_in(16, 1 << 20),
+    "max_queue_wait_s": _int_in(1, 1 << 20),
     "enable_prefix_caching": lambda v: v if isinstance(v, bool) else (_ for _ in ()).throw(ValueError("must be true or false")),
     "ram": _int_in(0, 1 << 50),
     "chip": lambda v: _str_list(v) if isinstance(v, list) else _str_list([v])[0],
@@ -68,7 +69,7 @@ OVERRIDE_KEYS: dict[str, Callable[[Any], Any]] = {
 #: placement or naming and the model server accepts and ignores them.
 SERVING_KEYS = frozenset({"num_slots", "max_seq_len", "prefill_buckets", "dtype", "max_queue",
                           "kv_cache_bytes", "block_size", "max_num_batched_tokens",
-                          "enable_prefix_caching"})
+                          "enable_prefix_caching", "max_queue_wait_s"})
 PLACEMENT_KEYS = frozenset(OVERRIDE_KEYS) - SERVING_KEYS
 
 

@@ -53,6 +53,8 @@ def _sampling(max_n: int) -> S:
         "stop": _nullable({"oneOf": [NONEMPTY, {"type": "array", "items": NONEMPTY, "maxItems": 4}]}),
         "stop_token_ids": _nullable(TOKENS),
         "ignore_eos": _nullable(BOOL),
+        "prefix_caching": _nullable(dict(BOOL, description="false: this prompt neither reuses nor offers "
+                                          "cached KV blocks (on by default)")),
         "stream": _nullable(BOOL),
         "stream_options": _nullable(_obj({"include_usage": BOOL, "continuous_usage_stats": BOOL},
                                          additionalProperties=False)),

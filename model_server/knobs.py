@@ -13,6 +13,12 @@ MIN_BUCKET = 16
 DEFAULT_BLOCK_SIZE = 16
 #: Tokens per engine step while sequences decode: decodes, then prompt chunks.
 DEFAULT_TOKEN_BUDGET = 256
+#: Longest prompt chunk one prefill call computes: longer prompts prefill in chunks even when
+#: nothing decodes (each reads the chunks before it through the block table). Larger buckets
+#: serve scoring only; chunks pad less than one long bucket and compile fewer programs.
+MAX_PREFILL_CHUNK = 512
+#: Seconds a request may wait for admission before its retryable refusal (queue_full).
+DEFAULT_MAX_QUEUE_WAIT_S = 60
 
 
 class OverrideError(ValueError):
@@ -29,7 +35,9 @@ class ServingKnobs:
     for a slot before refusals; kv_cache_bytes: the KV block pool's size (default: room for
     num_slots sequences of max_seq_len); block_size: positions per KV block;
     max_num_batched_tokens: tokens per engine step while sequences decode (chunked prefill);
-    enable_prefix_caching: reuse cached KV blocks of shared prompt prefixes.
+    enable_prefix_caching: reuse cached KV blocks of shared prompt prefixes;
+    max_queue_wait_s: seconds a request may wait for a slot and blocks before it is refused
+    (retryable: a caller or the frontend tries again, or elsewhere).
     """
 
     num_slots: int = 8
@@ -41,6 +49,7 @@ class ServingKnobs:
     block_size: int = DEFAULT_BLOCK_SIZE
     max_num_batched_tokens: int = DEFAULT_TOKEN_BUDGET
     enable_prefix_caching: bool = True
+    max_queue_wait_s: int = DEFAULT_MAX_QUEUE_WAIT_S
 
     def num_blocks(self, spec: Any) -> int:
         """Blocks of the KV pool for `spec` (a resolved knob set): `kv_cache_bytes` of them,
@@ -135,6 +144,8 @@ def parse_overrides(overrides: Optional[Mapping[str, Any]]) -> ServingKnobs:
             raise OverrideError(f"override 'block_size' must be a multiple of 16, got {kw['block_size']}")
     if "max_num_batched_tokens" in overrides:
         kw["max_num_batched_tokens"] = _positive_int("max_num_batched_tokens", overrides["max_num_batched_tokens"], 16)
+    if "max_queue_wait_s" in overrides:
+        kw["max_queue_wait_s"] = _positive_int("max_queue_wait_s", overrides["max_queue_wait_s"])
     if "enable_prefix_caching" in overrides:
         v = _maybe_json(overrides["enable_prefix_caching"])
         if not isinstance(v, bool):

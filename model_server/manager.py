@@ -104,7 +104,7 @@ def default_loader(model_path: str, checkpoint: str | None, overrides: dict[str,
                     prefill_buckets=list(k.prefill_buckets), max_queue=k.max_queue, dtype=k.dtype,
                     block_size=k.block_size, num_blocks=loaded.num_blocks(),
                     max_num_batched_tokens=k.max_num_batched_tokens,
-                    enable_prefix_caching=k.enable_prefix_caching)
+                    enable_prefix_caching=k.enable_prefix_caching, max_queue_wait_s=k.max_queue_wait_s)
     engine.compile_progress = CompileProgress(model_path, sink)
     engine.start()
     return loaded, engine

@@ -3,11 +3,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from common.bounds import MAX_LOGIT_BIAS, MAX_PROMPTS, MAX_STOP, REQUEST_BOUNDS
+from common.bounds import MAX_LOGIT_BIAS, MAX_PROMPTS, MAX_STOP, REQUEST_BOUNDS  # noqa: F401 (P.MAX_PROMPTS)
 from model_server.api.errors import invalid
 from model_server.settings import RequestLimits
-
-__all__ = ["MAX_PROMPTS", "number", "bounded"]
 
 
 def number(body: dict[str, Any], key: str, default: float | None, lo: float, hi: float,
@@ -148,8 +146,11 @@ def sampling_fields(body: dict[str, Any], vocab_size: int, max_n: int) -> dict[s
         "stop": stop_strings(body),
         "stop_token_ids": token_list(stop_ids, "stop_token_ids", vocab_size) if stop_ids is not None else [],
         "ignore_eos": boolean(body, "ignore_eos"),
+        # an extra: false keeps this request's prompt out of the prefix cache (no reuse, no offer)
+        "prefix_caching": boolean(body, "prefix_caching", True),
     }
 
 
 SAMPLING_KEYS = {"temperature", "top_p", "top_k", "n", "seed", "presence_penalty", "frequency_penalty",
-                 "repetition_penalty", "logit_bias", "stop", "stop_token_ids", "ignore_eos"}
+                 "repetition_penalty", "logit_bias", "stop", "stop_token_ids", "ignore_eos",
+                 "prefix_caching"}

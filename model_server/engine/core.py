@@ -31,7 +31,8 @@ from model_server.engine.requests import EmbedJob, Group, Request, RequestHandle
 from model_server.engine.runner import Runner
 from model_server.engine.scheduler import Scheduler
 from model_server.engine.tokenizer import EngineTokenizer
-from model_server.knobs import DEFAULT_BLOCK_SIZE, DEFAULT_TOKEN_BUDGET
+from model_server.knobs import (DEFAULT_BLOCK_SIZE, DEFAULT_MAX_QUEUE_WAIT_S, DEFAULT_TOKEN_BUDGET,
+                                MAX_PREFILL_CHUNK)
 from model_server.engine.types import EngineError, QueueFull, SamplingParams
 from model_server.models import base
 from model_server.tokenizer import Tokenizer
@@ -49,7 +50,7 @@ class Engine:
                  max_prefill_tokens: Optional[int] = None, compile_threads: Optional[int] = None,
                  block_size: int = DEFAULT_BLOCK_SIZE, num_blocks: Optional[int] = None,
                  kv_cache_bytes: Optional[int] = None, max_num_batched_tokens: Optional[int] = None,
-                 enable_prefix_caching: bool = True):
+                 enable_prefix_caching: bool = True, max_queue_wait_s: Optional[float] = None):
         self.spec: base.ModelSpec = model.spec
         spec = self.spec
         if num_slots < 1:
@@ -75,7 +76,9 @@ class Engine:
             buckets = sorted({int(b) for b in prefill_buckets if 0 < int(b) <= self.max_seq_len})
             if not buckets:
                 raise ValueError("no usable prefill bucket (all exceed max_seq_len)")
-        self.prefill_buckets = buckets
+        self.prefill_buckets = buckets  # scoring passes pad to these
+        #: prompt chunks pad to these (compiled prefill programs)
+        self.chunk_buckets = [b for b in buckets if b <= MAX_PREFILL_CHUNK] or buckets[:1]
         if decode_buckets is None:
             dbuckets = default_decode_buckets(self.num_slots)
         else:
@@ -96,6 +99,7 @@ class Engine:
         self.num_blocks = int(num_blocks)
         self.kv_cache_bytes = self.num_blocks * per_block
         self.token_budget = int(max_num_batched_tokens or DEFAULT_TOKEN_BUDGET)
+        self.max_queue_wait_s = float(max_queue_wait_s or DEFAULT_MAX_QUEUE_WAIT_S)
 
         tok = model.tokenizer
         hf = tok.hf if isinstance(tok, Tokenizer) else tok
@@ -107,13 +111,14 @@ class Engine:
         self.guide = Guide(hf, spec.vocab_size, self.num_slots, self.eos_token_ids)
 
         self.runner = Runner(model, spec, num_slots=self.num_slots, max_seq_len=self.max_seq_len,
-                             buckets=buckets, decode_buckets=dbuckets, dtype=self.dtype,
+                             buckets=buckets, chunk_buckets=self.chunk_buckets, decode_buckets=dbuckets, dtype=self.dtype,
                              num_blocks=self.num_blocks, block_size=self.block_size, guide=self.guide,
                              compile_threads=compile_threads)
         self.programs = self.runner.programs
         self.blocks = BlockManager(self.num_blocks, self.block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, num_slots=self.num_slots, token_budget=self.token_budget,
-                                   max_chunk=buckets[-1], max_seq_len=self.max_seq_len)
+                                   max_chunk=self.chunk_buckets[-1], max_seq_len=self.max_seq_len,
+                                   idle_budget=buckets[-1])
         self.output = OutputProcessor(self.tokenizer)
 
         self._lock = threading.Lock()
@@ -320,6 +325,7 @@ class Engine:
                 for h in cancels:
                     self._do_cancel(h)
                 self._take(inbox)
+                self._expire_waiting()
                 self._run_aux_work()
                 out, firsts, pending = self._step(pending)
                 # Read the previous step while this one runs; then the first tokens of the
@@ -342,6 +348,19 @@ class Engine:
         for r in inbox:
             if not r.done:
                 self.scheduler.add(Group(list(r.samples), r.prompt, r.arrival))
+
+    def _expire_waiting(self) -> None:
+        """Requests not admitted within max_queue_wait_s get the retryable refusal."""
+        expired = self.scheduler.expire(time.monotonic() - self.max_queue_wait_s)
+        for g in expired:
+            r = g.req
+            with self._lock:
+                self._waiting_samples -= len(g.seqs)
+                self._counters["requests_refused_total"] += 1
+                self._requests.pop(r.id, None)
+            r.done = True
+            r.handle._end(QueueFull(f"waited {self.max_queue_wait_s:.0f}s without a slot; retry later",
+                                    retry_after=self._retry_after()))
 
     def _step(self, pending):
         """Dispatch one engine step; returns its decode output, its first-token outputs, and

@@ -104,12 +104,14 @@ class Programs:
 
     def __init__(self, spec: base.ModelSpec, *, num_slots: int, max_seq_len: int,
                  buckets: list[int], decode_buckets: list[int], mesh: jax.sharding.Mesh,
+                 chunk_buckets: Optional[list[int]] = None,
                  cache_sharding: NamedSharding, num_blocks: int, block_size: int, dtype: str = "float32"):
         self.spec = spec
         self.n = num_slots
         self.s = max_seq_len
         self.v = spec.vocab_size
-        self.buckets = buckets
+        self.buckets = buckets  # scoring / embedding lengths
+        self.chunk_buckets = chunk_buckets or buckets  # prefill chunk lengths
         self.decode_buckets = decode_buckets
         self.mesh = mesh
         self.rep = NamedSharding(mesh, P())
@@ -136,7 +138,7 @@ class Programs:
         self.mask_words = guided.words_for(self.v)
         self.k = min(MAX_LOGPROBS, self.v)
         #: rows of the prefill logits: the most sequences one prefill call takes
-        self.first_rows = max(max(self.prefill_rows(t)) for t in buckets)
+        self.first_rows = max(max(self.prefill_rows(t)) for t in self.chunk_buckets)
 
     # ------------------------------------------------------------------ variants
 
@@ -387,13 +389,14 @@ class Programs:
         fn = jax.jit(self._guided_fn(), donate_argnums=(0,), out_shardings=(rep, rep))
         jobs.append(("guided", ("guided", None), functools.partial(
             fn.lower, state, sp_dev, self._arg((n, self.v), np.float32), self._arg((n, words), i32))))
-        for t in self.buckets:
+        for t in self.chunk_buckets:
             for b in self.prefill_rows(t):
                 for kb in self.prefill_widths(t):
                     fn = jax.jit(self._prefill_fn(t, b), donate_argnums=(1,), out_shardings=(cache_out, rep))
                     jobs.append((f"prefill[{t}x{b}x{kb}]", ("prefill", (t, b, kb)), functools.partial(
                         fn.lower, params, cache, self._arg((b, t), i32), self._arg((b,), i32),
                         self._arg((b,), i32), self._arg((b, kb), i32))))
+        for t in self.buckets:
             for b in self.score_rows(t):
                 fn = jax.jit(self._score_fn(t, b), out_shardings=rep)
                 jobs.append((f"score[{t}x{b}]", ("score", (t, b)), functools.partial(

@@ -36,12 +36,14 @@ def _penalized(seq: Sequence) -> bool:
 
 class Runner:
     def __init__(self, model: Any, spec: base.ModelSpec, *, num_slots: int, max_seq_len: int,
-                 buckets: list[int], decode_buckets: list[int], dtype: str, num_blocks: int,
+                 buckets: list[int], chunk_buckets: list[int], decode_buckets: list[int], dtype: str,
+                 num_blocks: int,
                  block_size: int, guide: Guide, compile_threads: Optional[int] = None):
         self.spec = spec
         self.num_slots = num_slots
         self.max_seq_len = max_seq_len
         self.buckets = buckets
+        self.chunk_buckets = chunk_buckets
         self.dtype = dtype
         self.num_blocks = num_blocks
         self.block_size = block_size
@@ -60,6 +62,7 @@ class Runner:
         self.cache_sharding = NamedSharding(mesh, base.cache_partition_spec(spec, axis, mesh.shape[axis]))
         self.replicated = NamedSharding(mesh, P())
         self.programs = Programs(spec, num_slots=num_slots, max_seq_len=max_seq_len, buckets=buckets,
+                                 chunk_buckets=chunk_buckets,
                                  decode_buckets=decode_buckets, mesh=mesh, cache_sharding=self.cache_sharding,
                                  num_blocks=num_blocks, block_size=block_size, dtype=dtype)
         self.cache = None
@@ -189,11 +192,12 @@ class Runner:
         i = 0
         batches = []
         while i < len(order):
-            t = bucket_for(self.buckets, chunks[order[i]].length)
+            t = bucket_for(self.chunk_buckets, chunks[order[i]].length)
             rmax = max(pr.prefill_rows(t))
             batch = [chunks[order[i]]]
             i += 1
-            while i < len(order) and len(batch) < rmax and bucket_for(self.buckets, chunks[order[i]].length) == t:
+            while i < len(order) and len(batch) < rmax and \
+                    bucket_for(self.chunk_buckets, chunks[order[i]].length) == t:
                 batch.append(chunks[order[i]])
                 i += 1
             batches.append((t, batch))

@@ -7,7 +7,8 @@ sequences are preempted, their blocks freed and their tokens recomputed later). 
 of the prompts being prefilled, oldest first, and of newly admitted requests, up to the
 budget. A request is admitted when slots (decode rows) for all its samples and blocks for its
 prompt are free; its leading full blocks already in the prefix cache are shared, not
-computed. When nothing decodes, a prompt prefills whole (up to the largest bucket).
+computed. When nothing decodes, prompts prefill up to `idle_budget` tokens in the step, in chunks of at
+most `max_chunk`.
 """
 from __future__ import annotations
 
@@ -49,11 +50,13 @@ class Plan:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, *, num_slots: int, token_budget: int, max_chunk: int,
-                 max_seq_len: int, salt: bytes = b""):
+                 max_seq_len: int, salt: bytes = b"", idle_budget: int = 0):
         self.blocks = blocks
         self.num_slots = num_slots
         self.token_budget = token_budget
         self.max_chunk = max_chunk
+        #: prompt tokens of a step in which nothing decodes
+        self.idle_budget = max(idle_budget, max_chunk)
         self.max_blocks = blocks.blocks_for(max_seq_len)
         self.salt = salt
         self.waiting: collections.deque[Group] = collections.deque()
@@ -87,7 +90,7 @@ class Scheduler:
         self._grow_decodes(plan)
         plan.decode = [s for s in self.running if s.status is Status.RUNNING]
         busy = bool(plan.decode)
-        budget = max(self.token_budget - len(plan.decode), 0) if busy else self.max_chunk
+        budget = max(self.token_budget - len(plan.decode), 0) if busy else self.idle_budget
         for g in list(self.prefilling):
             budget = self._plan_chunks(g, budget, plan)
         while budget >= MIN_CHUNK and self.waiting and self._admissible(self.waiting[0]):
@@ -217,6 +220,17 @@ class Scheduler:
             self.running.append(s)
 
     # ------------------------------------------------------------------ leaving
+
+    def expire(self, older_than: float) -> list[Group]:
+        """Take out the waiting groups of requests never admitted that arrived before
+        `older_than` (preempted sequences are never expired: they are recomputed)."""
+        out = [g for g in self.waiting if g.arrival < older_than and g.req.admitted == 0.0
+               and not any(s.generated for s in g.seqs)]
+        for g in out:
+            self.waiting.remove(g)
+            for s in g.seqs:
+                s.status = Status.FINISHED
+        return out
 
     def finish(self, seq: Sequence) -> None:
         """`seq` is done (finished, cancelled): its slot and blocks go back."""

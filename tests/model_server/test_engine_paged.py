@@ -121,3 +121,21 @@ def test_n_samples_share_the_prompt_and_seeds_repeat(engine):
     a = [c.token_ids for c in engine.submit(p, params).result()]
     b = [c.token_ids for c in engine.submit(p, params).result()]
     assert a == b and len({tuple(x) for x in a}) > 1
+
+
+def test_a_request_waiting_past_its_deadline_gets_the_retryable_refusal(model):
+    from model_server.engine import QueueFull
+
+    eng = make(model, num_slots=1, decode_buckets=[1], max_queue_wait_s=0.01)
+    try:
+        busy = eng.submit(PREFIX[:20], SamplingParams(max_tokens=100, **GREEDY))
+        late = eng.submit(PREFIX[:21], SamplingParams(max_tokens=4, **GREEDY))
+        with pytest.raises(QueueFull, match="waited") as e:
+            late.result()
+        assert e.value.retry_after > 0
+        assert busy.result()[0].finish_reason == "length"  # the running request is untouched
+        st = eng.stats()
+        assert st["requests_refused_total"] == 1 and st["waiting_samples"] == 0
+        assert eng.submit(PREFIX[:21], SamplingParams(max_tokens=4, **GREEDY)).result()[0].finish_reason == "length"
+    finally:
+        eng.stop()
