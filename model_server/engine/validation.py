@@ -72,8 +72,7 @@ def validate(spec: base.ModelSpec, max_seq_len: int, longest_prompt: int, num_sl
     within("temperature", p.temperature)
     within("top_k", p.top_k)  # (-1 or 0: off)
     within("top_p", p.top_p)
-    need(p.seed is None or REQUEST_BOUNDS["seed"].holds(p.seed),
-         f"seed must be an integer {REQUEST_BOUNDS['seed'].describe()}", "seed")
+    need(p.seed is None or integer(p.seed), "seed must be an integer", "seed")  # any: it is hashed
     within("presence_penalty", p.presence_penalty)
     within("frequency_penalty", p.frequency_penalty)
     within("repetition_penalty", p.repetition_penalty)
