@@ -1,4 +1,4 @@
-"""The admin's JSON API (documented in README.md, "Admin API").
+"""The admin's JSON API (documented in admin_server/README.md, "Admin API").
 
 Errors are `{"error": {"code": ..., "message": ...}}` with 400/401/403/404/409;
 5xx only for real faults (e.g. the database being unreachable: 503).

@@ -2,7 +2,7 @@
 
 One small interface (read/write/delete whole objects by relative path), so
 the snapshot code never knows which one it has. GCS goes through
-google-cloud-storage and honours STORAGE_EMULATOR_HOST (anonymous
+google-cloud-storage (`common.gcs`) and honours STORAGE_EMULATOR_HOST (anonymous
 credentials against an emulator). `timeout` bounds one call, retries included
 (a local directory has nothing to wait for and ignores it).
 """
@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import tempfile
 from typing import Protocol
+
+from common import gcs
 
 
 class BlobStoreError(RuntimeError):
@@ -67,34 +69,12 @@ class LocalBlobStore:
             pass
 
 
-def gcs_client():  # type: ignore[no-untyped-def]
-    """A google-cloud-storage client; anonymous when STORAGE_EMULATOR_HOST is set."""
-    from google.cloud import storage
-
-    if os.environ.get("STORAGE_EMULATOR_HOST"):
-        from google.auth.credentials import AnonymousCredentials
-
-        return storage.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT", "saxplane"),
-                              credentials=AnonymousCredentials())
-    return storage.Client()
-
-
-def split_gs_url(url: str) -> tuple[str, str]:
-    """'gs://bucket/a/b' -> ('bucket', 'a/b')."""
-    if not url.startswith("gs://"):
-        raise ValueError(f"not a gs:// URL: {url!r}")
-    bucket, _, prefix = url[5:].partition("/")
-    if not bucket:
-        raise ValueError(f"gs:// URL without a bucket: {url!r}")
-    return bucket, prefix.strip("/")
-
-
 class GcsBlobStore:
     def __init__(self, url: str, timeout_s: float = 5.0) -> None:
         self.url = url
-        self.bucket_name, self.prefix = split_gs_url(url)
+        self.bucket_name, self.prefix = gcs.split_url(url)
         self.timeout_s = timeout_s
-        self._bucket = gcs_client().bucket(self.bucket_name)
+        self._bucket = gcs.client().bucket(self.bucket_name)
 
     def _limits(self, timeout: float | None) -> tuple[float, object]:
         """(per-request timeout, retry policy) for one call of at most `timeout` seconds."""
@@ -105,7 +85,7 @@ class GcsBlobStore:
         return t, DEFAULT_RETRY.with_timeout(t)
 
     def _blob(self, path: str):  # type: ignore[no-untyped-def]
-        return self._bucket.blob(f"{self.prefix}/{path}" if self.prefix else path)
+        return self._bucket.blob(gcs.join(self.prefix, path))
 
     def read(self, path: str, *, timeout: float | None = None) -> bytes | None:
         from google.api_core import exceptions
@@ -138,4 +118,4 @@ class GcsBlobStore:
 
 
 def open_blobstore(root: str) -> BlobStore:
-    return GcsBlobStore(root) if root.startswith("gs://") else LocalBlobStore(root)
+    return GcsBlobStore(root) if gcs.is_gcs(root) else LocalBlobStore(root)

@@ -59,7 +59,7 @@ def write_hf(out: Path, spec, store_dtype: str) -> Path:
     from model_server import checkpoint as ck
     from model_server.models import base
 
-    config = {**base.family_module(spec).to_hf_config(spec), "dtype": store_dtype}
+    config = {**base.hf_config_of(spec), "dtype": store_dtype}
     return ck.save_hf(out, spec, base.random_params(spec, seed=0), config, dtype=store_dtype)
 
 

@@ -4,6 +4,7 @@ bench.engine, its synthetic tokenizer).
 
     python -m bench.engine_workloads                  # both workloads, all four settings
     python -m bench.engine_workloads --prefix 1024 --users 8
+    python -m bench.engine_workloads --sweep          # block sizes 16/32/64, budgets 128/256/512
 
 * chat: `users` conversations share a `prefix`-token system prompt; each sends its own
   `question`-token message and decodes `new` tokens (arrivals `stagger` apart).
@@ -78,6 +79,8 @@ def main(argv=None) -> int:
     ap.add_argument("--stagger", type=float, default=0.05)
     ap.add_argument("--budget", type=int, default=256, help="tokens per step with chunking")
     ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--sweep", action="store_true",
+                    help="caching and chunking on, for each block size (16, 32, 64) and budget (128, 256, 512)")
     args = ap.parse_args(argv)
     import jax
 
@@ -90,22 +93,25 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(1)
     window = max(args.prefix + args.question, args.long) + args.new
     buckets = [b for b in (16, 32, 64, 128, 256, 512) if b < window] + [window]
+    if args.sweep:
+        settings = [(True, b, args.budget) for b in (16, 32, 64)] + [(True, 16, t) for t in (128, 512)]
+    else:
+        settings = [(c, args.block_size, args.budget if k else 1 << 20) for c in (True, False) for k in (True, False)]
     engines = {}
-    for caching in (True, False):
-        for chunked in (True, False):
-            eng = Engine(model, num_slots=max(args.users, args.streams + 1), max_seq_len=window,
-                         prefill_buckets=buckets, max_queue=64, block_size=args.block_size,
-                         max_num_batched_tokens=args.budget if chunked else 1 << 20,
-                         enable_prefix_caching=caching)
-            t0 = time.time()
-            eng.start()
-            print(f"# engine caching={caching} chunked={chunked}: {eng.num_blocks} blocks of {eng.block_size}, "
-                  f"warm-up {time.time() - t0:.1f}s, {len(eng.compile_timings)} programs", flush=True)
-            engines[(caching, chunked)] = eng
-    print("| workload | prefix caching | chunked prefill | tok/s | TTFT p50 (s) | ITL p50 (ms) | ITL p99 (ms) | "
-          "extra | compiles |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for (caching, chunked), eng in engines.items():
+    for caching, block, budget in settings:
+        eng = Engine(model, num_slots=max(args.users, args.streams + 1), max_seq_len=window,
+                     prefill_buckets=buckets, max_queue=64, block_size=block,
+                     max_num_batched_tokens=budget, enable_prefix_caching=caching)
+        t0 = time.time()
+        eng.start()
+        print(f"# engine caching={caching} budget={budget}: {eng.num_blocks} blocks of {eng.block_size}, "
+              f"warm-up {time.time() - t0:.1f}s, {len(eng.compile_timings)} programs", flush=True)
+        engines[(caching, block, budget)] = eng
+    print("| workload | prefix caching | block size | tokens per step | tok/s | TTFT p50 (s) | ITL p50 (ms) | "
+          "ITL p99 (ms) | extra | compiles |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for (caching, block, budget), eng in engines.items():
+        chunked = "unbounded" if budget >= 1 << 20 else budget
         c0 = compile_count()
         system = rng.integers(0, VOCAB - 1, args.prefix).tolist()
         chats = [system + rng.integers(0, VOCAB - 1, args.question).tolist() for _ in range(args.users)]
@@ -113,7 +119,7 @@ def main(argv=None) -> int:
         res, span = drive(eng, chats[1:], args.new, args.stagger)
         s = summary(res, span)
         hits = eng.stats()["prefix_cache_hits_total"]
-        print(f"| shared-prefix chat | {caching} | {chunked} | {s['tput']:.0f} | {s['ttft50']:.3f} | "
+        print(f"| shared-prefix chat | {caching} | {block} | {chunked} | {s['tput']:.0f} | {s['ttft50']:.3f} | "
               f"{1e3 * s['itl50']:.1f} | {1e3 * s['itl99']:.1f} | {hits} cached prompt tokens | "
               f"{compile_count() - c0} |", flush=True)
         c0 = compile_count()
@@ -133,7 +139,7 @@ def main(argv=None) -> int:
         s = summary(res, span)
         lt, _, l_sub = box["long"]
         pause = max(b - a for r in res for a, b in zip(r[1], r[1][1:]) if b >= l_sub and a <= l_sub + lt)
-        print(f"| mixed long prompt | {caching} | {chunked} | {s['tput']:.0f} | {s['ttft50']:.3f} | "
+        print(f"| mixed long prompt | {caching} | {block} | {chunked} | {s['tput']:.0f} | {s['ttft50']:.3f} | "
               f"{1e3 * s['itl50']:.1f} | {1e3 * s['itl99']:.1f} | long TTFT {lt:.2f}s, longest pause "
               f"{1e3 * pause:.0f} ms ({pause / lt:.2f} of it) | {compile_count() - c0} |", flush=True)
     for eng in engines.values():

@@ -1,4 +1,4 @@
-"""HTTP client of the admin server's API (see README "Admin API")."""
+"""HTTP client of the admin server's API (see admin_server/README.md, "Admin API")."""
 from __future__ import annotations
 
 import os

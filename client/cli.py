@@ -20,7 +20,7 @@ from client.admin import AdminClient
 from client.overrides import parse_overrides
 
 
-# Exit codes (README "Client and CLI"): every failure prints one line on stderr.
+# Exit codes (client/README.md, "saxutil"): every failure prints one line on stderr.
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 

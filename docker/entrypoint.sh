@@ -1,6 +1,6 @@
 #!/bin/sh
 # Saxplane image entrypoint: `saxplane-entrypoint PART [ARGS...]` runs one part of the cell.
-# Every part reads its SAX_* variables (flags given here win over them); see README "Run a cluster".
+# Every part reads its SAX_* variables (flags given here win over them); see deploy/README.md.
 set -eu
 
 usage() {

@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 LOADING, LOADED, FAILED, UNLOADING = "LOADING", "LOADED", "FAILED", "UNLOADING"
 Key = tuple[str, int]
+#: (model_path, checkpoint, overrides, cache_dir) -> the loaded model and its started engine.
+Loader = Callable[[str, Optional[str], dict[str, Any], Optional[str]], tuple["LoadedModel", "Engine"]]
 
 
 class ModelNotFound(LookupError):
@@ -112,7 +114,7 @@ def default_loader(model_path: str, checkpoint: str | None, overrides: dict[str,
 
 class ModelManager:
     def __init__(self, *, cache_dir: str | None = None,
-                 loader: Callable[..., tuple[Any, Any]] = default_loader,
+                 loader: Loader = default_loader,
                  drain_timeout_s: float = 30.0) -> None:
         self._models: dict[Key, ServedModel] = {}
         self._lock = threading.Lock()

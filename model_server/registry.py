@@ -25,7 +25,7 @@ import jax
 from model_server import checkpoint as ckpt_lib
 from model_server.checkpoint import CheckpointError
 from model_server.knobs import OverrideError, ServingKnobs, parse_overrides
-from model_server.models import base
+from model_server.models import base, gemma, gpt2, llama, moe
 from model_server.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -42,25 +42,44 @@ class ModelPathError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ModelPathEntry:
+    """One servable model path: the `DecoderModel` family that serves it, or a built-in model."""
+
     name: str
     description: str
-    #: accepted HF architectures; None = any supported one. Ignored for random-weight entries.
-    architectures: Optional[frozenset[str]] = None
+    #: the registered family class; None for lm.hf (any family) and built-in models
+    family: Optional[type[base.DecoderModel]] = None
+    #: the HF architectures accepted, a subset of the family's (None: all of its, or any for lm.hf)
+    only: Optional[frozenset[str]] = None
     #: random-weight test model built in code (checkpoint must be None)
     builtin: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.family is not None and self.only is not None and not self.only <= set(self.family.architectures):
+            raise ValueError(f"{self.name}: {sorted(self.only)} not all served by family {self.family.family!r}")
+
+    @property
+    def architectures(self) -> Optional[frozenset[str]]:
+        """Accepted HF architectures; None = any registered one. Ignored for built-in models."""
+        if self.only is not None:
+            return self.only
+        return frozenset(self.family.architectures) if self.family is not None else None
+
+
+def _path(name: str, description: str, family: type[base.DecoderModel], *only: str) -> ModelPathEntry:
+    return ModelPathEntry(name, description, family, frozenset(only) if only else None)
 
 
 REGISTRY: dict[str, ModelPathEntry] = {
     e.name: e for e in [
         ModelPathEntry("lm.hf", "Hugging Face causal LM (architecture from config.json)"),
-        ModelPathEntry("lm.gpt2", "GPT-2", frozenset({"GPT2LMHeadModel"})),
-        ModelPathEntry("lm.llama", "Llama / Mistral", frozenset({"LlamaForCausalLM", "MistralForCausalLM"})),
-        ModelPathEntry("lm.qwen2", "Qwen2", frozenset({"Qwen2ForCausalLM"})),
-        ModelPathEntry("lm.qwen3", "Qwen3", frozenset({"Qwen3ForCausalLM"})),
-        ModelPathEntry("lm.gemma", "Gemma 2 / Gemma 3 (text)", frozenset({"Gemma2ForCausalLM", "Gemma3ForCausalLM"})),
-        ModelPathEntry("lm.phi3", "Phi-3", frozenset({"Phi3ForCausalLM"})),
-        ModelPathEntry("lm.qwen3_moe", "Qwen3-MoE", frozenset({"Qwen3MoeForCausalLM"})),
-        ModelPathEntry("lm.mixtral", "Mixtral", frozenset({"MixtralForCausalLM"})),
+        _path("lm.gpt2", "GPT-2", gpt2.GPT2),
+        _path("lm.llama", "Llama / Mistral", llama.Llama, "LlamaForCausalLM", "MistralForCausalLM"),
+        _path("lm.qwen2", "Qwen2", llama.Llama, "Qwen2ForCausalLM"),
+        _path("lm.qwen3", "Qwen3", llama.Llama, "Qwen3ForCausalLM"),
+        _path("lm.gemma", "Gemma 2 / Gemma 3 (text)", gemma.Gemma),
+        _path("lm.phi3", "Phi-3", llama.Llama, "Phi3ForCausalLM"),
+        _path("lm.qwen3_moe", "Qwen3-MoE", moe.MoE, "Qwen3MoeForCausalLM"),
+        _path("lm.mixtral", "Mixtral", moe.MoE, "MixtralForCausalLM"),
         ModelPathEntry("test.tiny", "tiny random-weight Llama-style test model", builtin="tiny"),
     ]
 }
@@ -169,10 +188,12 @@ class LoadedModel:
 
 
 def _check_architecture(entry: ModelPathEntry, spec: base.ModelSpec, checkpoint: str) -> None:
-    if entry.architectures is not None and spec.architecture not in entry.architectures:
+    accepted = entry.architectures
+    if accepted is not None and (spec.architecture not in accepted
+                                 or base.family_class(spec) is not entry.family):
         raise CheckpointError(
             f"{checkpoint} holds a {spec.architecture}, but {entry.name} serves "
-            f"{', '.join(sorted(entry.architectures))} (use lm.hf for any architecture)")
+            f"{', '.join(sorted(accepted))} (use lm.hf for any architecture)")
 
 
 def _place(params: Any, spec: base.ModelSpec, mesh: Optional[jax.sharding.Mesh]) -> Any:

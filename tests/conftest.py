@@ -71,3 +71,15 @@ def cell(tmp_path_factory: pytest.TempPathFactory, tiny_compiled: None) -> Itera
 @pytest.fixture(scope="session")
 def url(cell: "Cell") -> str:
     return cell.url
+
+
+#: Fixtures that start a whole cell of real processes (admin, model servers, frontends under
+#: gunicorn): every test that uses one is an end-to-end test, in the `slow` tier.
+WHOLE_CELL_FIXTURES = frozenset({"cell", "url", "locked", "fault_cell", "hostile"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the tests on whole-cell fixtures `slow` (`pytest -m "not slow"` is the fast tier)."""
+    for item in items:
+        if WHOLE_CELL_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

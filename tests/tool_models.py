@@ -1,4 +1,5 @@
-"""Random-weight checkpoints whose chat templates render tools (Hermes / Qwen 2.5 style), for
+"""Random-weight checkpoints whose chat templates render tools (Hermes / Qwen 2.5, Mistral and
+Llama 3.1 styles), for
 the structured-output and tool-calling tests: test.tiny's weights and tokenizer, a longer
 position limit (the tool list makes long prompts) and the template below, which lists each tool by its name and argument names (a short prompt:
 test.tiny's window is small)."""
@@ -30,13 +31,37 @@ HERMES_TEMPLATE = (
 )
 
 
-def save_tool_model(out_dir: Path) -> Path:
-    """test.tiny as a Hugging Face directory (`lm.hf`) with the Hermes tools template."""
+#: Mistral's format: `[AVAILABLE_TOOLS]` in the prompt, the reply `[TOOL_CALLS][{...}, ...]`.
+MISTRAL_TEMPLATE = (
+    "{% if tools %}[AVAILABLE_TOOLS]{% for tool in tools %} {{ tool.function.name }}{% endfor %}"
+    "[/AVAILABLE_TOOLS]{% endif %}"
+    "{% for message in messages %}"
+    "{% if message.role == 'user' %}[INST] {{ message.content }} [/INST]"
+    "{% elif message.role == 'assistant' and message.tool_calls %}[TOOL_CALLS]["
+    "{% for call in message.tool_calls %}{\"name\": \"{{ call.function.name }}\", \"arguments\": "
+    "{{ call.function.arguments | tojson }}}{% if not loop.last %}, {% endif %}{% endfor %}]</s>"
+    "{% elif message.role == 'tool' %}[TOOL_RESULTS] {{ message.content }} [/TOOL_RESULTS]"
+    "{% else %}{{ message.content }}</s>{% endif %}{% endfor %}"
+)
+#: Llama 3.1's JSON format (its header tokens shortened: the tiny tokenizer spells them out):
+#: tools listed for the `ipython` role, the reply `{"name": ..., "parameters": {...}}`
+#: (several separated by `;`).
+LLAMA3_TEMPLATE = (
+    "{% if tools %}ipython:{% for tool in tools %} {{ tool.function.name }}{% endfor %}\n{% endif %}"
+    "{% for message in messages %}{{ 'ipython' if message.role == 'tool' else message.role }}: "
+    "{% if message.tool_calls %}{% for call in message.tool_calls %}{\"name\": \"{{ call.function.name }}\", "
+    "\"parameters\": {{ call.function.arguments | tojson }}}{% endfor %}{% else %}{{ message.content }}{% endif %}"
+    "\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+def save_tool_model(out_dir: Path, template: str = HERMES_TEMPLATE) -> Path:
+    """test.tiny as a Hugging Face directory (`lm.hf`) with a tools template (Hermes by default)."""
     from model_server.models import tiny
 
     out = tiny.save_hf(out_dir)
     hf = tiny.build_hf_tokenizer()
-    hf.chat_template = HERMES_TEMPLATE
+    hf.chat_template = template
     hf.save_pretrained(str(out))
     json.loads((out / "config.json").read_text())
     return out

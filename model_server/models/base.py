@@ -46,9 +46,8 @@ from __future__ import annotations
 import abc
 import dataclasses
 import functools
-import importlib
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -59,23 +58,6 @@ from model_server.models import layers
 
 KVCache = list  # list[tuple[jax.Array, jax.Array]]: the (k, v) pools of each layer
 Params = Any  # nested dict/list of arrays
-
-FAMILIES = ("llama", "gpt2", "gemma", "moe")
-
-#: Hugging Face `architectures[0]` -> implementation family.
-ARCHITECTURES: dict[str, str] = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "llama",
-    "Qwen2ForCausalLM": "llama",
-    "Qwen3ForCausalLM": "llama",
-    "Phi3ForCausalLM": "llama",
-    "Gemma2ForCausalLM": "gemma",
-    "Gemma3ForCausalLM": "gemma",
-    "Qwen3MoeForCausalLM": "moe",
-    "MixtralForCausalLM": "moe",
-    "GPT2LMHeadModel": "gpt2",
-}
-
 
 class ModelConfigError(ValueError):
     """A model configuration that we cannot serve (unknown architecture, bad values)."""
@@ -142,7 +124,7 @@ class ModelSpec:
     architecture: str = ""
 
     def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
+        if self.family not in _FAMILIES:
             raise ModelConfigError(f"unknown model family {self.family!r}")
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                      "head_dim", "intermediate_size", "max_position_embeddings"):
@@ -196,14 +178,6 @@ class ModelSpec:
         return cls(**d)
 
 
-def family_module(spec_or_family: ModelSpec | str):
-    """The implementation module (`model_server.models.llama` or `.gpt2`)."""
-    family = spec_or_family if isinstance(spec_or_family, str) else spec_or_family.family
-    if family not in FAMILIES:
-        raise ModelConfigError(f"unknown model family {family!r}")
-    return importlib.import_module(f"model_server.models.{family}")
-
-
 # --------------------------------------------------------------------------- sizes
 
 def dtype_of(dtype: Any) -> np.dtype:
@@ -213,7 +187,7 @@ def dtype_of(dtype: Any) -> np.dtype:
 
 def param_shapes(spec: ModelSpec) -> Params:
     """Pytree of shape tuples, the same structure as the params."""
-    return family_module(spec).param_shapes(spec)
+    return family_class(spec).param_shapes(spec)
 
 
 def abstract_params(spec: ModelSpec, dtype: Any, shardings: Params | None = None) -> Params:
@@ -261,21 +235,55 @@ def declare_params(module: nnx.Module, shapes: dict[str, tuple]) -> None:
 
 def abstract_module(spec: ModelSpec) -> nnx.Module:
     """The family's module for `spec` with abstract params (shapes only, no memory)."""
-    family = family_module(spec)
-    return nnx.eval_shape(lambda: getattr(family, family.MODULE)(spec))
+    cls = family_class(spec)
+    return nnx.eval_shape(lambda: cls(spec))
 
 
 class DecoderModel(nnx.Module, abc.ABC):
     """A decoder-only transformer as an NNX module: token embedding, the layers' `Block`s in
     order, final norm. A family subclasses it with its `Block` class, `embed_tokens`,
     `final_norm_of` and `logits`; its top-level params are those of `param_shapes` but the
-    layers'."""
+    layers'.
 
-    Block: type[nnx.Module]
+    The class is also the family's whole contract with loading and sharding: its name, the HF
+    architectures it serves, how a config.json becomes a `ModelSpec`, its param shapes, its
+    HF tensor-name table and its partition specs. `@register_family(...)` gives a subclass
+    these and enters it in the table `family_class` and `spec_from_hf_config` read.
+    """
+
+    #: Implementation family name (`ModelSpec.family`).
+    family: ClassVar[str]
+    #: Hugging Face `architectures[0]` values this family serves.
+    architectures: ClassVar[tuple[str, ...]]
+    #: Prefix of the HF tensor names (some exports omit it; the loader tries both).
+    hf_prefix: ClassVar[str] = ""
+    #: config.json writer for a spec (test checkpoints, benchmarks); None: this family has none.
+    to_hf_config: ClassVar[Optional[Callable[[ModelSpec], dict]]] = None
+    Block: ClassVar[type[nnx.Module]]
+
+    @staticmethod
+    @abc.abstractmethod
+    def spec_from_hf_config(cfg: dict, architecture: str) -> ModelSpec:
+        """The spec of an HF config.json of `architecture`; ModelConfigError for what we cannot serve."""
+
+    @staticmethod
+    @abc.abstractmethod
+    def param_shapes(spec: ModelSpec) -> dict:
+        """Pytree of shape tuples: the family's param tree for `spec`."""
+
+    @staticmethod
+    @abc.abstractmethod
+    def hf_rules(spec: ModelSpec) -> list:
+        """The `hfmap.Rule`s mapping HF tensor names to params (and back)."""
+
+    @staticmethod
+    @abc.abstractmethod
+    def partition_specs(spec: ModelSpec, axis: str, size: int) -> dict:
+        """PartitionSpec per param for tensor parallelism over mesh axis `axis` of `size`."""
 
     def __init__(self, spec: ModelSpec):
         self.spec = spec
-        declare_params(self, {k: v for k, v in param_shapes(spec).items() if k != "layers"})
+        declare_params(self, {k: v for k, v in type(self).param_shapes(spec).items() if k != "layers"})
         self.layers = nnx.List([self.Block(spec, i) for i in range(spec.num_layers)])
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: Optional[KVCache],
@@ -302,6 +310,64 @@ class DecoderModel(nnx.Module, abc.ABC):
     @abc.abstractmethod
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Vocabulary projection, float32: [B, T, D] -> [B, T, V]."""
+
+
+_FAMILIES: dict[str, type[DecoderModel]] = {}
+_BY_ARCHITECTURE: dict[str, type[DecoderModel]] = {}
+
+
+def register_family(name: str, architectures: Sequence[str], *, spec_from_hf_config: Callable,
+                    param_shapes: Callable, hf_rules: Callable, partition_specs: Callable,
+                    hf_prefix: str = "", to_hf_config: Optional[Callable] = None
+                    ) -> Callable[[type[DecoderModel]], type[DecoderModel]]:
+    """Class decorator: give a `DecoderModel` subclass its family contract (the functions become
+    its static methods) and enter it under `name` and its HF `architectures`."""
+
+    def register(cls: type[DecoderModel]) -> type[DecoderModel]:
+        taken = {a: _BY_ARCHITECTURE[a].family for a in architectures if a in _BY_ARCHITECTURE}
+        if name in _FAMILIES or taken:
+            raise ValueError(f"family {name!r} or architectures {taken} registered twice")
+        cls.family, cls.architectures, cls.hf_prefix = name, tuple(architectures), hf_prefix
+        for attr, fn in (("spec_from_hf_config", spec_from_hf_config), ("param_shapes", param_shapes),
+                         ("hf_rules", hf_rules), ("partition_specs", partition_specs)):
+            setattr(cls, attr, staticmethod(fn))
+        cls.to_hf_config = staticmethod(to_hf_config) if to_hf_config is not None else None
+        abc.update_abstractmethods(cls)
+        if cls.__abstractmethods__:
+            raise TypeError(f"{cls.__name__} leaves {sorted(cls.__abstractmethods__)} abstract")
+        _FAMILIES[name] = cls
+        for arch in cls.architectures:
+            _BY_ARCHITECTURE[arch] = cls
+        return cls
+
+    return register
+
+
+def families() -> tuple[str, ...]:
+    """Registered family names."""
+    return tuple(sorted(_FAMILIES))
+
+
+def architectures() -> dict[str, str]:
+    """Hugging Face architecture -> family name, for every registered family."""
+    return {arch: cls.family for arch, cls in sorted(_BY_ARCHITECTURE.items())}
+
+
+def family_class(spec_or_family: ModelSpec | str) -> type[DecoderModel]:
+    """The registered `DecoderModel` subclass of a spec (or of a family name)."""
+    family = spec_or_family if isinstance(spec_or_family, str) else spec_or_family.family
+    cls = _FAMILIES.get(family)
+    if cls is None:
+        raise ModelConfigError(f"unknown model family {family!r}; registered: {', '.join(families())}")
+    return cls
+
+
+def hf_config_of(spec: ModelSpec) -> dict:
+    """A config.json for `spec` (families with a writer: see `DecoderModel.to_hf_config`)."""
+    writer = family_class(spec).to_hf_config
+    if writer is None:
+        raise ModelConfigError(f"the {spec.family} family has no config.json writer")
+    return writer(spec)
 
 
 @functools.lru_cache(maxsize=64)
@@ -402,7 +468,7 @@ def param_partition_specs(spec: ModelSpec, axis: str = "tp", axis_size: int = 1)
     Column-parallel projections split their output (heads / ffn) dimension, row-parallel
     ones their input dimension; a dimension not divisible by `axis_size` stays replicated.
     """
-    return family_module(spec).partition_specs(spec, axis, axis_size)
+    return family_class(spec).partition_specs(spec, axis, axis_size)
 
 
 def cache_partition_spec(spec: ModelSpec, axis: str = "tp", axis_size: int = 1):
@@ -435,11 +501,12 @@ def spec_from_hf_config(config: dict, generation_config: Optional[dict] = None) 
     if not archs:
         raise ModelConfigError("config.json has no 'architectures' entry")
     arch = archs[0]
-    if arch not in ARCHITECTURES:
+    cls = _BY_ARCHITECTURE.get(arch)
+    if cls is None:
         raise ModelConfigError(
             f"unknown architecture {arch!r} (config.json architectures); supported: "
-            f"{', '.join(sorted(ARCHITECTURES))}")
-    spec = family_module(ARCHITECTURES[arch]).spec_from_hf_config(config, arch)
+            f"{', '.join(sorted(_BY_ARCHITECTURE))}")
+    spec = cls.spec_from_hf_config(config, arch)
     gen = generation_config or {}
     eos = _id_list(config.get("eos_token_id"))
     for token in _id_list(gen.get("eos_token_id")):

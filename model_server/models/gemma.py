@@ -20,11 +20,10 @@ import numpy as np
 from model_server.models import hfconfig
 from model_server.models import layers as L
 from model_server.models import llama
-from model_server.models.base import DecoderModel, ModelConfigError, ModelSpec
+from model_server.models.base import DecoderModel, ModelConfigError, ModelSpec, register_family
 from model_server.models.hfmap import Rule
 
 MODEL_TYPES = ("gemma2", "gemma3_text")
-MODULE = "Gemma"
 HF_PREFIX = "model."
 #: every `pattern`-th layer is global, the others windowed (when config.json has no layer_types)
 _PATTERN = {"gemma2": 2, "gemma3_text": 6}
@@ -135,6 +134,9 @@ class Block(llama.Block):
         return x + L.gemma_rms_norm(L.linear(g, self.w_down[...]), self.post_mlp_norm[...], eps), layer_cache
 
 
+@register_family("gemma", ("Gemma2ForCausalLM", "Gemma3ForCausalLM"), hf_prefix=HF_PREFIX,
+                 spec_from_hf_config=spec_from_hf_config, param_shapes=param_shapes, hf_rules=hf_rules,
+                 partition_specs=partition_specs)
 class Gemma(DecoderModel):
     """Gemma 2 / 3 as a Flax NNX module; `base.bind` merges it with a param tree."""
 

@@ -16,11 +16,10 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from model_server.models import layers as L
-from model_server.models.base import DecoderModel, ModelConfigError, ModelSpec, declare_params
+from model_server.models.base import DecoderModel, ModelConfigError, ModelSpec, declare_params, register_family
 from model_server.models.hfmap import Rule
 
 MODEL_TYPES = ("gpt2",)
-MODULE = "GPT2"
 
 
 def spec_from_hf_config(cfg: dict, architecture: str) -> ModelSpec:
@@ -149,6 +148,9 @@ class Block(nnx.Module):
         return x + L.linear(up, self.w_proj[...], self.b_proj[...]), layer_cache
 
 
+@register_family("gpt2", ("GPT2LMHeadModel",), hf_prefix=HF_PREFIX, spec_from_hf_config=spec_from_hf_config,
+                 param_shapes=param_shapes, hf_rules=hf_rules, partition_specs=partition_specs,
+                 to_hf_config=to_hf_config)
 class GPT2(DecoderModel):
     """GPT-2 as a Flax NNX module; `base.bind` merges it with a param tree."""
 

@@ -21,11 +21,10 @@ from jax.sharding import PartitionSpec as P
 
 from model_server.models import hfconfig
 from model_server.models import layers as L
-from model_server.models.base import DecoderModel, ModelConfigError, ModelSpec, declare_params
+from model_server.models.base import DecoderModel, ModelConfigError, ModelSpec, declare_params, register_family
 from model_server.models.hfmap import Rule
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
-MODULE = "Llama"
 
 
 def spec_from_hf_config(cfg: dict, architecture: str) -> ModelSpec:
@@ -250,6 +249,10 @@ class Block(nnx.Module):
         return L.linear(g, self.w_down[...], self._bias("b_down"))
 
 
+@register_family("llama", ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                           "Phi3ForCausalLM"), hf_prefix=HF_PREFIX, spec_from_hf_config=spec_from_hf_config,
+                 param_shapes=param_shapes, hf_rules=hf_rules, partition_specs=partition_specs,
+                 to_hf_config=to_hf_config)
 class Llama(DecoderModel):
     """The Llama family as a Flax NNX module; `base.bind` merges it with a param tree."""
 

@@ -18,11 +18,10 @@ from jax.sharding import PartitionSpec as P
 from model_server.models import experts as X
 from model_server.models import layers as L
 from model_server.models import llama
-from model_server.models.base import ModelConfigError, ModelSpec, declare_params
+from model_server.models.base import ModelConfigError, ModelSpec, declare_params, register_family
 from model_server.models.hfmap import Rule
 
 MODEL_TYPES = ("qwen3_moe", "mixtral")
-MODULE = "MoE"
 HF_PREFIX = llama.HF_PREFIX
 
 _DENSE_MLP = ("w_gate", "w_up", "w_down")
@@ -145,6 +144,9 @@ class Block(llama.Block):
                          spec.num_experts_per_tok, spec.norm_topk_prob, L.ACTIVATIONS[spec.activation])
 
 
+@register_family("moe", ("Qwen3MoeForCausalLM", "MixtralForCausalLM"), hf_prefix=HF_PREFIX,
+                 spec_from_hf_config=spec_from_hf_config, param_shapes=param_shapes, hf_rules=hf_rules,
+                 partition_specs=partition_specs)  # no config.json writer: Llama's would drop the experts
 class MoE(llama.Llama):
     """Qwen3-MoE / Mixtral as a Flax NNX module; `base.bind` merges it with a param tree."""
 

@@ -34,7 +34,7 @@ def test_kinds_and_prefix(tmp_path: Path, gcs_bucket: str) -> None:
     gcs = open_blobstore(f"gs://{gcs_bucket}/p")
     assert isinstance(gcs, GcsBlobStore) and gcs.prefix == "p"
     gcs.write("x.json", b"1")
-    from admin_server.blobstore import gcs_client
+    from common.gcs import client as gcs_client
     assert gcs_client().bucket(gcs_bucket).blob("p/x.json").download_as_bytes() == b"1"
 
 

@@ -7,7 +7,7 @@ CA through the `pip-ca` build secret) and the `postgres` and `gcs` services' ima
 (tests/deploy/images/). Everything runs under a dockerd of its own (its own socket, data and
 exec roots; no bridge, no iptables) that the test starts and removes with all it holds. Every
 container uses the host's network on its own 127.0.0.1 port (an override file written here,
-used only by this test). Then the README: its tutorial curls and its OpenAI SDK snippet against
+used only by this test). Then deploy/README.md: its tutorial curls and its OpenAI SDK snippet against
 the frontend, the admin stopped and started (the state stays in the postgres volume),
 `docker-compose down -v`.
 """
@@ -42,7 +42,7 @@ TOOLS = {"docker": "/usr/bin/docker", "dockerd": "/usr/sbin/dockerd", "docker-co
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 MIRROR = os.environ.get("SAX_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 IMAGES = Path(__file__).resolve().parent / "images"
-MODEL = "/sax/test/tiny"  # the README tutorial's model
+MODEL = "/sax/test/tiny"  # deploy/README.md tutorial's model
 
 
 class Dockerd:
@@ -248,15 +248,15 @@ class Project:
 
 
 def _readme_block(after: str, lang: str) -> str:
-    text = (dl.REPO / "README.md").read_text()
+    text = (dl.REPO / "deploy" / "README.md").read_text()
     start = text.index(after)
     m = re.compile(rf"```{lang}\n(.*?)```", re.S).search(text, start)
-    assert m, f"no ```{lang} block after {after!r} in README.md"
+    assert m, f"no ```{lang} block after {after!r} in deploy/README.md"
     return m.group(1)
 
 
 def _tutorial_commands(frontend: str) -> list[str]:
-    """The README's tutorial curls, one shell command each, pointed at this cell's frontend."""
+    """deploy/README.md's tutorial curls, one shell command each, pointed at this cell's frontend."""
     block = _readme_block("Publish and query with the Saxml tutorial's curl commands", "bash")
     cmds, buf = [], ""
     for line in block.splitlines():
@@ -331,7 +331,7 @@ def test_compose_cell_in_docker(dockerd: Dockerd, images: Images, tmp_path: Path
         assert migrate["Status"] == "exited" and migrate["ExitCode"] == 0, migrate
         up_s = time.monotonic() - t0
 
-        # The README's tutorial, curl by curl.
+        # deploy/README.md's tutorial, curl by curl.
         fe = project.url("frontend")
         hello, publish, listcell, generate, listall, unpublish = _tutorial_commands(fe)
         assert _sh(hello) == {"message": "HTTP Server for SAX Client"}
@@ -342,11 +342,11 @@ def test_compose_cell_in_docker(dockerd: Dockerd, images: Images, tmp_path: Path
         assert isinstance(text, str) and isinstance(score, float)
         assert _sh(listall) == [MODEL]
 
-        # The README's OpenAI SDK snippet, from the host.
+        # deploy/README.md's OpenAI SDK snippet, from the host.
         snippet = _readme_block("The OpenAI SDK (`pip install openai`), from the host:", "python")
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
-            exec(snippet.replace("http://localhost:8888", fe), {})  # noqa: S102 - the README's own code
+            exec(snippet.replace("http://localhost:8888", fe), {})  # noqa: S102 - deploy/README.md's own code
         lines = printed.getvalue().splitlines()
         assert lines[0] == str([MODEL]) and len(lines) >= 3, lines
 

@@ -56,7 +56,7 @@ def _uid() -> int:
 
 
 def _operator_overlay(tree: Path) -> Path:
-    """README's own overlay: the images from a registry (tags kept: latest, tpu, cuda12)."""
+    """deploy/README.md's own overlay: the images from a registry (tags kept: latest, tpu, cuda12)."""
     mine = tree / "my-cell"
     mine.mkdir(exist_ok=True)
     (mine / "kustomization.yaml").write_text(

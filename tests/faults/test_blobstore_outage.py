@@ -27,7 +27,7 @@ def _snapshot_models() -> list[str] | None:
     """Model ids in the snapshot, read through google-cloud-storage; None when absent."""
     from google.api_core import exceptions
 
-    from admin_server.blobstore import gcs_client
+    from common.gcs import client as gcs_client
 
     try:
         raw = gcs_client().bucket(BUCKET).blob(f"{PREFIX}/sax/test/state.json").download_as_bytes(timeout=5)

@@ -18,11 +18,14 @@ import pytest
 import requests
 
 from tests.cluster import AdminProcess, FrontendProcess, ModelServerProcess, publish_and_wait
-from tests.tool_models import save_tool_model
+from tests.tool_models import LLAMA3_TEMPLATE, MISTRAL_TEMPLATE, save_tool_model
 
 pytestmark = pytest.mark.slow
 
 TOOLS_MODEL, PLAIN_MODEL = "/sax/test/tools", "/sax/test/plain"
+#: the same weights with Mistral's and Llama 3.1's tool-call formats in their templates
+FORMAT_MODELS = {"mistral": ("/sax/test/tools-mistral", MISTRAL_TEMPLATE),
+                 "llama3": ("/sax/test/tools-llama3", LLAMA3_TEMPLATE)}
 # Both models take these shapes: test.tiny's spec either way, so they share compiled programs.
 OVERRIDES = {"num_slots": 4, "max_seq_len": 256, "prefill_buckets": [32, 256], "max_queue": 32}
 SCHEMA = {
@@ -63,6 +66,9 @@ def cell(tmp_path_factory, tiny_compiled) -> Iterator[str]:
         publish_and_wait(admin.url, PLAIN_MODEL, 1, overrides=OVERRIDES, timeout=400)
         publish_and_wait(admin.url, TOOLS_MODEL, 1, model_path="lm.hf", checkpoint=str(ckpt),
                          overrides=OVERRIDES, timeout=400)
+        for name, (model_id, template) in FORMAT_MODELS.items():
+            publish_and_wait(admin.url, model_id, 1, model_path="lm.hf", overrides=OVERRIDES, timeout=400,
+                             checkpoint=str(save_tool_model(tmp / f"tools-{name}", template)))
         yield fe.url
     finally:
         for p in reversed(procs):
@@ -151,9 +157,9 @@ def _check_calls(calls, allowed=PARAMS):
         jsonschema.validate(json.loads(c.function.arguments), allowed[c.function.name])
 
 
-def _stream_calls(client, **kw):
+def _stream_calls(client, model=TOOLS_MODEL, **kw):
     """The SDK's own reassembly of a streamed answer (chat.completions.stream)."""
-    with client.chat.completions.stream(model=TOOLS_MODEL, messages=USER, **kw) as s:
+    with client.chat.completions.stream(model=model, messages=USER, **kw) as s:
         final = s.get_final_completion()
     return final.choices[0]
 
@@ -229,6 +235,41 @@ def test_auto_parses_hermes_calls_plain_and_streaming(client):
                                        extra_body={"structured_outputs": {"choice": ["no call here"]}})
     assert r.choices[0].message.content == "no call here" and not r.choices[0].message.tool_calls
     assert r.choices[0].finish_reason == "stop"
+
+
+FORMAT_REPLIES = {  # two calls in one reply, in each family's own syntax
+    "mistral": 'Sure. [TOOL_CALLS][{"name": "get_time", "arguments": {"zone": "CET", "exact": false}}, '
+               '{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "c", "days": 2}}]',
+    "llama3": '<|python_tag|>{"name": "get_time", "parameters": {"zone": "CET", "exact": false}}; '
+              '{"name": "get_weather", "parameters": {"city": "Oslo", "unit": "c", "days": 2}}',
+}
+
+
+@pytest.mark.parametrize("family", sorted(FORMAT_MODELS))
+def test_auto_parses_mistral_and_llama3_parallel_calls(client, family):
+    """`auto` on a model whose template speaks Mistral's or Llama 3.1's format: the reply the
+    tiny model is forced to write is parsed into two tool calls, plain and streaming."""
+    model = FORMAT_MODELS[family][0]
+    force = {"structured_outputs": {"choice": [FORMAT_REPLIES[family]]}}
+    want = [("get_time", {"zone": "CET", "exact": False}), ("get_weather", {"city": "Oslo", "unit": "c", "days": 2})]
+    r = client.chat.completions.create(model=model, messages=USER, tools=TOOLS, max_tokens=180, extra_body=force)
+    ch = r.choices[0]
+    assert ch.finish_reason == "tool_calls", ch
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in ch.message.tool_calls] == want
+    _check_calls(ch.message.tool_calls)
+    assert len({c.id for c in ch.message.tool_calls}) == 2
+    assert (ch.message.content or None) == ("Sure." if family == "mistral" else None)
+    st = _stream_calls(client, model=model, tools=TOOLS, max_tokens=180, extra_body=force)
+    assert st.finish_reason == "tool_calls"
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in st.message.tool_calls] == want
+    # the history renders back through the family's template
+    history = USER + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": c.function.arguments}}
+        for c in ch.message.tool_calls]}, {"role": "tool", "tool_call_id": ch.message.tool_calls[0].id,
+                                           "content": "12:00"}]
+    again = client.chat.completions.create(model=model, messages=history, tools=TOOLS, tool_choice="none",
+                                           max_tokens=2, temperature=0)
+    assert again.usage.prompt_tokens > r.usage.prompt_tokens
 
 
 def test_history_with_tool_calls_and_tool_results(client):

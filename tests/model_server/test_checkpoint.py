@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from common import gcs
 from model_server import checkpoint as ck
 from model_server import convert, registry
-from model_server.checkpoint import CheckpointError
+from model_server.checkpoint import CheckpointError, gcs_mirror
 from model_server.models import base, tiny
 
 TOKENS = np.array([[5, 17, 42, 99, 7, 250, 3, 11]], np.int32)
@@ -99,8 +100,8 @@ def test_gcs_load_and_resume(gcs_bucket, tiny_hf_dir, tmp_path, tiny_logits, mon
     uri = _upload(tiny_hf_dir, gcs_bucket, "models/tiny")
     cache = tmp_path / "cache"
     caplog.set_level(logging.INFO, logger="model_server.checkpoint")
-    monkeypatch.setattr(ck, "DOWNLOAD_CHUNK", 64 << 10)  # several ranged GETs per weights file
-    monkeypatch.setattr(ck, "PROGRESS_INTERVAL_S", 0.0)
+    monkeypatch.setattr(gcs_mirror, "DOWNLOAD_CHUNK", 64 << 10)  # several ranged GETs per weights file
+    monkeypatch.setattr(gcs_mirror, "PROGRESS_INTERVAL_S", 0.0)
     model = registry.load_model("lm.hf", uri, {"dtype": "float32"}, cache_dir=str(cache))
     np.testing.assert_array_equal(_logits(model), tiny_logits)
     local = cache / gcs_bucket / "models" / "tiny"
@@ -112,8 +113,8 @@ def test_gcs_load_and_resume(gcs_bucket, tiny_hf_dir, tmp_path, tiny_logits, mon
 
     # complete files are not fetched again
     calls = []
-    real = ck._download_blob
-    monkeypatch.setattr(ck, "_download_blob", lambda blob, target, *a: (calls.append(blob.name), real(blob, target, *a)))
+    real = gcs_mirror._download_blob
+    monkeypatch.setattr(gcs_mirror, "_download_blob", lambda blob, target, *a: (calls.append(blob.name), real(blob, target, *a)))
     registry.load_model("lm.hf", uri, cache_dir=str(cache))
     assert calls == []
 
@@ -141,7 +142,7 @@ def test_gcs_load_and_resume(gcs_bucket, tiny_hf_dir, tmp_path, tiny_logits, mon
     assert weights.read_bytes() == data
 
     # an object replaced by one of the same size is fetched again (crc32c differs)
-    client = ck.gcs_client()
+    client = gcs.client()
     client.bucket(gcs_bucket).blob("models/tiny/notes.txt").upload_from_string("aaaa")
     ck.download_gcs_dir(uri, local)
     client.bucket(gcs_bucket).blob("models/tiny/notes.txt").upload_from_string("bbbb")

@@ -43,7 +43,8 @@ def _overrides() -> dict:
     return {"num_slots": SLOTS, "max_seq_len": WINDOW, "prefill_buckets": BUCKETS, "dtype": "float32"}
 
 
-@pytest.fixture(scope="module", params=list(MODEL_PATHS))
+@pytest.fixture(scope="module", params=[f if f == "llama" else pytest.param(f, marks=pytest.mark.slow)
+                                        for f in MODEL_PATHS])  # the fast tier: llama; the sweep is slow
 def family(request) -> str:
     return request.param
 

@@ -52,6 +52,7 @@ def model():
     return registry.load_model("test.tiny", None, {"num_slots": 2, "max_seq_len": 32})
 
 
+@pytest.mark.slow  # a 4-device engine against a 1-device one: 70 s on a loaded 2-core machine
 def test_four_devices_match_one(model):
     prompts = [prompt_of(model, t)[:20] for t in PROMPTS[:2]]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")

@@ -131,9 +131,9 @@ def test_prefill_attention_matches_pure_jax(monkeypatch, batch, t, heads, kv_hea
 @needs_avx512
 def test_vector_loads_and_stores_stay_in_registers(tmp_path):
     """simd.h's load/store must compile to plain vector moves whatever GCC tunes for. With a
-    64-byte memcpy, `-march=native` on a CPU GCC takes for Rocket Lake (session 10's Intel
-    Xeon) split each load into two 256-bit halves through the stack: a store-forwarding stall
-    per load, the decode a third of its speed."""
+    64-byte memcpy, `-march=native` on a CPU GCC takes for Rocket Lake (an Intel Xeon, family 6
+    model 167, 2026-12-05) split each load into two 256-bit halves through the stack: a
+    store-forwarding stall per load, the decode a third of its speed."""
     cxx = shutil.which("g++") or shutil.which("c++")
     src = tmp_path / "probe.cc"
     src.write_text('#include "simd.h"\n'

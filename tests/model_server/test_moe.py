@@ -139,6 +139,7 @@ SHARDED = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # 2-device parity against transformers: 6 min on a loaded 2-core machine
 @pytest.mark.timeout(900)  # two models load and compile in a 2-device subprocess
 def test_expert_parallel_two_devices_match_transformers(moe_models):
     """Experts split over 2 forced host devices: transformers' greedy tokens, logprobs and

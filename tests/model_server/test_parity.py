@@ -16,9 +16,16 @@ from model_server.models import base  # noqa: E402
 
 FAMILIES = ["gpt2", "llama", "mistral", "qwen2", "qwen3", "mistral_sw", "qwen3_sw", "phi3", "gemma2",
             "gemma3"]
+#: The fast tier checks these families; the sweep over the others is `slow` (`pytest -m "not slow"`).
+FAST = ("gpt2", "llama")
 PROMPT_LENS = [5, 11, 17]
 BUCKET = 32
 NEW_TOKENS = 32
+
+
+def _sweep(families: list[str]) -> list:
+    """`families` as parameters, those outside FAST marked slow."""
+    return [f if f in FAST else pytest.param(f, marks=pytest.mark.slow) for f in families]
 
 
 def _prompts(seed: int, vocab: int) -> list[np.ndarray]:
@@ -39,7 +46,7 @@ def _prefill_batch(prompts):
     return tokens, positions
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", _sweep(FAMILIES))
 def test_logits_match(torch_models, family):
     model, path = torch_models[family]
     ckpt, params = ck.load_checkpoint(path, "float32")
@@ -59,7 +66,7 @@ def test_logits_match(torch_models, family):
         np.testing.assert_allclose(np.asarray(nocache[b, :len(prompt)]), ref, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", _sweep(FAMILIES))
 def test_flax_module_state_is_the_checkpoint_tree(torch_models, family):
     """The family's NNX module declares exactly the params the checkpoint tables fill, and
     `bind` makes a module whose state is the loaded arrays themselves."""
@@ -78,7 +85,7 @@ def test_flax_module_state_is_the_checkpoint_tree(torch_models, family):
         {**params, "layers": dict(enumerate(params["layers"]))})
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", _sweep(FAMILIES))
 def test_greedy_matches_generate(torch_models, family):
     """Prefill into the paged cache, then batched decode steps through the block tables, vs HF
     generate."""
@@ -172,7 +179,7 @@ def test_unservable_configs_name_the_field(torch_models, change, field):
         base.spec_from_hf_config(cfg)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3_sw", "phi3", "gemma2", "gemma3"])
+@pytest.mark.parametrize("family", _sweep(["llama", "qwen3_sw", "phi3", "gemma2", "gemma3"]))
 def test_bfloat16_close_to_float32(torch_models, family):
     """bfloat16 weights and KV cache: a prefill longer than the windows, then decode steps
     past it, close to transformers' float32 logits."""
@@ -211,7 +218,7 @@ print(json.dumps({"logits": np.asarray(logits[0]).tolist(), "split": any(split)}
 """
 
 
-@pytest.mark.parametrize("family", ["phi3", "gemma3"])
+@pytest.mark.parametrize("family", _sweep(["phi3", "gemma3"]))
 def test_tensor_parallel_matches_transformers(torch_models, family):
     """Two forced host devices: the windowed families' heads and MLPs split over the mesh."""
     import os

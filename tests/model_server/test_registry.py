@@ -1,6 +1,7 @@
 """Registry, serving knobs and the forward/KV-cache contract (on test.tiny, no torch)."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import subprocess
@@ -96,6 +97,53 @@ def test_model_paths_and_validation():
     with pytest.raises(OverrideError):
         registry.validate("test.tiny", None, {"bogus": 1})
     assert registry.validate("test.tiny", "None", {"num_slots": 2}).num_slots == 2
+
+
+def test_families_register_explicitly():
+    """Every family is a DecoderModel subclass in the table; each model path names its class."""
+    from model_server.models import gemma, gpt2, llama, moe
+
+    assert base.families() == ("gemma", "gpt2", "llama", "moe")
+    for cls in (gpt2.GPT2, llama.Llama, gemma.Gemma, moe.MoE):
+        assert base.family_class(cls.family) is cls and issubclass(cls, base.DecoderModel)
+        assert all(base.architectures()[a] == cls.family for a in cls.architectures)
+    expected = {"lm.gpt2": gpt2.GPT2, "lm.llama": llama.Llama, "lm.qwen2": llama.Llama, "lm.qwen3": llama.Llama,
+                "lm.phi3": llama.Llama, "lm.gemma": gemma.Gemma, "lm.qwen3_moe": moe.MoE, "lm.mixtral": moe.MoE}
+    for path, cls in expected.items():
+        entry = registry.lookup(path)
+        assert entry.family is cls and entry.architectures <= set(cls.architectures), path
+    assert registry.lookup("lm.llama").architectures == {"LlamaForCausalLM", "MistralForCausalLM"}
+    assert registry.lookup("lm.hf").family is None and registry.lookup("lm.hf").architectures is None
+    assert registry.lookup("test.tiny").builtin == "tiny"
+    assert base.family_class(tiny.spec()) is llama.Llama
+    with pytest.raises(base.ModelConfigError, match="unknown model family 'bert'.*registered: gemma, gpt2"):
+        base.family_class("bert")
+    with pytest.raises(base.ModelConfigError, match="the moe family has no config.json writer"):
+        base.hf_config_of(dataclasses.replace(tiny.spec(), family="moe"))
+    assert base.hf_config_of(tiny.spec())["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_register_family_refuses_duplicates_and_incomplete_classes():
+    from model_server.models import llama
+
+    contract = dict(spec_from_hf_config=llama.spec_from_hf_config, param_shapes=llama.param_shapes,
+                    hf_rules=llama.hf_rules, partition_specs=llama.partition_specs)
+
+    class Again(llama.Llama):
+        pass
+
+    with pytest.raises(ValueError, match="registered twice"):
+        base.register_family("llama2", ("LlamaForCausalLM",), **contract)(Again)  # llama's architecture
+
+    class Half(base.DecoderModel):
+        pass
+
+    with pytest.raises(TypeError, match="Half leaves .*embed_tokens.* abstract"):
+        base.register_family("half", ("HalfForCausalLM",), **contract)(Half)
+    assert base.families() == ("gemma", "gpt2", "llama", "moe")
+    assert base.spec_from_hf_config(llama.to_hf_config(tiny.spec())).family == "llama"
+    with pytest.raises(ValueError, match="not all served by family 'gpt2'"):
+        registry.ModelPathEntry("lm.x", "x", base.family_class("gpt2"), frozenset({"LlamaForCausalLM"}))
 
 
 def test_tiny_is_deterministic(model):

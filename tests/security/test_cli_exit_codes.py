@@ -1,5 +1,5 @@
 """saxutil's failures: one line on stderr, exit 1 for a failed command, 2 for a usage error
-(the scheme the README documents)."""
+(the scheme client/README.md documents)."""
 from __future__ import annotations
 
 import subprocess

@@ -1,0 +1,110 @@
+"""Loading params: safetensors through each family's name table, or an Orbax restore."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model_server.checkpoint.errors import CheckpointError
+from model_server.checkpoint.formats import ORBAX_PARAMS_DIR, Checkpoint, open_checkpoint
+from model_server.checkpoint.safetensors_reader import SafetensorsDir
+from model_server.checkpoint.sharding import param_shardings
+from model_server.models import base
+from model_server.models.hfmap import empty_like_shapes, set_path
+
+log = logging.getLogger(__name__)
+
+
+def load_params(ckpt: Checkpoint, dtype: Any = "float32", *,
+                mesh: Optional[jax.sharding.Mesh] = None, on_device: bool = True) -> Any:
+    """Load the params of `ckpt` in `dtype` (sharded over `mesh` when given).
+
+    With `on_device=False` (HF only) returns host numpy arrays, e.g. for conversion.
+    """
+    t0 = time.monotonic()
+    shardings = param_shardings(ckpt.spec, mesh)
+    if ckpt.format == "orbax":
+        params = _restore_orbax(ckpt, dtype, shardings)
+    else:
+        params = _load_hf_params(ckpt, dtype, shardings, on_device)
+    log.info("loaded %s params (%s, %.1f MB) in %.2fs", ckpt.source, ckpt.format,
+             base.param_bytes(ckpt.spec, dtype) / 1e6, time.monotonic() - t0)
+    return params
+
+
+def _load_hf_params(ckpt: Checkpoint, dtype: Any, shardings: Any, on_device: bool) -> Any:
+    spec = ckpt.spec
+    family = base.family_class(spec)
+    tensors = SafetensorsDir(ckpt.path)
+    rules = family.hf_rules(spec)
+    shapes = base.param_shapes(spec)
+    names = {r.hf_name: tensors.find(r.hf_name, family.hf_prefix) for r in rules}
+    missing = sorted(n for n, found in names.items() if found is None)
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(
+            f"{ckpt.source}: {len(missing)} tensors missing for {spec.architecture}: "
+            f"{', '.join(missing[:5])}{more}")
+    np_dtype = base.dtype_of(dtype)
+    params = empty_like_shapes(shapes)
+    stacks: dict[tuple, list] = {}  # path -> [host array, entries filled] (expert-stacked params)
+    for rule in rules:
+        stored = names[rule.hf_name]
+        raw = tensors.where[stored].get(stored)
+        if rule.split is not None and raw.shape[rule.split[0]] % rule.split[2]:
+            raise CheckpointError(f"{ckpt.source}: tensor {stored} has shape {raw.shape}, "
+                                  f"cannot split it in {rule.split[2]}")
+        arr = rule.apply(raw)
+        want = _get(shapes, rule.path)
+        expect = tuple(want) if rule.index is None else tuple(want[1:])
+        if tuple(arr.shape) != expect:
+            raise CheckpointError(
+                f"{ckpt.source}: tensor {stored} has shape {tuple(raw.shape)}, expected one giving "
+                f"{expect} for config {spec.architecture} (hidden {spec.hidden_size}, "
+                f"vocab {spec.vocab_size})")
+        if rule.index is not None:  # one entry of a stacked param: complete it first
+            stack = stacks.setdefault(rule.path, [np.empty(want, np_dtype), 0])
+            stack[0][rule.index] = arr
+            stack[1] += 1
+            if stack[1] < want[0]:
+                continue
+            arr = stacks.pop(rule.path)[0]
+        arr = np.asarray(arr, dtype=np_dtype)
+        if on_device:
+            sharding = _get(shardings, rule.path) if shardings is not None else None
+            arr = jax.device_put(arr, sharding) if sharding is not None else jnp.asarray(arr)
+        set_path(params, rule.path, arr)
+    return params
+
+
+def _get(tree: Any, path: tuple) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _restore_orbax(ckpt: Checkpoint, dtype: Any, shardings: Any) -> Any:
+    import orbax.checkpoint as ocp
+
+    if shardings is None:
+        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: dev, base.param_shapes(ckpt.spec),
+                                 is_leaf=lambda x: isinstance(x, tuple))
+    target = base.abstract_params(ckpt.spec, dtype, shardings)
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            return ckptr.restore((ckpt.path / ORBAX_PARAMS_DIR).absolute(), target)
+    except Exception as e:
+        raise CheckpointError(f"{ckpt.source}: cannot restore Orbax params: {e}") from e
+
+
+def load_checkpoint(source: str | os.PathLike, dtype: Any = "float32", *,
+                    cache_dir: str | os.PathLike | None = None,
+                    mesh: Optional[jax.sharding.Mesh] = None) -> tuple[Checkpoint, Any]:
+    ckpt = open_checkpoint(source, cache_dir=cache_dir)
+    return ckpt, load_params(ckpt, dtype, mesh=mesh)
