@@ -25,6 +25,12 @@ class Conflict(AdminError):
     code = "UNAVAILABLE"
 
 
+class FailedPrecondition(AdminError):
+    """Refused until something else changes, e.g. unpublishing a base that adapters need."""
+    status = 409
+    code = "FAILED_PRECONDITION"
+
+
 class Unauthenticated(AdminError):
     status = 401
     code = "UNAUTHENTICATED"

@@ -225,6 +225,11 @@ def plan(now: float, settings: AdminSettings, servers: list[ServerView], models:
         p.due(scaling.next_due(now, settings, model, mine))
         notes[model.model_id] = None
         wanted = [r for r in mine if r.wanted == LOADED]
+        beside: set[str] | None = None  # an adapter's candidate servers: those with its base LOADED
+        if model.model_path == ADAPTER_PATH:
+            beside, stray = _beside_base(model, holding)
+            p.unload.extend(r.id for r in wanted if r.id in stray)
+            wanted = [r for r in wanted if r.id not in stray]
         current = [r for r in wanted if r.generation == model.generation]
         old = [r for r in wanted if r.generation != model.generation]
         loaded_current = sum(1 for r in current if r.observed == OBS_LOADED)
@@ -261,6 +266,11 @@ def plan(now: float, settings: AdminSettings, servers: list[ServerView], models:
         on_server = {r.server for r in mine if r.wanted == LOADED}
         # Not beside a replica of this generation, even one still draining (one row per server).
         exclude = blocked | {r.server for r in mine if r.generation == model.generation}
+        if beside is not None:
+            exclude |= set(live) - beside
+            if not beside:
+                notes[model.model_id] = f"waiting for a LOADED replica of its base {model.overrides.get('base')}"
+                continue
         key = (model.model_path, repr(model.overrides.get("chip")),
                tuple(sorted(model.overrides.get("constraints") or [])))
         if key not in heaps:
@@ -280,6 +290,20 @@ def plan(now: float, settings: AdminSettings, servers: list[ServerView], models:
         scaling.evict(p, cold, list(live.values()), free, kept, by_model, notes, _fits)
     p.notes = {m: n for m, n in notes.items() if n != by_model[m].placement_note}
     return p
+
+
+ADAPTER_PATH = "lm.lora"
+
+
+def _beside_base(model: ModelView, holding: dict[str, list[ReplicaView]]) -> tuple[set[str], set[int]]:
+    """An adapter's placement: (servers where its base is LOADED and wanted, ids of the
+    adapter's wanted replicas on servers its base no longer is wanted on: they unload, to be
+    placed again beside the base)."""
+    base = holding.get(str(model.overrides.get("base")), [])
+    wanted = {r.server for r in base if r.wanted == LOADED}
+    ready = {r.server for r in base if r.wanted == LOADED and r.observed == OBS_LOADED}
+    stray = {r.id for r in holding.get(model.model_id, []) if r.wanted == LOADED and r.server not in wanted}
+    return ready, stray
 
 
 def load_views(conn, cell: str) -> tuple[list[ServerView], list[ModelView], list[ReplicaView]]:  # type: ignore[no-untyped-def]

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from admin_server.errors import AlreadyExists, Conflict, NotFound
+from admin_server.errors import AlreadyExists, Conflict, FailedPrecondition, NotFound
 from common.naming import (InvalidArgument, check_checkpoint, check_model_path, check_replicas, check_scaling,
                            parse_model_id)
 from common.overrides import check_overrides
@@ -55,6 +55,7 @@ def publish(session: Session, settings: AdminSettings, body: dict[str, Any]) -> 
     overrides = check_overrides(body.get("overrides"))
     lo, hi, idle = check_scaling(replicas, body.get("min_replicas"), body.get("max_replicas"),
                                  body.get("idle_seconds"), settings.max_replicas)
+    _check_adapter(session, model_id, model_path, overrides)
     existing = session.get(PublishedModel, model_id, with_for_update=True)
     if existing is not None:
         if existing.state == ModelState.UNPUBLISHING:
@@ -72,8 +73,44 @@ def publish(session: Session, settings: AdminSettings, body: dict[str, Any]) -> 
     return model
 
 
+ADAPTER_PATH = "lm.lora"
+
+
+def _check_adapter(session: Session, model_id: str, model_path: str, overrides: dict[str, Any]) -> None:
+    """An adapter (lm.lora) names a published base model that is not an adapter; only adapters
+    name a base."""
+    base_id = overrides.get("base")
+    if model_path != ADAPTER_PATH:
+        if base_id is not None:
+            raise InvalidArgument(f"override base is only for {ADAPTER_PATH} adapters")
+        return
+    if base_id is None:
+        raise InvalidArgument(f"{ADAPTER_PATH} needs the override base: the model id of a published base model")
+    if base_id == model_id:
+        raise InvalidArgument("an adapter cannot be its own base")
+    base = session.get(PublishedModel, base_id)
+    if base is None or base.state != ModelState.ACTIVE:
+        raise InvalidArgument(f"base model {base_id} is not published")
+    if base.model_path == ADAPTER_PATH:
+        raise InvalidArgument(f"base model {base_id} is itself an adapter")
+    if not (base.overrides or {}).get("max_loras"):
+        raise InvalidArgument(f"base model {base_id} was published without LoRA adapters "
+                              f"(publish it with the override max_loras)")
+
+
+def adapters_of(session: Session, base_id: str) -> list[str]:
+    """The published adapters whose base is `base_id`."""
+    rows = session.scalars(select(PublishedModel).where(PublishedModel.model_path == ADAPTER_PATH,
+                                                        PublishedModel.state == ModelState.ACTIVE))
+    return sorted(m.model_id for m in rows if (m.overrides or {}).get("base") == base_id)
+
+
 def unpublish(session: Session, settings: AdminSettings, model_id: Any) -> None:
     model = _get_active(session, _check_in_cell(settings, model_id), lock=True)
+    needed = adapters_of(session, model.model_id)
+    if needed:
+        raise FailedPrecondition(f"model {model.model_id} is the base of the published adapter(s) "
+                       f"{', '.join(needed)}: unpublish them first")
     model.state = ModelState.UNPUBLISHING
     session.execute(update(Replica).where(Replica.model_id == model.model_id)
                     .values(wanted=Wanted.UNLOADED, updated_at=time.time()))

@@ -29,6 +29,10 @@ class PermissionDenied(SaxError):
     pass
 
 
+class FailedPrecondition(SaxError):
+    """Refused until something else changes (e.g. a base model's adapters are unpublished)."""
+
+
 class Unauthenticated(PermissionDenied):
     pass
 
@@ -56,7 +60,7 @@ class Cancelled(SaxError):
 
 _BY_CODE = {"INVALID_ARGUMENT": InvalidArgument, "NOT_FOUND": NotFound, "ALREADY_EXISTS": AlreadyExists,
             "PERMISSION_DENIED": PermissionDenied, "UNAUTHENTICATED": Unauthenticated,
-            "UNAVAILABLE": Unavailable}
+            "UNAVAILABLE": Unavailable, "FAILED_PRECONDITION": FailedPrecondition}
 
 
 def error_message(body: Any) -> tuple[str, str | None]:

@@ -45,6 +45,12 @@ def _alias(v: Any) -> str:
     return v
 
 
+def _base(v: Any) -> str:
+    if not isinstance(v, str) or not re.fullmatch(r"/sax/[a-z]+[a-z0-9-_]*/[a-z]+[a-z0-9-_]*", v):
+        raise InvalidArgument(f"expected the base's model id like /sax/cell/model, got {v!r}")
+    return v
+
+
 # Every override key a publish may carry. Serving knobs are applied by the
 # model server; `ram`, `chip` and `constraints` steer placement; `alias`
 # names the model on the OpenAI API.
@@ -63,13 +69,17 @@ OVERRIDE_KEYS: dict[str, Callable[[Any], Any]] = {
     "chip": lambda v: _str_list(v) if isinstance(v, list) else _str_list([v])[0],
     "constraints": _str_list,
     "alias": _alias,
+    "max_loras": _int_in(0, 256),
+    "max_lora_rank": _int_in(1, 1024),
+    "base": _base,
 }
 
 #: The keys the model server applies (model_server.knobs.ServingKnobs' fields); the others steer
 #: placement or naming and the model server accepts and ignores them.
 SERVING_KEYS = frozenset({"num_slots", "max_seq_len", "prefill_buckets", "dtype", "max_queue",
                           "kv_cache_bytes", "block_size", "max_num_batched_tokens",
-                          "enable_prefix_caching", "max_queue_wait_s"})
+                          "enable_prefix_caching", "max_queue_wait_s", "max_loras",
+                          "max_lora_rank"})
 PLACEMENT_KEYS = frozenset(OVERRIDE_KEYS) - SERVING_KEYS
 
 
@@ -84,7 +94,7 @@ def check_overrides(overrides: Any) -> dict[str, Any]:
         if key not in OVERRIDE_KEYS:
             raise InvalidArgument(
                 f"unknown override {key!r}; known overrides: {', '.join(sorted(OVERRIDE_KEYS))}")
-        if isinstance(value, str) and key not in ("alias", "dtype", "chip"):
+        if isinstance(value, str) and key not in ("alias", "dtype", "chip", "base"):
             try:
                 value = json.loads(value)
             except ValueError:

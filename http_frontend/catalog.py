@@ -90,6 +90,14 @@ class Catalog:
                 seen.add(name)
         return out
 
+    def parent(self, model_id: str) -> str | None:
+        """The base model of a LoRA adapter (`lm.lora`, override `base`); None for others."""
+        for d in self.details():
+            if d.get("model_id") == model_id and d.get("model_path") == "lm.lora":
+                base = (d.get("overrides") or {}).get("base")
+                return base if isinstance(base, str) else None
+        return None
+
     def default_model(self, configured: str | None) -> str:
         """The model for calls that name none: the configured default, else the only ready one."""
         if configured:

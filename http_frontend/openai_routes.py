@@ -103,10 +103,17 @@ def models():  # type: ignore[no-untyped-def]
     """Every published model: an idle one (scaled to zero) is loaded by its next call;
     `loaded` says whether a replica is ready now."""
     created = int(time.time())
+    catalog = frontend().catalog
     data = [{"id": name, "object": "model", "created": created, "owned_by": "saxplane",
-             **({"root": model_id} if name != model_id else {}), "loaded": loaded}
-            for name, model_id, loaded in frontend().catalog.callable()]
+             **({"root": model_id} if name != model_id else {}), **_parent(catalog, model_id), "loaded": loaded}
+            for name, model_id, loaded in catalog.callable()]
     return jsonify({"object": "list", "data": data})
+
+
+def _parent(catalog: Any, model_id: str) -> dict[str, str]:
+    """{"parent": base id} for a LoRA adapter (as vLLM lists adapters), else {}."""
+    base = catalog.parent(model_id)
+    return {"parent": base} if base else {}
 
 
 @bp.get("/v1/models/<path:name>")
@@ -115,7 +122,8 @@ def model(name: str):  # type: ignore[no-untyped-def]
     for n, model_id, loaded in frontend().catalog.callable():
         if n == name or n == "/" + name:
             return jsonify({"id": n, "object": "model", "created": int(time.time()), "owned_by": "saxplane",
-                            **({"root": model_id} if n != model_id else {}), "loaded": loaded})
+                            **({"root": model_id} if n != model_id else {}),
+                            **_parent(frontend().catalog, model_id), "loaded": loaded})
     raise FrontendError(404, f"The model `{name}` does not exist or is not published.", param="model",
                         code="model_not_found")
 

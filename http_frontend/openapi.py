@@ -114,6 +114,9 @@ OVERRIDES = _obj({
     "chip": {"anyOf": [NONEMPTY, {"type": "array", "items": NONEMPTY}]},
     "constraints": _json_or_text({"type": "array", "items": NONEMPTY}),
     "alias": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"},
+    "max_loras": _json_or_text({"type": "integer", "minimum": 0, "maximum": 256}),
+    "max_lora_rank": _json_or_text({"type": "integer", "minimum": 1, "maximum": 1024}),
+    "base": {"type": "string", "pattern": "^/sax/[a-z]+[a-z0-9-_]*/[a-z]+[a-z0-9-_]*$"},
 }, additionalProperties=False)
 
 

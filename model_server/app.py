@@ -122,11 +122,12 @@ def list_models():  # type: ignore[no-untyped-def]
     data = []
     for m in manager().all():
         if m.status == LOADED:
+            parent = {"parent": m.overrides["base"]} if m.model_path == "lm.lora" else {}
             data.append({"id": m.model_id, "object": "model", "created": now, "owned_by": "saxplane",
-                         "max_model_len": m.engine.max_seq_len})
+                         "max_model_len": m.engine.max_seq_len, **parent})
             if m.alias:
                 data.append({"id": m.alias, "object": "model", "created": now, "owned_by": "saxplane",
-                             "max_model_len": m.engine.max_seq_len})
+                             "max_model_len": m.engine.max_seq_len, "root": m.model_id, **parent})
     return jsonify({"object": "list", "data": data})
 
 

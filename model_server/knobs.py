@@ -37,7 +37,9 @@ class ServingKnobs:
     max_num_batched_tokens: tokens per engine step while sequences decode (chunked prefill);
     enable_prefix_caching: reuse cached KV blocks of shared prompt prefixes;
     max_queue_wait_s: seconds a request may wait for a slot and blocks before it is refused
-    (retryable: a caller or the frontend tries again, or elsewhere).
+    (retryable: a caller or the frontend tries again, or elsewhere); max_loras: LoRA
+    adapters resident at once over this (base) model (0: none; more swap in and out LRU);
+    max_lora_rank: the largest adapter rank it takes.
     """
 
     num_slots: int = 8
@@ -50,6 +52,8 @@ class ServingKnobs:
     max_num_batched_tokens: int = DEFAULT_TOKEN_BUDGET
     enable_prefix_caching: bool = True
     max_queue_wait_s: int = DEFAULT_MAX_QUEUE_WAIT_S
+    max_loras: int = 0
+    max_lora_rank: int = 16
 
     def num_blocks(self, spec: Any) -> int:
         """Blocks of the KV pool for `spec` (a resolved knob set): `kv_cache_bytes` of them,
@@ -146,6 +150,10 @@ def parse_overrides(overrides: Optional[Mapping[str, Any]]) -> ServingKnobs:
         kw["max_num_batched_tokens"] = _positive_int("max_num_batched_tokens", overrides["max_num_batched_tokens"], 16)
     if "max_queue_wait_s" in overrides:
         kw["max_queue_wait_s"] = _positive_int("max_queue_wait_s", overrides["max_queue_wait_s"])
+    if "max_loras" in overrides:
+        kw["max_loras"] = _positive_int("max_loras", overrides["max_loras"], 0)
+    if "max_lora_rank" in overrides:
+        kw["max_lora_rank"] = _positive_int("max_lora_rank", overrides["max_lora_rank"])
     if "enable_prefix_caching" in overrides:
         v = _maybe_json(overrides["enable_prefix_caching"])
         if not isinstance(v, bool):

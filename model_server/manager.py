@@ -106,7 +106,8 @@ def default_loader(model_path: str, checkpoint: str | None, overrides: dict[str,
                     prefill_buckets=list(k.prefill_buckets), max_queue=k.max_queue, dtype=k.dtype,
                     block_size=k.block_size, num_blocks=loaded.num_blocks(),
                     max_num_batched_tokens=k.max_num_batched_tokens,
-                    enable_prefix_caching=k.enable_prefix_caching, max_queue_wait_s=k.max_queue_wait_s)
+                    enable_prefix_caching=k.enable_prefix_caching, max_queue_wait_s=k.max_queue_wait_s,
+                    max_loras=k.max_loras, max_lora_rank=k.max_lora_rank)
     engine.compile_progress = CompileProgress(model_path, sink)
     engine.start()
     return loaded, engine
@@ -121,6 +122,8 @@ class ModelManager:
         # One load at a time: loads compete for memory and compile threads.
         self._loads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sax-load")
         self._unloads = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sax-unload")
+        # Adapters load beside (not behind) models: host work only, under a second.
+        self._adapter_loads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sax-adapter")
         self._loader = loader
         self._cache_dir = cache_dir
         self._drain_timeout_s = drain_timeout_s
@@ -137,7 +140,7 @@ class ModelManager:
                                  None if checkpoint in (None, "None") else checkpoint,
                                  dict(overrides or {}), static=static)
             self._models[key] = served
-        self._loads.submit(self._load, served)
+        (self._adapter_loads if model_path == "lm.lora" else self._loads).submit(self._load, served)
         return served
 
     def converge(self, desired: list[dict[str, Any]]) -> None:
@@ -165,8 +168,11 @@ class ModelManager:
 
         token = CURRENT.set(lambda line: setattr(served, "progress", line))
         try:
-            loaded, engine = self._loader(served.model_path, served.checkpoint, served.overrides,
-                                          self._cache_dir)
+            if served.model_path == "lm.lora":
+                loaded, engine = self._load_adapter(served)
+            else:
+                loaded, engine = self._loader(served.model_path, served.checkpoint, served.overrides,
+                                              self._cache_dir)
         except Exception as e:  # any load failure is reported to the admin, never fatal
             log.exception("loading %s failed", served.model_id)
             served.error = f"{type(e).__name__}: {e}"
@@ -185,6 +191,20 @@ class ModelManager:
         log.info("loaded %s generation %d in %.2fs", served.model_id, served.generation, served.load_time_s)
         if not still_wanted:
             self._unload(served)
+
+    def _load_adapter(self, served: ServedModel) -> tuple[Any, Any]:
+        """An `lm.lora` adapter over its base, which must be LOADED here (the admin places
+        adapters only beside a loaded replica of their base)."""
+        from model_server import lora_model
+
+        base_id = served.overrides.get("base")
+        if not isinstance(base_id, str):
+            raise ValueError("lm.lora needs the override 'base': the model id of its base model")
+        try:
+            base = self.resolve(base_id)
+        except (ModelNotFound, ModelNotReady) as e:
+            raise RuntimeError(f"base model {base_id} is not loaded on this server: {e}") from None
+        return lora_model.load(served.model_id, served.checkpoint, served.overrides, base, self._cache_dir)
 
     def _unload(self, served: ServedModel) -> None:
         """Stops routing to the model, lets in-flight requests finish (bounded), frees memory."""

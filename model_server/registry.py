@@ -12,6 +12,8 @@ model paths:
   lm.mixtral    MixtralForCausalLM only
   test.tiny random-weight 2-layer Llama-style model with a built-in tokenizer;
             checkpoint must be None (deterministic on every server)
+  lm.lora   a PEFT LoRA adapter directory over the loaded base model its override `base`
+            names (a Llama / Mistral / Qwen2 published with max_loras > 0); see lora_model
 """
 from __future__ import annotations
 
@@ -81,6 +83,7 @@ REGISTRY: dict[str, ModelPathEntry] = {
         _path("lm.qwen3_moe", "Qwen3-MoE", moe.MoE, "Qwen3MoeForCausalLM"),
         _path("lm.mixtral", "Mixtral", moe.MoE, "MixtralForCausalLM"),
         ModelPathEntry("test.tiny", "tiny random-weight Llama-style test model", builtin="tiny"),
+        ModelPathEntry("lm.lora", "PEFT LoRA adapter over a loaded base model (override base)"),
     ]
 }
 
@@ -164,7 +167,11 @@ class LoadedModel:
                                self.cache_sharding())
 
     def param_bytes(self) -> int:
-        return base.param_bytes(self.spec, self.dtype)
+        """The params' bytes, and the LoRA adapter stack's when adapters are enabled."""
+        from model_server.models import lora
+
+        stack = lora.stack_bytes(self.spec, self.knobs.max_loras, self.knobs.max_lora_rank) if self.knobs.max_loras else 0
+        return base.param_bytes(self.spec, self.dtype) + stack
 
     def kv_cache_bytes(self) -> int:
         return base.kv_cache_bytes(self.spec, self.num_blocks() * self.knobs.block_size, self.dtype)
@@ -249,6 +256,12 @@ def estimate_memory_bytes(model_path: str, checkpoint: Optional[str],
     """Params + KV cache bytes a load would take, reading only the checkpoint's config files."""
     knobs = validate(model_path, checkpoint, overrides)
     entry = lookup(model_path)
+    if model_path == "lm.lora":  # the adapter's weights (its base holds the device stack)
+        from pathlib import Path
+
+        from model_server.adapters import WEIGHTS
+        f = Path(str(checkpoint)) / WEIGHTS[0]
+        return f.stat().st_size if not ckpt_lib.is_gcs(str(checkpoint)) and f.is_file() else 0
     if entry.builtin == "tiny":
         from model_server.models import tiny
 
@@ -257,5 +270,8 @@ def estimate_memory_bytes(model_path: str, checkpoint: Optional[str],
         spec = ckpt_lib.read_spec(_norm_checkpoint(checkpoint))  # type: ignore[arg-type]
         _check_architecture(entry, spec, str(checkpoint))
     knobs = knobs.resolve(spec.max_seq_len_limit, platform)
+    from model_server.models import lora
+
     return (base.param_bytes(spec, knobs.dtype)
+            + (lora.stack_bytes(spec, knobs.max_loras, knobs.max_lora_rank) if knobs.max_loras else 0)
             + base.kv_cache_bytes(spec, knobs.num_blocks(spec) * knobs.block_size, knobs.dtype))

@@ -25,6 +25,7 @@ from model_server.engine import metrics, scoring, validation
 from model_server.engine.block_manager import BlockManager
 from model_server.engine.compile_counter import compile_count
 from model_server.engine.guided import Guide
+from model_server.engine.lora_slots import AdapterSlots
 from model_server.engine.output import OutputProcessor
 from model_server.engine.programs import default_decode_buckets
 from model_server.engine.requests import EmbedJob, Group, Request, RequestHandle, Sequence as Seq
@@ -35,6 +36,7 @@ from model_server.knobs import (DEFAULT_BLOCK_SIZE, DEFAULT_MAX_QUEUE_WAIT_S, DE
                                 MAX_PREFILL_CHUNK)
 from model_server.engine.types import EngineError, QueueFull, SamplingParams
 from model_server.models import base
+from model_server.models.lora import MODEL_TYPES as lora_model_types
 from model_server.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,8 @@ class Engine:
                  max_prefill_tokens: Optional[int] = None, compile_threads: Optional[int] = None,
                  block_size: int = DEFAULT_BLOCK_SIZE, num_blocks: Optional[int] = None,
                  kv_cache_bytes: Optional[int] = None, max_num_batched_tokens: Optional[int] = None,
-                 enable_prefix_caching: bool = True, max_queue_wait_s: Optional[float] = None):
+                 enable_prefix_caching: bool = True, max_queue_wait_s: Optional[float] = None,
+                 max_loras: int = 0, max_lora_rank: int = 16):
         self.spec: base.ModelSpec = model.spec
         spec = self.spec
         if num_slots < 1:
@@ -100,6 +103,13 @@ class Engine:
         self.kv_cache_bytes = self.num_blocks * per_block
         self.token_budget = int(max_num_batched_tokens or DEFAULT_TOKEN_BUDGET)
         self.max_queue_wait_s = float(max_queue_wait_s or DEFAULT_MAX_QUEUE_WAIT_S)
+        self.max_loras, self.max_lora_rank = int(max_loras), int(max_lora_rank)
+        if self.max_loras and (spec.family != "llama" or spec.model_type not in lora_model_types):
+            raise ValueError(f"LoRA adapters (max_loras) are served over {', '.join(lora_model_types)} models, "
+                             f"not {spec.model_type}")
+        if self.max_loras and self.max_lora_rank < 1:
+            raise ValueError("max_lora_rank must be >= 1")
+        self.adapters = AdapterSlots(self.max_loras) if self.max_loras else None
 
         tok = model.tokenizer
         hf = tok.hf if isinstance(tok, Tokenizer) else tok
@@ -113,12 +123,13 @@ class Engine:
         self.runner = Runner(model, spec, num_slots=self.num_slots, max_seq_len=self.max_seq_len,
                              buckets=buckets, chunk_buckets=self.chunk_buckets, decode_buckets=dbuckets, dtype=self.dtype,
                              num_blocks=self.num_blocks, block_size=self.block_size, guide=self.guide,
-                             compile_threads=compile_threads)
+                             compile_threads=compile_threads, max_loras=self.max_loras,
+                             max_lora_rank=self.max_lora_rank)
         self.programs = self.runner.programs
         self.blocks = BlockManager(self.num_blocks, self.block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, num_slots=self.num_slots, token_budget=self.token_budget,
                                    max_chunk=self.chunk_buckets[-1], max_seq_len=self.max_seq_len,
-                                   idle_budget=buckets[-1])
+                                   idle_budget=buckets[-1], adapters=self.adapters)
         self.output = OutputProcessor(self.tokenizer)
 
         self._lock = threading.Lock()
@@ -215,17 +226,65 @@ class Engine:
     def _free_slots(self) -> int:
         return len(self.scheduler.free_slots)
 
-    def submit(self, prompt_ids: Sequence[int], params: Optional[SamplingParams] = None) -> RequestHandle:
-        """Queue a request; raises InvalidRequest (bad request) or QueueFull (retryable)."""
+    # ================================================================== adapters
+
+    def add_adapter(self, name: str, adapter: Any) -> None:
+        """Serve LoRA adapter `name` (a `model_server.adapters.Adapter`) from now on. Host work
+        only: its weights reach a slot of the device stack when a request first needs them."""
+        if self.adapters is None:
+            raise ValueError("this model was loaded without LoRA adapters (set its max_loras override)")
+        if adapter.rank > self.max_lora_rank:
+            raise ValueError(f"adapter rank {adapter.rank} exceeds the base's max_lora_rank {self.max_lora_rank}")
+        self.adapters.register(name, adapter.padded(self.spec, self.max_lora_rank), adapter.source)
+
+    def remove_adapter(self, name: str) -> None:
+        """Stop serving adapter `name` (its queued and running requests finish first)."""
+        if self.adapters is not None:
+            self.adapters.unregister(name)
+
+    def adapter_requests(self, name: str) -> tuple[int, int, int]:
+        """(running, waiting, total ever) requests for adapter `name`."""
+        with self._lock:
+            reqs = [r for r in self._requests.values() if r.adapter == name and not r.done]
+            total = self._counters.get(f"adapter_requests:{name}", 0)
+        running = sum(1 for r in reqs if r.admitted)
+        return running, len(reqs) - running, total
+
+    def _acquire(self, reqs: Sequence[Any]) -> Optional[list[Optional[int]]]:
+        """Adapter slots for a cache-free pass over `reqs` (all or none: None when a slot is
+        short), their weights written to the device."""
+        slots: list[Optional[int]] = []
+        for r in reqs:
+            slot = None if r.adapter is None else self.adapters.acquire(r.adapter)
+            if r.adapter is not None and slot is None:
+                self._release(slots)
+                return None
+            slots.append(slot)
+        if self.adapters is not None:
+            self.runner.load_adapters(self.adapters.take_loads())
+        return slots
+
+    def _release(self, slots: Sequence[Optional[int]]) -> None:
+        for slot in slots:
+            if slot is not None:
+                self.adapters.release(slot)
+
+    # ================================================================== submission
+
+    def submit(self, prompt_ids: Sequence[int], params: Optional[SamplingParams] = None,
+               adapter: Optional[str] = None) -> RequestHandle:
+        """Queue a request (for LoRA adapter `adapter`, None: the base); raises InvalidRequest
+        (bad request), QueueFull (retryable) or EngineError (adapter not served)."""
         params = params or SamplingParams()
         ids = self.validate(prompt_ids, params)
         self._check_ready()
+        self._check_adapter(adapter)
         kind = "gen" if params.max_tokens > 0 else "score"
         n = params.n if kind == "gen" else 1
         rid = f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         handle = RequestHandle(self, rid, len(ids), params.n)
         seed = int(params.seed) if params.seed is not None else secrets.randbits(63)
-        req = Request(rid, ids, params, handle, time.monotonic(), kind, seed)
+        req = Request(rid, ids, params, handle, time.monotonic(), kind, seed, adapter=adapter)
         req.stop_ids = frozenset(int(t) for t in params.stop_token_ids) | (
             frozenset() if params.ignore_eos else frozenset(self.eos_token_ids))
         req.samples = [Seq(req, i, list(ids)) for i in range(params.n)]
@@ -245,17 +304,25 @@ class Engine:
             self._requests[rid] = req
             (self._inbox if kind == "gen" else self._aux).append(req)
             self._counters["requests_total"] += 1
+            if adapter is not None:
+                self._counters[f"adapter_requests:{adapter}"] += 1
             self._cv.notify_all()
         return handle
 
     def _retry_after(self) -> float:
         return 1.0
 
-    def embed(self, prompt_ids: Sequence[int], timeout: Optional[float] = None) -> list[float]:
+    def _check_adapter(self, adapter: Optional[str]) -> None:
+        if adapter is not None and (self.adapters is None or adapter not in self.adapters):
+            raise EngineError(f"adapter {adapter} is not loaded on this model")
+
+    def embed(self, prompt_ids: Sequence[int], timeout: Optional[float] = None,
+              adapter: Optional[str] = None) -> list[float]:
         """Mean-pooled final hidden state of the prompt (blocks until computed)."""
         ids = validation.check_prompt(self.spec, self.max_seq_len, self.prefill_buckets[-1], prompt_ids)
         self._check_ready()
-        job = EmbedJob(ids, Future(), time.monotonic())
+        self._check_adapter(adapter)
+        job = EmbedJob(ids, Future(), time.monotonic(), adapter)
         with self._cv:
             if self._waiting_samples + 1 > self.max_queue + self._free_slots():
                 self._counters["requests_refused_total"] += 1
@@ -302,6 +369,9 @@ class Engine:
             "request_queue_time_seconds": self.h_queue.snapshot(),
             "e2e_request_latency_seconds": self.h_e2e.snapshot(),
             "compiles_since_ready": self.compiles_since_ready() if self._running else 0,
+            "lora_adapters": len(self.adapters.weights) if self.adapters else 0,
+            "lora_resident": len(self.adapters.resident()) if self.adapters else 0,
+            "lora_swaps_total": self.adapters.swaps if self.adapters else 0,
             "warmup_seconds": round(self.warmup_seconds, 3),
         }
 
@@ -341,13 +411,16 @@ class Engine:
             self._fail_all(EngineError(f"the engine failed: {e}"))
 
     def _take(self, inbox: list[Request]) -> None:
-        """New requests join the scheduler's queue (those asking for prompt logprobs scored first)."""
+        """New requests join the scheduler's queue (those asking for prompt logprobs scored
+        first; one whose adapter finds no free slot waits in the inbox)."""
         scored = [r for r in inbox if r.params.prompt_logprobs and not r.done]
-        if scored:
-            self._score(scored)
+        deferred = self._score(scored) if scored else []
         for r in inbox:
-            if not r.done:
+            if not r.done and r not in deferred:
                 self.scheduler.add(Group(list(r.samples), r.prompt, r.arrival))
+        if deferred:
+            with self._cv:
+                self._inbox.extendleft(reversed(deferred))
 
     def _expire_waiting(self) -> None:
         """Requests not admitted within max_queue_wait_s get the retryable refusal."""
@@ -367,6 +440,8 @@ class Engine:
         `pending` (the previous step's output) unless a guided step has read it already."""
         sched, runner = self.scheduler, self.runner
         plan = sched.schedule()
+        if self.adapters is not None:
+            runner.load_adapters(self.adapters.take_loads())
         admitted = [c.group for c in plan.chunks if c.start == c.group.cached and c.group.req.admitted == 0.0]
         now = time.monotonic()
         fresh = 0
@@ -418,8 +493,9 @@ class Engine:
     def _run_aux_work(self) -> None:
         scoring.run_aux_work(self)
 
-    def _score(self, group: list[Request]) -> int:
-        return scoring.score(self, group)
+    def _score(self, group: list[Request]) -> list[Request]:
+        """Prompt logprobs of `group`; returns those deferred (their adapter found no slot)."""
+        return scoring.score(self, group)[1]
 
     def _process(self, pending) -> None:
         out, snapshot = pending

@@ -23,6 +23,12 @@ reads and writes through block tables.
   penalties; a resumed sequence's counts are those of what it generated before).
 * ``score[(T, B)]``: cache-free pass returning every prompt token's logprob and top logprobs.
 * ``embed[T]``: mean-pooled final hidden state.
+* ``set_adapter``: write one LoRA adapter's padded weights into a slot of the adapter stack.
+
+With LoRA enabled (``max_loras > 0``) every forward program takes the adapter stack (see
+`model_server.models.lora`) and each row's adapter index (-1: the base alone): the prefill,
+scoring and embedding programs as an argument, the decode programs from the slots' settings
+(``sp["adapter"]``). Without it the stack is None and the index is ignored.
 
 Everything is lowered and compiled in `compile_all` (warm-up); the engine calls the compiled
 executables only, so a steady-state call can never compile anything.
@@ -47,6 +53,7 @@ from model_server import kernels
 from model_server.engine import guided, sampling
 from model_server.engine.types import MAX_LOGIT_BIAS, MAX_LOGPROBS
 from model_server.models import base
+from model_server.models import lora as LoRA
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +112,11 @@ class Programs:
     def __init__(self, spec: base.ModelSpec, *, num_slots: int, max_seq_len: int,
                  buckets: list[int], decode_buckets: list[int], mesh: jax.sharding.Mesh,
                  chunk_buckets: Optional[list[int]] = None,
-                 cache_sharding: NamedSharding, num_blocks: int, block_size: int, dtype: str = "float32"):
+                 cache_sharding: NamedSharding, num_blocks: int, block_size: int, dtype: str = "float32",
+                 max_loras: int = 0, max_lora_rank: int = 0):
         self.spec = spec
+        self.max_loras = max_loras
+        self.max_lora_rank = max_lora_rank
         self.n = num_slots
         self.s = max_seq_len
         self.v = spec.vocab_size
@@ -135,6 +145,7 @@ class Programs:
         self.copy_blocks: Any = None
         self.set_row: Any = None
         self.first: Any = None
+        self.set_adapter: Any = None
         self.mask_words = guided.words_for(self.v)
         self.k = min(MAX_LOGPROBS, self.v)
         #: rows of the prefill logits: the most sequences one prefill call takes
@@ -179,7 +190,7 @@ class Programs:
             "bias_ids": np.full((n, MAX_LOGIT_BIAS), self.v, np.int32),
             "bias_vals": np.zeros((n, MAX_LOGIT_BIAS), np.float32),
             "keys": np.zeros((n, 2), np.uint32), "logprobs": np.full((n,), -1, np.int32),
-            "guided": np.zeros((n,), np.bool_),
+            "guided": np.zeros((n,), np.bool_), "adapter": np.full((n,), -1, np.int32),
         }
 
     def host_tables(self) -> np.ndarray:
@@ -214,17 +225,30 @@ class Programs:
         state["counts"] = state["counts"].at[row_slots, nxt].add(act.astype(jnp.int32))
         return state, (nxt,) + tuple(lp)
 
-    def _step_logits(self, fwd_last: Callable, params, cache, tokens, pos, active, tab):
+    def init_lora(self) -> Any:
+        """The zeroed adapter stack (None without LoRA)."""
+        if not self.max_loras:
+            return None
+        shapes = LoRA.stack_shapes(self.spec, self.max_loras, self.max_lora_rank)
+        make = jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s, F32), shapes, is_leaf=lambda x: isinstance(x, tuple)),
+                       out_shardings=self.rep)
+        return make()
+
+    @staticmethod
+    def _lora(stack: Any, index: jax.Array) -> Optional[LoRA.Lora]:
+        return None if stack is None else LoRA.Lora(stack, index)
+
+    def _step_logits(self, fwd_last: Callable, params, lora, cache, tokens, pos, active, tab, index):
         # rows not decoding this step (free, or started by this step's prefill) write nothing
         feed = jnp.where(active, pos, -1)
         return fwd_last(params, tokens[:, None], feed[:, None], cache, tab,
-                        jnp.zeros((tokens.shape[0],), jnp.int32))
+                        jnp.zeros((tokens.shape[0],), jnp.int32), lora=self._lora(lora, index))
 
     def _decode_fn(self, b: int, width: int) -> Callable:
         fwd_last = base.make_forward_last(self.spec)
         full = b == self.n
 
-        def decode(params, cache, state, sp, rows, tables):
+        def decode(params, lora, cache, state, sp, rows, tables):
             if full:
                 p = sp
                 tokens, pos = state["tokens"], state["positions"]
@@ -233,7 +257,8 @@ class Programs:
                 p = jax.tree.map(lambda a: a[rows], sp)
                 tokens, pos = state["tokens"][rows], state["positions"][rows]
                 tab = tables[rows, :width]
-            logits, cache = self._step_logits(fwd_last, params, cache, tokens, pos, p["active"], tab)
+            logits, cache = self._step_logits(fwd_last, params, lora, cache, tokens, pos, p["active"], tab,
+                                              p["adapter"])
             state, out = self._advance(state, p, logits, None if full else rows)
             return cache, state, out
 
@@ -243,9 +268,9 @@ class Programs:
         """All slots' forward pass of a decode step (the first half of a guided step)."""
         fwd_last = base.make_forward_last(self.spec)
 
-        def forward(params, cache, state, sp, tables):
-            logits, cache = self._step_logits(fwd_last, params, cache, state["tokens"], state["positions"],
-                                              sp["active"], tables[:, :width])
+        def forward(params, lora, cache, state, sp, tables):
+            logits, cache = self._step_logits(fwd_last, params, lora, cache, state["tokens"], state["positions"],
+                                              sp["active"], tables[:, :width], sp["adapter"])
             return cache, logits
 
         return forward
@@ -261,13 +286,14 @@ class Programs:
         spec, r = self.spec, self.first_rows
         fwd_last = base.make_forward_last(spec)
 
-        def prefill(params, cache, tokens, starts, lens, tables):
+        def prefill(params, lora, cache, tokens, starts, lens, tables, adapters):
             # Row b's chunk sits at positions starts[b] + [0, T); its padding after lens[b]
             # writes garbage in its own blocks (overwritten before anything reads it) or is
             # dropped; a padding row (lens 0) has a table of padding only.
             positions = starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
             last_index = jnp.maximum(lens - 1, 0)
-            logits, cache = fwd_last(params, tokens, positions, cache, tables, last_index)
+            logits, cache = fwd_last(params, tokens, positions, cache, tables, last_index,
+                                     lora=self._lora(lora, adapters))
             if b < r:
                 logits = jnp.concatenate([logits, jnp.zeros((r - b, logits.shape[1]), logits.dtype)])
             return cache, logits
@@ -321,9 +347,9 @@ class Programs:
         hidden_fn = base.make_hidden_fn(spec)
         chunk = _score_chunk(t)
 
-        def score(params, tokens, want_top):
+        def score(params, lora, tokens, want_top, adapters):
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, :], (b, t))
-            hidden, _ = hidden_fn(params, tokens, positions, None, None)
+            hidden, _ = hidden_fn(params, tokens, positions, None, None, lora=self._lora(lora, adapters))
             targets = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), tokens.dtype)], axis=1)
             nc = t // chunk
             hs = hidden.reshape(b, nc, chunk, -1).swapaxes(0, 1)
@@ -352,9 +378,9 @@ class Programs:
     def _embed_fn(self, t: int) -> Callable:
         hidden_fn = base.make_hidden_fn(self.spec)
 
-        def embed(params, tokens, lens):
+        def embed(params, lora, tokens, lens, adapters):
             positions = jnp.arange(t, dtype=jnp.int32)[None, :]
-            hidden, _ = hidden_fn(params, tokens, positions, None, None)
+            hidden, _ = hidden_fn(params, tokens, positions, None, None, lora=self._lora(lora, adapters))
             mask = (positions < lens[:, None]).astype(F32)[..., None]
             return (jnp.sum(hidden.astype(F32) * mask, axis=1) / lens[:, None].astype(F32))[0]
 
@@ -365,7 +391,7 @@ class Programs:
     def _arg(self, shape, dtype) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=self.rep)
 
-    def compile_all(self, params: Any, cache: Any, state: Any, sp_dev: Any, tables_dev: Any,
+    def compile_all(self, params: Any, lora: Any, cache: Any, state: Any, sp_dev: Any, tables_dev: Any,
                     threads: Optional[int] = None,
                     progress: Optional[Callable[[int, int, str], None]] = None) -> dict[str, float]:
         """Lower and compile every variant (in parallel threads); returns timings.
@@ -378,32 +404,38 @@ class Programs:
 
         for b in self.decode_buckets:
             for kb in self.kv_variants:
-                fn = jax.jit(self._decode_fn(b, kb), donate_argnums=(1, 2), out_shardings=(cache_out, rep, rep))
+                fn = jax.jit(self._decode_fn(b, kb), donate_argnums=(2, 3), out_shardings=(cache_out, rep, rep))
                 jobs.append((f"decode[{b}x{kb}]", ("decode", (b, kb)), functools.partial(
-                    fn.lower, params, cache, state, sp_dev, self._arg((b,), i32), tables_dev)))
+                    fn.lower, params, lora, cache, state, sp_dev, self._arg((b,), i32), tables_dev)))
         words = self.mask_words
         for kb in self.kv_variants:
-            fn = jax.jit(self._forward_fn(kb), donate_argnums=(1,), out_shardings=(cache_out, rep))
+            fn = jax.jit(self._forward_fn(kb), donate_argnums=(2,), out_shardings=(cache_out, rep))
             jobs.append((f"forward[{kb}]", ("forward", kb), functools.partial(
-                fn.lower, params, cache, state, sp_dev, tables_dev)))
+                fn.lower, params, lora, cache, state, sp_dev, tables_dev)))
         fn = jax.jit(self._guided_fn(), donate_argnums=(0,), out_shardings=(rep, rep))
         jobs.append(("guided", ("guided", None), functools.partial(
             fn.lower, state, sp_dev, self._arg((n, self.v), np.float32), self._arg((n, words), i32))))
         for t in self.chunk_buckets:
             for b in self.prefill_rows(t):
                 for kb in self.prefill_widths(t):
-                    fn = jax.jit(self._prefill_fn(t, b), donate_argnums=(1,), out_shardings=(cache_out, rep))
+                    fn = jax.jit(self._prefill_fn(t, b), donate_argnums=(2,), out_shardings=(cache_out, rep))
                     jobs.append((f"prefill[{t}x{b}x{kb}]", ("prefill", (t, b, kb)), functools.partial(
-                        fn.lower, params, cache, self._arg((b, t), i32), self._arg((b,), i32),
-                        self._arg((b,), i32), self._arg((b, kb), i32))))
+                        fn.lower, params, lora, cache, self._arg((b, t), i32), self._arg((b,), i32),
+                        self._arg((b,), i32), self._arg((b, kb), i32), self._arg((b,), i32))))
         for t in self.buckets:
             for b in self.score_rows(t):
                 fn = jax.jit(self._score_fn(t, b), out_shardings=rep)
                 jobs.append((f"score[{t}x{b}]", ("score", (t, b)), functools.partial(
-                    fn.lower, params, self._arg((b, t), i32), self._arg((), np.bool_))))
+                    fn.lower, params, lora, self._arg((b, t), i32), self._arg((), np.bool_), self._arg((b,), i32))))
             fn = jax.jit(self._embed_fn(t), out_shardings=rep)
             jobs.append((f"embed[{t}]", ("embed", t), functools.partial(
-                fn.lower, params, self._arg((1, t), i32), self._arg((1,), i32))))
+                fn.lower, params, lora, self._arg((1, t), i32), self._arg((1,), i32), self._arg((1,), i32))))
+        if lora is not None:
+            slot = jax.tree.map(lambda s: self._arg(s, np.float32), LoRA.slot_shapes(self.spec, self.max_lora_rank),
+                                is_leaf=lambda x: isinstance(x, tuple))
+            fn = jax.jit(LoRA.set_slot, donate_argnums=(0,), out_shardings=rep)
+            jobs.append(("set_adapter", ("set_adapter", None), functools.partial(
+                fn.lower, lora, self._arg((), i32), slot)))
         fn = jax.jit(self._copy_blocks_fn(), donate_argnums=(0,), out_shardings=cache_out)
         jobs.append(("copy_blocks", ("copy_blocks", None), functools.partial(
             fn.lower, cache, self._arg((n,), i32), self._arg((n,), i32))))
@@ -432,7 +464,7 @@ class Programs:
             for done, (job, ((kind, key), compiled)) in enumerate(zip(jobs, ex.map(build, jobs)), 1):
                 if progress is not None:
                     progress(done, len(jobs), job[0])
-                if kind in ("copy_blocks", "set_row", "first", "guided"):
+                if kind in ("copy_blocks", "set_row", "first", "guided", "set_adapter"):
                     setattr(self, kind, compiled)
                 else:
                     getattr(self, kind)[key] = compiled

@@ -128,6 +128,8 @@ class Sequence:
     #: grammar ended: "done" (complete: stop after this token), "error" (refused: stop before)
     matcher: Any = None
     grammar_end: Optional[str] = None
+    #: the slot of the adapter stack this sequence holds (None: the base alone)
+    lora_slot: Optional[int] = None
 
     @property
     def next_position(self) -> int:
@@ -151,6 +153,7 @@ class Request:
     done: bool = False
     stop_ids: frozenset = frozenset()
     grammar: Optional[str] = None   # compiled guided-decoding grammar
+    adapter: Optional[str] = None   # LoRA adapter name (None: the base model)
 
 
 @dataclasses.dataclass(eq=False)
@@ -179,3 +182,4 @@ class EmbedJob:
     prompt: list[int]
     future: Future
     arrival: float
+    adapter: Optional[str] = None

@@ -1,5 +1,5 @@
-"""The runner: owns the device state (params, the paged KV pool, per-slot decode state,
-sampling settings and block tables) and calls the compiled programs."""
+"""The runner: owns the device state (params, the LoRA adapter stack, the paged KV pool,
+per-slot decode state, sampling settings and block tables) and calls the compiled programs."""
 from __future__ import annotations
 
 import bisect
@@ -38,7 +38,8 @@ class Runner:
     def __init__(self, model: Any, spec: base.ModelSpec, *, num_slots: int, max_seq_len: int,
                  buckets: list[int], chunk_buckets: list[int], decode_buckets: list[int], dtype: str,
                  num_blocks: int,
-                 block_size: int, guide: Guide, compile_threads: Optional[int] = None):
+                 block_size: int, guide: Guide, compile_threads: Optional[int] = None,
+                 max_loras: int = 0, max_lora_rank: int = 0):
         self.spec = spec
         self.num_slots = num_slots
         self.max_seq_len = max_seq_len
@@ -64,7 +65,9 @@ class Runner:
         self.programs = Programs(spec, num_slots=num_slots, max_seq_len=max_seq_len, buckets=buckets,
                                  chunk_buckets=chunk_buckets,
                                  decode_buckets=decode_buckets, mesh=mesh, cache_sharding=self.cache_sharding,
-                                 num_blocks=num_blocks, block_size=block_size, dtype=dtype)
+                                 num_blocks=num_blocks, block_size=block_size, dtype=dtype,
+                                 max_loras=max_loras, max_lora_rank=max_lora_rank)
+        self.lora = None  # the adapter stack (None without LoRA)
         self.cache = None
         self.state = None
         self.sp = self.programs.host_slot_params()
@@ -87,9 +90,10 @@ class Runner:
         run each once."""
         self.cache = base.init_cache(self.spec, self.num_blocks, self.block_size, self.dtype, self.cache_sharding)
         self.state = self.programs.init_state()
+        self.lora = self.programs.init_lora()
         self._upload()
         self._mask_ones = self.put(self.guide.mask.copy())[0]
-        self.compile_timings = self.programs.compile_all(self.params, self.cache, self.state, self._sp_dev,
+        self.compile_timings = self.programs.compile_all(self.params, self.lora, self.cache, self.state, self._sp_dev,
                                                          self._tables_dev, self._compile_threads, progress)
         self._exercise()
         # After the first calls: the steps donate the cache, so these buffers are the ones
@@ -102,15 +106,15 @@ class Runner:
         pr, n, nb = self.programs, self.num_slots, self.num_blocks
         logits = None
         for (t, b, k), fn in pr.prefill.items():
-            self.cache, logits = fn(self.params, self.cache, *self.put(
+            self.cache, logits = fn(self.params, self.lora, self.cache, *self.put(
                 np.zeros((b, t), np.int32), np.zeros((b,), np.int32), np.zeros((b,), np.int32),
-                np.full((b, k), nb, np.int32)))
+                np.full((b, k), nb, np.int32), np.full((b,), -1, np.int32)))
         z = np.zeros((n,), np.int32)
         self.state, out = pr.first(self.state, self._sp_dev, logits, *self.put(
             z, z, z, np.zeros((n,), np.bool_), np.ones((n,), np.bool_)), self._mask_ones)
         jax.tree.map(np.asarray, out)
         for fn in pr.forward.values():
-            self.cache, logits = fn(self.params, self.cache, self.state, self._sp_dev, self._tables_dev)
+            self.cache, logits = fn(self.params, self.lora, self.cache, self.state, self._sp_dev, self._tables_dev)
         self.state, out = pr.guided(self.state, self._sp_dev, logits, self._mask_ones)
         jax.tree.map(np.asarray, out)
         self.cache = pr.copy_blocks(self.cache, *self.put(z, np.full((n,), nb, np.int32)))
@@ -118,13 +122,19 @@ class Runner:
                                                       np.zeros((self.spec.vocab_size,), np.bool_)))
         for (b, _), fn in pr.decode.items():
             rows = self.put(np.arange(b, dtype=np.int32))[0]
-            self.cache, self.state, out = fn(self.params, self.cache, self.state, self._sp_dev, rows, self._tables_dev)
+            self.cache, self.state, out = fn(self.params, self.lora, self.cache, self.state, self._sp_dev, rows,
+                                             self._tables_dev)
             jax.tree.map(np.asarray, out)
         for (t, b), fn in pr.score.items():
             for flag in (False, True):
-                jax.tree.map(np.asarray, fn(self.params, *self.put(np.zeros((b, t), np.int32), np.bool_(flag))))
+                jax.tree.map(np.asarray, fn(self.params, self.lora, *self.put(
+                    np.zeros((b, t), np.int32), np.bool_(flag), np.full((b,), -1, np.int32))))
         for t, fn in pr.embed.items():
-            np.asarray(fn(self.params, *self.put(np.zeros((1, t), np.int32), np.ones((1,), np.int32))))
+            np.asarray(fn(self.params, self.lora, *self.put(np.zeros((1, t), np.int32), np.ones((1,), np.int32),
+                                                            np.full((1,), -1, np.int32))))
+        if pr.set_adapter is not None:  # slot 0 gets zeros: what it holds already
+            self.lora = pr.set_adapter(self.lora, self.put(np.int32(0))[0], jax.tree.map(
+                lambda a: jnp.zeros(a.shape[1:], a.dtype), self.lora))
         jax.block_until_ready((self.cache, self.state))
 
     def put(self, *arrays: Any) -> list:
@@ -160,6 +170,7 @@ class Runner:
             sp["bias_ids"][slot, j] = tid
             sp["bias_vals"][slot, j] = val
         sp["guided"][slot] = s.matcher is not None
+        sp["adapter"][slot] = -1 if s.lora_slot is None else s.lora_slot
         self._sp_dirty = True
 
     def release(self, slot: int) -> None:
@@ -171,6 +182,12 @@ class Runner:
         self.tables[slot] = self.num_blocks
         self._synced[slot] = 0
         self._tables_dirty = True
+
+    def load_adapters(self, loads: list[tuple[int, Any]]) -> None:
+        """Write adapters' padded host weights into their slots of the stack (compiled at start)."""
+        for slot, weights in loads:
+            self.lora = self.programs.set_adapter(self.lora, self.put(np.int32(slot))[0],
+                                                  jax.device_put(weights, self.replicated))
 
     def sync_table(self, s: Sequence) -> None:
         slot = s.slot
@@ -209,12 +226,16 @@ class Runner:
             starts = np.zeros((b,), np.int32)
             lens = np.zeros((b,), np.int32)
             tabs = np.full((b, k), nb, np.int32)
+            adapters = np.full((b,), -1, np.int32)
             for row, c in enumerate(batch):
+                if c.group.leader.lora_slot is not None:
+                    adapters[row] = c.group.leader.lora_slot
                 toks[row, :c.length] = c.group.tokens[c.start:c.start + c.length]
                 starts[row], lens[row] = c.start, c.length
                 blocks = c.group.leader.blocks[:k]
                 tabs[row, :len(blocks)] = blocks
-            self.cache, logits = pr.prefill[(t, b, k)](self.params, self.cache, *self.put(toks, starts, lens, tabs))
+            self.cache, logits = pr.prefill[(t, b, k)](self.params, self.lora, self.cache,
+                                                       *self.put(toks, starts, lens, tabs, adapters))
             done = [(row, c) for row, c in enumerate(batch) if c.last]
             if done:
                 firsts.append((logits, done))
@@ -296,7 +317,7 @@ class Runner:
         k, rows = self._prepare_decode(seqs, 0)
         by_slot = {s.slot: s for s in seqs}
         self.cache, self.state, out = self.programs.decode[(len(rows), k)](
-            self.params, self.cache, self.state, self._sp_dev, self._rows_dev, self._tables_dev)
+            self.params, self.lora, self.cache, self.state, self._sp_dev, self._rows_dev, self._tables_dev)
         return out, [by_slot.get(r) for r in rows]
 
     def decode_guided(self, seqs: list[Sequence], catch_up: Callable[[], None]):
@@ -306,7 +327,7 @@ class Runner:
         masked sampling step. Returns (out, sequence per row) as `decode`."""
         k, _ = self._prepare_decode(seqs, self.num_slots)
         by_slot = {s.slot: s for s in seqs}
-        self.cache, logits = self.programs.forward[k](self.params, self.cache, self.state, self._sp_dev,
+        self.cache, logits = self.programs.forward[k](self.params, self.lora, self.cache, self.state, self._sp_dev,
                                                       self._tables_dev)
         catch_up()
         guided = [(s.matcher, s.slot) for s in seqs if s.matcher is not None and not s.finished]
@@ -317,21 +338,25 @@ class Runner:
     def has_guided(self, seqs: list[Sequence]) -> bool:
         return any(s.matcher is not None for s in seqs)
 
-    def score(self, group: list[Request], want_top: bool):
+    def score(self, group: list[Request], want_top: bool, slots: Optional[list[Optional[int]]] = None):
         """Cache-free scoring pass for up to the most rows of one bucket: (chosen, top ids,
-        top logprobs) as numpy, one row per request."""
+        top logprobs) as numpy, one row per request; `slots`: each request's adapter slot."""
         pr = self.programs
         t = bucket_for(self.buckets, max(len(r.prompt) for r in group))
         b = 1 if len(group) == 1 else max(pr.score_rows(t))
         toks = np.zeros((b, t), np.int32)
+        adapters = np.full((b,), -1, np.int32)
         for i, r in enumerate(group):
             toks[i, :len(r.prompt)] = r.prompt
-        out = pr.score[(t, b)](self.params, *self.put(toks, np.bool_(want_top)))
+            if slots is not None and slots[i] is not None:
+                adapters[i] = slots[i]
+        out = pr.score[(t, b)](self.params, self.lora, *self.put(toks, np.bool_(want_top), adapters))
         return tuple(np.asarray(a) for a in out), t * b
 
-    def embed(self, job: EmbedJob) -> tuple[list[float], int]:
+    def embed(self, job: EmbedJob, slot: Optional[int] = None) -> tuple[list[float], int]:
         t = bucket_for(self.buckets, len(job.prompt))
         toks = np.zeros((1, t), np.int32)
         toks[0, :len(job.prompt)] = job.prompt
-        vec = self.programs.embed[t](self.params, *self.put(toks, np.array([len(job.prompt)], np.int32)))
+        vec = self.programs.embed[t](self.params, self.lora, *self.put(
+            toks, np.array([len(job.prompt)], np.int32), np.array([-1 if slot is None else slot], np.int32)))
         return np.asarray(vec).astype(float).tolist(), t

@@ -8,15 +8,18 @@ of the prompts being prefilled, oldest first, and of newly admitted requests, up
 budget. A request is admitted when slots (decode rows) for all its samples and blocks for its
 prompt are free; its leading full blocks already in the prefix cache are shared, not
 computed. When nothing decodes, prompts prefill up to `idle_budget` tokens in the step, in chunks of at
-most `max_chunk`.
+most `max_chunk`. A request for a LoRA adapter is admitted once its adapter holds a slot of the
+stack (`AdapterSlots`), and its blocks' cache keys are salted by the adapter.
 """
 from __future__ import annotations
 
 import bisect
 import collections
 import dataclasses
+from typing import Optional
 
 from model_server.engine.block_manager import BlockManager, block_hashes
+from model_server.engine.lora_slots import AdapterSlots
 from model_server.engine.requests import Group, Sequence, Status
 
 #: The shortest chunk worth a prefill call while the budget is nearly spent.
@@ -50,7 +53,8 @@ class Plan:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, *, num_slots: int, token_budget: int, max_chunk: int,
-                 max_seq_len: int, salt: bytes = b"", idle_budget: int = 0):
+                 max_seq_len: int, salt: bytes = b"", idle_budget: int = 0,
+                 adapters: Optional[AdapterSlots] = None):
         self.blocks = blocks
         self.num_slots = num_slots
         self.token_budget = token_budget
@@ -59,6 +63,7 @@ class Scheduler:
         self.idle_budget = max(idle_budget, max_chunk)
         self.max_blocks = blocks.blocks_for(max_seq_len)
         self.salt = salt
+        self.adapters = adapters
         self.waiting: collections.deque[Group] = collections.deque()
         self.prefilling: list[Group] = []
         self.running: list[Sequence] = []
@@ -151,6 +156,9 @@ class Scheduler:
 
     # ------------------------------------------------------------------ admission
 
+    def _salt(self, adapter: Optional[str]) -> bytes:
+        return self.salt if adapter is None or self.adapters is None else self.salt + self.adapters.salt(adapter)
+
     def _caching(self, g: Group) -> bool:
         return self.blocks.enable_caching and g.req.params.prefix_caching
 
@@ -159,7 +167,7 @@ class Scheduler:
         g.tokens = list(g.leader.tokens) if g.leader.generated else g.tokens
         n, total = len(g.tokens), len(g.seqs)
         bm, bs = self.blocks, self.blocks.block_size
-        keys = block_hashes(g.tokens, bs, self.salt) if self._caching(g) else []
+        keys = block_hashes(g.tokens, bs, self._salt(g.req.adapter)) if self._caching(g) else []
         # at least the last token is computed (its logits are sampled), so a block holding it
         # is never shared
         hits = bm.match(keys[:(n - 1) // bs])
@@ -167,6 +175,12 @@ class Scheduler:
         reviving = sum(1 for b in hits if bm.refs(b) == 0)
         if fresh + reviving > bm.free_blocks:
             return False
+        lora_slot = None
+        if g.req.adapter is not None:
+            assert self.adapters is not None
+            lora_slot = self.adapters.acquire(g.req.adapter, total)
+            if lora_slot is None:  # every adapter slot is held: wait for one
+                return False
         if self._caching(g):
             bm.count_lookup(n, len(hits) * bs)
         bm.share(hits)
@@ -176,6 +190,7 @@ class Scheduler:
         leader.num_computed = g.cached
         for s in g.seqs:
             s.slot = self.free_slots.pop(0)
+            s.lora_slot = lora_slot
             s.status = Status.PREFILL
         self._keys[id(g)] = keys
         self.prefilling.append(g)
@@ -262,7 +277,7 @@ class Scheduler:
             return
         written = min(seq.next_position, len(seq.tokens))
         bs = self.blocks.block_size
-        keys = block_hashes(seq.tokens[:written], bs, self.salt)
+        keys = block_hashes(seq.tokens[:written], bs, self._salt(seq.req.adapter))
         for i in range(seq.activated_len // bs, min(len(keys), len(seq.blocks))):
             self.blocks.register(seq.blocks[i], keys[i])
 
@@ -273,6 +288,10 @@ class Scheduler:
         if seq.blocks:
             self.blocks.release(seq.blocks)
             seq.blocks = []
+        if seq.lora_slot is not None:
+            if self.adapters is not None:
+                self.adapters.release(seq.lora_slot)
+            seq.lora_slot = None
         if seq.slot is not None:
             bisect.insort(self.free_slots, seq.slot)
             self.released.append(seq.slot)

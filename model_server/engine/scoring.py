@@ -34,21 +34,37 @@ def run_aux_work(engine: "Engine") -> None:
                     group.append(engine._aux.popleft())
                 engine._waiting_samples -= len(group)
         if group is None:
+            slots = engine._acquire([head])
+            if slots is None:  # its adapter waits for a slot
+                with engine._lock:
+                    engine._aux.appendleft(head)
+                    engine._waiting_samples += 1
+                return
             try:
-                vec, cost = engine.runner.embed(head)
+                vec, cost = engine.runner.embed(head, slots[0])
                 head.future.set_result(vec)
                 with engine._lock:
                     engine._counters["prompt_tokens_total"] += len(head.prompt)
             except Exception as e:  # noqa: BLE001
                 head.future.set_exception(e)
                 raise
+            finally:
+                engine._release(slots)
             budget -= cost
             continue
+        cost, deferred = score(engine, group)
+        if deferred:  # their adapters wait for a slot
+            with engine._lock:
+                engine._aux.extendleft(reversed(deferred))
+                engine._waiting_samples += len(deferred)
+        group = [r for r in group if r not in deferred]
         now = time.monotonic()
         for r in group:
             r.admitted = now
             engine.h_queue.observe(now - r.arrival)
-        budget -= score(engine, group)
+        budget -= cost
+        if deferred and not group:
+            return
         for r in group:
             if not r.done:
                 with engine._lock:
@@ -60,16 +76,28 @@ def run_aux_work(engine: "Engine") -> None:
                 engine._finish_request(r, "length")
 
 
-def score(engine: "Engine", group: list[Request]) -> int:
-    """Fill `handle.prompt_logprobs` of every request in `group` (batched passes)."""
+def score(engine: "Engine", group: list[Request]) -> tuple[int, list[Request]]:
+    """Fill `handle.prompt_logprobs` of every request in `group` (batched passes); returns
+    (padded tokens, the requests deferred because their adapter found no free slot)."""
     group = [r for r in group if not r.done]
-    cost = 0
+    cost, deferred = 0, []
     while group:
         rows = max(engine.programs.score_rows(bucket_for(engine.prefill_buckets, max(len(r.prompt) for r in group))))
         chunk, group = group[:rows], group[rows:]
+        slots = engine._acquire(chunk)
+        if slots is None and len(chunk) > 1:  # one at a time then
+            group = chunk[1:] + group
+            chunk = chunk[:1]
+            slots = engine._acquire(chunk)
+        if slots is None:
+            deferred += chunk
+            continue
         want_top = any((r.params.logprobs or 0) > 0 for r in chunk)
-        (chosen, ti, tl), c = engine.runner.score(chunk, want_top)
+        try:
+            (chosen, ti, tl), c = engine.runner.score(chunk, want_top, slots)
+        finally:
+            engine._release(slots)
         for i, r in enumerate(chunk):
             r.handle.prompt_logprobs = engine.output.prompt_logprobs(r, chosen[i], ti[i], tl[i])
         cost += c
-    return cost
+    return cost, deferred

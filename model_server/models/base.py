@@ -287,14 +287,17 @@ class DecoderModel(nnx.Module, abc.ABC):
         self.layers = nnx.List([self.Block(spec, i) for i in range(spec.num_layers)])
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: Optional[KVCache],
-                 block_tables: Optional[jax.Array], last_index: Optional[jax.Array] = None):
+                 block_tables: Optional[jax.Array], last_index: Optional[jax.Array] = None,
+                 lora: Any = None):
         """(final-normed hidden [B, T, D], new cache or None); with `last_index` the hidden
-        state of token `last_index[b]` only, [B, 1, D] (see `hidden_states`)."""
+        state of token `last_index[b]` only, [B, 1, D] (see `hidden_states`). `lora`: a
+        `model_server.models.lora.Lora` (adapter stack and per-row index; Llama family only)."""
         x = self.embed_tokens(tokens, positions)
         new_cache: Optional[KVCache] = [] if cache is not None else None
         for i, block in enumerate(self.layers):
+            extra = {} if lora is None else {"lora": lora.layer(i)}
             x, layer_cache = block(x, positions, None if cache is None else cache[i], block_tables,
-                                   last_index)
+                                   last_index, **extra)
             if new_cache is not None:
                 new_cache.append(layer_cache)
         return self.final_norm_of(x), new_cache
@@ -403,11 +406,11 @@ def init_cache(spec: ModelSpec, num_blocks: int, block_size: int, dtype: Any,
 
 def hidden_states(spec: ModelSpec, params: Params, tokens: jax.Array, positions: jax.Array,
                   cache: Optional[KVCache], block_tables: Optional[jax.Array], *,
-                  last_index: Optional[jax.Array] = None):
+                  last_index: Optional[jax.Array] = None, lora: Any = None):
     """Final normalised hidden states [B, T, D] and the updated cache. With `last_index` [B],
     only token `last_index[b]` of each row: [B, 1, D]; the last layer then computes the other
-    tokens' keys and values only (for the cache)."""
-    return bind(spec, params)(tokens, positions, cache, block_tables, last_index)
+    tokens' keys and values only (for the cache). `lora`: adapters (see DecoderModel)."""
+    return bind(spec, params)(tokens, positions, cache, block_tables, last_index, lora)
 
 
 def logits_from_hidden(spec: ModelSpec, params: Params, hidden: jax.Array) -> jax.Array:
@@ -437,14 +440,15 @@ def make_forward(spec: ModelSpec, *, return_hidden: bool = False) -> Callable:
 
 
 def forward_last(spec: ModelSpec, params: Params, tokens: jax.Array, positions: jax.Array,
-                 cache: Optional[KVCache], block_tables: Optional[jax.Array], last_index: jax.Array):
+                 cache: Optional[KVCache], block_tables: Optional[jax.Array], last_index: jax.Array,
+                 lora: Any = None):
     """Prefill variant: logits only at token `last_index[b]` of each row -> ([B, V] float32, cache).
 
     Skips the [B, T, V] projection (large for big vocabularies and long buckets) and, in the
     last layer, everything but the keys and values of the other tokens.
     """
     last, new_cache = hidden_states(spec, params, tokens, positions, cache, block_tables,
-                                    last_index=last_index)  # [B, 1, D]
+                                    last_index=last_index, lora=lora)  # [B, 1, D]
     return logits_from_hidden(spec, params, last)[:, 0, :], new_cache
 
 

@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from model_server.models import hfconfig
 from model_server.models import layers as L
+from model_server.models import lora as LoRA
 from model_server.models.base import DecoderModel, ModelConfigError, ModelSpec, declare_params, register_family
 from model_server.models.hfmap import Rule
 
@@ -213,13 +214,17 @@ class Block(nnx.Module):
 
     def self_attention(self, h: jax.Array, h_q: jax.Array, positions: jax.Array, q_pos: jax.Array | None,
                        layer_cache: Any, block_tables: jax.Array | None,
-                       inv_freq: np.ndarray, scale: float, softcap: float = 0.0):
+                       inv_freq: np.ndarray, scale: float, softcap: float = 0.0,
+                       lora: LoRA.LayerLora | None = None):
         """q/k/v projections, q/k norms (`spec.qk_norm`), RoPE, attention over this layer's
-        window and the output projection -> (out [B, Tq, D], new layer cache)."""
+        window and the output projection -> (out [B, Tq, D], new layer cache). `lora`: the
+        adapters' deltas of the projections (see `model_server.models.lora`)."""
         spec, (b, t) = self.spec, positions.shape
         h_, kv_, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
         q, k, v = L.qkv(h, h_q, [self.wq[...], self.wk[...], self.wv[...]],
                         [self._bias("bq"), self._bias("bk"), self._bias("bv")])
+        if lora is not None:
+            q, k, v = LoRA.add(q, h_q, lora, "wq"), LoRA.add(k, h, lora, "wk"), LoRA.add(v, h, lora, "wv")
         q, k, v = q.reshape(b, -1, h_, hd), k.reshape(b, t, kv_, hd), v.reshape(b, t, kv_, hd)
         if spec.qk_norm:
             q = self.norm(q, self.q_norm[...], spec.norm_eps)
@@ -228,25 +233,27 @@ class Block(nnx.Module):
         q = L.apply_rope(q, positions if q_pos is None else q_pos, inv_freq)
         o, layer_cache = L.attention(q, k, v, positions, layer_cache, block_tables, scale, q_pos,
                                      window=spec.window_of(self.index), softcap=softcap)
-        return L.linear(o, self.wo[...], self._bias("bo")), layer_cache
+        return LoRA.add(L.linear(o, self.wo[...], self._bias("bo")), o, lora, "wo"), layer_cache
 
     def __call__(self, x: jax.Array, positions: jax.Array, layer_cache: Any, block_tables: jax.Array | None,
-                 last_index: jax.Array | None):
+                 last_index: jax.Array | None, lora: LoRA.LayerLora | None = None):
         spec = self.spec
         h = L.rms_norm(x, self.attn_norm[...], spec.norm_eps)
         x, h_q, q_pos = L.last_layer_rows(self.index, spec.num_layers, last_index, x, h, positions)
         o, layer_cache = self.self_attention(h, h_q, positions, q_pos, layer_cache, block_tables,
-                                             _inv_freq(spec), 1.0 / math.sqrt(spec.head_dim))
+                                             _inv_freq(spec), 1.0 / math.sqrt(spec.head_dim), lora=lora)
         x = x + o
-        return x + self.mlp(L.rms_norm(x, self.mlp_norm[...], spec.norm_eps)), layer_cache
+        h = L.rms_norm(x, self.mlp_norm[...], spec.norm_eps)
+        return x + (self.mlp(h) if lora is None else self.mlp(h, lora)), layer_cache
 
-    def mlp(self, h: jax.Array) -> jax.Array:
+    def mlp(self, h: jax.Array, lora: LoRA.LayerLora | None = None) -> jax.Array:
         """The feed-forward part of the layer on its normed input (SwiGLU; a sparse
-        mixture of experts in `moe.Block`)."""
+        mixture of experts in `moe.Block`), with the adapters' deltas (`lora`)."""
         gate, up = L.linears(h, [self.w_gate[...], self.w_up[...]],
                              [self._bias("b_gate"), self._bias("b_up")])
+        gate, up = LoRA.add(gate, h, lora, "w_gate"), LoRA.add(up, h, lora, "w_up")
         g = L.ACTIVATIONS[self.spec.activation](gate) * up
-        return L.linear(g, self.w_down[...], self._bias("b_down"))
+        return LoRA.add(L.linear(g, self.w_down[...], self._bias("b_down")), g, lora, "w_down")
 
 
 @register_family("llama", ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
