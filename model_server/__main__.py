@@ -129,7 +129,7 @@ def main(log_level: str, models: tuple[str, ...], overrides: tuple[str, ...], ta
         if settings.compilation_cache:
             enable_compilation_cache(settings.compilation_cache)
         follower.main(initialize(slice_cfg))
-    from admin_server.serving import run_gunicorn
+    from common.serving import run_gunicorn
 
     if slice_cfg is not None:  # a lost rank stops the whole server (model_server.slice.leader)
         from model_server.slice import MASTER_PID_ENV

@@ -85,7 +85,7 @@ def _cli_env() -> set[str]:
     """Variables `saxutil` reads: its click options' envvars and the client library's."""
     import click
 
-    from client.cli import main
+    from saxutil.__main__ import main
 
     names: set[str] = set()
 
