@@ -1,5 +1,4 @@
 """Saxplane admin server: the cell's source of truth, leader lease and reconciler.
 
-Importing this package is cheap: it pulls in no web framework or database
-driver, so other parts may import :mod:`admin_server.naming` freely.
+The admin is a peer of the other parts: the rules they share live in :mod:`common`.
 """

@@ -15,7 +15,7 @@ from admin_server.settings import AdminSettings
 def serve(settings: AdminSettings) -> None:
     from admin_server.app import create_app, prepare_database
     from admin_server.asgi import AdminAsgi
-    from admin_server.serving import run_gunicorn
+    from common.serving import run_gunicorn
 
     prepare_database(settings)  # once, in the master, before workers fork
     run_gunicorn(lambda: AdminAsgi(create_app(settings, prepare=False)),

@@ -20,8 +20,8 @@ from werkzeug.exceptions import HTTPException
 from admin_server import state
 from admin_server.errors import AdminError, PermissionDenied, Unauthenticated, status_and_code
 from admin_server.lease import current_lease
-from admin_server.naming import InvalidArgument, parse_cell
-from admin_server.serving import parse_json, read_body
+from common.naming import InvalidArgument, parse_cell
+from common.http import parse_json, read_body
 from admin_server.snapshot import wait_for_snapshot
 
 log = logging.getLogger(__name__)

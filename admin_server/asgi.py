@@ -24,8 +24,8 @@ from uvicorn_worker import UvicornWorker
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from admin_server.api import check_token, describe_error, json_object
-from admin_server.gate import PROBE_PATHS, TIMED_OUT, ConnectionLimits
-from admin_server.naming import InvalidArgument
+from common.gate import PROBE_PATHS, TIMED_OUT, ConnectionLimits
+from common.naming import InvalidArgument
 from admin_server.settings import MAX_BODY_BYTES
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -36,7 +36,7 @@ LIMITS = ConnectionLimits.from_env()
 
 
 class GatedHttpTools(HttpToolsProtocol):  # type: ignore[misc]
-    """uvicorn's httptools protocol with the header deadline of admin_server.gate: a request
+    """uvicorn's httptools protocol with the header deadline of common.gate: a request
     head (and a new connection's first one) must be complete within `header_timeout_s`, else
     the connection is answered 408 and closed. Idle kept-alive connections cost no thread here
     and uvicorn closes them after the keep-alive timeout."""

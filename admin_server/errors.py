@@ -1,7 +1,7 @@
 """Typed admin errors, each with its HTTP status and a stable code for clients."""
 from __future__ import annotations
 
-from admin_server.naming import InvalidArgument
+from common.naming import InvalidArgument
 
 
 class AdminError(Exception):

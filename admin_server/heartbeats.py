@@ -26,8 +26,8 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, bindparam, func, select, update
 
-from admin_server.naming import InvalidArgument
-from admin_server.schema import ModelServer, Observed, PublishedModel, Replica, Wanted
+from common.naming import InvalidArgument
+from admin_server.schema import ModelServer, ModelState, Observed, PublishedModel, Replica, Wanted
 from admin_server.settings import AdminSettings
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 class ReportedModel:
     model_id: str
     generation: int
-    status: str
+    status: Observed
     error: str | None
     memory_bytes: int | None
     load_time_s: float | None
@@ -59,7 +59,7 @@ class Heartbeat:
 
 
 _SERVER_FIELDS = {"chip": str, "topology": str, "device_count": int, "memory_bytes": int}
-_STATUSES = {o.value for o in Observed}
+_STATUSES = {o.value for o in Observed}  # (the wire form of a status)
 
 
 def parse_heartbeat(body: dict[str, Any]) -> tuple[dict[str, Any], list[ReportedModel]]:
@@ -102,8 +102,9 @@ def parse_heartbeat(body: dict[str, Any]) -> tuple[dict[str, Any], list[Reported
             raise InvalidArgument("idle_s must be a non-negative number of seconds")
         # A LOADING replica's error text says what the load is doing (compiling 12 of 50 programs,
         # about 30 s left): listcell and `saxutil ls` show it beside the status.
-        note = m.get("error") or (m.get("progress") if m["status"] == "LOADING" else None)
-        reported.append(ReportedModel(m["model_id"], generation, m["status"],
+        status = Observed(m["status"])
+        note = m.get("error") or (m.get("progress") if status == Observed.LOADING else None)
+        reported.append(ReportedModel(m["model_id"], generation, status,
                                       str(note)[:4000] if note else None, memory, load_time,
                                       min(running, 1 << 30), min(waiting, 1 << 30), idle_s))
     return desc, reported
@@ -231,7 +232,7 @@ class HeartbeatRecorder:
         desired = []
         for r in rows:
             rep = by_key.get((r.model_id, r.generation))
-            observed = rep.status if rep else Observed.NONE.value
+            observed = rep.status if rep else Observed.NONE
             current = {"observed": r.observed, "error": r.error,
                        "memory_bytes": r.memory_bytes, "load_time_s": r.load_time_s}
             new = dict(current, observed=observed)
@@ -239,20 +240,20 @@ class HeartbeatRecorder:
                 for key in ("error", "memory_bytes", "load_time_s"):
                     if getattr(rep, key):
                         new[key] = getattr(rep, key)
-                if observed in (Observed.LOADING.value, Observed.LOADED.value) and not rep.error:
+                if observed in (Observed.LOADING, Observed.LOADED) and not rep.error:
                     new["error"] = None  # a load's progress note ends with it
-                if observed == Observed.LOADED.value and rep.memory_bytes and r.model_memory is None:
+                if observed == Observed.LOADED and rep.memory_bytes and r.model_memory is None:
                     learned.append((r.model_id, rep.memory_bytes))
             if new != current:
                 changes.append({"rid": r.id, **new})
-            if r.wanted == Wanted.LOADED.value:
+            if r.wanted == Wanted.LOADED:
                 desired.append({"model_id": r.model_id, "generation": r.generation,
                                 "model_path": r.model_path,
                                 "checkpoint": r.checkpoint if r.checkpoint is not None else "None",
                                 "overrides": r.overrides})
         known = {(r.model_id, r.generation) for r in rows}
         orphans = [m for m in reported if (m.model_id, m.generation) not in known
-                   and m.status in (Observed.LOADED.value, Observed.LOADING.value)]
+                   and m.status in (Observed.LOADED, Observed.LOADING)]
         written = self._write(desc, desc_digest, report_digest, now, changes, learned)
         version = row.assignment_version if row is not None and row.cell == self.settings.cell_name else written
         if orphans:
@@ -275,18 +276,18 @@ class HeartbeatRecorder:
                     select(PublishedModel.model_path, PublishedModel.checkpoint, PublishedModel.overrides,
                            PublishedModel.target_replicas)
                     .where(PublishedModel.model_id == m.model_id, PublishedModel.cell == self.settings.cell_name,
-                           PublishedModel.state == "ACTIVE", PublishedModel.generation == m.generation)
+                           PublishedModel.state == ModelState.ACTIVE, PublishedModel.generation == m.generation)
                 ).first()
                 if model is None:
                     continue
                 have = conn.execute(select(func.count()).select_from(Replica).where(
                     Replica.model_id == m.model_id, Replica.generation == m.generation,
-                    Replica.wanted == Wanted.LOADED.value)).scalar_one()
+                    Replica.wanted == Wanted.LOADED)).scalar_one()
                 if have >= model.target_replicas:
                     continue
                 ins = _dialect_insert(conn)(Replica).values(
                     model_id=m.model_id, server_address=address, generation=m.generation,
-                    checkpoint=model.checkpoint, wanted=Wanted.LOADED.value, observed=m.status,
+                    checkpoint=model.checkpoint, wanted=Wanted.LOADED, observed=m.status,
                     memory_bytes=m.memory_bytes, load_time_s=m.load_time_s, created_at=now, updated_at=now)
                 if conn.execute(ins.on_conflict_do_nothing()).rowcount:
                     log.info("adopted %s@%d held by %s", m.model_id, m.generation, address)
@@ -344,7 +345,7 @@ class HeartbeatRecorder:
         address = beat.desc["address"]
         for m in beat.reported:
             key = (address, m.model_id, m.generation)
-            if m.status == Observed.LOADED.value:
+            if m.status == Observed.LOADED:
                 used = None if m.idle_s is None else round(beat.now - m.idle_s, 1)
                 self._loads[key] = (m.running, m.waiting, used)
             else:  # a replica loaded again later is a new row: written afresh

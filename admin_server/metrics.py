@@ -53,7 +53,7 @@ class CellCollector:
             for m in s.execute(select(PublishedModel.model_id, PublishedModel.target_replicas,
                                       PublishedModel.min_replicas, PublishedModel.max_replicas,
                                       PublishedModel.failures)
-                               .where(PublishedModel.cell == cell, PublishedModel.state == ModelState.ACTIVE.value)):
+                               .where(PublishedModel.cell == cell, PublishedModel.state == ModelState.ACTIVE)):
                 wanted.add_metric([m.model_id], m.target_replicas)
                 bounds.add_metric([m.model_id, "min"], m.min_replicas)
                 bounds.add_metric([m.model_id, "max"], m.max_replicas)

@@ -109,8 +109,8 @@ class Plan:
             self.next_due = min(self.next_due or when, when)
 
 
-LOADED, UNLOADED = Wanted.LOADED.value, Wanted.UNLOADED.value
-NONE, FAILED, OBS_LOADED = Observed.NONE.value, Observed.FAILED.value, Observed.LOADED.value
+LOADED, UNLOADED = Wanted.LOADED, Wanted.UNLOADED
+NONE, FAILED, OBS_LOADED = Observed.NONE, Observed.FAILED, Observed.LOADED
 
 
 SERVER_BACKOFF_FACTOR = 4
@@ -184,7 +184,7 @@ def plan(now: float, settings: AdminSettings, servers: list[ServerView], models:
                                                 f"{r.server}: {r.error or 'load failed'}")
             p.next_due = min(p.next_due or now + backoff, now + backoff)
             r.wanted, r.retry_after = UNLOADED, server_retry_at
-        elif r.wanted == LOADED and model.state != ModelState.ACTIVE.value:
+        elif r.wanted == LOADED and model.state != ModelState.ACTIVE:
             p.unload.append(r.id)
             r.wanted = UNLOADED
         if r.wanted == UNLOADED and r.observed == NONE and not (r.retry_after and r.retry_after > now):
@@ -204,10 +204,10 @@ def plan(now: float, settings: AdminSettings, servers: list[ServerView], models:
         holding.setdefault(r.model_id, []).append(r)
 
     for model in models:
-        if model.state != ModelState.ACTIVE.value and not holding.get(model.model_id):
+        if model.state != ModelState.ACTIVE and not holding.get(model.model_id):
             p.drop_models.append(model.model_id)
 
-    active = [m for m in models if m.state == ModelState.ACTIVE.value]
+    active = [m for m in models if m.state == ModelState.ACTIVE]
     active.sort(key=lambda m: (-m.need, m.model_id))  # big models first: they are hardest to fit
     # Models with callers waiting and no server found (and the servers they may not use): evict for them.
     cold: list[tuple[ModelView, set[str]]] = []
@@ -381,7 +381,7 @@ def apply(conn, p: Plan, now: float, touched: set[str] = frozenset()) -> None:  
     if p.drop_models:
         conn.execute(delete(Replica).where(Replica.model_id.in_(p.drop_models)))
         conn.execute(delete(PublishedModel).where(PublishedModel.model_id.in_(p.drop_models),
-                                                  PublishedModel.state != ModelState.ACTIVE.value))
+                                                  PublishedModel.state != ModelState.ACTIVE))
 
 
 def fingerprint(conn, settings: AdminSettings, now: float) -> tuple[Any, ...]:  # type: ignore[no-untyped-def]

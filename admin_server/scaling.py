@@ -29,8 +29,8 @@ if TYPE_CHECKING:
     from admin_server.reconciler import ModelView, ReplicaView, ServerView
 
 log = logging.getLogger("admin_server.reconciler")  # decisions log beside the passes that make them
-LOADED, UNLOADED = Wanted.LOADED.value, Wanted.UNLOADED.value
-NONE, OBS_LOADED = Observed.NONE.value, Observed.LOADED.value
+LOADED, UNLOADED = Wanted.LOADED, Wanted.UNLOADED
+NONE, OBS_LOADED = Observed.NONE, Observed.LOADED
 
 
 @dataclass

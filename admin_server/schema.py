@@ -10,7 +10,7 @@ import enum
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import (JSON, BigInteger, DateTime, Double, ForeignKey, Index, Integer,
+from sqlalchemy import (JSON, BigInteger, DateTime, Double, Enum, ForeignKey, Index, Integer,
                         MetaData, String, Text, UniqueConstraint, func)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -28,22 +28,29 @@ class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, list[str]: JSON}
 
 
-class ModelState(str, enum.Enum):
+class ModelState(enum.StrEnum):
     ACTIVE = "ACTIVE"
     UNPUBLISHING = "UNPUBLISHING"
 
 
-class Wanted(str, enum.Enum):
+class Wanted(enum.StrEnum):
     LOADED = "LOADED"
     UNLOADED = "UNLOADED"
 
 
-class Observed(str, enum.Enum):
+class Observed(enum.StrEnum):
     NONE = "NONE"
     LOADING = "LOADING"
     LOADED = "LOADED"
     FAILED = "FAILED"
     UNLOADING = "UNLOADING"
+
+
+def _enum_column(cls: type[enum.StrEnum]) -> Enum:
+    """A column of `cls` members, stored as their values in a VARCHAR(16) (the type the
+    migrations created; no native database enum to alter when a state is added)."""
+    return Enum(cls, native_enum=False, create_constraint=False, length=16, validate_strings=True,
+                values_callable=lambda members: [m.value for m in members])
 
 
 class PublishedModel(Base):
@@ -76,7 +83,7 @@ class PublishedModel(Base):
     uuid: Mapped[str] = mapped_column(String(36))
     # Bumped when the checkpoint changes; replicas of older generations drain.
     generation: Mapped[int] = mapped_column(Integer, default=1)
-    state: Mapped[str] = mapped_column(String(16), default=ModelState.ACTIVE.value)
+    state: Mapped[ModelState] = mapped_column(_enum_column(ModelState), default=ModelState.ACTIVE)
     # Accelerator bytes one replica needs, learned from the first loaded replica.
     memory_bytes: Mapped[int | None] = mapped_column(BigInteger)
     failures: Mapped[int] = mapped_column(Integer, default=0)
@@ -127,8 +134,8 @@ class Replica(Base):
     server_address: Mapped[str] = mapped_column(ForeignKey("servers.address", ondelete="CASCADE"))
     generation: Mapped[int] = mapped_column(Integer)
     checkpoint: Mapped[str | None] = mapped_column(String(1024))
-    wanted: Mapped[str] = mapped_column(String(16), default=Wanted.LOADED.value)
-    observed: Mapped[str] = mapped_column(String(16), default=Observed.NONE.value)
+    wanted: Mapped[Wanted] = mapped_column(_enum_column(Wanted), default=Wanted.LOADED)
+    observed: Mapped[Observed] = mapped_column(_enum_column(Observed), default=Observed.NONE)
     error: Mapped[str | None] = mapped_column(Text)
     memory_bytes: Mapped[int | None] = mapped_column(BigInteger)
     load_time_s: Mapped[float | None] = mapped_column(Double)

@@ -6,31 +6,24 @@ CLI flags (see ``__main__``) are applied over the environment with
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from admin_server.naming import parse_cell
+from common.naming import parse_cell
+from common.settings import ADMIN_PORT, DEFAULT_CELL, Env, with_flags
 
 DEFAULT_ROOT = "./sax-root"
-
-
-def _env_float(env: Mapping[str, str], name: str, default: float) -> float:
-    return float(env[name]) if env.get(name) else default
-
-
-def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
-    return int(env[name]) if env.get(name) else default
 
 
 MAX_BODY_BYTES = 1 << 20   # admin requests are small JSON documents: 413 past this
 
 @dataclass(frozen=True)
 class AdminSettings:
-    cell: str = "/sax/test"
+    cell: str = DEFAULT_CELL
     root: str = DEFAULT_ROOT
     db_url: str | None = None
     host: str = "0.0.0.0"
-    port: int = 10000
+    port: int = ADMIN_PORT
     workers: int = 2
     threads: int = 32
     heartbeat_interval_s: float = 2.0
@@ -85,29 +78,27 @@ class AdminSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "AdminSettings":
-        env = os.environ if env is None else env
-        roots = tuple(r for r in env.get("SAX_CHECKPOINT_ROOTS", "").split(",") if r)
+        e = Env(env)
         base = cls(
-            cell=env.get("SAX_CELL") or cls.cell,
-            root=env.get("SAX_ROOT") or DEFAULT_ROOT,
-            db_url=env.get("SAX_DB_URL") or None,
-            port=_env_int(env, "SAX_ADMIN_PORT", cls.port),
-            workers=_env_int(env, "SAX_ADMIN_WORKERS", cls.workers),
-            threads=_env_int(env, "SAX_ADMIN_THREADS", cls.threads),
-            heartbeat_interval_s=_env_float(env, "SAX_HEARTBEAT_INTERVAL", cls.heartbeat_interval_s),
-            heartbeat_timeout_s=_env_float(env, "SAX_HEARTBEAT_TIMEOUT", 0.0) or None,
-            lease_ttl_s=_env_float(env, "SAX_LEASE_TTL", cls.lease_ttl_s),
-            reconcile_interval_s=_env_float(env, "SAX_RECONCILE_INTERVAL", cls.reconcile_interval_s),
-            retry_backoff_s=_env_float(env, "SAX_RETRY_BACKOFF", cls.retry_backoff_s),
-            retry_backoff_max_s=_env_float(env, "SAX_RETRY_BACKOFF_MAX", cls.retry_backoff_max_s),
-            scale_up_waiting=_env_float(env, "SAX_SCALE_UP_WAITING", cls.scale_up_waiting),
-            scale_up_window_s=_env_float(env, "SAX_SCALE_UP_WINDOW", cls.scale_up_window_s),
-            scale_down_load=_env_float(env, "SAX_SCALE_DOWN_LOAD", cls.scale_down_load),
-            db_timeout_s=_env_float(env, "SAX_DB_TIMEOUT", cls.db_timeout_s),
-            snapshot_wait_s=_env_float(env, "SAX_SNAPSHOT_WAIT", cls.snapshot_wait_s),
-            admin_token=env.get("SAX_ADMIN_TOKEN") or None,
-            cluster_token=env.get("SAX_CLUSTER_TOKEN") or None,
-            checkpoint_roots=roots,
+            cell=e.text("SAX_CELL", DEFAULT_CELL),
+            root=e.text("SAX_ROOT", DEFAULT_ROOT),
+            db_url=e.text("SAX_DB_URL"),
+            port=e.integer("SAX_ADMIN_PORT", cls.port),
+            workers=e.integer("SAX_ADMIN_WORKERS", cls.workers),
+            threads=e.integer("SAX_ADMIN_THREADS", cls.threads),
+            heartbeat_interval_s=e.number("SAX_HEARTBEAT_INTERVAL", cls.heartbeat_interval_s),
+            heartbeat_timeout_s=e.number("SAX_HEARTBEAT_TIMEOUT") or None,
+            lease_ttl_s=e.number("SAX_LEASE_TTL", cls.lease_ttl_s),
+            reconcile_interval_s=e.number("SAX_RECONCILE_INTERVAL", cls.reconcile_interval_s),
+            retry_backoff_s=e.number("SAX_RETRY_BACKOFF", cls.retry_backoff_s),
+            retry_backoff_max_s=e.number("SAX_RETRY_BACKOFF_MAX", cls.retry_backoff_max_s),
+            scale_up_waiting=e.number("SAX_SCALE_UP_WAITING", cls.scale_up_waiting),
+            scale_up_window_s=e.number("SAX_SCALE_UP_WINDOW", cls.scale_up_window_s),
+            scale_down_load=e.number("SAX_SCALE_DOWN_LOAD", cls.scale_down_load),
+            db_timeout_s=e.number("SAX_DB_TIMEOUT", cls.db_timeout_s),
+            snapshot_wait_s=e.number("SAX_SNAPSHOT_WAIT", cls.snapshot_wait_s),
+            admin_token=e.text("SAX_ADMIN_TOKEN"),
+            cluster_token=e.text("SAX_CLUSTER_TOKEN"),
+            checkpoint_roots=e.csv("SAX_CHECKPOINT_ROOTS"),
         )
-        known = {f.name for f in fields(cls)}
-        return replace(base, **{k: v for k, v in overrides.items() if k in known and v is not None})
+        return with_flags(base, overrides)

@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 
 from admin_server.blobstore import BlobStore, BlobStoreError
 from admin_server.lease import LeaseLost, fence
-from admin_server.naming import DEFAULT_IDLE_SECONDS
+from common.naming import DEFAULT_IDLE_SECONDS
 from admin_server.schema import CellState, ModelState, PublishedModel
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def write_snapshot(engine: Engine, store: BlobStore, cell: str, lease_name: str,
         if cs is None or cs.version <= cs.snapshot_version:
             return False
         models = conn.execute(select(PublishedModel).where(
-            PublishedModel.cell == cell, PublishedModel.state == ModelState.ACTIVE.value)
+            PublishedModel.cell == cell, PublishedModel.state == ModelState.ACTIVE)
             .order_by(PublishedModel.model_id)).all()
         version = cs.version
     existing = store.read(snapshot_path(cell), timeout=left())
@@ -127,7 +127,7 @@ def _restore_rows(cell: str, doc: dict[str, Any]) -> list[dict[str, Any]]:
              "idle_seconds": m.get("idle_seconds", DEFAULT_IDLE_SECONDS),
              "target_replicas": m["replicas"],
              "overrides": m.get("overrides") or {}, "uuid": m["uuid"],
-             "generation": m.get("generation", 1), "state": ModelState.ACTIVE.value,
+             "generation": m.get("generation", 1), "state": ModelState.ACTIVE,
              "failures": 0} for m in doc.get("models", [])]
 
 
@@ -145,9 +145,9 @@ def _catch_up(engine: Engine, store: BlobStore, cell: str, doc: dict[str, Any]) 
         present = {m.model_id: m for m in conn.execute(
             select(PublishedModel).where(PublishedModel.cell == cell)).all()}
         for model_id, m in present.items():
-            if model_id not in rows and m.state == ModelState.ACTIVE.value:
+            if model_id not in rows and m.state == ModelState.ACTIVE:
                 conn.execute(update(PublishedModel).where(PublishedModel.model_id == model_id)
-                             .values(state=ModelState.UNPUBLISHING.value))
+                             .values(state=ModelState.UNPUBLISHING))
         for model_id, row in rows.items():
             if model_id in present:  # brought to the snapshot's publication (uuid, generation, ...)
                 conn.execute(update(PublishedModel).where(PublishedModel.model_id == model_id)

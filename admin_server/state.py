@@ -14,8 +14,9 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from admin_server.errors import AlreadyExists, Conflict, FailedPrecondition, NotFound
-from admin_server.naming import (InvalidArgument, check_checkpoint, check_model_path,
-                                 check_overrides, check_replicas, check_scaling, parse_model_id)
+from common.naming import (InvalidArgument, check_checkpoint, check_model_path, check_replicas, check_scaling,
+                           parse_model_id)
+from common.overrides import check_overrides
 from admin_server.schema import (CellState, ModelServer, ModelState, Observed, PublishedModel,
                                  Replica, Wanted)
 from admin_server.settings import AdminSettings
@@ -41,7 +42,7 @@ def _check_in_cell(settings: AdminSettings, model_id: Any) -> str:
 def _get_active(session: Session, model_id: str, *, lock: bool = False) -> PublishedModel:
     stmt = select(PublishedModel).where(PublishedModel.model_id == model_id)
     model = session.scalars(stmt.with_for_update() if lock else stmt).first()
-    if model is None or model.state != ModelState.ACTIVE.value:
+    if model is None or model.state != ModelState.ACTIVE:
         raise NotFound(f"model {model_id} is not published")
     return model
 
@@ -57,7 +58,7 @@ def publish(session: Session, settings: AdminSettings, body: dict[str, Any]) -> 
     _check_adapter(session, model_id, model_path, overrides)
     existing = session.get(PublishedModel, model_id, with_for_update=True)
     if existing is not None:
-        if existing.state == ModelState.UNPUBLISHING.value:
+        if existing.state == ModelState.UNPUBLISHING:
             raise Conflict(f"model {model_id} is being unpublished; retry later")
         raise AlreadyExists(f"model {model_id} is already published")
     model = PublishedModel(
@@ -65,7 +66,7 @@ def publish(session: Session, settings: AdminSettings, body: dict[str, Any]) -> 
         requested_replicas=replicas, min_replicas=lo, max_replicas=hi, idle_seconds=idle,
         target_replicas=replicas, scale_reason=f"published with {replicas} replicas", scaled_at=time.time(),
         overrides=overrides, uuid=str(uuid.uuid4()), generation=1,
-        state=ModelState.ACTIVE.value, failures=0)
+        state=ModelState.ACTIVE, failures=0)
     session.add(model)
     bump_version(session, settings.cell_name)
     session.flush()
@@ -88,7 +89,7 @@ def _check_adapter(session: Session, model_id: str, model_path: str, overrides: 
     if base_id == model_id:
         raise InvalidArgument("an adapter cannot be its own base")
     base = session.get(PublishedModel, base_id)
-    if base is None or base.state != ModelState.ACTIVE.value:
+    if base is None or base.state != ModelState.ACTIVE:
         raise InvalidArgument(f"base model {base_id} is not published")
     if base.model_path == ADAPTER_PATH:
         raise InvalidArgument(f"base model {base_id} is itself an adapter")
@@ -100,7 +101,7 @@ def _check_adapter(session: Session, model_id: str, model_path: str, overrides: 
 def adapters_of(session: Session, base_id: str) -> list[str]:
     """The published adapters whose base is `base_id`."""
     rows = session.scalars(select(PublishedModel).where(PublishedModel.model_path == ADAPTER_PATH,
-                                                        PublishedModel.state == ModelState.ACTIVE.value))
+                                                        PublishedModel.state == ModelState.ACTIVE))
     return sorted(m.model_id for m in rows if (m.overrides or {}).get("base") == base_id)
 
 
@@ -110,9 +111,9 @@ def unpublish(session: Session, settings: AdminSettings, model_id: Any) -> None:
     if needed:
         raise FailedPrecondition(f"model {model.model_id} is the base of the published adapter(s) "
                        f"{', '.join(needed)}: unpublish them first")
-    model.state = ModelState.UNPUBLISHING.value
+    model.state = ModelState.UNPUBLISHING
     session.execute(update(Replica).where(Replica.model_id == model.model_id)
-                    .values(wanted=Wanted.UNLOADED.value, updated_at=time.time()))
+                    .values(wanted=Wanted.UNLOADED, updated_at=time.time()))
     holders = select(Replica.server_address).where(Replica.model_id == model.model_id)
     session.execute(update(ModelServer).where(ModelServer.address.in_(holders))
                     .values(assignment_version=ModelServer.assignment_version + 1))
@@ -166,10 +167,10 @@ def update_model(session: Session, settings: AdminSettings, model_id: Any,
 
 def replica_status(r: Replica, now: float) -> str:
     """What a user sees for a replica: a failed one stays FAILED while it backs off."""
-    if r.wanted == Wanted.UNLOADED.value and r.observed == Observed.NONE.value:
-        return Observed.FAILED.value if r.retry_after and r.retry_after > now else "UNLOADED"
-    if r.wanted == Wanted.UNLOADED.value and r.observed == Observed.LOADED.value:
-        return Observed.UNLOADING.value
+    if r.wanted == Wanted.UNLOADED and r.observed == Observed.NONE:
+        return Observed.FAILED if r.retry_after and r.retry_after > now else Wanted.UNLOADED
+    if r.wanted == Wanted.UNLOADED and r.observed == Observed.LOADED:
+        return Observed.UNLOADING
     return r.observed
 
 
@@ -210,7 +211,7 @@ def serving_state(model: PublishedModel, active: int) -> str:
 
 
 def _routable(r: Replica) -> bool:
-    return r.wanted == Wanted.LOADED.value and r.observed == Observed.LOADED.value
+    return r.wanted == Wanted.LOADED and r.observed == Observed.LOADED
 
 
 def get_detail(session: Session, settings: AdminSettings, model_id: Any) -> dict[str, Any]:
@@ -220,7 +221,7 @@ def get_detail(session: Session, settings: AdminSettings, model_id: Any) -> dict
 def list_models(session: Session, settings: AdminSettings, cell: str) -> list[PublishedModel]:
     return list(session.scalars(
         select(PublishedModel).where(PublishedModel.cell == cell,
-                                     PublishedModel.state == ModelState.ACTIVE.value)
+                                     PublishedModel.state == ModelState.ACTIVE)
         .order_by(PublishedModel.model_id)))
 
 
@@ -239,7 +240,7 @@ def list_servers(session: Session, settings: AdminSettings) -> list[dict[str, An
     for r in replicas:
         # What the placement charges the server: a replica holds memory from the moment it is
         # wanted until its server reports it gone.
-        charged = r.wanted == Wanted.LOADED.value or r.observed != Observed.NONE.value
+        charged = r.wanted == Wanted.LOADED or r.observed != Observed.NONE
         need = max(int((r.overrides or {}).get("ram") or r.model_memory or 0), r.memory_bytes or 0)
         used[r.server_address] = used.get(r.server_address, 0) + (need if charged else 0)
         by_server.setdefault(r.server_address, []).append(
@@ -259,7 +260,7 @@ def list_servers(session: Session, settings: AdminSettings) -> list[dict[str, An
 def stats(session: Session, settings: AdminSettings) -> dict[str, Any]:
     cell = settings.cell_name
     n_models = session.scalar(select(func.count()).select_from(PublishedModel).where(
-        PublishedModel.cell == cell, PublishedModel.state == ModelState.ACTIVE.value))
+        PublishedModel.cell == cell, PublishedModel.state == ModelState.ACTIVE))
     n_servers = session.scalar(select(func.count()).select_from(ModelServer).where(
         ModelServer.cell == cell))
     by_status = dict(session.execute(select(Replica.observed, func.count())
@@ -298,8 +299,8 @@ def locate(session: Session, settings: AdminSettings, model_id: Any) -> dict[str
     addresses = sorted(session.scalars(
         select(Replica.server_address)
         .join(ModelServer, ModelServer.address == Replica.server_address)
-        .where(Replica.model_id == model.model_id, Replica.wanted == Wanted.LOADED.value,
-               Replica.observed == Observed.LOADED.value,
+        .where(Replica.model_id == model.model_id, Replica.wanted == Wanted.LOADED,
+               Replica.observed == Observed.LOADED,
                ModelServer.last_heartbeat >= alive_after)).unique())
     digest = hashlib.sha1("\n".join([model.uuid, *addresses]).encode()).hexdigest()[:16]
     return {"model_id": model.model_id, "addresses": addresses, "version": digest,

@@ -21,7 +21,7 @@ from admin_server import status_view
 from admin_server.errors import NotFound
 from admin_server.leader import lease_name
 from admin_server.lease import current_lease
-from admin_server.naming import InvalidArgument
+from common.naming import InvalidArgument
 
 bp = Blueprint("status", __name__, template_folder="templates", static_folder="static/status",
                static_url_path="/status-static")

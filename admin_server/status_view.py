@@ -23,7 +23,7 @@ def wanted(detail: dict[str, Any]) -> int:
 
 def _holds_memory(r: Replica) -> bool:
     """A replica the reconciler counts against its server's memory (reconciler.plan)."""
-    return r.wanted == Wanted.LOADED.value or r.observed != Observed.NONE.value
+    return r.wanted == Wanted.LOADED or r.observed != Observed.NONE
 
 
 def model_summary(detail: dict[str, Any]) -> str:

@@ -7,8 +7,8 @@ from typing import Any
 import requests
 
 from client import errors
-
-DEFAULT_ADMIN = "localhost:10000"
+from common.naming import InvalidArgument, parse_model_id
+from common.settings import DEFAULT_ADMIN
 
 
 def admin_url(address: str | None = None) -> str:
@@ -44,8 +44,6 @@ class AdminClient:
     def _path(model_id: str, prefix: str = "/models") -> str:
         """`prefix` + the model id, refused unless it is a well-formed id: a caller's id goes
         into the URL, where "/sax/c/../../leader" would name another route of the admin."""
-        from admin_server.naming import InvalidArgument, parse_model_id
-
         try:
             text = model_id if not isinstance(model_id, str) or model_id.startswith("/") else "/" + model_id
             return prefix + str(parse_model_id(text))

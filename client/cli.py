@@ -1,7 +1,9 @@
-"""`saxutil`: Saxml's command line over HTTP (click).
+"""`saxutil`'s client commands: Saxml's command line over HTTP (click).
 
 Talks to the admin given by --admin or SAX_ADMIN (default localhost:10000)
-and to model replicas through the client library's routing.
+and to model replicas through the client library's routing. The commands that
+start or change other parts (`up`, `migrate`, `convert`) are added beside it,
+by the `saxutil` package.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import click
 from client import errors
 from client import sax
 from client.admin import AdminClient
+from client.overrides import parse_overrides
 
 
 # Exit codes (client/README.md, "saxutil"): every failure prints one line on stderr.
@@ -80,19 +83,6 @@ def _admin(ctx: click.Context) -> AdminClient:
     return AdminClient(ctx.obj["admin"])
 
 
-def _parse_overrides(pairs: tuple[str, ...]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"expected KEY=JSON, got {pair!r}", param_hint="OVERRIDES")
-        try:
-            out[key] = json.loads(value)
-        except ValueError:
-            out[key] = value  # a bare string, as Saxml accepts
-    return out
-
-
 def _progress(model_id: str) -> Callable[[sax.ModelDetail], None]:
     started = time.monotonic()
     last = [""]
@@ -141,7 +131,7 @@ def publish(ctx: click.Context, model_id: str, model_path: str, checkpoint: str,
 
     Autoscaled, idle to zero: saxutil publish /sax/test/lm test.tiny None 1 --min-replicas 0 --max-replicas 3
     """
-    d = _admin(ctx).publish(model_id, model_path, checkpoint, replicas, _parse_overrides(overrides), **scaling)
+    d = _admin(ctx).publish(model_id, model_path, checkpoint, replicas, parse_overrides(overrides), **scaling)
     click.echo(f"published {model_id}")
     _snapshot_note(d)
     if wait and replicas:
@@ -367,39 +357,6 @@ def lm_embed(ctx: click.Context, model_id: str, text: str) -> None:
     """
     click.echo(json.dumps(sax.Model(model_id, sax.Options(admin=ctx.obj["admin"])).LM().Embed(text)))
 
-
-@main.command()
-@click.option("--db-url", envvar="SAX_DB_URL", required=True, help="Database URL (SAX_DB_URL).")
-@click.option("--revision", default="head", show_default=True)
-def migrate(db_url: str, revision: str) -> None:
-    """Run the admin database's Alembic migrations.
-
-    Example: saxutil migrate --db-url postgresql+psycopg://postgres@localhost/sax
-    """
-    from admin_server.db import migrate as run
-
-    run(db_url, revision)
-    click.echo(f"database at {revision}")
-
-
-@main.command()
-@click.argument("source")
-@click.argument("dest")
-@click.option("--dtype", default="keep", show_default=True, type=click.Choice(["keep", "float32", "bfloat16"]))
-def convert(source: str, dest: str, dtype: str) -> None:
-    """Convert a Hugging Face checkpoint to Orbax (local paths or gs://).
-
-    Example: saxutil convert ./gpt2 gs://bucket/gpt2-orbax
-    """
-    from model_server.convert import convert as run
-
-    run(source, dest, dtype)
-    click.echo(f"wrote an Orbax checkpoint to {dest}")
-
-
-from client.local_cell import up  # noqa: E402  (registers `saxutil up`)
-
-main.add_command(up)
 
 if __name__ == "__main__":
     main()

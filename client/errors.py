@@ -54,6 +54,10 @@ class Internal(SaxError):
     pass
 
 
+class Cancelled(SaxError):
+    """The call was given up: whoever waited for its answer went away."""
+
+
 _BY_CODE = {"INVALID_ARGUMENT": InvalidArgument, "NOT_FOUND": NotFound, "ALREADY_EXISTS": AlreadyExists,
             "PERMISSION_DENIED": PermissionDenied, "UNAUTHENTICATED": Unauthenticated,
             "UNAVAILABLE": Unavailable, "FAILED_PRECONDITION": FailedPrecondition}

@@ -14,21 +14,21 @@ and the end of its body.
 """
 from __future__ import annotations
 
+import json
 import logging
 import random
-import socket
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
-
-import requests
-from requests.adapters import HTTPAdapter
+from typing import Any, Mapping
+from urllib.parse import urlencode
 
 from client import errors
 from client.admin import AdminClient
 from client.affinity import AffinityTable, prefix_keys
+from client.routed import OnAttempt, RoutedResponse
+from client.transport import Answer, Attempt, Caller, CallerGone, RequestsTransport, TimedOut, Transport, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -50,22 +50,22 @@ class Location:
     fetched: float
 
 
-class Router:
-    """`load_wait_s`: how long a call for a model with no ready replica (scaled to zero, or
-    still loading) waits for one, having asked the admin to load it; then Unavailable with a
-    `retry_after`. `check_caller`, when set, is called while waiting and raises to give up
-    (the frontend's caller hung up)."""
+__all__ = ["Location", "OnAttempt", "RoutedResponse", "Router"]
 
-    def __init__(self, admin: AdminClient, *, max_attempts: int = 3, pool_size: int = 64,
-                 load_wait_s: float = LOAD_WAIT_S) -> None:
+
+class Router:
+    """`transport` sends each attempt (client.transport; default: RequestsTransport with a pool
+    of `pool_size` connections). `load_wait_s`: how long a call for a model with no ready replica
+    (scaled to zero, or still loading) waits for one, having asked the admin to load it; then
+    Unavailable with a `retry_after`. A call's `caller`, when given, is watched meanwhile: the
+    call is given up (errors.Cancelled) once it hangs up."""
+
+    def __init__(self, admin: AdminClient, *, transport: Transport | None = None, max_attempts: int = 3,
+                 pool_size: int = 64, load_wait_s: float = LOAD_WAIT_S) -> None:
         self.admin = admin
         self.max_attempts = max_attempts
         self.load_wait_s = load_wait_s
-        self.check_caller: Any = None
-        self.session = requests.Session()
-        adapter = HTTPAdapter(pool_connections=pool_size, pool_maxsize=pool_size, max_retries=0)
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
+        self.transport: Transport = transport if transport is not None else RequestsTransport(pool_size)
         self._locs: dict[str, Location] = {}
         self._watchers: dict[str, threading.Thread] = {}
         self._outstanding: Counter[str] = Counter()
@@ -139,7 +139,7 @@ class Router:
                     return loc
                 self._changed.wait(left)
 
-    def wait_for_replica(self, model_id: str) -> Location:
+    def wait_for_replica(self, model_id: str, caller: Caller | None = None) -> Location:
         """Asks the admin to load the model and waits up to `load_wait_s` for a ready replica."""
         deadline = time.monotonic() + self.load_wait_s
         renew_at = 0.0
@@ -165,11 +165,8 @@ class Router:
                                        f"{self.load_wait_s:g}s; retry later")
                 e.retry_after = max(1.0, min(30.0, self.load_wait_s / 10))  # type: ignore[attr-defined]
                 raise e
-            if self.check_caller is not None:
-                try:
-                    self.check_caller()
-                except Exception as gone:
-                    raise errors.Unavailable(f"gave up waiting for {model_id}: {gone}") from gone
+            if caller is not None and caller.gone():
+                raise errors.Cancelled(f"gave up waiting for {model_id}: the caller hung up")
             self.wait_for_change(model_id, loc.version, min(0.5, renew_at - now, max(deadline - now, 0.0)))
 
     def refresh(self, model_id: str) -> None:
@@ -180,12 +177,12 @@ class Router:
 
     # -- picking --------------------------------------------------------------------------
     def pick(self, model_id: str, exclude: set[str] = frozenset(),  # type: ignore[assignment]
-             keys: list[bytes] | None = None) -> str:
+             keys: list[bytes] | None = None, caller: Caller | None = None) -> str:
         """A ready replica: with prefix `keys`, the one that last served the longest run of
         them while it has spare capacity; else the least outstanding."""
         loc = self.location(model_id)
         if not loc.addresses and self.load_wait_s > 0:
-            loc = self.wait_for_replica(model_id)
+            loc = self.wait_for_replica(model_id, caller)
         now = time.monotonic()
         with self._lock:
             candidates = [a for a in loc.addresses if a not in exclude]
@@ -222,20 +219,36 @@ class Router:
             self._suspect[address] = time.monotonic() + SUSPECT_S
 
     # -- calls ----------------------------------------------------------------------------
-    def post(self, model_id: str, path: str, body: Any, *, stream: bool = False,
-             timeout: float | None = None, headers: dict[str, str] | None = None,
-             data: bytes | None = None, tried: set[str] | None = None) -> "RoutedResponse":
-        """POSTs `body` (or raw `data`) to a ready replica of `model_id`, retrying on another
-        replica before any byte of an answer. The caller must close() the response (or use
-        it as a context manager); closing early drops the upstream connection, which
-        cancels the request on the replica. `tried`: replicas that already failed this call
-        (they count against max_attempts and are not picked again)."""
+    def post(self, model_id: str, path: str, body: Any = None, *, data: bytes | None = None,
+             **call: Any) -> RoutedResponse:
+        """POSTs `body` (JSON) or raw `data` to a ready replica of `model_id`; see `request`."""
+        return self.request("POST", model_id, path, body=body, data=data, **call)
+
+    def get(self, model_id: str, path: str, params: Mapping[str, str] | None = None,
+            **call: Any) -> RoutedResponse:
+        """A GET on a ready replica of `model_id`; see `request`."""
+        return self.request("GET", model_id, path, params=params, **call)
+
+    def request(self, method: str, model_id: str, path: str, *, body: Any = None, data: bytes | None = None,
+                params: Mapping[str, str] | None = None, stream: bool = False, timeout: float | None = None,
+                headers: Mapping[str, str] | None = None, tried: set[str] | None = None,
+                caller: Caller | None = None, on_attempt: OnAttempt | None = None) -> RoutedResponse:
+        """Sends the call to a ready replica of `model_id`, retrying on another replica before
+        any byte of an answer. The caller must close() the response (or use it as a context
+        manager); closing early drops the upstream connection, which cancels the request on the
+        replica. `tried`: replicas that already failed this call (they count against
+        max_attempts and are not picked again). `caller`: who waits for the answer (given up
+        with errors.Cancelled once it hangs up); `on_attempt` hears of every attempt."""
         tried = set(tried or ())
         last_error: errors.SaxError | None = None
         keys = prefix_keys(body, data)
+        payload = data if data is not None else (json.dumps(body).encode() if body is not None else b"")
+        sent = {"Content-Type": "application/json"} if payload else {}
+        sent.update(headers or {})
+        query = f"?{urlencode(params)}" if params else ""
         for attempt in range(len(tried), self.max_attempts):
             try:
-                address = self.pick(model_id, tried, keys)
+                address = self.pick(model_id, tried, keys, caller)
             except errors.Unavailable:
                 if last_error is None:
                     raise
@@ -244,18 +257,22 @@ class Router:
                 if self.load_wait_s <= 0 or self.location(model_id).addresses:
                     raise last_error from None
                 tried.clear()
-                address = self.pick(model_id, tried)
+                address = self.pick(model_id, tried, caller=caller)
             tried.add(address)
             self._acquire(address)
+            started = time.perf_counter()
             try:
-                resp = self.session.post(f"http://{address}{path}", json=body if data is None else None,
-                                         data=data, stream=stream, headers=headers,
-                                         timeout=(3.0, timeout))
-            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+                resp = self.transport.send(method, f"http://{address}{path}{query}", data=payload, headers=sent,
+                                           timeout=(3.0, timeout), stream=stream, caller=caller)
+            except TransportError as e:
                 # Without stream, the body is read here too: a replica dying mid-answer is
                 # still "before any byte reached the caller", so it is retried as well.
                 self._release(address)
-                if isinstance(e, requests.ReadTimeout):
+                if on_attempt is not None:
+                    on_attempt(Attempt(address, e.outcome, None))
+                if isinstance(e, CallerGone):
+                    raise errors.Cancelled(f"{model_id}: the caller hung up") from e
+                if isinstance(e, TimedOut):
                     raise errors.DeadlineExceeded(f"{model_id} on {address}: no answer in {timeout}s") from e
                 self._mark_suspect(address)
                 last_error = errors.Unavailable(f"replica {address} of {model_id} unreachable: {e}")
@@ -265,6 +282,8 @@ class Router:
             except BaseException:
                 self._release(address)
                 raise
+            if on_attempt is not None:
+                on_attempt(Attempt(address, str(resp.status_code), time.perf_counter() - started))
             if resp.status_code in (404, 503) and self._retryable(resp):
                 self._release(address)
                 last_error = errors.from_response(resp.status_code, _json(resp))
@@ -275,20 +294,21 @@ class Router:
                 continue
             self.affinity.served(keys, address)
 
-            def replay(failed: str, tried: set[str] = set(tried)) -> RoutedResponse:
+            def replay(failed: str, on: OnAttempt | None, tried: set[str] = set(tried)) -> RoutedResponse:
                 """The same call on another replica (this one broke off its answer)."""
                 self._mark_suspect(failed)
                 self.retries += 1
                 self.refresh(model_id)
-                return self.post(model_id, path, body, stream=stream, timeout=timeout, headers=headers,
-                                 data=data, tried=tried | {failed})
-            return RoutedResponse(resp, address, self, replay)
+                return self.request(method, model_id, path, body=body, data=data, params=params, stream=stream,
+                                    timeout=timeout, headers=headers, tried=tried | {failed}, caller=caller,
+                                    on_attempt=on)
+            return RoutedResponse(resp, address, self._release, replay, on_attempt)
         if last_error is None:
             raise errors.Unavailable(f"every replica of {model_id} failed this call")
         raise last_error
 
     @staticmethod
-    def _retryable(resp: requests.Response) -> bool:
+    def _retryable(resp: Answer) -> bool:
         body = _json(resp)
         err = body.get("error") if isinstance(body, dict) else None
         code = err.get("code") if isinstance(err, dict) else body.get("code") if isinstance(body, dict) else None
@@ -296,99 +316,15 @@ class Router:
 
     def close(self) -> None:
         self._closed.set()
-        self.session.close()
+        self.transport.close()
 
 
-def _json(resp: requests.Response) -> Any:
+def _json(resp: Answer) -> Any:
     try:
-        return resp.json()
+        text = resp.content
+    except TransportError as e:
+        return {"error": str(e)}
+    try:
+        return json.loads(text)
     except ValueError:
-        return {"error": resp.text[:500]}
-
-
-def _timed_out(exc: BaseException) -> bool:
-    """Whether a failed body read was a read timeout (a deadline: not retried elsewhere)."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, (socket.timeout, TimeoutError, requests.Timeout)) or any(
-                "timed out" in str(a).lower() or "timeout" in type(a).__name__.lower() for a in seen.args):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-class RoutedResponse:
-    """An upstream response that releases its replica's outstanding count when closed."""
-
-    def __init__(self, resp: requests.Response, address: str, router: Router,
-                 replay: Any = None) -> None:
-        self.resp, self.address, self._router = resp, address, router
-        self._replay = replay   # replay(failed_address) -> RoutedResponse: the call on another replica
-        self._closed = False
-
-    @property
-    def status_code(self) -> int:
-        return self.resp.status_code
-
-    @property
-    def headers(self) -> Any:
-        return self.resp.headers
-
-    def json(self) -> Any:
-        self.content()  # read whole (on another replica if this one breaks off), then decoded
-        return self.resp.json()
-
-    def content(self) -> bytes:
-        """The whole body. When the replica breaks off before its end, none of the answer has
-        reached the caller yet: the call goes to another replica (as a failure before the
-        first byte does) and its answer, status and headers included, replaces this one."""
-        try:
-            while True:
-                try:
-                    return self.resp.content
-                except Exception as e:  # noqa: BLE001 - connection reset, incomplete read...
-                    if self._replay is None or _timed_out(e):
-                        raise
-                    failed, replay = self.address, self._replay
-                    log.info("replica %s broke off its answer (%s): trying another one", failed, e)
-                    self.close()
-                    try:
-                        again = replay(failed)
-                    except errors.SaxError:
-                        raise e from None
-                    # Take the new answer over (its release becomes ours).
-                    self.resp, self.address, self._replay = again.resp, again.address, again._replay
-                    self._closed, again._closed = False, True
-        finally:
-            self.close()
-
-    def iter_raw(self, chunk_size: int = 8192):  # type: ignore[no-untyped-def]
-        """The body's bytes as they arrive (SSE streams pass through unchanged)."""
-        try:
-            yield from self.resp.raw.stream(chunk_size, decode_content=False)
-        finally:
-            self.close()
-
-    def iter_sse(self):  # type: ignore[no-untyped-def]
-        """Decoded `data:` payloads of an SSE stream, ending before `[DONE]`."""
-        try:
-            for line in self.resp.iter_lines():
-                if line.startswith(b"data: "):
-                    payload = line[6:]
-                    if payload == b"[DONE]":
-                        return
-                    yield payload
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self.resp.close()
-            self._router._release(self.address)
-
-    def __enter__(self) -> "RoutedResponse":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+        return {"error": text[:500].decode("utf-8", "replace")}

@@ -16,7 +16,7 @@ from http_frontend.settings import FrontendSettings, parse_aliases
 
 
 def serve(settings: FrontendSettings) -> None:
-    from admin_server.serving import run_gunicorn
+    from common.serving import run_gunicorn
     from http_frontend.admission import Admission
 
     if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

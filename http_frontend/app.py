@@ -11,10 +11,10 @@ from flask import Flask, Response, g, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST
 from werkzeug.exceptions import HTTPException
 
-from admin_server.probes import vllm_probes
+from common.probes import vllm_probes
 from client.admin import AdminClient
 from client.router import Router
-from http_frontend import openai_routes, saxml_routes, transport
+from http_frontend import openai_routes, saxml_routes
 from http_frontend.admission import Admission
 from http_frontend.catalog import Catalog
 from http_frontend.context import Frontend, frontend
@@ -24,6 +24,7 @@ from http_frontend.fanout import FanOut
 from http_frontend.metrics import FrontendMetrics
 from http_frontend.openapi import document
 from http_frontend.settings import FrontendSettings
+from http_frontend.transport import FrontendTransport
 from http_frontend.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -40,11 +41,8 @@ def build_frontend(settings: FrontendSettings, admission: Admission | None = Non
                    streams: Admission | None = None) -> Frontend:
     admin = AdminClient(settings.admin, token=settings.admin_token or "", timeout_s=10.0)
     pool_size = settings.threads + settings.fanout_threads
-    router = Router(AdminClient(settings.admin, token="", timeout_s=10.0),
-                    max_attempts=settings.max_attempts, pool_size=pool_size, load_wait_s=settings.load_wait_s)
-    router.check_caller = transport.check_caller
-    router.session.close()
-    router.session = transport.Session(pool_size)  # type: ignore[assignment]  # see transport.py
+    router = Router(AdminClient(settings.admin, token="", timeout_s=10.0), transport=FrontendTransport(pool_size),
+                    max_attempts=settings.max_attempts, load_wait_s=settings.load_wait_s)
     metrics = FrontendMetrics()
     admission = admission or Admission(settings.max_outstanding_per_model)
     upstream = Upstream(router, metrics, admission, settings.upstream_timeout_s)

@@ -7,7 +7,7 @@ from typing import Any
 
 from flask import current_app, g, request
 
-from admin_server.serving import parse_json, read_body
+from common.http import parse_json, read_body
 from client.admin import AdminClient
 from client.router import Router
 from http_frontend.admission import Admission

@@ -19,9 +19,8 @@ from flask import Response
 from client.router import RoutedResponse
 from http_frontend.errors import FrontendError
 from http_frontend.exchange import Exchange
-from http_frontend.transport import hung_up
-from http_frontend.upstream import (DONE, SSE_HEADERS, Upstream, abort, body_response, broken_stream_event,
-                                    dumps, sse)
+from common.http import hung_up
+from http_frontend.upstream import DONE, SSE_HEADERS, Upstream, body_response, broken_stream_event, dumps, sse
 
 MAX_PROMPTS = 1024
 
@@ -151,7 +150,7 @@ class FanOut:
                 yield DONE
             finally:
                 for r in responses:
-                    abort(r)  # wakes the pumps; each closes its own answer
+                    r.abort()  # wakes the pumps; each closes its own answer
 
         return Response(generate(), status=200, mimetype="text/event-stream", headers=SSE_HEADERS)
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics per model and per replica, and the observer of upstream attempts.
+"""Prometheus metrics per model and per replica (upstream attempts: client.transport.Attempt).
 
 With several gunicorn workers, `__main__` sets PROMETHEUS_MULTIPROC_DIR before
 they fork and /metrics aggregates every worker's files.
@@ -6,12 +6,11 @@ they fork and /metrics aggregates every worker's files.
 from __future__ import annotations
 
 import os
-import threading
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+
+from client.transport import Attempt
 
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
@@ -63,7 +62,7 @@ class FrontendMetrics:
             return generate_latest(registry)
         return generate_latest(self.registry)
 
-    def record_attempts(self, model: str, attempts: list["Attempt"]) -> None:
+    def record_attempts(self, model: str, attempts: list[Attempt]) -> None:
         for i, a in enumerate(attempts):
             self.child(self.upstream, model, a.replica, a.outcome).inc()
             if a.ttfb is not None:
@@ -71,7 +70,7 @@ class FrontendMetrics:
             if i < len(attempts) - 1:
                 self.child(self.retries, model, a.replica, a.outcome).inc()
 
-    def record_replays(self, model: str, broken: str, attempts: list["Attempt"]) -> None:
+    def record_replays(self, model: str, broken: str, attempts: list[Attempt]) -> None:
         """Attempts made after replica `broken` broke off a whole answer: a retry of it, then the
         replays (each one that broke off too is a retry of its own)."""
         self.child(self.retries, model, broken, "broken_body").inc()
@@ -89,32 +88,3 @@ def _forget_dead_workers(directory: str) -> None:
                 multiprocess.mark_process_dead(pid, directory)
             except (ValueError, PermissionError):
                 pass
-
-
-@dataclass
-class Attempt:
-    replica: str
-    outcome: str            # HTTP status, or the error class name
-    ttfb: float | None
-
-
-_local = threading.local()
-
-
-@contextmanager
-def observe_attempts() -> Iterator[list[Attempt]]:
-    """Collects every upstream attempt this thread makes inside the block."""
-    attempts: list[Attempt] = []
-    previous = getattr(_local, "attempts", None)
-    _local.attempts = attempts
-    try:
-        yield attempts
-    finally:
-        _local.attempts = previous
-
-
-def record_attempt(replica: str, outcome: str, ttfb: float | None) -> None:
-    """Called by the transport for each request it sends (the router's attempts)."""
-    attempts = getattr(_local, "attempts", None)
-    if attempts is not None:
-        attempts.append(Attempt(replica, outcome, ttfb))

@@ -1,15 +1,10 @@
 """HTTP frontend configuration: SAX_* variables with CLI flags over them (see __main__)."""
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from typing import Any, Mapping
 
-from client.admin import DEFAULT_ADMIN
-
-
-def _csv(value: str | None) -> tuple[str, ...]:
-    return tuple(v.strip() for v in (value or "").split(",") if v.strip())
+from common.settings import DEFAULT_ADMIN, FRONTEND_PORT, Env, with_flags
 
 
 def parse_aliases(specs: tuple[str, ...] | list[str]) -> tuple[tuple[str, str], ...]:
@@ -27,7 +22,7 @@ def parse_aliases(specs: tuple[str, ...] | list[str]) -> tuple[tuple[str, str], 
 @dataclass(frozen=True)
 class FrontendSettings:
     host: str = "0.0.0.0"
-    port: int = 8888
+    port: int = FRONTEND_PORT
     admin: str = DEFAULT_ADMIN                     # admin server host:port
     api_keys: tuple[str, ...] = ()                 # Bearer keys for data calls; none: open
     admin_token: str | None = None                 # needed for publish/unpublish/update; sent to the admin
@@ -53,28 +48,23 @@ class FrontendSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "FrontendSettings":
-        env = os.environ if env is None else env
-
-        def num(name: str, default: Any, kind: type = int) -> Any:
-            return kind(env[name]) if env.get(name) else default
-
+        e = Env(env)
         base = cls(
-            host=env.get("SAX_FRONTEND_HOST") or cls.host,
-            port=num("SAX_FRONTEND_PORT", cls.port),
-            admin=env.get("SAX_ADMIN") or DEFAULT_ADMIN,
-            api_keys=_csv(env.get("SAX_API_KEYS")),
-            admin_token=env.get("SAX_ADMIN_TOKEN") or None,
-            allowed_origins=_csv(env.get("SAX_ALLOWED_ORIGINS")),
-            max_body_bytes=num("SAX_MAX_BODY_BYTES", cls.max_body_bytes),
-            max_outstanding_per_model=num("SAX_MAX_OUTSTANDING_PER_MODEL", cls.max_outstanding_per_model),
-            max_n=num("SAX_FRONTEND_MAX_N", cls.max_n),
-            max_streams_per_key=num("SAX_MAX_STREAMS_PER_KEY", cls.max_streams_per_key),
-            aliases=parse_aliases(_csv(env.get("SAX_ALIASES"))),
-            default_model=env.get("SAX_DEFAULT_MODEL") or None,
-            workers=num("SAX_FRONTEND_WORKERS", cls.workers),
-            threads=num("SAX_FRONTEND_THREADS", cls.threads),
-            upstream_timeout_s=num("SAX_UPSTREAM_TIMEOUT", cls.upstream_timeout_s, float),
-            load_wait_s=num("SAX_LOAD_WAIT", cls.load_wait_s, float),
+            host=e.text("SAX_FRONTEND_HOST", cls.host),
+            port=e.integer("SAX_FRONTEND_PORT", cls.port),
+            admin=e.text("SAX_ADMIN", DEFAULT_ADMIN),
+            api_keys=e.csv("SAX_API_KEYS"),
+            admin_token=e.text("SAX_ADMIN_TOKEN"),
+            allowed_origins=e.csv("SAX_ALLOWED_ORIGINS"),
+            max_body_bytes=e.integer("SAX_MAX_BODY_BYTES", cls.max_body_bytes),
+            max_outstanding_per_model=e.integer("SAX_MAX_OUTSTANDING_PER_MODEL", cls.max_outstanding_per_model),
+            max_n=e.integer("SAX_FRONTEND_MAX_N", cls.max_n),
+            max_streams_per_key=e.integer("SAX_MAX_STREAMS_PER_KEY", cls.max_streams_per_key),
+            aliases=parse_aliases(e.csv("SAX_ALIASES")),
+            default_model=e.text("SAX_DEFAULT_MODEL"),
+            workers=e.integer("SAX_FRONTEND_WORKERS", cls.workers),
+            threads=e.integer("SAX_FRONTEND_THREADS", cls.threads),
+            upstream_timeout_s=e.number("SAX_UPSTREAM_TIMEOUT", cls.upstream_timeout_s),
+            load_wait_s=e.number("SAX_LOAD_WAIT", cls.load_wait_s),
         )
-        known = {f.name for f in fields(cls)}
-        return replace(base, **{k: v for k, v in overrides.items() if k in known and v is not None})
+        return with_flags(base, overrides)

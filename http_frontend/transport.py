@@ -1,64 +1,31 @@
-"""A lean HTTP/1.1 transport for the router's calls to replicas.
+"""A lean HTTP/1.1 transport for the router's calls to replicas (client.transport's protocol).
 
-The client router (client.router.Router) decides where a call goes, counts
-outstanding requests and retries before the first byte; it sends through
-`router.session.post(...)`. `requests` costs about 1 ms of CPU per call, more
-than everything else the frontend does, so the frontend plugs this transport
-in instead: keep-alive sockets pooled per replica, a request written in one
-send, answers parsed by the few lines HTTP/1.1 framing needs (status, headers,
-Content-Length or chunked bodies) that look like `requests` responses as far as
-the router and RoutedResponse use them, failures raised as `requests`
-exceptions (which the router handles), and every attempt recorded for the
-metrics (see metrics.observe_attempts). (`http.client` spent a fifth of the
+The client router (client.router.Router) decides where a call goes, counts outstanding
+requests and retries before the first byte; it sends each attempt through its transport.
+`requests` costs about 1 ms of CPU per call, more than everything else the frontend does, so
+the frontend gives its router this transport instead: keep-alive sockets pooled per replica, a
+request written in one send, answers parsed by the few lines HTTP/1.1 framing needs (status,
+headers, Content-Length or chunked bodies), failures raised as client.transport's kinds, and
+the caller's connection watched while the replica works. (`http.client` spent a fifth of the
 frontend's CPU on building requests and parsing headers with the email package.)
 """
 from __future__ import annotations
 
-import json as jsonlib
 import select
 import socket
 import threading
 import time
 from collections import defaultdict
-from contextlib import contextmanager
-from typing import Any, Iterator
-from urllib.parse import urlencode, urlsplit
+from typing import Any, Iterator, Mapping
 
-import requests
 from requests.structures import CaseInsensitiveDict
 
-from admin_server.serving import hung_up
-from http_frontend.metrics import record_attempt
+from client.transport import Caller, CallerGone, TimedOut, TransportError, Unreachable
+from common.http import hung_up
 
 READ_CHUNK = 65536
 MAX_LINE = 65536
 MAX_HEADERS = 100
-
-
-class CallerGone(requests.ReadTimeout):
-    """The frontend's caller hung up while a replica was working on its request. A ReadTimeout
-    to the router: it releases the replica without marking it suspect and does not retry."""
-
-
-_local = threading.local()
-
-
-@contextmanager
-def watching(caller: socket.socket | None) -> Iterator[None]:
-    """Within the block, calls made by this thread give up as soon as `caller` hangs up."""
-    previous = getattr(_local, "caller", None)
-    _local.caller = caller
-    try:
-        yield
-    finally:
-        _local.caller = previous
-
-
-def check_caller() -> None:
-    """Raises CallerGone when the caller of this thread's `watching` block hung up."""
-    caller = getattr(_local, "caller", None)
-    if caller is not None and hung_up(caller):
-        raise CallerGone("the caller hung up")
 
 
 def _wait_for_answer(sock: socket.socket, caller: socket.socket, timeout: float | None) -> None:
@@ -90,7 +57,7 @@ def _dropped(sock: socket.socket | None) -> bool:
         return True
 
 
-class BadAnswer(OSError):
+class BadAnswer(Unreachable):
     """The replica's bytes are not an HTTP/1.1 answer, or it closed before the answer's end."""
 
 
@@ -201,14 +168,20 @@ class Answer:
         return data
 
 
+def _failure(e: Exception, replica: str) -> TransportError:
+    if isinstance(e, (socket.timeout, TimeoutError)):
+        return TimedOut(f"{replica}: the answer stopped coming")
+    return Unreachable(f"{replica}: {e}")
+
+
 class Response:
-    """The part of `requests.Response` the router and RoutedResponse use."""
+    """A replica's answer (client.transport.Answer)."""
 
     def __init__(self, answer: Answer, conn: Connection, release: Any) -> None:
         self._answer, self._conn, self._release = answer, conn, release
+        self._replica = f"{conn.host}:{conn.port}"
         self.status_code = answer.status
         self.headers = answer.headers
-        self.raw = self
         self._content: bytes | None = None
         self._closed = False
 
@@ -218,34 +191,26 @@ class Response:
         if self._content is None:
             try:
                 self._content = self._answer.read()
+            except TransportError:
+                raise
+            except (OSError, ValueError) as e:
+                raise _failure(e, self._replica) from e
             finally:
                 self.close()
         return self._content
 
-    @property
-    def text(self) -> str:
-        return self.content.decode("utf-8", "replace")
-
-    def json(self) -> Any:
-        return jsonlib.loads(self.content)
-
-    def stream(self, amt: int = READ_CHUNK, decode_content: bool = False) -> Iterator[bytes]:
+    def stream(self, amt: int = READ_CHUNK) -> Iterator[bytes]:
         """Bytes as they arrive (one chunk of a chunked answer at a time)."""
         while True:
-            data = self._answer.read1(amt)
+            try:
+                data = self._answer.read1(amt)
+            except TransportError:
+                raise
+            except (OSError, ValueError) as e:
+                raise _failure(e, self._replica) from e
             if not data:
                 return
             yield data
-
-    def iter_lines(self) -> Iterator[bytes]:
-        buf = b""
-        for data in self.stream():
-            buf += data
-            *lines, buf = buf.split(b"\n")
-            for line in lines:
-                yield line.rstrip(b"\r")
-        if buf:
-            yield buf
 
     # -- ending ----------------------------------------------------------------------------------
     def abort(self) -> None:
@@ -269,14 +234,13 @@ class Response:
             self._conn.close()
 
 
-class Session:
-    """`post`/`get`/`close` over pooled keep-alive connections, one pool per replica address."""
+class FrontendTransport:
+    """client.transport.Transport over pooled keep-alive connections, one pool per replica."""
 
     def __init__(self, pool_size: int = 64) -> None:
         self.pool_size = pool_size
         self._idle: dict[str, list[Connection]] = defaultdict(list)
         self._lock = threading.Lock()
-        self.trust_env = False
 
     def _connection(self, host: str, port: int, connect_timeout: float) -> tuple[Connection, bool]:
         key = f"{host}:{port}"
@@ -290,9 +254,9 @@ class Session:
         try:
             return Connection(host, port, connect_timeout), False
         except socket.timeout as e:
-            raise requests.ConnectTimeout(f"connect to {key} timed out") from e
+            raise Unreachable(f"connect to {key} timed out", "ConnectTimeout") from e
         except OSError as e:
-            raise requests.ConnectionError(f"connect to {key} failed: {e}") from e
+            raise Unreachable(f"connect to {key} failed: {e}") from e
 
     def _release(self, conn: Connection) -> None:
         key = f"{conn.host}:{conn.port}"
@@ -303,62 +267,46 @@ class Session:
                 return
         conn.close()
 
-    def request(self, method: str, url: str, *, data: bytes | None = None, json: Any = None,
-                headers: dict[str, str] | None = None, params: dict[str, str] | None = None,
-                timeout: Any = None, stream: bool = False) -> Response:
-        u = urlsplit(url)
-        host, port = u.hostname or "localhost", u.port or 80
-        path = (u.path or "/") + (f"?{u.query}" if u.query else "") + (
-            ("&" if u.query else "?") + urlencode(params) if params else "")
-        body = data if data is not None else (jsonlib.dumps(json).encode() if json is not None else b"")
-        connect_timeout, read_timeout = timeout if isinstance(timeout, tuple) else (timeout, timeout)
-        hdrs = {"Content-Type": "application/json"} if body else {}
-        hdrs.update(headers or {})
-        lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}", f"Content-Length: {len(body)}"]
-        lines += [f"{k}: {v}" for k, v in hdrs.items() if "\n" not in v and "\r" not in v]
-        message = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-        t0 = time.perf_counter()
+    def send(self, method: str, url: str, *, data: bytes = b"", headers: Mapping[str, str] | None = None,
+             timeout: tuple[float, float | None] = (3.0, None), stream: bool = False,
+             caller: Caller | None = None) -> Response:
+        host_port, _, rest = url.partition("://")[2].partition("/")
+        host, _, port_text = host_port.rpartition(":")
+        host, port, path = host or "localhost", int(port_text or 80), "/" + rest
+        connect_timeout, read_timeout = timeout
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}", f"Content-Length: {len(data)}"]
+        lines += [f"{k}: {v}" for k, v in (headers or {}).items() if "\n" not in v and "\r" not in v]
+        message = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + data
         replica = f"{host}:{port}"
-        try:
-            for attempt in range(2):
-                conn, reused = self._connection(host, port, connect_timeout or 3.0)
-                assert conn.sock is not None
-                conn.sock.settimeout(read_timeout)
-                try:
-                    conn.sock.sendall(message)
-                    caller = getattr(_local, "caller", None)
-                    if caller is not None:
-                        _wait_for_answer(conn.sock, caller, read_timeout)
-                    answer = Answer(conn, method)
-                    break
-                except CallerGone:
-                    conn.close()  # the replica sees the connection go
-                    raise
-                except socket.timeout as e:
-                    conn.close()
-                    raise requests.ReadTimeout(f"{replica}: no answer in {read_timeout}s") from e
-                except (ConnectionResetError, BrokenPipeError) as e:
-                    conn.close()
-                    if reused and attempt == 0:
-                        continue  # the server closed an idle keep-alive connection: once more, fresh
-                    raise requests.ConnectionError(f"{replica} dropped the connection: {e}") from e
-                except (OSError, ValueError) as e:
-                    conn.close()
-                    raise requests.ConnectionError(f"{replica}: {e}") from e
-        except requests.RequestException as e:
-            record_attempt(replica, type(e).__name__, None)
-            raise
-        record_attempt(replica, str(answer.status), time.perf_counter() - t0)
+        watched = caller.sock if caller is not None else None
+        for attempt in range(2):
+            conn, reused = self._connection(host, port, connect_timeout or 3.0)
+            assert conn.sock is not None
+            conn.sock.settimeout(read_timeout)
+            try:
+                conn.sock.sendall(message)
+                if watched is not None:
+                    _wait_for_answer(conn.sock, watched, read_timeout)
+                answer = Answer(conn, method)
+                break
+            except CallerGone:
+                conn.close()  # the replica sees the connection go
+                raise
+            except socket.timeout as e:
+                conn.close()
+                raise TimedOut(f"{replica}: no answer in {read_timeout}s") from e
+            except (ConnectionResetError, BrokenPipeError) as e:
+                conn.close()
+                if reused and attempt == 0:
+                    continue  # the server closed an idle keep-alive connection: once more, fresh
+                raise Unreachable(f"{replica} dropped the connection: {e}") from e
+            except (OSError, ValueError) as e:
+                conn.close()
+                raise Unreachable(f"{replica}: {e}") from e
         out = Response(answer, conn, self._release)
         if not stream:
-            out.content  # noqa: B018 - read it all now, as requests does
+            out.content  # noqa: B018 - read it all now
         return out
-
-    def post(self, url: str, **kwargs: Any) -> Response:
-        return self.request("POST", url, **kwargs)
-
-    def get(self, url: str, **kwargs: Any) -> Response:
-        return self.request("GET", url, **kwargs)
 
     def close(self) -> None:
         with self._lock:

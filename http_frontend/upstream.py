@@ -16,11 +16,12 @@ from flask import Response
 
 from client import errors as sax_errors
 from client.router import RoutedResponse, Router
+from client.transport import Attempt, SocketCaller
+from common.http import hung_up
 from http_frontend.admission import Admission
 from http_frontend.errors import FrontendError, from_sax_error, model_not_found
 from http_frontend.exchange import Exchange
-from http_frontend.metrics import FrontendMetrics, observe_attempts
-from http_frontend.transport import CallerGone, hung_up, watching
+from http_frontend.metrics import FrontendMetrics
 
 DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -33,21 +34,6 @@ def sse(obj: Any) -> bytes:
 
 def dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def abort(resp: RoutedResponse) -> None:
-    """Shuts the upstream socket down so a thread blocked reading it wakes up at once
-    (and the replica sees the connection go, which cancels its generation)."""
-    if hasattr(resp.resp, "abort"):  # the frontend's transport
-        resp.resp.abort()
-        return
-    conn = getattr(resp.resp.raw, "_connection", None)  # a requests/urllib3 response
-    sock = getattr(conn, "sock", None)
-    if sock is not None:
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
 
 
 class Upstream:
@@ -85,16 +71,16 @@ class Upstream:
         is closed when the exchange finishes, if not before."""
         headers = {"Content-Type": "application/json", "X-Request-Id": ex.rid}
         started = time.perf_counter()
-        with observe_attempts() as attempts, watching(ex.caller):
-            try:
-                resp = self.router.post(model_id, path, None, data=data, stream=True,
-                                        timeout=self.timeout_s, headers=headers)
-            except sax_errors.SaxError as e:
-                if isinstance(e.__cause__, CallerGone):
-                    raise FrontendError(499, "the caller hung up", code="client_disconnect") from None
-                raise from_sax_error(e, model=model_id) from None
-            finally:
-                self.metrics.record_attempts(model_id, attempts)
+        attempts: list[Attempt] = []
+        try:
+            resp = self.router.post(model_id, path, data=data, stream=True, timeout=self.timeout_s,
+                                    headers=headers, caller=SocketCaller(ex.caller), on_attempt=attempts.append)
+        except sax_errors.Cancelled:
+            raise FrontendError(499, "the caller hung up", code="client_disconnect") from None
+        except sax_errors.SaxError as e:
+            raise from_sax_error(e, model=model_id) from None
+        finally:
+            self.metrics.record_attempts(model_id, attempts)
         ex.replica = resp.address
         duration = self.metrics.child(self.metrics.upstream_latency, model_id, resp.address)
 
@@ -105,44 +91,36 @@ class Upstream:
         return resp
 
     def get(self, ex: Exchange, model_id: str, path: str, params: dict[str, str]) -> tuple[int, bytes, str]:
-        """A GET on a ready replica (tokenizer_info), trying another one when one is unreachable."""
-        tried: set[str] = set()
-        last: Exception | None = None
-        for _ in range(self.router.max_attempts):
-            try:
-                address = self.router.pick(model_id, tried)
-            except sax_errors.SaxError as e:
-                if last is not None:
-                    break
-                raise from_sax_error(e, model=model_id) from None
-            tried.add(address)
-            with observe_attempts() as attempts:
-                try:
-                    r = self.router.session.get(f"http://{address}{path}", params=params,
-                                                headers={"X-Request-Id": ex.rid}, timeout=(3.0, 30.0))
-                except Exception as e:  # unreachable: the next replica
-                    last = e
-                    continue
-                finally:
-                    self.metrics.record_attempts(model_id, attempts)
-            ex.replica = address
-            return r.status_code, r.content, r.headers.get("Content-Type", "application/json")
-        raise FrontendError(503, f"no replica of {model_id} answered: {last}", code="no_ready_replica",
-                            retry_after=1.0)
+        """A GET on a ready replica (tokenizer_info), through the router like every upstream call."""
+        attempts: list[Attempt] = []
+        try:
+            with self.router.get(model_id, path, params, headers={"X-Request-Id": ex.rid}, timeout=30.0,
+                                 caller=SocketCaller(ex.caller), on_attempt=attempts.append) as r:
+                body = r.content()
+        except sax_errors.Cancelled:
+            raise FrontendError(499, "the caller hung up", code="client_disconnect") from None
+        except sax_errors.SaxError as e:
+            raise from_sax_error(e, model=model_id) from None
+        except OSError as e:  # it broke off its answer
+            raise FrontendError(502, f"replica {r.address} broke off its answer: {e}", code="bad_gateway") from None
+        finally:
+            self.metrics.record_attempts(model_id, attempts)
+        ex.replica = r.address
+        return r.status_code, body, r.headers.get("Content-Type", "application/json")
 
     def read(self, ex: Exchange, resp: RoutedResponse) -> bytes:
         """The whole answer. A replica that breaks off before its end has sent the caller
         nothing yet: the router sends the call to another replica, whose answer this is then."""
         first = resp.address
-        with observe_attempts() as replays, watching(ex.caller):
-            try:
-                body = resp.content()
-            except Exception as e:
-                raise FrontendError(502, f"replica {resp.address} broke off its answer: {e}",
-                                    code="bad_gateway") from None
-            finally:
-                if replays:  # calls sent again after `first` broke off its answer
-                    self.metrics.record_replays(ex.model, first, replays)
+        replays: list[Attempt] = []  # calls sent again after `first` broke off its answer
+        try:
+            body = resp.content(on_attempt=replays.append)
+        except Exception as e:
+            raise FrontendError(502, f"replica {resp.address} broke off its answer: {e}",
+                                code="bad_gateway") from None
+        finally:
+            if replays:
+                self.metrics.record_replays(ex.model, first, replays)
         ex.replica = resp.address
         ex.first_byte()
         return body

@@ -35,14 +35,22 @@ def build_app(settings: ModelServerSettings):  # type: ignore[no-untyped-def]
 
     if settings.compilation_cache:
         enable_compilation_cache(settings.compilation_cache)
-    manager = ModelManager(cache_dir=settings.cache_dir)
+    leader = None
+    if settings.slice is not None:  # rank 0 of a multi-host slice: the others follow it
+        from model_server.slice import initialize
+        from model_server.slice.leader import SliceLeader
+
+        leader = SliceLeader(initialize(settings.slice), timeout_s=settings.slice.timeout_s)
+        manager = ModelManager(cache_dir=settings.cache_dir, loader=leader.load)
+    else:
+        manager = ModelManager(cache_dir=settings.cache_dir)
     for m in settings.static_models:
         manager.ensure(m.model_id, 1, m.model_path, m.checkpoint, m.overrides, static=True)
     app = create_app(manager, settings.limits)
     if settings.admin:
         from model_server.agent import HeartbeatAgent
 
-        hw = describe()
+        hw = leader.describe() if leader is not None else describe()
         description = {"address": settings.address, "chip": settings.chip or hw["chip"],
                        "topology": settings.topology or hw["topology"], "device_count": hw["device_count"],
                        "memory_bytes": settings.memory_bytes or hw["memory_bytes"],
@@ -51,6 +59,9 @@ def build_app(settings: ModelServerSettings):  # type: ignore[no-untyped-def]
                                interval_s=settings.heartbeat_interval_s, cluster_token=settings.cluster_token)
         agent.start()
         app.extensions["sax_agent"] = agent
+        if leader is not None:  # on a lost rank: report FAILED twice, then exit
+            seen: dict[str, int] = {}
+            leader.beats_needed = lambda: agent.beats < seen.setdefault("beats", agent.beats) + 2
         atexit.register(agent.stop)
     atexit.register(manager.shutdown)
     return app
@@ -80,9 +91,12 @@ def build_app(settings: ModelServerSettings):  # type: ignore[no-untyped-def]
               help="Most tokens generated per request (SAX_MAX_TOKENS; default: up to the context window).")
 @click.option("--max-n", type=click.IntRange(min=1),
               help="Most samples per request: n, num_samples (SAX_MAX_N, default 128).")
+@click.option("--slice-hosts", help="Hosts of a multi-host slice (SAX_SLICE_HOSTS), or 'auto' on TPU VMs / GKE.")
+@click.option("--slice-rank", help="This host's rank in the slice (SAX_SLICE_RANK; 0 serves, the others follow).")
+@click.option("--coordinator", help="HOST:PORT of rank 0's jax.distributed coordinator (SAX_COORDINATOR).")
 @click.option("--log-level", default="INFO", show_default=True)
 def main(log_level: str, models: tuple[str, ...], overrides: tuple[str, ...], tags: str | None,
-         **flags: Any) -> None:
+         slice_hosts: str | None, slice_rank: str | None, coordinator: str | None, **flags: Any) -> None:
     """Run a Saxplane model server.
 
     Example: python -m model_server --port 10001 --admin localhost:10000
@@ -98,10 +112,29 @@ def main(log_level: str, models: tuple[str, ...], overrides: tuple[str, ...], ta
             extra[key] = json.loads(value)
         except ValueError:
             extra[key] = value
+    from model_server.slice import SliceConfig
+
+    try:
+        slice_cfg = SliceConfig.from_env(hosts=slice_hosts, rank=slice_rank, coordinator=coordinator)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
+    if slice_cfg is not None and slice_cfg.rank is None:
+        raise click.UsageError("--slice-hosts auto needs the rank: --slice-rank, SAX_SLICE_RANK, LWS_WORKER_INDEX or TPU_WORKER_ID")
     settings = ModelServerSettings.from_env(
-        **flags, tags=parse_tags(tags) if tags else None,
+        **flags, tags=parse_tags(tags) if tags else None, slice=slice_cfg,
         static_models=tuple(dataclasses.replace(StaticModel.parse(m), overrides=extra) for m in models) or None)
-    from admin_server.serving import run_gunicorn
+    if slice_cfg is not None and slice_cfg.rank != 0:  # a follower: no HTTP, no admin
+        from model_server.slice import follower, initialize
+
+        if settings.compilation_cache:
+            enable_compilation_cache(settings.compilation_cache)
+        follower.main(initialize(slice_cfg))
+    from common.serving import run_gunicorn
+
+    if slice_cfg is not None:  # a lost rank stops the whole server (model_server.slice.leader)
+        from model_server.slice import MASTER_PID_ENV
+
+        os.environ[MASTER_PID_ENV] = str(os.getpid())
 
     # One worker: the models live in its memory. Streams are long: no worker timeout.
     run_gunicorn(lambda: build_app(settings), bind=f"{settings.host}:{settings.port}", workers=1,

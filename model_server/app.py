@@ -9,8 +9,8 @@ from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException
 
-from admin_server.probes import vllm_probes
-from admin_server.serving import hung_up, parse_json, read_body
+from common.probes import vllm_probes
+from common.http import hung_up, parse_json, read_body
 from model_server.api import openai as openai_api
 from model_server.api import params
 from model_server.api import sax as sax_api

@@ -5,15 +5,7 @@ import dataclasses
 import json
 from typing import Any, Mapping, Optional
 
-from admin_server.naming import OVERRIDE_KEYS
-
-#: Override keys the admin accepts that are not serving knobs (placement, aliases):
-#: the model server accepts and ignores them. The admin owns the full list.
-PLACEMENT_KEYS = frozenset(OVERRIDE_KEYS) - {"num_slots", "max_seq_len", "prefill_buckets", "dtype",
-                                             "max_queue", "kv_cache_bytes", "block_size",
-                                             "max_num_batched_tokens", "enable_prefix_caching",
-                                             "max_queue_wait_s", "max_loras", "max_lora_rank",
-                                             "quantization", "kv_cache_dtype"}
+from common.overrides import PLACEMENT_KEYS, SERVING_KEYS
 DTYPES = ("float32", "bfloat16")
 #: Weight quantizations (see models/quant.py) and KV cache dtypes (int8: per-head scales).
 QUANTIZATIONS = ("int8",)
@@ -200,4 +192,4 @@ def parse_overrides(overrides: Optional[Mapping[str, Any]]) -> ServingKnobs:
     return ServingKnobs(**kw)
 
 
-assert set(KNOB_NAMES) <= set(OVERRIDE_KEYS), "every serving knob must be an override the admin accepts"
+assert set(KNOB_NAMES) == SERVING_KEYS, "common.overrides.SERVING_KEYS must name every serving knob"

@@ -89,9 +89,9 @@ class ServedModel:
                 **({"progress": self.progress} if self.status == LOADING and self.progress else {})}
 
 
-def default_loader(model_path: str, checkpoint: str | None, overrides: dict[str, Any],
-                   cache_dir: str | None) -> tuple["LoadedModel", "Engine"]:
-    """Loads weights and tokenizer, builds the engine and compiles every shape."""
+def build_engine(model_path: str, checkpoint: str | None, overrides: dict[str, Any], cache_dir: str | None,
+                 engine_cls: Any = None) -> tuple["LoadedModel", "Engine"]:
+    """Loads weights and tokenizer and builds the engine (not started: nothing compiled yet)."""
     from model_server import registry
     from model_server.devices import make_mesh
     from model_server.engine import Engine
@@ -102,14 +102,20 @@ def default_loader(model_path: str, checkpoint: str | None, overrides: dict[str,
         sink("loading weights")
     loaded = registry.load_model(model_path, checkpoint, overrides, mesh=make_mesh(), cache_dir=cache_dir)
     k = loaded.knobs
-    engine = Engine(loaded, num_slots=k.num_slots, max_seq_len=k.max_seq_len,
-                    prefill_buckets=list(k.prefill_buckets), max_queue=k.max_queue, dtype=k.dtype,
-                    kv_cache_dtype=k.kv_cache_dtype,
-                    block_size=k.block_size, num_blocks=loaded.num_blocks(),
-                    max_num_batched_tokens=k.max_num_batched_tokens,
-                    enable_prefix_caching=k.enable_prefix_caching, max_queue_wait_s=k.max_queue_wait_s,
-                    max_loras=k.max_loras, max_lora_rank=k.max_lora_rank)
+    engine = (engine_cls or Engine)(
+        loaded, num_slots=k.num_slots, max_seq_len=k.max_seq_len, prefill_buckets=list(k.prefill_buckets),
+        max_queue=k.max_queue, dtype=k.dtype, block_size=k.block_size, num_blocks=loaded.num_blocks(),
+        max_num_batched_tokens=k.max_num_batched_tokens, enable_prefix_caching=k.enable_prefix_caching,
+        max_queue_wait_s=k.max_queue_wait_s, max_loras=k.max_loras, max_lora_rank=k.max_lora_rank,
+        kv_cache_dtype=k.kv_cache_dtype)
     engine.compile_progress = CompileProgress(model_path, sink)
+    return loaded, engine
+
+
+def default_loader(model_path: str, checkpoint: str | None, overrides: dict[str, Any],
+                   cache_dir: str | None) -> tuple["LoadedModel", "Engine"]:
+    """Loads weights and tokenizer, builds the engine and compiles every shape."""
+    loaded, engine = build_engine(model_path, checkpoint, overrides, cache_dir)
     engine.start()
     return loaded, engine
 

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+from common.settings import DEFAULT_CELL, MODEL_SERVER_PORT, Env, split_csv, with_flags
+from model_server.slice import SliceConfig
 
 
 @dataclass(frozen=True)
@@ -35,11 +38,11 @@ class RequestLimits:
 @dataclass(frozen=True)
 class ModelServerSettings:
     host: str = "0.0.0.0"
-    port: int = 10001
+    port: int = MODEL_SERVER_PORT
     # Address the admin and clients use to reach this server (default: hostname:port).
     advertise: str | None = None
     admin: str | None = None
-    cell: str = "/sax/test"
+    cell: str = DEFAULT_CELL
     chip: str | None = None          # default: detected from JAX (cpu, h100, tpuv5e, ...)
     topology: str | None = None      # default: the device count
     tags: tuple[str, ...] = ()
@@ -55,6 +58,8 @@ class ModelServerSettings:
     max_prompt_tokens: int | None = None
     max_tokens: int | None = None
     max_n: int = 128
+    # a multi-host slice (SAX_SLICE_HOSTS, SAX_SLICE_RANK, SAX_COORDINATOR); None: this host alone
+    slice: SliceConfig | None = None
 
     @property
     def limits(self) -> RequestLimits:
@@ -66,26 +71,26 @@ class ModelServerSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "ModelServerSettings":
-        env = os.environ if env is None else env
+        e = Env(env)
         base = cls(
-            port=int(env.get("SAX_MODEL_SERVER_PORT") or cls.port),
-            advertise=env.get("SAX_ADVERTISE") or None,
-            admin=env.get("SAX_ADMIN") or None,
-            cell=env.get("SAX_CELL") or cls.cell,
-            chip=env.get("SAX_CHIP") or None,
-            topology=env.get("SAX_TOPOLOGY") or None,
-            tags=parse_tags(env.get("SAX_TAGS", "")),
-            memory_bytes=int(env["SAX_MEMORY_BYTES"]) if env.get("SAX_MEMORY_BYTES") else None,
-            heartbeat_interval_s=float(env.get("SAX_HEARTBEAT_INTERVAL") or cls.heartbeat_interval_s),
-            cluster_token=env.get("SAX_CLUSTER_TOKEN") or None,
-            cache_dir=env.get("SAX_CHECKPOINT_CACHE") or None,
-            compilation_cache=env.get("SAX_COMPILATION_CACHE", cls.compilation_cache),
-            max_prompt_tokens=int(env["SAX_MAX_PROMPT_TOKENS"]) if env.get("SAX_MAX_PROMPT_TOKENS") else None,
-            max_tokens=int(env["SAX_MAX_TOKENS"]) if env.get("SAX_MAX_TOKENS") else None,
-            max_n=int(env.get("SAX_MAX_N") or cls.max_n),
+            port=e.integer("SAX_MODEL_SERVER_PORT", cls.port),
+            advertise=e.text("SAX_ADVERTISE"),
+            admin=e.text("SAX_ADMIN"),
+            cell=e.text("SAX_CELL", DEFAULT_CELL),
+            chip=e.text("SAX_CHIP"),
+            topology=e.text("SAX_TOPOLOGY"),
+            tags=e.csv("SAX_TAGS"),
+            memory_bytes=e.integer("SAX_MEMORY_BYTES"),
+            heartbeat_interval_s=e.number("SAX_HEARTBEAT_INTERVAL", cls.heartbeat_interval_s),
+            cluster_token=e.text("SAX_CLUSTER_TOKEN"),
+            cache_dir=e.text("SAX_CHECKPOINT_CACHE"),
+            compilation_cache=e.raw("SAX_COMPILATION_CACHE", cls.compilation_cache),
+            max_prompt_tokens=e.integer("SAX_MAX_PROMPT_TOKENS"),
+            max_tokens=e.integer("SAX_MAX_TOKENS"),
+            max_n=e.integer("SAX_MAX_N", cls.max_n),
+            slice=SliceConfig.from_env(os.environ if env is None else env),
         )
-        known = {f.name for f in fields(cls)}
-        out = replace(base, **{k: v for k, v in overrides.items() if k in known and v is not None})
+        out = with_flags(base, overrides)
         for name in ("max_prompt_tokens", "max_tokens", "max_n"):
             value = getattr(out, name)
             if value is not None and value < 1:
@@ -95,4 +100,4 @@ class ModelServerSettings:
 
 def parse_tags(text: str) -> tuple[str, ...]:
     """'a, b,,c' -> ('a', 'b', 'c')."""
-    return tuple(t for t in (part.strip() for part in text.split(",")) if t)
+    return split_csv(text)

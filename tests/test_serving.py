@@ -18,7 +18,7 @@ def test_gthread_worker_serves_and_throttles_its_heartbeat(tmp_path):
     worker reads its settings from a SettledConfig."""
     port = free_port()
     script = textwrap.dedent(f"""
-        from admin_server.serving import run_gunicorn, ThreadWorker
+        from common.serving import run_gunicorn, ThreadWorker
         calls, cfg_type = [0], [""]
         base_notify = ThreadWorker.__mro__[1].notify
         def counting(self):
@@ -59,7 +59,7 @@ def _serve_thread_ids(tmp_path, threads: int):
     port = free_port()
     script = textwrap.dedent(f"""
         import threading
-        from admin_server.serving import run_gunicorn, ThreadWorker
+        from common.serving import run_gunicorn, ThreadWorker
         handed = [0]
         base_enqueue = ThreadWorker.enqueue_req
         def counting(self, conn):
@@ -82,7 +82,7 @@ def test_kept_alive_connection_stays_with_its_thread(tmp_path):
     """Back-to-back requests on one connection are served by the thread that served the first,
     without going through the worker's main loop (stock gthread hands every request to its
     pool from there); after KEEP_S idle the connection is handed back and still served."""
-    from admin_server.serving import ThreadWorker
+    from common.serving import ThreadWorker
 
     proc, url = _serve_thread_ids(tmp_path, threads=8)
     try:
@@ -123,7 +123,7 @@ def test_settled_config_reads_as_the_config_without_its_lookups(monkeypatch):
     `Config.__getattr__` call; anything else still comes from the Config."""
     from gunicorn.config import Config
 
-    from admin_server.serving import SettledConfig
+    from common.serving import SettledConfig
 
     cfg = Config()
     cfg.set("keepalive", 30)

@@ -92,11 +92,11 @@ def prepare_completion(served: ServedModel, body: dict[str, Any],
         raise invalid(f"at most {P.MAX_PROMPTS} prompts per request", "prompt")
     for ids in prompts:
         P.check_prompt_tokens(ids, limits)
-    best_of = P.number(body, "best_of", None, 1, 1 << 20, integer=True)
+    best_of = P.bounded(body, "best_of", None)
     if best_of is not None and best_of != (body.get("n") or 1):
         raise invalid("'best_of' other than n is not supported", "best_of")
     echo = P.boolean(body, "echo")
-    logprobs = P.number(body, "logprobs", None, 0, P.MAX_LOGPROBS, integer=True)
+    logprobs = P.bounded(body, "logprobs", None)
     max_tokens = P.max_tokens(body, "max_tokens", 16, limits)
     if max_tokens == 0 and not echo:
         raise invalid("'max_tokens' may be 0 only with echo (scoring)", "max_tokens")
@@ -164,7 +164,7 @@ def prepare_chat(served: ServedModel, body: dict[str, Any],
         raise invalid(str(e), "tools" if plan is not None else "messages") from None
     P.check_prompt_tokens(ids, limits, "messages")
     want_logprobs = P.boolean(body, "logprobs")
-    top = P.number(body, "top_logprobs", None, 0, P.MAX_LOGPROBS, integer=True)
+    top = P.bounded(body, "top_logprobs", None)
     if top is not None and not want_logprobs:
         raise invalid("'top_logprobs' requires logprobs: true", "top_logprobs")
     default_max = max(engine.max_seq_len - len(ids), 1)

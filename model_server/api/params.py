@@ -1,14 +1,11 @@
-"""Validation of request fields shared by the OpenAI and Sax APIs."""
+"""Validation of request fields shared by the OpenAI and Sax APIs (bounds: common.bounds)."""
 from __future__ import annotations
 
 from typing import Any
 
+from common.bounds import MAX_LOGIT_BIAS, MAX_PROMPTS, MAX_STOP, REQUEST_BOUNDS  # noqa: F401 (P.MAX_PROMPTS)
 from model_server.api.errors import invalid
 from model_server.settings import RequestLimits
-
-MAX_PROMPTS = 128   # prompts per completions call, suffixes per score call
-MAX_LOGPROBS = 20
-MAX_STOP = 4        # OpenAI's bound on stop sequences
 
 
 def number(body: dict[str, Any], key: str, default: float | None, lo: float, hi: float,
@@ -21,6 +18,22 @@ def number(body: dict[str, Any], key: str, default: float | None, lo: float, hi:
         raise invalid(f"'{key}' must be {'an integer' if integer else 'a number'}, got {value!r}", key)
     if not lo <= value <= hi:
         raise invalid(f"'{key}' must be between {lo} and {hi}, got {value}", key)
+    return value
+
+
+def bounded(body: dict[str, Any], key: str, default: Any, *, hi: float | None = None,
+            bound: str | None = None) -> Any:
+    """`body[key]` within its REQUEST_BOUNDS entry (`bound`, default `key`; `hi` narrows it),
+    else 400 naming `key`; `default` when absent."""
+    value = body.get(key)
+    if value is None:
+        return default
+    b = REQUEST_BOUNDS[bound or key]
+    top = b.hi if hi is None else min(hi, b.hi)
+    if isinstance(value, bool) or not isinstance(value, int if b.integer else (int, float)):
+        raise invalid(f"'{key}' must be {'an integer' if b.integer else 'a number'}, got {value!r}", key)
+    if not b.holds(value, top):
+        raise invalid(f"'{key}' must be {b.describe(top)}, got {value}", key)
     return value
 
 
@@ -79,9 +92,12 @@ def logit_bias(body: dict[str, Any], vocab_size: int) -> dict[int, float]:
             raise invalid(f"'logit_bias' key {k!r} is not a token id", "logit_bias") from None
         if not 0 <= tid < vocab_size:
             raise invalid(f"'logit_bias' token id {tid} is outside the vocabulary", "logit_bias")
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
-            raise invalid(f"'logit_bias' values must be numbers in [-100, 100], got {v!r}", "logit_bias")
+        if not REQUEST_BOUNDS["logit_bias"].holds(v):
+            raise invalid(f"'logit_bias' values must be numbers {REQUEST_BOUNDS['logit_bias'].describe()}, "
+                          f"got {v!r}", "logit_bias")
         out[tid] = float(v)
+    if len(out) > MAX_LOGIT_BIAS:
+        raise invalid(f"'logit_bias' takes at most {MAX_LOGIT_BIAS} entries, got {len(out)}", "logit_bias")
     return out
 
 
@@ -96,7 +112,7 @@ def check_prompt_tokens(ids: list[int], limits: RequestLimits, param: str = "pro
 def max_tokens(body: dict[str, Any], key: str, default: int, limits: RequestLimits, lo: int = 0) -> int:
     """The tokens to generate: `body[key]` (refused past the server's --max-tokens), else the
     default bounded by that limit."""
-    value = number(body, key, None, lo, 1 << 24, integer=True)
+    value = number(body, key, None, lo, int(REQUEST_BOUNDS["max_tokens"].hi), integer=True)
     cap = limits.max_tokens
     if value is None:
         return default if cap is None else min(default, cap)
@@ -115,17 +131,17 @@ def check_known(body: dict[str, Any], known: set[str]) -> None:
 def sampling_fields(body: dict[str, Any], vocab_size: int, max_n: int) -> dict[str, Any]:
     """The sampling fields common to completions and chat (OpenAI names, plus top_k,
     repetition_penalty, ignore_eos and stop_token_ids as vLLM accepts them)."""
-    top_k = number(body, "top_k", 0, -1, 1 << 20, integer=True)
+    top_k = bounded(body, "top_k", 0)
     stop_ids = body.get("stop_token_ids")
     return {
-        "temperature": float(number(body, "temperature", 1.0, 0.0, 2.0)),
-        "top_p": float(number(body, "top_p", 1.0, 0.0, 1.0)) or 1.0,
+        "temperature": float(bounded(body, "temperature", 1.0)),
+        "top_p": float(bounded(body, "top_p", 1.0)),
         "top_k": max(top_k, 0),
-        "n": number(body, "n", 1, 1, max_n, integer=True),
-        "seed": number(body, "seed", None, -(1 << 63), (1 << 64) - 1, integer=True),
-        "presence_penalty": float(number(body, "presence_penalty", 0.0, -2.0, 2.0)),
-        "frequency_penalty": float(number(body, "frequency_penalty", 0.0, -2.0, 2.0)),
-        "repetition_penalty": float(number(body, "repetition_penalty", 1.0, 0.01, 10.0)),
+        "n": bounded(body, "n", 1, hi=max_n),
+        "seed": bounded(body, "seed", None),
+        "presence_penalty": float(bounded(body, "presence_penalty", 0.0)),
+        "frequency_penalty": float(bounded(body, "frequency_penalty", 0.0)),
+        "repetition_penalty": float(bounded(body, "repetition_penalty", 1.0)),
         "logit_bias": logit_bias(body, vocab_size),
         "stop": stop_strings(body),
         "stop_token_ids": token_list(stop_ids, "stop_token_ids", vocab_size) if stop_ids is not None else [],

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Iterator
 
+from common.bounds import REQUEST_BOUNDS
 from model_server.api import params as P
 from model_server.api import structured
 from model_server.api.errors import from_engine_error, invalid
@@ -61,8 +62,12 @@ def _sampling(served: ServedModel, body: dict[str, Any], prompt_len: int, limits
             raise invalid(f"per_example_max_decode_steps is {steps}, more than this server's limit of "
                           f"{limits.max_tokens} generated tokens per request", "extra_inputs")
         steps = min(steps, limits.max_tokens)
-    if not 0 <= merged["temperature"] <= 2 or not 0 < merged["per_example_top_p"] <= 1:
-        raise invalid("temperature must be in [0, 2] and per_example_top_p in (0, 1]", "extra_inputs")
+    # common.bounds' table; Saxml's top_p excludes 0, and its top_k is clamped to the vocabulary.
+    for key, bound in (("temperature", "temperature"), ("per_example_top_p", "top_p")):
+        if not REQUEST_BOUNDS[bound].holds(merged[key]) or (key == "per_example_top_p" and merged[key] == 0):
+            lo = "0 (exclusive)" if key == "per_example_top_p" else "0"
+            raise invalid(f"extra_inputs.{key} must be between {lo} and {REQUEST_BOUNDS[bound].hi:g}, "
+                          f"got {merged[key]}", "extra_inputs")
     n = int(merged["num_samples"])
     if not 1 <= n <= limits.max_n:
         raise invalid(f"num_samples must be in [1, {limits.max_n}]", "extra_inputs")

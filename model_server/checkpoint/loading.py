@@ -87,9 +87,18 @@ def _load_hf_params(ckpt: Checkpoint, dtype: Any, shardings: Any, on_device: boo
             arr = np.asarray(arr, dtype=np_dtype)
         if on_device:
             sharding = _get(shardings, rule.path) if shardings is not None else None
-            arr = place_params(arr, sharding)
+            arr = jax.tree.map(_place_host, arr, sharding) if sharding is not None else place_params(arr, None)
         set_path(params, rule.path, arr)
     return params
+
+
+def _place_host(arr: np.ndarray, sharding: Any) -> jax.Array:
+    """A host tensor onto `sharding`. Over several hosts (a multi-host slice) each host copies
+    only its own devices' shards, without `device_put`'s cross-host equality check (an
+    allgather of the whole tensor)."""
+    if jax.process_count() == 1:
+        return jax.device_put(arr, sharding)
+    return jax.make_array_from_callback(arr.shape, sharding, lambda idx: np.array(arr[idx]))
 
 
 def _get(tree: Any, path: tuple) -> Any:

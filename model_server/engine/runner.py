@@ -139,16 +139,21 @@ class Runner:
         jax.block_until_ready((self.cache, self.state))
 
     def put(self, *arrays: Any) -> list:
-        return jax.device_put(list(arrays), self.replicated)
+        return self.device_put(list(arrays))
+
+    def device_put(self, tree: Any) -> Any:
+        """Host values onto the mesh, replicated (every host input of a step goes through here:
+        a multi-host slice swaps in a put without cross-host checks, see model_server.slice)."""
+        return jax.device_put(tree, self.replicated)
 
     def _upload(self) -> None:
         # Copies: on CPU `device_put` may alias the host buffer, and the host rewrites these
         # arrays in place while steps dispatched earlier may still be queued.
         if self._sp_dirty or self._sp_dev is None:
-            self._sp_dev = jax.device_put(jax.tree.map(np.copy, self.sp), self.replicated)
+            self._sp_dev = self.device_put(jax.tree.map(np.copy, self.sp))
             self._sp_dirty = False
         if self._tables_dirty or self._tables_dev is None:
-            self._tables_dev = jax.device_put(self.tables.copy(), self.replicated)
+            self._tables_dev = self.device_put(self.tables.copy())
             self._tables_dirty = False
 
     # ------------------------------------------------------------------ slots
@@ -188,7 +193,7 @@ class Runner:
         """Write adapters' padded host weights into their slots of the stack (compiled at start)."""
         for slot, weights in loads:
             self.lora = self.programs.set_adapter(self.lora, self.put(np.int32(slot))[0],
-                                                  jax.device_put(weights, self.replicated))
+                                                  self.device_put(weights))
 
     def sync_table(self, s: Sequence) -> None:
         slot = s.slot

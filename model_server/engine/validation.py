@@ -1,13 +1,19 @@
-"""Validation of requests against the model and the engine's limits (user-facing messages)."""
+"""Validation of requests against the model and the engine's limits (user-facing messages).
+
+The fields' bounds are common.bounds' table, the same the APIs check before the engine."""
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import numpy as np
 
-from model_server.engine.types import MAX_LOGIT_BIAS, MAX_LOGPROBS, InvalidRequest, SamplingParams
+from common.bounds import MAX_LOGIT_BIAS, REQUEST_BOUNDS
+from model_server.engine import types
+from model_server.engine.types import InvalidRequest, SamplingParams
 from model_server.models import base
+
+# The compiled programs hold this many logit_bias entries and top alternatives per row.
+assert MAX_LOGIT_BIAS <= types.MAX_LOGIT_BIAS and REQUEST_BOUNDS["logprobs"].hi <= types.MAX_LOGPROBS
 
 
 def check_prompt(spec: base.ModelSpec, max_seq_len: int, longest_prompt: int, prompt_ids: Sequence[int]) -> list[int]:
@@ -43,11 +49,12 @@ def validate(spec: base.ModelSpec, max_seq_len: int, longest_prompt: int, num_sl
         if not cond:
             raise InvalidRequest(msg, param)
 
-    def num(x: Any) -> bool:
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
     def integer(x: Any) -> bool:
         return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+    def within(name: str, value: Any, hi: float | None = None) -> None:
+        bound = REQUEST_BOUNDS[name]
+        need(bound.holds(value, hi), f"{name} must be {bound.describe(hi)}", name)
 
     need(integer(p.max_tokens) and p.max_tokens >= 0, "max_tokens must be a non-negative integer",
          "max_tokens")
@@ -61,19 +68,14 @@ def validate(spec: base.ModelSpec, max_seq_len: int, longest_prompt: int, num_sl
             f"this model's context window is {max_seq_len} tokens; the prompt has {len(ids)} "
             f"and max_tokens asks for {p.max_tokens} more ({len(ids) + p.max_tokens} in all)",
             "max_tokens")
-    need(integer(p.n) and 1 <= p.n <= num_slots,
-         f"n must be between 1 and {num_slots}", "n")
-    need(num(p.temperature) and 0 <= p.temperature <= 100, "temperature must be >= 0", "temperature")
-    need(integer(p.top_k) and 0 <= p.top_k < 1 << 31, "top_k must be a non-negative integer (0 = off)",
-         "top_k")  # it goes into an int32 array: a bigger one would fail the engine loop
-    need(num(p.top_p) and 0 < p.top_p <= 1, "top_p must be in (0, 1]", "top_p")
-    need(p.seed is None or integer(p.seed), "seed must be an integer", "seed")
-    need(num(p.presence_penalty) and -2 <= p.presence_penalty <= 2,
-         "presence_penalty must be between -2 and 2", "presence_penalty")
-    need(num(p.frequency_penalty) and -2 <= p.frequency_penalty <= 2,
-         "frequency_penalty must be between -2 and 2", "frequency_penalty")
-    need(num(p.repetition_penalty) and 0 < p.repetition_penalty <= 100,
-         "repetition_penalty must be > 0", "repetition_penalty")
+    within("n", p.n, hi=num_slots)
+    within("temperature", p.temperature)
+    within("top_k", p.top_k)  # (-1 or 0: off)
+    within("top_p", p.top_p)
+    need(p.seed is None or integer(p.seed), "seed must be an integer", "seed")  # any: it is hashed
+    within("presence_penalty", p.presence_penalty)
+    within("frequency_penalty", p.frequency_penalty)
+    within("repetition_penalty", p.repetition_penalty)
     need(isinstance(p.logit_bias, dict) and len(p.logit_bias) <= MAX_LOGIT_BIAS,
          f"logit_bias takes at most {MAX_LOGIT_BIAS} entries", "logit_bias")
     for k, v in p.logit_bias.items():
@@ -83,14 +85,13 @@ def validate(spec: base.ModelSpec, max_seq_len: int, longest_prompt: int, num_sl
             raise InvalidRequest(f"logit_bias key {k!r} is not a token id", "logit_bias") from None
         need(0 <= kid < spec.vocab_size, f"logit_bias token id {kid} is out of range for a "
              f"vocabulary of {spec.vocab_size} tokens", "logit_bias")
-        need(num(v) and -100 <= v <= 100, "logit_bias values must be between -100 and 100",
-             "logit_bias")
+        within("logit_bias", v)
     need(isinstance(p.stop, (list, tuple)) and all(isinstance(s, str) for s in p.stop),
          "stop must be a list of strings", "stop")
     need(isinstance(p.stop_token_ids, (list, tuple)) and all(
         integer(t) and 0 <= t < spec.vocab_size for t in p.stop_token_ids),
         "stop_token_ids must be token ids of this model", "stop_token_ids")
-    need(p.logprobs is None or (integer(p.logprobs) and 0 <= p.logprobs <= MAX_LOGPROBS),
-         f"logprobs must be between 0 and {MAX_LOGPROBS}", "logprobs")
+    if p.logprobs is not None:
+        within("logprobs", p.logprobs)
     need(isinstance(p.prefix_caching, bool), "prefix_caching must be true or false", "prefix_caching")
     return ids

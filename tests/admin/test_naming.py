@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from admin_server.naming import (InvalidArgument, check_checkpoint, check_model_path,
-                                 check_overrides, check_replicas, parse_cell, parse_model_id)
+from common.naming import (InvalidArgument, check_checkpoint, check_model_path, check_replicas, parse_cell,
+                           parse_model_id)
+from common.overrides import check_overrides
 
 
 def test_model_ids() -> None:

@@ -72,7 +72,7 @@ def cell(tmp_path_factory: pytest.TempPathFactory, tiny_compiled: None) -> Itera
 
 
 def saxutil(cell: Cell, *args: str, input: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "client.cli", "--admin", cell.admin_addr, *args],
+    return subprocess.run([sys.executable, "-m", "saxutil", "--admin", cell.admin_addr, *args],
                           capture_output=True, text=True, input=input, timeout=timeout)
 
 
@@ -329,7 +329,7 @@ def test_saxutil_up_serves_and_stops_cleanly_on_sigint(tmp_path: Path, tiny_comp
     """Ctrl-C stops every process of the cell; so does an impatient second Ctrl-C, which
     arrives while the first is stopping them."""
     ports = [free_port() for _ in range(3)]
-    proc = subprocess.Popen([sys.executable, "-m", "client.cli", "up", "--root", str(tmp_path / "root"),
+    proc = subprocess.Popen([sys.executable, "-m", "saxutil", "up", "--root", str(tmp_path / "root"),
                              "--admin-port", str(ports[0]), "--model-server-port", str(ports[1]),
                              "--frontend-port", str(ports[2]), "--timeout", "300",
                              *[f"--override={k}={v}" for k, v in TINY_OVERRIDES.items()]],

@@ -13,7 +13,7 @@ from model_server.models import tiny
 
 
 def saxutil(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "client.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "saxutil", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_saxutil_migrate_brings_a_fresh_database_to_head(pg_url: str) -> None:

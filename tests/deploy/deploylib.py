@@ -85,7 +85,7 @@ def _cli_env() -> set[str]:
     """Variables `saxutil` reads: its click options' envvars and the client library's."""
     import click
 
-    from client.cli import main
+    from saxutil.__main__ import main
 
     names: set[str] = set()
 
@@ -527,6 +527,9 @@ def render_fallback(kdir: Path) -> list[dict[str, Any]]:
         targets = [d for d in docs if d["kind"] == pdoc["kind"]
                    and d["metadata"]["name"] == pdoc["metadata"]["name"]]
         assert len(targets) == 1, f"patch {patch['path']} matches {len(targets)} resources"
+        if pdoc.get("$patch") == "delete":  # the whole resource goes
+            docs.remove(targets[0])
+            continue
         _smerge(targets[0], {key: v for key, v in pdoc.items() if key not in ("apiVersion", "kind")})
     for img in k.get("images", []):  # `kustomize edit set image NAME=NEW_NAME[:TAG]`
         for d in docs:

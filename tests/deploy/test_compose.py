@@ -102,7 +102,7 @@ def test_environment_names_ports_and_flags(compose: dict[str, Any]) -> None:
     import admin_server.__main__ as admin_main
     import http_frontend.__main__ as frontend_main
     import model_server.__main__ as model_main
-    from client.cli import main as saxutil_main
+    from saxutil.__main__ import main as saxutil_main
 
     clis = {"admin": admin_main.main, "model-server": model_main.main, "frontend": frontend_main.main}
     for name, s in _saxplane_services(compose).items():

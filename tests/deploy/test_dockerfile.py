@@ -195,7 +195,8 @@ def test_project_installs_from_the_build_context(tmp_path: Path) -> None:
     (wheel,) = wheels.glob("saxplane-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for need in ("admin_server/__main__.py", "model_server/__main__.py", "http_frontend/__main__.py",
-                 "client/cli.py", "common/gcs.py", "migrations/env.py", "migrations/script.py.mako"):
+                 "client/cli.py", "saxutil/__main__.py", "common/gcs.py", "migrations/env.py",
+                 "migrations/script.py.mako"):
         assert need in names, f"{need} missing from the image's install"
     assert any(n.startswith("migrations/versions/") and n.endswith(".py") for n in names)
     target = tmp_path / "site"
@@ -206,7 +207,7 @@ def test_project_installs_from_the_build_context(tmp_path: Path) -> None:
                            env=env, cwd=tmp_path, capture_output=True, text=True, check=True).stdout
     assert where.startswith(str(target)), where
     with postgres_database() as url:
-        out = subprocess.run([sys.executable, "-c", "from client.cli import main; main()", "migrate"],
+        out = subprocess.run([sys.executable, "-c", "from saxutil.__main__ import main; main()", "migrate"],
                              env={**env, "SAX_DB_URL": url}, cwd=tmp_path, capture_output=True, text=True,
                              timeout=120)
         assert out.returncode == 0 and "database at head" in out.stdout, out.stderr

@@ -15,7 +15,8 @@ import pytest
 
 from client import errors
 from client.router import Router
-from http_frontend.transport import Session as FrontendSession
+from client.transport import TransportError
+from http_frontend.transport import FrontendTransport
 from tests.cluster import recv_request, serve_connections
 
 ANSWER = b'{"choices": [{"text": "from the good replica"}]}'
@@ -85,9 +86,8 @@ def replicas() -> Any:
 @pytest.mark.parametrize("transport", ["requests", "frontend"])
 def test_broken_off_answer_is_retried_on_another_replica(replicas: Any, transport: str) -> None:
     dies, good = replicas("dies", "good")
-    router = Router(_Admin([dies.address, good.address]))  # type: ignore[arg-type]
-    if transport == "frontend":
-        router.session = FrontendSession()  # type: ignore[assignment]
+    router = Router(_Admin([dies.address, good.address]),  # type: ignore[arg-type]
+                    transport=FrontendTransport() if transport == "frontend" else None)
     try:
         # Whichever replica is picked first, the answer comes from the good one. Picks are random
         # between equally loaded replicas (six tries missed the dying one 1 time in 64): call at
@@ -107,14 +107,13 @@ def test_broken_off_answer_is_retried_on_another_replica(replicas: Any, transpor
 @pytest.mark.parametrize("transport", ["requests", "frontend"])
 def test_body_that_never_comes_is_a_deadline_not_a_retry(replicas: Any, transport: str) -> None:
     (slow,) = replicas("slow")
-    router = Router(_Admin([slow.address]))  # type: ignore[arg-type]
-    if transport == "frontend":
-        router.session = FrontendSession()  # type: ignore[assignment]
+    router = Router(_Admin([slow.address]),  # type: ignore[arg-type]
+                    transport=FrontendTransport() if transport == "frontend" else None)
     try:
         r = router.post("/sax/test/lm", "/v1/completions", {"prompt": "hi"}, stream=True, timeout=0.5)
-        with pytest.raises(Exception) as info:
+        with pytest.raises(TransportError) as info:
             r.content()
-        assert not isinstance(info.value, errors.SaxError)
+        assert isinstance(info.value, TimeoutError) and not isinstance(info.value, errors.SaxError)
         assert slow.calls == 1 and router.outstanding(slow.address) == 0
     finally:
         router.close()

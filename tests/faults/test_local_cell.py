@@ -19,7 +19,7 @@ from tests.cluster import REPO, free_port, wait_until
 
 
 def up_command(tmp: Path, ports: list[int]) -> list[str]:
-    return [sys.executable, "-m", "client.cli", "up", "--root", str(tmp / "root"), "--admin-port", str(ports[0]),
+    return [sys.executable, "-m", "saxutil", "up", "--root", str(tmp / "root"), "--admin-port", str(ports[0]),
             "--model-server-port", str(ports[1]), "--frontend-port", str(ports[2]), "--timeout", "120"]
 
 

@@ -7,9 +7,9 @@ import threading
 from typing import Iterator
 
 import pytest
-import requests
 
-from http_frontend.transport import Session
+from client.transport import Unreachable
+from http_frontend.transport import FrontendTransport
 from tests.cluster import recv_request, serve_connections
 
 
@@ -51,17 +51,18 @@ def test_framings_and_keep_alive(canned: tuple[str, list[bytes], list[bytes]]) -
         b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end<close>",
     ]
-    session = Session(pool_size=4)
-    r = session.post(url + "/v1/completions", data=b'{"x": 1}', headers={"X-Request-Id": "rid-1"}, timeout=5)
-    assert (r.status_code, r.json(), r.headers["content-type"]) == (200, {"a": True}, "application/json")
-    r = session.post(url + "/s", data=b"{}", timeout=5, stream=True)
+    session = FrontendTransport(pool_size=4)
+    r = session.send("POST", url + "/v1/completions", data=b'{"x": 1}',
+                     headers={"Content-Type": "application/json", "X-Request-Id": "rid-1"}, timeout=(5, 5))
+    assert (r.status_code, r.content, r.headers["content-type"]) == (200, b'{"a": true}', "application/json")
+    r = session.send("POST", url + "/s", data=b"{}", timeout=(5, 5), stream=True)
     assert list(r.stream()) == [b"hello", b" world"] and r.headers["X-A"] == "1, 2"
     r.close()
-    r = session.get(url + "/tokenizer_info", params={"model": "/sax/test/lm"}, timeout=5)
+    r = session.send("GET", url + "/tokenizer_info?model=%2Fsax%2Ftest%2Flm", timeout=(5, 5))
     assert (r.status_code, r.headers["Retry-After"], r.content) == (503, "1", b"")
     idle = session._idle[url.removeprefix("http://")]
     assert len(idle) == 1  # one connection carried the three answers
-    r = session.post(url + "/eof", data=b"{}", timeout=5)
+    r = session.send("POST", url + "/eof", data=b"{}", timeout=(5, 5))
     assert r.content == b"until the end" and idle == []  # a body ended by EOF: not reused
     assert seen[0].startswith(b"POST /v1/completions HTTP/1.1\r\n") and b"X-Request-Id: rid-1\r\n" in seen[0]
     assert seen[0].endswith(b'\r\n\r\n{"x": 1}') and b"Content-Length: 8\r\n" in seen[0]
@@ -75,11 +76,11 @@ def test_cut_short_and_dropped(canned: tuple[str, list[bytes], list[bytes]]) -> 
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n<close>",
         b"<close>",
     ]
-    session = Session()
-    with pytest.raises(OSError, match="before the answer's end"):
-        session.post(url + "/a", data=b"{}", timeout=5)
-    r = session.post(url + "/b", data=b"{}", timeout=5, stream=True)
-    with pytest.raises(OSError):
+    session = FrontendTransport()
+    with pytest.raises(Unreachable, match="before the answer's end"):
+        session.send("POST", url + "/a", data=b"{}", timeout=(5, 5))
+    r = session.send("POST", url + "/b", data=b"{}", timeout=(5, 5), stream=True)
+    with pytest.raises(Unreachable):
         list(r.stream())
-    with pytest.raises(requests.ConnectionError, match="dropped the connection"):
-        session.post(url + "/c", data=b"{}", timeout=5)
+    with pytest.raises(Unreachable, match="dropped the connection"):
+        session.send("POST", url + "/c", data=b"{}", timeout=(5, 5))

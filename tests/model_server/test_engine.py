@@ -303,8 +303,9 @@ def test_invalid_requests(engine, model):
         (p, SamplingParams(max_tokens=0), "max_tokens"),
         (p, SamplingParams(n=SLOTS + 1), "n"),
         (p, SamplingParams(logprobs=21), "logprobs"),
-        (p, SamplingParams(top_p=0.0), "top_p"),
+        (p, SamplingParams(top_p=1.5), "top_p"),
         (p, SamplingParams(temperature=-1.0), "temperature"),
+        (p, SamplingParams(temperature=2.5), "temperature"),  # common.bounds: OpenAI's 0-2
         (p, SamplingParams(logit_bias={model.spec.vocab_size: 1.0}), "logit_bias"),
         (p, SamplingParams(stop_token_ids=[10 ** 6]), "stop_token_ids"),
     ]

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from admin_server import naming
+from common import overrides as naming
 from model_server import checkpoint as ck, kernels, registry
 from model_server.engine import Engine, SamplingParams, compile_count
 from model_server.knobs import OverrideError, parse_overrides

@@ -20,7 +20,7 @@ USAGE = [
 
 
 def saxutil(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "client.cli", "--admin", f"127.0.0.1:{free_port()}", *args],
+    return subprocess.run([sys.executable, "-m", "saxutil", "--admin", f"127.0.0.1:{free_port()}", *args],
                           capture_output=True, text=True, timeout=60, cwd=REPO)
 
 

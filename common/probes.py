@@ -1,7 +1,7 @@
 """The probes vLLM-compatible tools send (guidellm, the vLLM benchmark scripts, SageMaker-style
 load balancers): `GET /health` (200, empty body), `GET|POST /ping` (200, empty body) and
 `GET /version` (`{"version": ...}`). A part registers the blueprint next to its own `/healthz`;
-admin_server.gate serves these paths on threads of their own."""
+common.gate serves these paths on threads of their own."""
 from __future__ import annotations
 
 from importlib import metadata

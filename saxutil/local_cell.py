@@ -22,6 +22,9 @@ import click
 import psutil
 import requests
 
+from client import sax
+from client.overrides import parse_overrides
+
 PR_SET_PDEATHSIG = 1
 
 
@@ -124,8 +127,6 @@ def up(root: str, admin_port: int, model_server_port: int, frontend_port: int, m
 
     Example: saxutil up --root ./sax-root
     """
-    from client import sax
-
     root_path = Path(root).absolute()
     log_dir = root_path / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -178,8 +179,7 @@ def up(root: str, admin_port: int, model_server_port: int, frontend_port: int, m
             _wait_healthy(children[-1], f"http://localhost:{frontend_port}/healthz", timeout)
             _say(f"HTTP frontend  http://localhost:{frontend_port}")
         try:
-            from client.cli import _parse_overrides
-            sax.Publish(model_id, model_path, checkpoint, 1, _parse_overrides(overrides), admin=admin)
+            sax.Publish(model_id, model_path, checkpoint, 1, parse_overrides(overrides), admin=admin)
         except sax.AlreadyExists:
             pass  # restored from an earlier run's state
         _say(f"publishing {model_id} ({model_path}, {checkpoint})...")

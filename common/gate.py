@@ -21,10 +21,12 @@ SAX_MAX_CONNECTIONS (per worker).
 from __future__ import annotations
 
 import dataclasses
-import os
 import resource
 import socket
 import struct
+from typing import Mapping
+
+from common.settings import Env
 
 PROBE_PATHS = frozenset({b"/healthz", b"/health", b"/ping", b"/version"})
 MAX_HEAD_BYTES = 64 * 1024
@@ -51,11 +53,12 @@ class ConnectionLimits:
     max_connections: int = 8192
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> "ConnectionLimits":
-        env = dict(os.environ if env is None else env)
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "ConnectionLimits":
+        e = Env(env)
 
         def num(name: str, default: float) -> float:
-            value = float(env.get(name, default))
+            value = e.number(name, default)
+            assert value is not None
             if value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
             return value
