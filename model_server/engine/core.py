@@ -18,23 +18,22 @@ import uuid
 from concurrent.futures import Future
 from typing import Any, Callable, Optional, Sequence
 
-import jax.numpy as jnp
 import numpy as np
 
-from model_server.engine import metrics, scoring, validation
+from model_server.engine import metrics, scoring, shapes, validation
 from model_server.engine.block_manager import BlockManager
 from model_server.engine.compile_counter import compile_count
+from model_server.engine.adapter_host import AdapterHost
 from model_server.engine.guided import Guide
 from model_server.engine.lora_slots import AdapterSlots
 from model_server.engine.output import OutputProcessor
-from model_server.engine.programs import default_decode_buckets
 from model_server.engine.requests import EmbedJob, Group, Request, RequestHandle, Sequence as Seq
 from model_server.engine.runner import Runner
 from model_server.engine.scheduler import Scheduler
+from model_server.engine.stats import engine_stats
 from model_server.engine.tokenizer import EngineTokenizer
-from model_server.knobs import (DEFAULT_BLOCK_SIZE, DEFAULT_MAX_QUEUE_WAIT_S, DEFAULT_TOKEN_BUDGET,
-                                MAX_PREFILL_CHUNK)
 from model_server.engine.types import EngineError, QueueFull, SamplingParams
+from model_server.knobs import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_QUEUE_WAIT_S, DEFAULT_TOKEN_BUDGET
 from model_server.models import base
 from model_server.models.lora import MODEL_TYPES as lora_model_types
 from model_server.tokenizer import Tokenizer
@@ -42,7 +41,7 @@ from model_server.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 
-class Engine:
+class Engine(AdapterHost):
     """Continuous batching over `num_slots` decode rows and a pool of KV blocks; see the module
     docstring and `model_server.engine`."""
 
@@ -56,52 +55,18 @@ class Engine:
                  max_loras: int = 0, max_lora_rank: int = 16, kv_cache_dtype: Optional[str] = None):
         self.spec: base.ModelSpec = model.spec
         spec = self.spec
-        if num_slots < 1:
-            raise ValueError("num_slots must be >= 1")
-        if max_seq_len < 2:
-            raise ValueError("max_seq_len must be >= 2")
-        if max_seq_len > spec.max_seq_len_limit:
-            raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's limit of "
-                             f"{spec.max_seq_len_limit} positions")
-        if block_size < 1:
-            raise ValueError("block_size must be >= 1")
-        self.num_slots = int(num_slots)
-        self.max_seq_len = int(max_seq_len)
+        shape = shapes.resolve(spec, num_slots=num_slots, max_seq_len=max_seq_len, dtype=dtype,
+                               prefill_buckets=prefill_buckets, decode_buckets=decode_buckets,
+                               block_size=block_size, num_blocks=num_blocks, kv_cache_bytes=kv_cache_bytes,
+                               kv_cache_dtype=kv_cache_dtype)
+        self.num_slots, self.max_seq_len, self.dtype = shape.num_slots, shape.max_seq_len, shape.dtype
+        self.kv_cache_dtype = shape.kv_cache_dtype
         self.max_queue = int(max_queue)
-        self.dtype = str(jnp.dtype(dtype))
-        self.kv_cache_dtype = str(jnp.dtype(kv_cache_dtype or dtype))
-        if prefill_buckets is None:
-            buckets, b = [], 16
-            while b < self.max_seq_len:
-                buckets.append(b)
-                b *= 2
-            buckets.append(self.max_seq_len)
-        else:
-            buckets = sorted({int(b) for b in prefill_buckets if 0 < int(b) <= self.max_seq_len})
-            if not buckets:
-                raise ValueError("no usable prefill bucket (all exceed max_seq_len)")
-        self.prefill_buckets = buckets  # scoring passes pad to these
-        #: prompt chunks pad to these (compiled prefill programs)
-        self.chunk_buckets = [b for b in buckets if b <= MAX_PREFILL_CHUNK] or buckets[:1]
-        if decode_buckets is None:
-            dbuckets = default_decode_buckets(self.num_slots)
-        else:
-            dbuckets = sorted({int(b) for b in decode_buckets if 0 < int(b) < self.num_slots} | {self.num_slots})
-        self.decode_buckets = dbuckets
+        buckets = self.prefill_buckets = shape.buckets  # scoring passes pad to these
+        self.chunk_buckets = shape.chunk_buckets  # prompt chunks pad to these (prefill programs)
+        dbuckets = self.decode_buckets = shape.decode_buckets
         self.max_prefill_tokens = int(max_prefill_tokens or max(buckets[-1], 2048))
-        self.block_size = int(block_size)
-        max_blocks = -(-self.max_seq_len // self.block_size)
-        per_block = base.kv_bytes_per_token(spec, self.kv_cache_dtype) * self.block_size
-        if num_blocks is None:
-            num_blocks = (int(kv_cache_bytes) // per_block if kv_cache_bytes
-                          else self.num_slots * max_blocks + self.num_slots)
-        # one sequence of the whole window, and the extra samples' own last blocks, always fit
-        if num_blocks < max_blocks + self.num_slots:
-            raise ValueError(f"a KV pool of {num_blocks} blocks of {self.block_size} positions is too small: "
-                             f"it needs at least {max_blocks + self.num_slots} ({(max_blocks + self.num_slots) * per_block} "
-                             f"bytes) for one sequence of max_seq_len {self.max_seq_len}")
-        self.num_blocks = int(num_blocks)
-        self.kv_cache_bytes = self.num_blocks * per_block
+        self.block_size, self.num_blocks, self.kv_cache_bytes = shape.block_size, shape.num_blocks, shape.kv_cache_bytes
         self.token_budget = int(max_num_batched_tokens or DEFAULT_TOKEN_BUDGET)
         self.max_queue_wait_s = float(max_queue_wait_s or DEFAULT_MAX_QUEUE_WAIT_S)
         self.max_loras, self.max_lora_rank = int(max_loras), int(max_lora_rank)
@@ -228,51 +193,6 @@ class Engine:
     def _free_slots(self) -> int:
         return len(self.scheduler.free_slots)
 
-    # ================================================================== adapters
-
-    def add_adapter(self, name: str, adapter: Any) -> None:
-        """Serve LoRA adapter `name` (a `model_server.adapters.Adapter`) from now on. Host work
-        only: its weights reach a slot of the device stack when a request first needs them."""
-        if self.adapters is None:
-            raise ValueError("this model was loaded without LoRA adapters (set its max_loras override)")
-        if adapter.rank > self.max_lora_rank:
-            raise ValueError(f"adapter rank {adapter.rank} exceeds the base's max_lora_rank {self.max_lora_rank}")
-        self.adapters.register(name, adapter.padded(self.spec, self.max_lora_rank), adapter.source)
-
-    def remove_adapter(self, name: str) -> None:
-        """Stop serving adapter `name` (its queued and running requests finish first)."""
-        if self.adapters is not None:
-            self.adapters.unregister(name)
-
-    def adapter_requests(self, name: str) -> tuple[int, int, int]:
-        """(running, waiting, total ever) requests for adapter `name`."""
-        with self._lock:
-            reqs = [r for r in self._requests.values() if r.adapter == name and not r.done]
-            total = self._counters.get(f"adapter_requests:{name}", 0)
-        running = sum(1 for r in reqs if r.admitted)
-        return running, len(reqs) - running, total
-
-    def _acquire(self, reqs: Sequence[Any]) -> Optional[list[Optional[int]]]:
-        """Adapter slots for a cache-free pass over `reqs` (all or none: None when a slot is
-        short), their weights written to the device."""
-        slots: list[Optional[int]] = []
-        for r in reqs:
-            slot = None if r.adapter is None else self.adapters.acquire(r.adapter)
-            if r.adapter is not None and slot is None:
-                self._release(slots)
-                return None
-            slots.append(slot)
-        if self.adapters is not None:
-            self.runner.load_adapters(self.adapters.take_loads())
-        return slots
-
-    def _release(self, slots: Sequence[Optional[int]]) -> None:
-        for slot in slots:
-            if slot is not None:
-                self.adapters.release(slot)
-
-    # ================================================================== submission
-
     def submit(self, prompt_ids: Sequence[int], params: Optional[SamplingParams] = None,
                adapter: Optional[str] = None) -> RequestHandle:
         """Queue a request (for LoRA adapter `adapter`, None: the base); raises InvalidRequest
@@ -345,37 +265,7 @@ class Engine:
     # ================================================================== stats
 
     def stats(self) -> dict:
-        with self._lock:
-            running = sum(1 for r in self._requests.values() if r.admitted and not r.done)
-            waiting = len(self._inbox) + len(self._aux) + len(self.scheduler.waiting)
-            c = dict(self._counters)
-        bm = self.blocks
-        return {
-            "running": running, "waiting": waiting, "waiting_samples": self._waiting_samples,
-            "slots_used": self.num_slots - self._free_slots(), "num_slots": self.num_slots,
-            "max_seq_len": self.max_seq_len, "max_queue": self.max_queue, "healthy": self.healthy,
-            "prompt_tokens_total": c.get("prompt_tokens_total", 0),
-            "generation_tokens_total": c.get("generation_tokens_total", 0),
-            "requests_total": c.get("requests_total", 0),
-            "requests_refused_total": c.get("requests_refused_total", 0),
-            "requests_finished_total": {r: c.get(f"finished_{r}", 0) for r in ("stop", "length", "cancelled")},
-            "decode_steps_total": c.get("decode_steps_total", 0),
-            "prefill_calls_total": c.get("prefill_calls_total", 0),
-            "kv_cache_usage_perc": bm.usage(), "kv_cache_blocks": bm.num_blocks,
-            "kv_cache_block_size": bm.block_size, "kv_cache_bytes": self.kv_cache_bytes,
-            "prefix_cache_queries_total": bm.queries, "prefix_cache_hits_total": bm.hits,
-            "num_preemptions_total": self.scheduler.preemptions,
-            "iteration_tokens": self.h_step_tokens.snapshot(),
-            "time_to_first_token_seconds": self.h_ttft.snapshot(),
-            "time_per_output_token_seconds": self.h_tpot.snapshot(),
-            "request_queue_time_seconds": self.h_queue.snapshot(),
-            "e2e_request_latency_seconds": self.h_e2e.snapshot(),
-            "compiles_since_ready": self.compiles_since_ready() if self._running else 0,
-            "lora_adapters": len(self.adapters.weights) if self.adapters else 0,
-            "lora_resident": len(self.adapters.resident()) if self.adapters else 0,
-            "lora_swaps_total": self.adapters.swaps if self.adapters else 0,
-            "warmup_seconds": round(self.warmup_seconds, 3),
-        }
+        return engine_stats(self)
 
     # ================================================================== loop
 

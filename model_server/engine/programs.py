@@ -46,11 +46,10 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from model_server import kernels
-from model_server.engine import guided, sampling
+from model_server.engine import cache_free, guided, sampling
 from model_server.engine.types import MAX_LOGIT_BIAS, MAX_LOGPROBS
 from model_server.models import base
 from model_server.models import lora as LoRA
@@ -61,8 +60,6 @@ F32 = jnp.float32
 #: Padded prompt tokens per batched prefill / scoring call; rows = clamp(this // T, 1, 8).
 ROW_TOKENS = 256
 MAX_ROWS = 8
-#: Longest stretch of a scoring pass projected to the vocabulary at once.
-SCORE_CHUNK = 256
 
 
 def rows_for(bucket: int, cap: int) -> int:
@@ -95,15 +92,6 @@ def kv_block_variants(blocks: int, kernels_read_tables: bool) -> list[int]:
         out.append(k)
         k *= 2
     return out + [blocks]
-
-
-def _score_chunk(t: int) -> int:
-    if t <= SCORE_CHUNK:
-        return t
-    for c in range(SCORE_CHUNK, 0, -1):
-        if t % c == 0:
-            return c
-    return t
 
 
 class Programs:
@@ -344,48 +332,10 @@ class Programs:
         return set_row
 
     def _score_fn(self, t: int, b: int) -> Callable:
-        spec, k = self.spec, self.k
-        hidden_fn = base.make_hidden_fn(spec)
-        chunk = _score_chunk(t)
-
-        def score(params, lora, tokens, want_top, adapters):
-            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, :], (b, t))
-            hidden, _ = hidden_fn(params, tokens, positions, None, None, lora=self._lora(lora, adapters))
-            targets = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), tokens.dtype)], axis=1)
-            nc = t // chunk
-            hs = hidden.reshape(b, nc, chunk, -1).swapaxes(0, 1)
-            ts = targets.reshape(b, nc, chunk).swapaxes(0, 1)
-
-            def one(args):
-                h, tg = args
-                lg = base.logits_from_hidden(spec, params, h)  # [b, chunk, V] f32
-                lse = jax.nn.logsumexp(lg, axis=-1)
-                chosen = jnp.take_along_axis(lg, tg[..., None], axis=-1)[..., 0] - lse
-
-                def top():
-                    tv, ti = lax.top_k(lg, k)
-                    return ti.astype(jnp.int32), tv - lse[..., None]
-
-                ti, tl = lax.cond(want_top, top, lambda: (jnp.zeros((b, chunk, k), jnp.int32),
-                                                          jnp.zeros((b, chunk, k), F32)))
-                return chosen, ti, tl
-
-            chosen, ti, tl = lax.map(one, (hs, ts))
-            return (chosen.swapaxes(0, 1).reshape(b, t), ti.swapaxes(0, 1).reshape(b, t, k),
-                    tl.swapaxes(0, 1).reshape(b, t, k))
-
-        return score
+        return cache_free.score_fn(self.spec, t, b, self.k, self._lora)
 
     def _embed_fn(self, t: int) -> Callable:
-        hidden_fn = base.make_hidden_fn(self.spec)
-
-        def embed(params, lora, tokens, lens, adapters):
-            positions = jnp.arange(t, dtype=jnp.int32)[None, :]
-            hidden, _ = hidden_fn(params, tokens, positions, None, None, lora=self._lora(lora, adapters))
-            mask = (positions < lens[:, None]).astype(F32)[..., None]
-            return (jnp.sum(hidden.astype(F32) * mask, axis=1) / lens[:, None].astype(F32))[0]
-
-        return embed
+        return cache_free.embed_fn(self.spec, t, self._lora)
 
     # ------------------------------------------------------------------ compile
 
