@@ -309,6 +309,32 @@ class FrontendProcess(Proc):
         return self
 
 
+@contextmanager
+def small_cell(tmp: Path) -> Iterator[tuple["AdminProcess", "ModelServerProcess", "FrontendProcess"]]:
+    """An admin, one model server joined to it and a one-worker frontend; all stopped after."""
+    admin = AdminProcess(tmp, root=str(tmp / "root")).start()
+    ms = ModelServerProcess(tmp, admin=f"127.0.0.1:{admin.port}")
+    frontend = None
+    try:
+        ms.start()
+        frontend = FrontendProcess(tmp, admin.port, "--workers", "1").start()
+        yield admin, ms, frontend
+    finally:
+        if frontend is not None:
+            frontend.stop()
+        ms.stop()
+        admin.stop()
+
+
+def wait_loaded(admin_url: str, model_id: str, timeout: float = 600) -> dict:
+    """The model's detail once a replica is active or its load failed (asserts the former)."""
+    d = wait_until(lambda: (lambda d: d if d["active_replicas"] >= 1 or d["last_error"] else None)(
+        requests.get(f"{admin_url}/models{model_id}", timeout=10).json()), timeout=timeout, interval=0.5,
+        what=f"{model_id} ready")
+    assert d["active_replicas"] >= 1, d
+    return d
+
+
 def sse_events(resp: requests.Response) -> list:
     """The `data:` payloads of an SSE answer, decoded ("[DONE]" kept as a string)."""
     out: list = []

@@ -7,7 +7,6 @@ import time
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from model_server.checkpoint.errors import CheckpointError

@@ -54,7 +54,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model_server.models import layers
 
 KVCache = list  # list[tuple[jax.Array, jax.Array]]: the (k, v) pools of each layer
 Params = Any  # nested dict/list of arrays

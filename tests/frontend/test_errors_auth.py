@@ -183,7 +183,7 @@ def test_healthz_metrics_openapi(cell: Cell) -> None:
                  "sax_frontend_upstream_requests_total", "sax_frontend_upstream_time_to_first_byte_seconds_bucket",
                  "sax_frontend_outstanding_requests", "sax_frontend_upstream_duration_seconds_bucket"):
         assert name in text, name
-    assert f'route="/v1/completions"' in text and f'model="{MODEL}"' in text
+    assert 'route="/v1/completions"' in text and f'model="{MODEL}"' in text
     doc = requests.get(f"{cell.url}/openapi.json", timeout=10).json()
     assert doc["openapi"].startswith("3.")
     assert {"/", "/publish", "/unpublish", "/update", "/listall", "/listcell", "/generate", "/score",

@@ -63,8 +63,7 @@ def _hf_configs():
 
 def _windowed_configs():
     """Configurations with sliding windows shorter than the test prompts (see SLIDING)."""
-    from transformers import (Gemma2Config, Gemma3TextConfig, MistralConfig, Phi3Config, Qwen2Config,
-                              Qwen3Config)
+    from transformers import (Gemma2Config, Gemma3TextConfig, MistralConfig, Phi3Config, Qwen3Config)
 
     return {
         # every layer windowed (8 positions), GQA

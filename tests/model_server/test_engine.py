@@ -13,7 +13,7 @@ import pytest
 from model_server import kernels, registry
 from model_server.engine import (Engine, EngineError, InvalidRequest, QueueFull, SamplingParams,
                                  compile_count)
-from model_server.models import base, layers
+from model_server.models import base
 from tests.cluster import wait_until
 
 SLOTS, WINDOW = 4, 64

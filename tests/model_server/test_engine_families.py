@@ -24,7 +24,6 @@ torch = pytest.importorskip("torch")
 from model_server import kernels, registry  # noqa: E402
 from model_server.checkpoint import CheckpointError  # noqa: E402
 from model_server.engine import Engine, SamplingParams  # noqa: E402
-from model_server.models import layers  # noqa: E402
 
 #: family -> its family-specific model path (the engine is loaded through it; lm.hf is checked too)
 MODEL_PATHS = {"gpt2": "lm.gpt2", "llama": "lm.llama", "mistral": "lm.llama", "qwen2": "lm.qwen2",

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import requests
 
-from tests.cluster import AdminProcess, FrontendProcess, ModelServerProcess, publish_and_wait, wait_until
+from tests.cluster import AdminProcess, FrontendProcess, small_cell, wait_loaded, wait_until
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # five models compile at setup
@@ -64,28 +64,14 @@ def checkpoints(torch_models, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def family_cell(checkpoints, tmp_path_factory) -> Iterator[tuple[AdminProcess, FrontendProcess]]:
-    tmp = tmp_path_factory.mktemp("families_cell")
-    admin = AdminProcess(tmp, root=str(tmp / "root")).start()
-    ms = ModelServerProcess(tmp, admin=f"127.0.0.1:{admin.port}")
-    frontend = None
-    try:
-        ms.start()
-        frontend = FrontendProcess(tmp, admin.port, "--workers", "1").start()
+    with small_cell(tmp_path_factory.mktemp("families_cell")) as (admin, _, frontend):
         for family, path in checkpoints.items():
             requests.post(f"{admin.url}/models", timeout=10, json={
                 "model_id": _model_id(family), "model_path": FAMILIES[family], "checkpoint": str(path),
                 "replicas": 1, "overrides": OVERRIDES}).raise_for_status()
         for family in checkpoints:
-            publish_ready = wait_until(lambda: (lambda d: d if d["active_replicas"] >= 1 or d["last_error"] else None)(
-                requests.get(f"{admin.url}/models{_model_id(family)}", timeout=10).json()), timeout=600,
-                interval=0.5, what=f"{family} ready")
-            assert publish_ready["active_replicas"] == 1, publish_ready
+            assert wait_loaded(admin.url, _model_id(family))["active_replicas"] == 1
         yield admin, frontend
-    finally:
-        if frontend is not None:
-            frontend.stop()
-        ms.stop()
-        admin.stop()
 
 
 def _reference(model, prompt: list[int], n: int) -> tuple[list[int], np.ndarray]:

@@ -24,7 +24,7 @@ import pytest
 import requests
 
 from tests import lora_models as LM
-from tests.cluster import AdminProcess, FrontendProcess, ModelServerProcess, publish_and_wait, wait_until
+from tests.cluster import AdminProcess, FrontendProcess, ModelServerProcess, publish_and_wait, small_cell, wait_until
 
 pytest.importorskip("peft")
 torch = pytest.importorskip("torch")
@@ -62,13 +62,7 @@ def _ready(admin: AdminProcess, model_id: str) -> dict:
 
 @pytest.fixture(scope="module")
 def lora_cell(lora_dirs, tmp_path_factory) -> Iterator[tuple[AdminProcess, ModelServerProcess, FrontendProcess]]:
-    tmp = tmp_path_factory.mktemp("lora_cell")
-    admin = AdminProcess(tmp, root=str(tmp / "root")).start()
-    ms = ModelServerProcess(tmp, admin=f"127.0.0.1:{admin.port}")
-    frontend = None
-    try:
-        ms.start()
-        frontend = FrontendProcess(tmp, admin.port, "--workers", "1").start()
+    with small_cell(tmp_path_factory.mktemp("lora_cell")) as (admin, ms, frontend):
         publish_and_wait(admin.url, BASE, model_path="lm.llama", checkpoint=str(lora_dirs[0]),
                          overrides=OVERRIDES, timeout=600)
         for name, model_id in ADAPTERS.items():
@@ -76,11 +70,6 @@ def lora_cell(lora_dirs, tmp_path_factory) -> Iterator[tuple[AdminProcess, Model
         for model_id in ADAPTERS.values():
             _ready(admin, model_id)
         yield admin, ms, frontend
-    finally:
-        if frontend is not None:
-            frontend.stop()
-        ms.stop()
-        admin.stop()
 
 
 def _completion(frontend: FrontendProcess, model: str | None, prompt: list[int], n: int) -> dict:

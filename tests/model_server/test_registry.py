@@ -16,7 +16,7 @@ import pytest
 
 from model_server import registry
 from model_server.knobs import OverrideError, ServingKnobs, parse_overrides
-from model_server.models import base, layers, tiny
+from model_server.models import base, tiny
 from model_server.registry import ModelPathError
 
 

@@ -17,7 +17,6 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
