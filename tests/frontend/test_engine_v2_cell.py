@@ -8,8 +8,8 @@ pool of 320 blocks: a twelfth of what 64 rows x 4,096 positions would take).
 * requests sharing a 1,500-token prefix prefill at least 4x faster than unique prompts;
 * greedy text and logprobs are the same with and without a cached prefix and with and
   without chunking (a long prompt chunked beside decoding streams);
-* while an 1,800-token prompt prefills beside 8 decoding streams, no stream pauses for more
-  than a quarter of that prompt's time to first token;
+* while an 1,800-token prompt prefills beside 8 decoding streams, it goes in budget-sized
+  chunks and every stream keeps decoding between them;
 * 64 concurrent short requests are admitted and decoded without refusal, and a burst that
   needs more than the pool completes through preemptions, every request answered.
 """
@@ -167,9 +167,9 @@ def test_tokens_and_logprobs_do_not_depend_on_cache_or_chunking(v2_cell) -> None
         assert diff < 1e-4, diff
 
 
-def _pause_beside_long_prefill(url: str, rng: random.Random) -> tuple[float, float]:
-    """(the longest pause of 8 decoding streams while an 1,800-token prompt prefills, that
-    prompt's time to first token)"""
+def _beside_long_prefill(url: str, rng: random.Random) -> tuple[int, float, float]:
+    """(the fewest tokens any of 8 decoding streams received while an 1,800-token prompt
+    prefilled, the longest pause of those streams in that time, that prompt's time to first token)"""
     streams = [Stream(url, LLAMA, _ids(rng, 16), 2000) for _ in range(8)]
     for s in streams:
         s.start()
@@ -179,33 +179,32 @@ def _pause_beside_long_prefill(url: str, rng: random.Random) -> tuple[float, flo
     long.run()
     assert long.error is None and long.times, long.error
     t_first = long.times[0]
-    pauses = []
+    counts, pauses = [], []
     for s in streams:
+        assert s.times[-1] > t_first, "a stream ended before the long prompt's first token: make it longer"
+        counts.append(sum(t0 < t < t_first for t in s.times))
         # the longest gap between chunks that overlaps the long prompt's prefill
-        gaps = [b - a for a, b in zip(s.times, s.times[1:]) if b > t0 and a < t_first]
-        assert gaps, "a stream ended before the long prompt's first token: make it longer"
-        pauses.append(max(gaps))
+        pauses.append(max(b - a for a, b in zip(s.times, s.times[1:]) if b > t0 and a < t_first))
     for s in streams:
         s.halt = True
     for s in streams:
         s.join(300)
         assert s.error is None, s.error
-    return max(pauses), t_first - t0
+    return min(counts), max(pauses), t_first - t0
 
 
 def test_a_long_prefill_does_not_stall_decoding_streams(v2_cell) -> None:
-    """Timing on a shared 2-core machine: the best of three tries (each with its own prompts)
-    must keep every stream's pause within a quarter of the long prompt's TTFT."""
+    """The 1,800-token prompt prefills in chunks of the 256-token step budget (8 steps beside
+    8 decoding rows), and every stream decodes in each of those steps: each receives at least
+    half as many tokens as there were chunks while the prompt prefilled. Prefilled whole, the
+    streams would receive one or two. The pause is printed, not asserted: it is a timing, and
+    timings belong to bench/ on a shared 2-core machine."""
     url, _ = v2_cell
-    rng = random.Random(3)
-    tries = []
-    for _ in range(3):
-        pause, ttft = _pause_beside_long_prefill(url, rng)
-        tries.append((round(pause, 3), round(ttft, 3)))
-        if pause <= ttft / 4:
-            break
-    print(f"\n1800-token prompt beside 8 streams, (longest pause, TTFT) per try: {tries}")
-    assert pause <= ttft / 4, tries
+    fewest, pause, ttft = _beside_long_prefill(url, random.Random(3))
+    print(f"\n1800-token prompt beside 8 streams: fewest tokens a stream got while it prefilled {fewest}, "
+          f"longest pause {pause:.3f}s of TTFT {ttft:.3f}s")
+    chunks = -(-1800 // (256 - 8))
+    assert fewest >= chunks // 2, (fewest, chunks)
 
 
 def test_64_requests_fit_a_small_pool_and_an_overflowing_burst_preempts(v2_cell) -> None:
