@@ -12,6 +12,7 @@ import numpy as np
 from model_server.checkpoint.errors import CheckpointError
 from model_server.checkpoint.formats import ORBAX_PARAMS_DIR, Checkpoint, open_checkpoint
 from model_server.checkpoint.safetensors_reader import SafetensorsDir
+from model_server.checkpoint.shard_read import applied_shape, place_rule
 from model_server.checkpoint.sharding import param_shardings, place_params
 from model_server.models import base, quant
 from model_server.models.hfmap import empty_like_shapes, set_path
@@ -61,6 +62,15 @@ def _load_hf_params(ckpt: Checkpoint, dtype: Any, shardings: Any, on_device: boo
     stacks: dict[tuple, list] = {}  # path -> [host array, entries filled] (expert-stacked params)
     for rule in rules:
         stored = names[rule.hf_name]
+        sharding = _get(shardings, rule.path) if on_device and shardings is not None else None
+        if sharding is not None and rule.index is None:  # each host reads its own shards only
+            want = tuple(_get(shapes, rule.path))
+            raw_shape = tensors.where[stored].shape(stored)
+            if applied_shape(rule, raw_shape) == want:
+                quantize = quantization is not None and quant.quantizable(str(rule.path[-1]), want)
+                set_path(params, rule.path, place_rule(tensors.where[stored], stored, rule, want,
+                                                       np_dtype, sharding, quantize))
+                continue
         raw = tensors.where[stored].get(stored)
         if rule.split is not None and raw.shape[rule.split[0]] % rule.split[2]:
             raise CheckpointError(f"{ckpt.source}: tensor {stored} has shape {raw.shape}, "

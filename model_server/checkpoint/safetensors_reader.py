@@ -36,6 +36,8 @@ class SafetensorsFile:
         self.header: dict[str, dict] = header
         self._offset = 8 + n
         self._mmap = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size > self._offset else None
+        #: bytes copied out by `read`, per tensor (per-host shard loading is checked against it)
+        self.bytes_read: dict[str, int] = {}
 
     def keys(self) -> list[str]:
         return list(self.header)
@@ -56,6 +58,13 @@ class SafetensorsFile:
             raise CheckpointError(f"{self.path}: tensor {name} is truncated or corrupt")
         raw = self._mmap[self._offset + start:self._offset + end]
         return raw.view(dtype).reshape(shape)
+
+    def read(self, name: str, index: tuple) -> np.ndarray:
+        """A copy of `tensor[index]` (basic slicing), counted in `bytes_read`: only the pages
+        of the memmap under that block are touched."""
+        block = np.array(self.get(name)[index])
+        self.bytes_read[name] = self.bytes_read.get(name, 0) + block.nbytes
+        return block
 
 
 class SafetensorsDir:
