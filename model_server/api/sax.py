@@ -12,7 +12,7 @@ from common.bounds import REQUEST_BOUNDS
 from model_server.api import params as P
 from model_server.api import structured
 from model_server.api.errors import from_engine_error, invalid
-from model_server.api.openai import DONE, sse
+from model_server.api.sse import DONE, sse
 from model_server.manager import ServedModel
 from model_server.settings import RequestLimits
 

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 import requests
 
-from tests.cluster import (AdminProcess, FrontendProcess, ModelServerProcess, Proc, free_port, wait_http,
-                           wait_until)
+from tests.cluster import (AdminProcess, FrontendProcess, ModelServerProcess, Proc, admin_and_frontend, free_port,
+                           wait_http, wait_until)
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
@@ -98,15 +98,8 @@ def _complete(frontend: FrontendProcess, prompt: list[int]) -> requests.Response
 @pytest.fixture(scope="module")
 def cell(tmp_path_factory) -> Iterator[tuple[Path, AdminProcess, FrontendProcess]]:
     tmp = tmp_path_factory.mktemp("slice_cell")
-    admin = AdminProcess(tmp, root=str(tmp / "root")).start()
-    frontend = None
-    try:
-        frontend = FrontendProcess(tmp, admin.port, "--workers", "1").start()
+    with admin_and_frontend(tmp) as (admin, frontend):
         yield tmp, admin, frontend
-    finally:
-        if frontend is not None:
-            frontend.stop()
-        admin.stop()
 
 
 def _stream_until_frozen(frontend: FrontendProcess, prompt: list[int], freeze) -> tuple[str, list, float]:
