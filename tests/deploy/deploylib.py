@@ -1,5 +1,6 @@
-"""Readers for the deployment files (Dockerfile, .dockerignore, compose, kustomize) and the
-facts they are checked against (the parts' settings), shared by the tests/deploy suite.
+"""The deployment files' paths, the facts they are checked against (the parts' settings and
+the environment each part reads) and a reader for compose files, shared by the tests/deploy
+suite; the image's build files are read in imagelib.py and kustomize's output in kustomize.py.
 
 Docker and a cluster are not available where the tests run, so these read the files the way
 the tools do, in the small subset of each format that the repository uses, and refuse what
@@ -7,16 +8,9 @@ they do not understand rather than guess.
 """
 from __future__ import annotations
 
-import base64
-import copy
-import json
-import os
 import re
 import shlex
-import shutil
-import subprocess
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -30,7 +24,6 @@ COMPOSE = DOCKER / "docker-compose.yml"
 COMPOSE_GPU = DOCKER / "docker-compose.gpu.yml"
 ENV_EXAMPLE = REPO / ".env.example"
 DOCKERIGNORE = REPO / ".dockerignore"
-K8S = REPO / "deploy" / "k8s"
 
 # The parts the image's entrypoint runs, by the word that selects them.
 PARTS = ("admin", "model-server", "frontend", "saxutil", "migrate")
@@ -292,280 +285,46 @@ def parse_volume(spec: Any) -> tuple[str, str, bool]:
     return parts[0], parts[1], len(parts) > 2 and "ro" in parts[2].split(",")
 
 
-# -- Dockerfile ------------------------------------------------------------------------------
+# -- the compose project: its services and the parts they run --------------------------------
 
-@dataclass
-class Instruction:
-    cmd: str
-    args: str
-    flags: dict[str, str] = field(default_factory=dict)
-
-    def exec_form(self) -> list[str] | None:
-        text = self.args.strip()
-        if text.startswith("["):
-            return json.loads(text)
-        return None
+INFRA = {"postgres", "gcs"}
+MONITORING = {"prometheus", "grafana"}  # profile `monitoring`
 
 
-@dataclass
-class Stage:
-    base: str
-    name: str | None
-    instructions: list[Instruction] = field(default_factory=list)
-
-    def all(self, cmd: str) -> list[Instruction]:
-        return [i for i in self.instructions if i.cmd == cmd]
-
-    def env(self) -> dict[str, str]:
-        out: dict[str, str] = {}
-        for i in self.all("ENV"):
-            out.update(parse_env_instruction(i.args))
-        return out
-
-    def args_(self) -> dict[str, str | None]:
-        out: dict[str, str | None] = {}
-        for i in self.all("ARG"):
-            k, sep, v = i.args.strip().partition("=")
-            out[k] = v if sep else None
-        return out
+def part_of(service: dict[str, Any]) -> str:
+    """The part a Saxplane service runs: the entrypoint's first argument."""
+    entry = service.get("entrypoint") or [IMAGE_ENTRYPOINT]
+    argv = list(entry) + list(service.get("command") or [])
+    assert argv[0] == IMAGE_ENTRYPOINT, argv
+    return argv[1]
 
 
-def parse_env_instruction(args: str) -> dict[str, str]:
-    tokens = shlex.split(args)
-    if tokens and "=" not in tokens[0]:  # legacy `ENV KEY value`
-        return {tokens[0]: " ".join(tokens[1:])}
-    return dict(t.split("=", 1) for t in tokens)
+def saxplane_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The services that run the image (not the infrastructure or monitoring)."""
+    return {n: s for n, s in compose["services"].items() if n not in INFRA | MONITORING}
 
 
-def parse_dockerfile(path: Path = DOCKERFILE) -> tuple[dict[str, str | None], list[Stage]]:
-    """(global ARGs, stages). Line continuations and comments as Docker reads them."""
-    lines: list[str] = []
-    buf = ""
-    for raw in path.read_text().splitlines():
-        stripped = raw.strip()
-        if stripped.startswith("#") and not buf:
-            continue
-        if stripped.startswith("#"):  # a comment inside a continued instruction
-            continue
-        if raw.rstrip().endswith("\\"):
-            buf += raw.rstrip()[:-1] + " "
-            continue
-        buf += raw
-        if buf.strip():
-            lines.append(buf.strip())
-        buf = ""
-    global_args: dict[str, str | None] = {}
-    stages: list[Stage] = []
-    for line in lines:
-        cmd, _, rest = line.partition(" ")
-        cmd = cmd.upper()
-        flags: dict[str, str] = {}
-        while rest.startswith("--"):
-            flag, _, rest = rest.partition(" ")
-            k, _, v = flag[2:].partition("=")
-            flags[k] = v
-            rest = rest.lstrip()
-        if cmd == "FROM":
-            m = re.match(r"(\S+)(?:\s+AS\s+(\S+))?$", rest, re.I)
-            assert m, f"FROM: {rest!r}"
-            base = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda v: global_args.get(v.group(1) or v.group(2)) or "",
-                          m.group(1))
-            stages.append(Stage(base, m.group(2)))
-        elif not stages:
-            assert cmd == "ARG", f"{cmd} before the first FROM"
-            k, sep, v = rest.partition("=")
-            global_args[k] = v if sep else None
-        else:
-            stages[-1].instructions.append(Instruction(cmd, rest, flags))
-    return global_args, stages
+def listen_port(part_name: str, env: dict[str, str]) -> int:
+    """The port a serving part listens on under `env` (its setting, else its default)."""
+    p = part(part_name)
+    assert p.port_env and p.default_port
+    return int(env.get(p.port_env) or p.default_port)
 
 
-def copy_sources(inst: Instruction) -> tuple[list[str], str]:
-    form = inst.exec_form()
-    items = form if form is not None else shlex.split(inst.args)
-    return items[:-1], items[-1]
+def _gcs_command(gcs: dict[str, Any]) -> str:
+    return " ".join(gcs.get("command") if isinstance(gcs.get("command"), list) else [gcs["command"]])
 
 
-# -- .dockerignore ---------------------------------------------------------------------------
-
-def _pattern_regex(pattern: str) -> re.Pattern[str]:
-    out = ""
-    i = 0
-    while i < len(pattern):
-        c = pattern[i]
-        if pattern.startswith("**/", i):
-            out += "(?:.*/)?"
-            i += 3
-            continue
-        if pattern.startswith("**", i):
-            out += ".*"
-            i += 2
-            continue
-        if c == "*":
-            out += "[^/]*"
-        elif c == "?":
-            out += "[^/]"
-        elif c == "[":
-            j = pattern.index("]", i)
-            out += "[" + pattern[i + 1:j].replace("!", "^", 1) + "]"
-            i = j
-        else:
-            out += re.escape(c)
-        i += 1
-    return re.compile(out + "$")
+def gcs_bucket(gcs: dict[str, Any]) -> str:
+    """The bucket the `gcs` service creates (a folder under its filesystem root, on a volume)."""
+    cmd = interpolate(_gcs_command(gcs), environment(gcs))  # the shell's expansion
+    root = re.search(r"-filesystem-root (\S+)", cmd).group(1)
+    assert "-scheme http" in cmd and "-backend filesystem" in cmd, cmd
+    m = re.search(r"mkdir -p \"?%s/([a-z0-9][a-z0-9._-]*)\"?" % re.escape(root), cmd)
+    assert m, f"the gcs service creates no bucket folder under {root}: {cmd}"
+    assert any(parse_volume(v)[1] == root for v in gcs["volumes"]), "objects on a volume"
+    return m.group(1)
 
 
-def dockerignore_rules(path: Path = DOCKERIGNORE) -> list[tuple[bool, re.Pattern[str]]]:
-    rules = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        negate = line.startswith("!")
-        pat = os.path.normpath(line[1:] if negate else line).lstrip("/")
-        rules.append((negate, _pattern_regex(pat)))
-    return rules
-
-
-def is_ignored(rel: str, rules: list[tuple[bool, re.Pattern[str]]]) -> bool:
-    """Docker's rule: the last pattern that matches the path or one of its parents decides."""
-    parts = rel.split("/")
-    candidates = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
-    ignored = False
-    for negate, rx in rules:
-        if any(rx.match(c) for c in candidates):
-            ignored = not negate
-    return ignored
-
-
-def build_context(dest: Path) -> list[str]:
-    """Copies the repository into `dest` as `docker build .` would send it; returns the files."""
-    rules = dockerignore_rules()
-    files = []
-    for root, dirs, names in os.walk(REPO):
-        rel_root = os.path.relpath(root, REPO)
-        dirs[:] = [d for d in dirs if d != ".git"]
-        for n in names:
-            rel = os.path.normpath(os.path.join(rel_root, n))
-            if is_ignored(rel, rules):
-                continue
-            files.append(rel)
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, dest / rel)
-    return sorted(files)
-
-
-# -- kustomize -------------------------------------------------------------------------------
-
-CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass",
-                  "PriorityClass", "CustomResourceDefinition"}
-# Strategic merge keys of the lists the overlays may touch.
-MERGE_KEYS = {"containers": "name", "initContainers": "name", "env": "name", "volumes": "name",
-              "volumeMounts": "mountPath", "volumeClaimTemplates": None}
-_SUPPORTED = {"apiVersion", "kind", "namespace", "resources", "patches", "secretGenerator",
-              "generatorOptions", "images"}
-
-
-def kubectl_available() -> bool:
-    return shutil.which("kubectl") is not None or shutil.which("kustomize") is not None
-
-
-def render_kubectl(kdir: Path) -> list[dict[str, Any]]:
-    if shutil.which("kubectl"):
-        args = ["kubectl", "kustomize", str(kdir)]
-    else:
-        args = ["kustomize", "build", str(kdir)]
-    out = subprocess.run(args, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    return [d for d in yaml.safe_load_all(out.stdout) if d]
-
-
-def _smerge(base: dict[str, Any], patch: dict[str, Any]) -> None:
-    for k, v in patch.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _smerge(base[k], v)
-        elif isinstance(v, list) and MERGE_KEYS.get(k) and isinstance(base.get(k), list):
-            key = MERGE_KEYS[k]
-            for item in v:
-                match = next((b for b in base[k] if b.get(key) == item.get(key)), None)
-                if match is None:
-                    base[k].append(copy.deepcopy(item))
-                else:
-                    _smerge(match, item)
-        else:
-            base[k] = copy.deepcopy(v)
-
-
-def render_fallback(kdir: Path) -> list[dict[str, Any]]:
-    """kustomize's result for the features used here: resources (files, bases), namespace,
-    secretGenerator from env files without a hash suffix, and strategic-merge patches."""
-    k = yaml.safe_load((kdir / "kustomization.yaml").read_text())
-    unknown = set(k) - _SUPPORTED
-    assert not unknown, f"{kdir}: the fallback renderer does not know {sorted(unknown)}"
-    docs: list[dict[str, Any]] = []
-    for res in k.get("resources", []):
-        p = kdir / res
-        if p.is_dir():
-            docs += render_fallback(p)
-        else:
-            docs += [d for d in yaml.safe_load_all(p.read_text()) if d]
-    if k.get("secretGenerator"):
-        assert (k.get("generatorOptions") or {}).get("disableNameSuffixHash"), "hash suffixes not supported"
-    for gen in k.get("secretGenerator", []):
-        data: dict[str, str] = {}
-        for f in gen.get("envs", []):
-            data.update(read_env_file(kdir / f))
-        for lit in gen.get("literals", []):
-            key, _, value = lit.partition("=")
-            data[key] = value
-        docs.append({"apiVersion": "v1", "kind": "Secret", "type": gen.get("type", "Opaque"),
-                     "metadata": {"name": gen["name"]},
-                     "data": {key: base64.b64encode(v.encode()).decode() for key, v in data.items()}})
-    for patch in k.get("patches", []):
-        assert set(patch) == {"path"}, f"only file patches are supported: {patch}"
-        pdoc = yaml.safe_load((kdir / patch["path"]).read_text())
-        targets = [d for d in docs if d["kind"] == pdoc["kind"]
-                   and d["metadata"]["name"] == pdoc["metadata"]["name"]]
-        assert len(targets) == 1, f"patch {patch['path']} matches {len(targets)} resources"
-        if pdoc.get("$patch") == "delete":  # the whole resource goes
-            docs.remove(targets[0])
-            continue
-        _smerge(targets[0], {key: v for key, v in pdoc.items() if key not in ("apiVersion", "kind")})
-    for img in k.get("images", []):  # `kustomize edit set image NAME=NEW_NAME[:TAG]`
-        for d in docs:
-            spec = pod_spec(d)
-            for c in (spec.get("initContainers", []) + spec["containers"]) if spec else []:
-                name, _, tag = c["image"].partition(":")
-                if name == img["name"]:
-                    c["image"] = img.get("newName", name) + (f":{img.get('newTag', tag)}" if img.get("newTag", tag)
-                                                             else "")
-    if k.get("namespace"):
-        for d in docs:
-            if d["kind"] not in CLUSTER_SCOPED:
-                d["metadata"]["namespace"] = k["namespace"]
-    return docs
-
-
-def render(kdir: Path) -> list[dict[str, Any]]:
-    return render_kubectl(kdir) if kubectl_available() else render_fallback(kdir)
-
-
-def normalized(docs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
-    """Documents by (kind, name), with Secret data decoded (encodings differ in line wrapping)."""
-    out = {}
-    for d in docs:
-        d = copy.deepcopy(d)
-        if d["kind"] == "Secret":
-            d["data"] = {k: base64.b64decode("".join(v.split())).decode() for k, v in (d.get("data") or {}).items()}
-        out[(d["kind"], d["metadata"]["name"])] = d
-    return out
-
-
-def pod_spec(doc: dict[str, Any]) -> dict[str, Any] | None:
-    if doc["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
-        return doc["spec"]["template"]["spec"]
-    return None
-
-
-def python() -> str:
-    return sys.executable
+def gcs_port(gcs: dict[str, Any]) -> int:
+    return int(re.search(r"-port (\d+)", _gcs_command(gcs)).group(1))

@@ -15,14 +15,15 @@ import pytest
 
 from tests.cluster import postgres_database
 from tests.deploy import deploylib as dl
+from tests.deploy import imagelib as il
 
 PIP_INSTALL = re.compile(r"\bpip(?:-with-ca)? install\b")
 BUILD_TOOLS = re.compile(r"\b(build-essential|gcc|g\+\+|clang|make|cmake|rustc|cargo|python3-dev|libpq-dev)\b")
 
 
 @pytest.fixture(scope="module")
-def dockerfile() -> tuple[dict, list[dl.Stage]]:
-    return dl.parse_dockerfile()
+def dockerfile() -> tuple[dict, list[il.Stage]]:
+    return il.parse_dockerfile()
 
 
 def _venv_env(**extra: str) -> dict[str, str]:
@@ -33,7 +34,7 @@ def _venv_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def test_stages_base_user_and_cache(dockerfile: tuple[dict, list[dl.Stage]]) -> None:
+def test_stages_base_user_and_cache(dockerfile: tuple[dict, list[il.Stage]]) -> None:
     _, stages = dockerfile
     assert len(stages) >= 2, "multi-stage: a build stage and a runtime stage"
     names = [s.name for s in stages]
@@ -58,7 +59,7 @@ def test_stages_base_user_and_cache(dockerfile: tuple[dict, list[dl.Stage]]) -> 
                 "--no-cache-dir" in i.args for i in s.all("RUN") if PIP_INSTALL.search(i.args)), s.name
 
 
-def test_pip_trusts_an_optional_ca_secret(dockerfile: tuple[dict, list[dl.Stage]]) -> None:
+def test_pip_trusts_an_optional_ca_secret(dockerfile: tuple[dict, list[il.Stage]]) -> None:
     """Every pip that downloads mounts the optional `pip-ca` secret (a proxy's CA bundle, only
     while it runs), through the wrapper that sets PIP_CERT when the secret is there."""
     global_args, stages = dockerfile
@@ -72,44 +73,44 @@ def test_pip_trusts_an_optional_ca_secret(dockerfile: tuple[dict, list[dl.Stage]
             assert i.flags.get("mount") == "type=secret,id=pip-ca,required=false", i.args
 
 
-def test_copies_name_files_that_exist_and_reach_the_context(dockerfile: tuple[dict, list[dl.Stage]]) -> None:
+def test_copies_name_files_that_exist_and_reach_the_context(dockerfile: tuple[dict, list[il.Stage]]) -> None:
     _, stages = dockerfile
-    rules = dl.dockerignore_rules()
+    rules = il.dockerignore_rules()
     seen_stages: list[str] = []
     for s in stages:
         for i in s.all("COPY") + s.all("ADD"):
-            sources, dest = dl.copy_sources(i)
+            sources, dest = il.copy_sources(i)
             if "from" in i.flags:
                 assert i.flags["from"] in seen_stages, f"COPY --from={i.flags['from']} names no earlier stage"
                 continue
             for src in sources:
                 path = dl.REPO / src
                 assert path.exists(), f"COPY {src}: no such file in the repository"
-                assert not dl.is_ignored(src, rules), f"COPY {src}: excluded by .dockerignore"
+                assert not il.is_ignored(src, rules), f"COPY {src}: excluded by .dockerignore"
                 if path.is_dir():
                     inside = [p for p in path.rglob("*.py")]
-                    assert inside and not all(dl.is_ignored(str(p.relative_to(dl.REPO)), rules) for p in inside)
+                    assert inside and not all(il.is_ignored(str(p.relative_to(dl.REPO)), rules) for p in inside)
         seen_stages.append(s.name or "")
 
 
 def test_dockerignore_keeps_the_context_small() -> None:
-    rules = dl.dockerignore_rules()
+    rules = il.dockerignore_rules()
     for rel in (".git/config", "tests/conftest.py", "bench/engine.py", ".venv/bin/python", "sax-root/x",
                 "checkpoints/gpt2/model.safetensors", "admin_server/__pycache__/app.cpython-311.pyc",
                 "saxplane.egg-info/PKG-INFO", ".env", "deploy/k8s/base/secrets.env"):
-        assert dl.is_ignored(rel, rules), f"{rel} would be sent to the Docker daemon"
+        assert il.is_ignored(rel, rules), f"{rel} would be sent to the Docker daemon"
     for rel in ("pyproject.toml", "admin_server/app.py", "migrations/versions/0001_initial_schema.py",
                 "docker/entrypoint.sh"):
-        assert not dl.is_ignored(rel, rules), rel
+        assert not il.is_ignored(rel, rules), rel
 
 
-def test_entrypoint_health_and_ports(dockerfile: tuple[dict, list[dl.Stage]]) -> None:
+def test_entrypoint_health_and_ports(dockerfile: tuple[dict, list[il.Stage]]) -> None:
     _, stages = dockerfile
     final = stages[-1]
     entry = final.all("ENTRYPOINT")[-1].exec_form()
     assert entry and entry[0] == dl.IMAGE_ENTRYPOINT, entry
     # The entrypoint is on PATH in the image: a COPY of docker/entrypoint.sh, executable.
-    installed = [dl.copy_sources(i) for i in final.all("COPY") if "from" not in i.flags]
+    installed = [il.copy_sources(i) for i in final.all("COPY") if "from" not in i.flags]
     dest = next(d for srcs, d in installed if srcs == ["docker/entrypoint.sh"])
     assert dest == f"/usr/local/bin/{dl.IMAGE_ENTRYPOINT}", dest
     copy = next(i for i in final.all("COPY") if "docker/entrypoint.sh" in i.args)
@@ -129,7 +130,7 @@ def test_entrypoint_health_and_ports(dockerfile: tuple[dict, list[dl.Stage]]) ->
             assert name in known, f"ENV {name} is read by no part"
 
 
-def test_jax_flavour_build_argument(dockerfile: tuple[dict, list[dl.Stage]]) -> None:
+def test_jax_flavour_build_argument(dockerfile: tuple[dict, list[il.Stage]]) -> None:
     _, stages = dockerfile
     build = next(s for s in stages if any("requirements.py" in i.args for i in s.all("RUN")))
     assert build.args_().get("JAX_FLAVOR") == "cpu"
@@ -187,7 +188,7 @@ def test_project_installs_from_the_build_context(tmp_path: Path) -> None:
     install that carries the migrations, and runs from anywhere."""
     ctx = tmp_path / "context"
     ctx.mkdir()
-    files = dl.build_context(ctx)
+    files = il.build_context(ctx)
     assert not any(f.startswith(("tests/", "bench/", ".git/")) for f in files), files
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",

@@ -4,7 +4,6 @@ settings, the image and each other: names, ports, probes, environment, secrets, 
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,8 @@ import pytest
 
 from tests.cluster import postgres_database
 from tests.deploy import deploylib as dl
+from tests.deploy import imagelib as il
+from tests.deploy import kustomize as kz
 
 NS = "saxplane"
 OVERLAYS = ("base", "overlays/gpu", "overlays/tpu")
@@ -22,15 +23,12 @@ OVERLAYS = ("base", "overlays/gpu", "overlays/tpu")
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of deploy/k8s with secrets.env made from the example, as an operator does."""
-    dest = tmp_path_factory.mktemp("k8s") / "k8s"
-    shutil.copytree(dl.K8S, dest, ignore=shutil.ignore_patterns("secrets.env"))
-    shutil.copy(dest / "base" / "secrets.env.example", dest / "base" / "secrets.env")
-    return dest
+    return kz.operator_tree(tmp_path_factory.mktemp("k8s") / "k8s")
 
 
 @pytest.fixture(scope="module")
 def rendered(tree: Path) -> dict[str, dict[tuple[str, str], dict[str, Any]]]:
-    return {name: dl.normalized(dl.render(tree / name)) for name in OVERLAYS}
+    return {name: kz.normalized(kz.render(tree / name)) for name in OVERLAYS}
 
 
 def _containers(spec: dict[str, Any]) -> list[dict[str, Any]]:
@@ -51,7 +49,7 @@ def _port(container: dict[str, Any], ref: Any) -> int:
 
 
 def _uid() -> int:
-    _, stages = dl.parse_dockerfile()
+    _, stages = il.parse_dockerfile()
     return int(stages[-1].all("USER")[-1].args.split(":")[0])
 
 
@@ -67,14 +65,14 @@ def _operator_overlay(tree: Path) -> Path:
 
 def test_fallback_renderer_agrees_with_kustomize(tree: Path) -> None:
     mine = _operator_overlay(tree)
-    images = {c["image"] for d in dl.render_fallback(mine) if dl.pod_spec(d)
-              for c in _containers(dl.pod_spec(d))}  # type: ignore[arg-type]
+    images = {c["image"] for d in kz.render_fallback(mine) if kz.pod_spec(d)
+              for c in _containers(kz.pod_spec(d))}  # type: ignore[arg-type]
     assert images == {"europe-west4-docker.pkg.dev/my-project/saxplane/saxplane:latest",
                       "europe-west4-docker.pkg.dev/my-project/saxplane/saxplane:tpu"}
-    if not dl.kubectl_available():
+    if not kz.kubectl_available():
         pytest.skip("no kubectl/kustomize here: the fallback renders alone")
     for path in [tree / name for name in OVERLAYS] + [mine]:
-        assert dl.normalized(dl.render_fallback(path)) == dl.normalized(dl.render_kubectl(path)), path
+        assert kz.normalized(kz.render_fallback(path)) == kz.normalized(kz.render_kubectl(path)), path
 
 
 def test_resources_and_names(rendered: dict[str, Any]) -> None:
@@ -112,7 +110,7 @@ def test_workloads_ports_probes_and_env(rendered: dict[str, Any]) -> None:
         secret = docs[("Secret", "saxplane-secrets")]["data"]
         seen_parts = set()
         for (kind, wname), d in docs.items():
-            spec = dl.pod_spec(d)
+            spec = kz.pod_spec(d)
             if spec is None:
                 continue
             assert ("ServiceAccount", spec["serviceAccountName"]) in docs, wname
@@ -159,7 +157,7 @@ def test_workloads_ports_probes_and_env(rendered: dict[str, Any]) -> None:
 
 def test_services_route_to_the_parts(rendered: dict[str, Any]) -> None:
     for name, docs in rendered.items():
-        pods = {wname: d for (kind, wname), d in docs.items() if dl.pod_spec(d) is not None}
+        pods = {wname: d for (kind, wname), d in docs.items() if kz.pod_spec(d) is not None}
         service_port: dict[str, int] = {}
         for (kind, sname), svc in docs.items():
             if kind != "Service":
@@ -199,8 +197,8 @@ def test_secrets_config_and_workload_identity(rendered: dict[str, Any], tree: Pa
     assert re.fullmatch(r"[a-z][a-z0-9-]+@[A-Za-z0-9_-]+\.iam\.gserviceaccount\.com",
                         ksa["metadata"]["annotations"]["iam.gke.io/gcp-service-account"])
     # The real secrets file is never part of the repository's tree.
-    assert "secrets.env" in (dl.K8S / "base" / ".gitignore").read_text().split()
-    assert dl.is_ignored("deploy/k8s/base/secrets.env", dl.dockerignore_rules())
+    assert "secrets.env" in (kz.K8S / "base" / ".gitignore").read_text().split()
+    assert il.is_ignored("deploy/k8s/base/secrets.env", il.dockerignore_rules())
 
 
 def test_accelerator_overlays(rendered: dict[str, Any]) -> None:
@@ -261,14 +259,14 @@ def test_metrics_are_scraped_by_annotations_or_a_pod_monitor(rendered: dict[str,
 
     for name, docs in rendered.items():
         for (kind, _), d in docs.items():
-            spec = dl.pod_spec(d)
+            spec = kz.pod_spec(d)
             if not spec or kind == "Job":
                 continue
             (c,) = [c for c in spec["containers"] if _part(c) in dl.SERVING_PARTS]
             ann = d["spec"]["template"]["metadata"].get("annotations") or {}
             assert ann.get("prometheus.io/scrape") == "true" and ann.get("prometheus.io/path") == "/metrics", name
             assert int(ann["prometheus.io/port"]) == _port(c, "http"), (name, kind)
-    (mon,) = dl.render(tree / "monitoring")
+    (mon,) = kz.render(tree / "monitoring")
     assert (mon["apiVersion"], mon["kind"], mon["metadata"]["namespace"]) == ("monitoring.coreos.com/v1",
                                                                               "PodMonitor", NS)
     sel = mon["spec"]["selector"]
@@ -280,10 +278,10 @@ def test_metrics_are_scraped_by_annotations_or_a_pod_monitor(rendered: dict[str,
 
     picked = []
     for (kind, n), d in rendered["base"].items():
-        if dl.pod_spec(d) and selected(d["spec"]["template"]["metadata"]["labels"]):
+        if kz.pod_spec(d) and selected(d["spec"]["template"]["metadata"]["labels"]):
             picked.append(n)
             (endpoint,) = mon["spec"]["podMetricsEndpoints"]
-            (c,) = [c for c in dl.pod_spec(d)["containers"] if _part(c) in dl.SERVING_PARTS]  # type: ignore[index]
+            (c,) = [c for c in kz.pod_spec(d)["containers"] if _part(c) in dl.SERVING_PARTS]  # type: ignore[index]
             assert endpoint["path"] == "/metrics" and endpoint["port"] in [p["name"] for p in c["ports"]]
     assert sorted(picked) == ["saxplane-admin", "saxplane-frontend", "saxplane-model-server"]
     # The annotation-driven job of deploy/prometheus/prometheus-k8s.yml reads those annotations.

@@ -4,7 +4,6 @@ the model server's settings and the slice's own arithmetic (hosts x chips = the 
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ import pytest
 
 from model_server.slice import SliceConfig
 from tests.deploy import deploylib as dl
+from tests.deploy import kustomize as kz
 
 NAME = "overlays/tpu-multihost"
 LWS = "saxplane-model-server-slice"
@@ -20,20 +20,17 @@ SLICE_ENV = {"SAX_SLICE_HOSTS", "SAX_SLICE_RANK", "SAX_COORDINATOR"}
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    dest = tmp_path_factory.mktemp("k8s_mh") / "k8s"
-    shutil.copytree(dl.K8S, dest, ignore=shutil.ignore_patterns("secrets.env"))
-    shutil.copy(dest / "base" / "secrets.env.example", dest / "base" / "secrets.env")
-    return dest
+    return kz.operator_tree(tmp_path_factory.mktemp("k8s_mh") / "k8s")
 
 
 @pytest.fixture(scope="module")
 def docs(tree: Path) -> dict[tuple[str, str], dict[str, Any]]:
-    return dl.normalized(dl.render(tree / NAME))
+    return kz.normalized(kz.render(tree / NAME))
 
 
 @pytest.fixture(scope="module")
 def base(tree: Path) -> dict[tuple[str, str], dict[str, Any]]:
-    return dl.normalized(dl.render(tree / "base"))
+    return kz.normalized(kz.render(tree / "base"))
 
 
 def _env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -57,9 +54,9 @@ def _pod_env(container: dict[str, Any], labels: dict[str, str], annotations: dic
 
 
 def test_fallback_renderer_agrees_with_kustomize(tree: Path) -> None:
-    if not dl.kubectl_available():
+    if not kz.kubectl_available():
         pytest.skip("no kubectl/kustomize here: the fallback renders alone")
-    assert dl.normalized(dl.render_fallback(tree / NAME)) == dl.normalized(dl.render_kubectl(tree / NAME))
+    assert kz.normalized(kz.render_fallback(tree / NAME)) == kz.normalized(kz.render_kubectl(tree / NAME))
 
 
 def test_slices_replace_the_single_host_servers(docs, base) -> None:
