@@ -15,6 +15,8 @@ from model_server.engine import (Engine, EngineError, InvalidRequest, QueueFull,
                                  compile_count)
 from model_server.models import base
 from tests.cluster import wait_until
+from tests.model_server import reference
+from tests.model_server.reference import log_softmax, prompt_of
 
 SLOTS, WINDOW = 4, 64
 
@@ -37,51 +39,9 @@ def engine(model):
         eng.stop()
 
 
-# --------------------------------------------------------------------------- reference
-
-@functools.lru_cache(maxsize=None)
-def _ref_fn(spec):
-    return jax.jit(base.make_forward(spec))
-
-
-def ref_logits(model, seq) -> np.ndarray:
-    """Cache-free logits [len(seq), V] (padded to the window: one compile serves all)."""
-    toks = np.zeros((1, WINDOW), np.int32)
-    toks[0, :len(seq)] = seq
-    logits, _ = _ref_fn(model.spec)(model.params, toks, np.arange(WINDOW, dtype=np.int32)[None], None, None)
-    return np.asarray(logits[0, :len(seq)], np.float64)
-
-
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    m = x.max(-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
-
-
-def ref_greedy(model, prompt, n, *, presence=0.0, frequency=0.0, repetition=1.0, bias=None):
-    """Greedy tokens with vLLM's penalty semantics, and the raw logits of every step."""
-    v = model.spec.vocab_size
-    seq, out, steps = list(prompt), [], []
-    counts = np.zeros(v)
-    in_prompt = np.zeros(v, bool)
-    in_prompt[list(prompt)] = True
-    for _ in range(n):
-        raw = ref_logits(model, seq)[-1]
-        steps.append(raw)
-        lg = raw.copy()
-        for t, b in (bias or {}).items():
-            lg[t] += b
-        seen = counts > 0
-        lg = np.where((seen | in_prompt) & (repetition != 1), np.where(lg > 0, lg / repetition, lg * repetition), lg)
-        lg = lg - frequency * counts - presence * seen
-        tok = int(np.argmax(lg))
-        out.append(tok)
-        counts[tok] += 1
-        seq.append(tok)
-    return out, steps
-
-
-def prompt_of(model, text: str) -> list[int]:
-    return model.tokenizer.encode(text, add_special_tokens=False)
+# The reference: a cache-free forward over the whole sequence, padded to the window.
+ref_logits = functools.partial(reference.full_logits, pad=WINDOW)
+ref_greedy = functools.partial(reference.ref_greedy, pad=WINDOW)
 
 
 PROMPTS = ["Hello world! This is", "The quick brown fox jumps over the lazy dog. Once upon a time there",
