@@ -14,7 +14,6 @@ at once, transformers as one static batch), then prefill throughput at one promp
 """
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
@@ -22,6 +21,7 @@ import types
 
 import numpy as np
 
+from bench.cli import engine_parser
 from bench.engine import ENGINE_COMPILES, run_hf, run_ours, synthetic_tokenizer
 
 VOCAB = 6144
@@ -46,12 +46,7 @@ def active_params(spec) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--prompt-tokens", type=int, default=64)
-    ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--prefill-tokens", type=int, default=256)
-    ap.add_argument("--rounds", type=int, default=1, help="alternating rounds; best figure kept")
+    ap = engine_parser(__doc__, prompt_tokens=64, prefill_tokens=256, rounds=1)
     ap.add_argument("--hf-experts", default="batched_mm", choices=["batched_mm", "grouped_mm", "eager"],
                     help="transformers' experts implementation (on 2 loaded AMD EPYC cores one 8-row decode "
                          "step took 3.0 s batched_mm, 5.2 s grouped_mm (its default), 11.3 s eager)")

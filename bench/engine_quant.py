@@ -17,7 +17,6 @@ serving (0 expected). Keep runs short on a shared machine (`--new-tokens 32 --ro
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -26,15 +25,12 @@ import types
 
 import numpy as np
 
+from bench.cli import engine_parser
+
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--prompt-tokens", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--prefill-tokens", type=int, default=512)
+    ap = engine_parser(__doc__, prompt_tokens=128, prefill_tokens=512, rounds=2)
     ap.add_argument("--stagger", type=float, default=0.05)
-    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--share-rounds", type=int, default=3)
     args = ap.parse_args(argv)
 

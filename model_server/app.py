@@ -66,20 +66,22 @@ def sse_response(stream: Any) -> Response:
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-@bp.post("/v1/completions")
-def completions():  # type: ignore[no-untyped-def]
+def _openai(chat: bool) -> Response:
+    """An OpenAI completion or chat call: its JSON answer, or its SSE stream."""
     body = json_body()
-    payload, stream = openai_api.handle(served_for(body), body, chat=False, limits=limits(),
+    payload, stream = openai_api.handle(served_for(body), body, chat=chat, limits=limits(),
                                         abandoned=caller_watch())
     return sse_response(stream) if stream is not None else jsonify(payload)
+
+
+@bp.post("/v1/completions")
+def completions() -> Response:
+    return _openai(chat=False)
 
 
 @bp.post("/v1/chat/completions")
-def chat_completions():  # type: ignore[no-untyped-def]
-    body = json_body()
-    payload, stream = openai_api.handle(served_for(body), body, chat=True, limits=limits(),
-                                        abandoned=caller_watch())
-    return sse_response(stream) if stream is not None else jsonify(payload)
+def chat_completions() -> Response:
+    return _openai(chat=True)
 
 
 def _encoded(vector: list[float], encoding: str) -> Any:

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Self
 
 import requests
 
@@ -79,7 +79,27 @@ class Proc:
         return self.log_path.read_text(errors="replace")
 
 
-class AdminProcess(Proc):
+class ServedProc(Proc):
+    """A part serving HTTP on 127.0.0.1:`port`; `start` waits until its /healthz answers."""
+    port: int
+    health_timeout = 30.0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    def start(self, wait: bool = True) -> Self:
+        super().start()
+        if wait:
+            wait_http(f"{self.url}/healthz", timeout=self.health_timeout, proc=self.proc)
+        return self
+
+
+class AdminProcess(ServedProc):
     def __init__(self, tmp: Path, *, root: str, db_url: str | None = None, port: int | None = None,
                  env: dict[str, str] | None = None, extra_args: list[str] | None = None,
                  name: str = "admin"):
@@ -90,22 +110,13 @@ class AdminProcess(Proc):
                 *(["--db-url", db_url, "--migrate"] if db_url else []), *(extra_args or [])]
         super().__init__(args, env or {}, tmp / f"{name}-{self.port}.log")
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, wait: bool = True) -> "AdminProcess":
-        super().start()
-        if wait:
-            wait_http(f"{self.url}/healthz", proc=self.proc)
-        return self
-
 
 TINY_OVERRIDES = {"num_slots": 4, "max_seq_len": 128, "max_queue": 16}
 
 
-class ModelServerProcess(Proc):
+class ModelServerProcess(ServedProc):
     """`python -m model_server` joined to an admin (or with static --model entries)."""
+    health_timeout = 120.0
 
     def __init__(self, tmp: Path, *, admin: str | None = None, port: int | None = None,
                  models: list[str] | None = None, overrides: dict | None = None,
@@ -120,19 +131,6 @@ class ModelServerProcess(Proc):
             args += ["--override", f"{k}={v}"]
         super().__init__(args + (extra_args or []), env or {}, tmp / f"model-server-{self.port}.log")
 
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.address}"
-
-    def start(self, wait: bool = True) -> "ModelServerProcess":
-        super().start()
-        if wait:
-            wait_http(f"{self.url}/healthz", timeout=120, proc=self.proc)
-        return self
 
 
 def publish_and_wait(admin_url: str, model_id: str, replicas: int = 1, *, model_path: str = "test.tiny",
@@ -157,7 +155,7 @@ def warm_compilation_cache(overrides: dict | None = None) -> None:
                    timeout=600, cwd=REPO)
 
 
-class FrontendProcess(Proc):
+class FrontendProcess(ServedProc):
     """`python -m http_frontend` (gunicorn) in front of the admin at `admin` (a port on
     127.0.0.1, or a host:port)."""
 
@@ -168,15 +166,6 @@ class FrontendProcess(Proc):
         args = [sys.executable, "-m", "http_frontend", "--port", str(self.port), "--host", "127.0.0.1",
                 "--admin", address, *flags]
         super().__init__(args, env or {}, tmp / f"{name}-{self.port}.log")
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> "FrontendProcess":
-        super().start()
-        wait_http(f"{self.url}/healthz", proc=self.proc)
-        return self
 
 
 @contextmanager
