@@ -113,30 +113,19 @@ class BandwidthReaders:
 ENGINE_COMPILES = [0]
 
 
-def run_ours(engine, prompts, new_tokens, stagger=0.0, stamps=None):
-    """Submit `prompts` (every `stagger` seconds); returns (makespan, ttfts, tokens). `stamps`,
-    if given, gets (arrival time, token count, sequence) of every delta carrying tokens."""
+def run_ours(engine, prompts, new_tokens, stagger=0.0):
+    """Submit `prompts` (every `stagger` seconds); returns (makespan, ttfts, tokens)."""
     from model_server.engine import compile_count
 
     time.sleep(SETTLE_S)
     c0 = compile_count()
     try:
-        return _run_ours(engine, prompts, new_tokens, stagger, stamps)
+        return _run_ours(engine, prompts, new_tokens, stagger)
     finally:
         ENGINE_COMPILES[0] += compile_count() - c0
 
 
-def run_ours_decode(engine, prompts, new_tokens):
-    """Submit `prompts` at once; decode alone, timed from the moment every sequence has its
-    first token (all prefills done) to the last token: (tokens produced in it, seconds)."""
-    stamps: list[tuple[float, int, int]] = []
-    run_ours(engine, prompts, new_tokens, stamps=stamps)
-    start = max(min(t for t, _, j in stamps if j == i) for i in range(len(prompts)))
-    end = max(t for t, _, _ in stamps)
-    return sum(n for t, n, _ in stamps if t > start), end - start
-
-
-def _run_ours(engine, prompts, new_tokens, stagger, stamps=None):
+def _run_ours(engine, prompts, new_tokens, stagger):
     from model_server.engine import SamplingParams
 
     sp = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
@@ -145,14 +134,9 @@ def _run_ours(engine, prompts, new_tokens, stagger, stamps=None):
 
     def consume(i, h, t_sub):
         for d in h:
-            if not d.token_ids:
-                continue
-            now = time.perf_counter()
-            if ttfts[i] is None:
-                ttfts[i] = now - t_sub
+            if ttfts[i] is None and d.token_ids:
+                ttfts[i] = time.perf_counter() - t_sub
             counts[i] += len(d.token_ids)
-            if stamps is not None:
-                stamps.append((now, len(d.token_ids), i))
 
     threads = []
     for i, p in enumerate(prompts):

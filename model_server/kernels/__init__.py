@@ -184,9 +184,10 @@ def use_prefill_attention(head_dim: int, block_size: int, *dtypes) -> bool:
 
 
 def decode_attention(q: jax.Array, block_tables: jax.Array, positions: jax.Array, k_pool: jax.Array,
-                     v_pool: jax.Array, scale: float, window: int = 0) -> jax.Array:
+                     v_pool: jax.Array, scale: float, window: int = 0, softcap: float = 0.0) -> jax.Array:
     """One query token per row against its sequence's positions [0, positions[b]] in the
-    paged pools (with a `window` > 0: only the last `window` of them).
+    paged pools (with a `window` > 0: only the last `window` of them; with a `softcap` > 0,
+    scores become softcap * tanh(scores / softcap) before the softmax, as Gemma 2's).
 
     q [B, H, D]; block_tables [B, K], positions [B] int32; pools [blocks, KV, block_size, D]
     (float32 or bfloat16). Returns [B, H, D] float32 (see decode_attention.cc).
@@ -194,7 +195,7 @@ def decode_attention(q: jax.Array, block_tables: jax.Array, positions: jax.Array
     _require()
     call = jax.ffi.ffi_call("saxplane_decode_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32))
     return call(q.astype(jnp.float32), block_tables.astype(jnp.int32), positions.astype(jnp.int32),
-                k_pool, v_pool, scale=np.float32(scale), window=np.int32(window))
+                k_pool, v_pool, scale=np.float32(scale), window=np.int32(window), softcap=np.float32(softcap))
 
 
 def matmul(x: jax.Array, *ws: jax.Array) -> list[jax.Array]:
@@ -216,16 +217,17 @@ def matmul_q8(x: jax.Array, *ws) -> list[jax.Array]:
 
 
 def prefill_attention(q: jax.Array, q_positions: jax.Array, k_pool: jax.Array, v_pool: jax.Array,
-                      block_tables: jax.Array, scale: float, window: int = 0) -> jax.Array:
+                      block_tables: jax.Array, scale: float, window: int = 0, softcap: float = 0.0) -> jax.Array:
     """A prefill chunk's queries q [B, T, H, D] float32 at `q_positions` [B, T] (not
     decreasing along a row) against their sequences in the paged pools [blocks, KV,
     block_size, D] float32 through `block_tables` [B, K]: key j (position j) is visible to
-    query i when j <= q_positions[i] (and, with a `window` > 0, j > q_positions[i] - window).
+    query i when j <= q_positions[i] (and, with a `window` > 0, j > q_positions[i] - window);
+    `softcap` > 0: scores softcap * tanh(scores / softcap) before the softmax (Gemma 2).
     Returns [B, T, H, D] float32 (see prefill_attention.cc)."""
     _require()
     call = jax.ffi.ffi_call("saxplane_prefill_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32))
     return call(q, q_positions.astype(jnp.int32), k_pool, v_pool, block_tables.astype(jnp.int32),
-                scale=np.float32(scale), window=np.int32(window))
+                scale=np.float32(scale), window=np.int32(window), softcap=np.float32(softcap))
 
 
 def argmax(x: jax.Array) -> jax.Array:

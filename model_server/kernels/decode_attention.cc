@@ -6,7 +6,8 @@
 // [num_blocks, kv_heads, block_size, head_dim], float32 or bfloat16; position s of row b lies
 // in block block_tables[b, s / block_size] at offset s % block_size (an id out of range, a
 // table's padding, reads block 0: such positions are never visible to a real query). Output
-// [rows, heads, head_dim] float32: softmax(q . k * scale) . v with float32 scores and sums,
+// [rows, heads, head_dim] float32: softmax(q . k * scale) . v with float32 scores and sums
+// (with a softcap c > 0, Gemma 2's soft-capping: scores c * tanh(scores / c) before the softmax),
 // normalised after the value product, as model_server/models/layers.py computes it.
 //
 // Why: XLA:CPU runs the batched dot of that formulation as one tiny matrix product per (row,
@@ -53,6 +54,7 @@ struct Problem {
   int64_t rows, heads, kv_heads, dim, span, num_blocks, block_size, table_len;
   int64_t window;  // 0: none
   float scale;
+  float softcap;  // > 0: scores become softcap * tanh(scores / softcap) (Gemma 2)
   bool bf16;
 };
 
@@ -120,6 +122,10 @@ void attend_item(const Problem& p, int64_t item, std::vector<float>& scores, std
       sc[g * n + s] = dot * p.scale;
     }
   });
+  if (p.softcap > 0.f) {
+    const float cap = p.softcap, inv_cap = 1.f / p.softcap;
+    for (int64_t i = 0; i < group * n; ++i) sc[i] = std::tanh(sc[i] * inv_cap) * cap;
+  }
   // softmax numerators; their sums divide the output at the end
   for (int64_t g = 0; g < group; ++g) sums[g] = saxplane::softmax_numerators(sc + g * n, n);
   std::fill(acc, acc + group * dim, 0.f);
@@ -159,7 +165,7 @@ void attend_any(const Problem& p, int64_t item) {
 ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                                ffi::Buffer<ffi::S32> block_tables, ffi::Buffer<ffi::S32> positions,
                                ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::ResultBuffer<ffi::F32> out,
-                               float scale, int32_t window) {
+                               float scale, int32_t window, float softcap) {
   auto qd = q.dimensions(), td = block_tables.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 3) return ffi::Error::InvalidArgument("q must be [rows, heads, dim]");
   if (td.size() != 2 || td[0] != qd[0]) return ffi::Error::InvalidArgument("block tables must be [rows, blocks]");
@@ -178,6 +184,7 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   p.out = out->typed_data();
   p.scale = scale;
   p.window = window;
+  p.softcap = softcap;
   p.num_blocks = kd[0];
   p.kv_heads = kd[1];
   p.block_size = kd[2];
@@ -206,4 +213,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SaxDecodeAttention, DecodeAttentionImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale")
-                                  .Attr<int32_t>("window"));
+                                  .Attr<int32_t>("window")
+                                  .Attr<float>("softcap"));
