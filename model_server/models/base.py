@@ -53,7 +53,7 @@ from flax import nnx
 # this one); their names stay reachable as `base.X`, the contract the rest of the code reads.
 from model_server.models.kv import (KVCache, cache_partition_spec, cache_shardings, init_cache,  # noqa: F401
                                     kv_bytes_per_token, kv_cache_bytes, pool_sharding)
-from model_server.models.spec import ModelConfigError, ModelSpec, dtype_of  # noqa: F401
+from model_server.models.spec import FAMILY_NAMES, ModelConfigError, ModelSpec, dtype_of  # noqa: F401
 
 Params = Any  # nested dict/list of arrays
 
@@ -207,6 +207,7 @@ def register_family(name: str, architectures: Sequence[str], *, spec_from_hf_con
         if cls.__abstractmethods__:
             raise TypeError(f"{cls.__name__} leaves {sorted(cls.__abstractmethods__)} abstract")
         _FAMILIES[name] = cls
+        FAMILY_NAMES.add(name)
         for arch in cls.architectures:
             _BY_ARCHITECTURE[arch] = cls
         return cls

@@ -9,6 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 
 
+#: The families registered (base.register_family adds each): the names a spec may carry.
+FAMILY_NAMES: set[str] = set()
+
+
 class ModelConfigError(ValueError):
     """A model configuration that we cannot serve (unknown architecture, bad values)."""
 
@@ -74,7 +78,7 @@ class ModelSpec:
     architecture: str = ""
 
     def __post_init__(self) -> None:
-        if self.family not in _FAMILIES:
+        if self.family not in FAMILY_NAMES:
             raise ModelConfigError(f"unknown model family {self.family!r}")
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                      "head_dim", "intermediate_size", "max_position_embeddings"):
