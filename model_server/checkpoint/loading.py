@@ -117,11 +117,19 @@ def _place_sharded(tensors: SafetensorsDir, names: dict, rules: list[Rule], shap
             f, stored, rule = entries[0]
             if applied_shape(rule, f.shape(stored)) == want:
                 out[path] = place_rule(f, stored, rule, want, np_dtype, sharding, quantize)
-        elif sorted(r.index for r in group) == list(range(want[0])) and all(
-                applied_shape(r, f.shape(stored)) == want[1:] for f, stored, r in entries):
+        elif _whole_stack(entries, want):
             entries.sort(key=lambda e: e[2].index)
             out[path] = place_stack(entries, want, np_dtype, sharding, quantize)
     return out
+
+
+def _whole_stack(entries: list, want: tuple[int, ...]) -> bool:
+    """Whether `entries` are the experts 0..n-1 of a stacked param of shape `want`, each
+    giving one entry's shape."""
+    indices = [r.index for _, _, r in entries]
+    if None in indices or sorted(indices) != list(range(want[0])):
+        return False
+    return all(applied_shape(r, f.shape(stored)) == want[1:] for f, stored, r in entries)
 
 
 def _quantize_placed_tree(params: Any, shardings: Any, name: str = "") -> Any:
