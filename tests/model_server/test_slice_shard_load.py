@@ -119,3 +119,23 @@ def test_moe_experts_read_per_host(tmp_path, name, quantization):
             for bounds, data in shards:
                 want = ref[key][tuple(slice(lo, hi) for lo, hi in bounds)]
                 np.testing.assert_array_equal(np.asarray(data, want.dtype), want, err_msg=key)
+
+
+def test_orbax_int8_on_a_local_mesh(tiny_hf_dir, tmp_path):
+    """The same per-shard quantization in one process (every device local): equal to a
+    whole-tensor quantize, leaf by leaf."""
+    import jax
+
+    from model_server import checkpoint as ck
+    from model_server.models import base, quant
+
+    hf = ck.open_checkpoint(tiny_hf_dir)
+    ck.save_orbax(hf, ck.load_params(hf, "float32", on_device=False), tmp_path / "orbax", "float32")
+    got = ck.load_params(ck.open_checkpoint(tmp_path / "orbax"), "float32",
+                         mesh=base.make_mesh(jax.local_devices()), quantization="int8")
+    assert quant.is_quantized(got["layers"][0]["wo"]) and not quant.is_quantized(got["final_norm"])
+    ref = _reference(tiny_hf_dir, "int8")
+    flat = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(got)[0]}
+    assert set(flat) == set(ref)
+    for key, want in ref.items():
+        np.testing.assert_array_equal(flat[key], want, err_msg=key)
