@@ -102,4 +102,4 @@ def replicas_note(model: ModelView, need: BaseNeed | None) -> str | None:
 
 def adapters_note(own: int, effective: int, adapters: dict[str, int]) -> str:
     names = ", ".join(f"{a} ({n})" for a, n in sorted(adapters.items()))
-    return f"{effective} replicas for its LoRA adapters (its own target is {own}): {names}"
+    return f"{effective} replica{'s' if effective != 1 else ''} for its LoRA adapters (its own target is {own}): {names}"

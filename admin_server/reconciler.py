@@ -205,9 +205,13 @@ def plan(now: float, settings: AdminSettings, servers: list[ServerView], models:
         for address in chosen:
             p.add.append({"model_id": model.model_id, "server_address": address,
                           "generation": model.generation, "checkpoint": model.checkpoint})
-        if len(chosen) < missing:
+        if len(chosen) < missing and beside is not None and not beside - exclude - set(chosen):
+            notes[model.model_id] = (f"{len(current) + len(chosen)} of {want} placed: waiting for more "
+                                     f"LOADED replicas of its base {adapters.base_of(model)}")
+        elif len(chosen) < missing:
             notes[model.model_id] = scaling.unplaced_reason(
                 model, list(live.values()), free, exclude | set(chosen), _fits)
+        if len(chosen) < missing:
             placed = len(current) + len(chosen)
             if placed == 0 or placed < model.floor:
                 cold.append((model, exclude | set(chosen)))
