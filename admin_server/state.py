@@ -114,7 +114,7 @@ def adapters_of(session: Session, base_id: str) -> list[str]:
 def _base_replicas(session: Session, model: PublishedModel) -> tuple[int, dict[str, int]]:
     """A base's effective replica count (adapter_placement.base_replicas) and its adapters'
     targets; (its own target, {}) for a model without adapters."""
-    ads = adapter_models(session, model.model_id)
+    ads = adapter_models(session, model.model_id) if (model.overrides or {}).get("max_loras") else []
     if not ads:
         return model.target_replicas, {}
     base_servers = set(session.scalars(select(Replica.server_address).where(
