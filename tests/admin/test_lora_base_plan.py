@@ -120,6 +120,23 @@ def test_rolling_update_of_the_base_keeps_adapters_served_throughout() -> None:
     assert p.unload == [old_b.id]
 
 
+def test_rolling_update_onto_other_servers_moves_the_adapter_before_the_old_base_goes() -> None:
+    srv = [server("s1", mem=GiB + GiB // 4, paths=PATHS), server("s2", mem=4 * GiB, paths=PATHS)]
+    b2, a2 = replace(base(1, lo=1), generation=2), replace(adapter(ADA, lo=1), generation=2)
+    old_b, old_a = rep(BASE, "s1", used=NOW), rep(ADA, "s1", used=NOW)
+    p = plan_([b2, a2], [old_b, old_a], srv)
+    assert added(p) == [(BASE, "s2")]  # s1 has no room for a second base
+    new_b = replace(rep(BASE, "s2"), generation=2)
+    p = plan_([b2, a2], [old_b, old_a, new_b], srv)
+    assert added(p) == [(ADA, "s2")] and p.unload == []  # ada's only LOADED replica is still on s1
+    new_a = replace(rep(ADA, "s2"), generation=2)
+    p = plan_([b2, a2], [old_b, old_a, new_b, new_a], srv)
+    assert p.unload == [old_a.id]
+    old_a.wanted = "UNLOADED"
+    p = plan_([b2, a2], [old_b, old_a, new_b, new_a], srv)
+    assert p.unload == [old_b.id]
+
+
 def plan_(models, reps, srv=None):  # type: ignore[no-untyped-def]
     from admin_server.reconciler import plan
 
