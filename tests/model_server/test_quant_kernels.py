@@ -140,6 +140,7 @@ def lora_setup(tmp_path_factory):
     return base_dir, ads, torch_models
 
 
+@pytest.mark.timeout(900)  # builds and compiles its own engine (a loaded machine is slow at it)
 def test_lora_over_int8_base_close_to_peft(lora_setup):
     """Adapters over an int8 base (`quantization: int8`): prompt logprobs (a 70-token prompt:
     one prefill of more than 64 rows) and greedy decode logprobs stay within int8 tolerance of
