@@ -1,5 +1,5 @@
-"""The one-row int8 products of a GPT-2-small decode step, float form vs int16 activations
-(`python -m bench.q8_gemv`).
+"""The int8 products of a GPT-2-small decode step, float form vs int16 activations
+(`python -m bench.q8_gemv [--rows 8]`).
 
 49 products (12 layers x qkv 2304x768, wo 768x768, fc 3072x768, proj 768x3072, and the
 50257x768 vocabulary projection; 127 MB of int8 weights), each its own `kernels.matmul_q8`
@@ -18,6 +18,7 @@ import numpy as np
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--rows", type=int, default=1, help="rows of x (a decode step's sequences, 1-8)")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--alternations", type=int, default=2)
     args = ap.parse_args(argv)
@@ -33,13 +34,13 @@ def main(argv=None) -> int:
     for s in shapes:
         w = quant.quantize_array(rng.standard_normal(s).astype(np.float32) * 0.02)
         ws.append(quant.QTensor(jnp.asarray(w.q), jnp.asarray(w.scale)))
-    xs = {k: jnp.asarray(rng.standard_normal((1, k)).astype(np.float32)) for k in (768, 3072)}
+    xs = {k: jnp.asarray(rng.standard_normal((args.rows, k)).astype(np.float32)) for k in (768, 3072)}
 
     def chain(xs, ws):
         return [kernels.matmul_q8(xs[w.q.shape[1]], w)[0] for w in ws]
 
     weight_bytes = sum(int(np.prod(s)) for s in shapes)
-    print(f"# {len(shapes)} products, {weight_bytes / 1e6:.0f} MB int8; VNNI form available: "
+    print(f"# {len(shapes)} products of {args.rows} row(s), {weight_bytes / 1e6:.0f} MB int8; VNNI form available: "
           f"{kernels.q8_a16()}; load average {os.getloadavg()[0]:.1f}")
     for _ in range(args.alternations):
         for flag in ("0", "1"):

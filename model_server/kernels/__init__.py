@@ -8,8 +8,8 @@
 * ``matmul``: ``x . w^T`` for the few rows of a decode step, float32, one call for several
   weights of the same x (matmul.cc); larger products stay with XLA's dot, which is as fast or
   faster there; ``matmul_q8``: the same with int8 weights and float32 scales per output row
-  (``quantization: int8``), converted in registers; up to 8 rows on a CPU with AVX512-VNNI
-  round x to int16 (one scale per row, ~1.5e-5 of its max|x|) and take integer dot products
+  (``quantization: int8``), converted in registers; one row on a CPU with AVX512-VNNI rounds
+  x to int16 (one scale per call, ~1.5e-5 of max|x|) and takes integer dot products
   (``SAX_Q8_A16=0``: the float form everywhere).
 
 Only for the CPU backend on a single device (a multi-device mesh, GPU and TPU keep the
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 ENV_SWITCH = "SAX_CPU_KERNELS"
 ENV_CACHE = "SAX_KERNEL_CACHE"
-#: "0" turns off matmul_q8's int16-activation forms of 1-8 rows (AVX512-VNNI; see matmul.cc).
+#: "0" turns off matmul_q8's int16-activation one-row form (AVX512-VNNI; see matmul.cc).
 ENV_Q8_A16 = "SAX_Q8_A16"
 _HERE = Path(__file__).parent
 _SOURCES = sorted(_HERE.glob("*.cc"))
@@ -162,7 +162,7 @@ def _off(name: str) -> bool:
 
 
 def q8_a16() -> bool:
-    """Whether `matmul_q8` traced now takes the int16-activation forms (1-8 rows): the library
+    """Whether `matmul_q8` traced now takes the int16-activation one-row form: the library
     was built with AVX512-VNNI and ``SAX_Q8_A16`` does not turn it off."""
     return not _off(ENV_Q8_A16) and _load() and bool(_state["lib"].SaxQ8A16Available())
 

@@ -16,8 +16,8 @@
 // The same code serves int8 weights with float32 scales per output row (SaxMatmulQ8, the
 // `quantization: int8` override): w's values are sign-extended and converted to floats in
 // registers as they are loaded (a quarter of the bytes to stream), each output multiplied by
-// its row's scale at the end. Up to kDotRows rows on a CPU with AVX512-VNNI: int16
-// activations and integer dot products instead (see dot_row_a16, tile_a16).
+// its row's scale at the end. One row on a CPU with AVX512-VNNI: int16 activations and
+// integer dot products instead (see dot_row_a16).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -366,85 +366,6 @@ void gemv_a16_item(const GemvA16& p, int64_t i) {
   }
 }
 
-// A few rows (up to kDotRows), the same way: each row rounded to int16 with its own scale, a
-// tile of MR rows x NR outputs keeps MR * NR int32 accumulators (one per output, so exact
-// while K <= kQ8A16TileMaxK: K / 16 products of at most |32767 * 127| per lane), each weight
-// vector sign-extended once for the tile's MR rows.
-constexpr int64_t kQ8A16TileMaxK = 8192;
-
-struct ProblemA16 {
-  const int16_t* x;    // [M, K]
-  const float* sx;     // [M]
-  const int8_t* w;     // [N, K]
-  const float* scale;  // [N]
-  float* y;            // [M, N]
-  int64_t m, n, k;
-  int64_t tiles_per_item;
-  int64_t items;
-};
-
-template <int MR, int NR>
-inline void tile_a16(const ProblemA16& p, int64_t m0, int64_t n0) {
-  const int64_t k = p.k;
-  const int16_t* __restrict__ xs[MR];
-  const int8_t* __restrict__ ws[NR];
-  for (int i = 0; i < MR; ++i) xs[i] = p.x + (m0 + i) * k;
-  for (int j = 0; j < NR; ++j) ws[j] = p.w + (n0 + j) * k;
-  int32_t sums[MR][NR];
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-  const int64_t kv = k - k % 32;
-  __m512i acc[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_si512();
-  for (int64_t kk = 0; kk < kv; kk += 32) {
-    if (kk % 64 == 0)
-      for (int j = 0; j < NR; ++j) __builtin_prefetch(ws[j] + kk + (n0 + NR + j < p.n ? NR * k : 0), 0, 3);
-    __m512i wv[NR];
-    for (int j = 0; j < NR; ++j)
-      wv[j] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws[j] + kk)));
-    for (int i = 0; i < MR; ++i) {
-      const __m512i xv = _mm512_loadu_si512(reinterpret_cast<const void*>(xs[i] + kk));
-      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_dpwssd_epi32(acc[i][j], xv, wv[j]);
-    }
-  }
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) sums[i][j] = _mm512_reduce_add_epi32(acc[i][j]);
-#else
-  const int64_t kv = 0;
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) sums[i][j] = 0;
-#endif
-  for (int i = 0; i < MR; ++i) {
-    float* __restrict__ out = p.y + (m0 + i) * p.n + n0;
-    for (int j = 0; j < NR; ++j) {
-      int32_t s = sums[i][j];
-      for (int64_t kk = kv; kk < k; ++kk) s += static_cast<int32_t>(xs[i][kk]) * static_cast<int32_t>(ws[j][kk]);
-      out[j] = static_cast<float>(s) * (p.sx[m0 + i] * p.scale[n0 + j]);
-    }
-  }
-}
-
-template <int MR>
-inline void tile_a16_n(const ProblemA16& p, int64_t m0, int64_t n0, int64_t nr) {
-  if (nr == kNR) return tile_a16<MR, kNR>(p, m0, n0);
-  for (int64_t j = 0; j < nr; ++j) tile_a16<MR, 1>(p, m0, n0 + j);
-}
-
-void run_item_a16(const ProblemA16& p, int64_t item) {
-  const int64_t n_begin = item * p.tiles_per_item * kNR;
-  const int64_t n_end = std::min(p.n, n_begin + p.tiles_per_item * kNR);
-  for (int64_t n0 = n_begin; n0 < n_end; n0 += kNR) {
-    const int64_t nr = std::min<int64_t>(kNR, n_end - n0);
-    for (int64_t m0 = 0; m0 < p.m; m0 += kMR) {
-      if (p.m - m0 >= kMR) {
-        tile_a16_n<kMR>(p, m0, n0, nr);
-      } else {
-        for (int64_t i = m0; i < p.m; ++i) tile_a16_n<1>(p, i, n0, nr);
-      }
-    }
-  }
-}
-
 // Output tiles per work item: enough items for every thread to take several (load balance).
 int64_t tiles_per_item(int64_t n_tiles, int64_t threads) {
   return std::max<int64_t>(1, std::min<int64_t>(16, n_tiles / (4 * threads)));
@@ -489,20 +410,6 @@ void matmul(ffi::ThreadPool& pool, const float* x, int64_t m, int64_t k, const s
         parts.push_back(GemvA16{xq.data(), sx, o.w, o.scale, o.y, o.n, k, per, (o.n + per - 1) / per});
       }
       return run_parts(pool, parts, gemv_a16_item);
-    }
-    if (m > 1 && m <= kDotRows && a16 && kHaveQ8A16 && k <= kQ8A16TileMaxK) {
-      std::vector<int16_t> xq(static_cast<size_t>(m * k));
-      std::vector<float> sx(static_cast<size_t>(m));
-      for (int64_t i = 0; i < m; ++i) sx[i] = quantize_row_a16(x + i * k, k, xq.data() + i * k);
-      std::vector<ProblemA16> parts;
-      for (const Output<W>& o : outs) {
-        ProblemA16 p{xq.data(), sx.data(), o.w, o.scale, o.y, m, o.n, k, 0, 0};
-        const int64_t n_tiles = (o.n + kNR - 1) / kNR;
-        p.tiles_per_item = tiles_per_item(n_tiles, threads);
-        p.items = (n_tiles + p.tiles_per_item - 1) / p.tiles_per_item;
-        parts.push_back(p);
-      }
-      return run_parts(pool, parts, run_item_a16);
     }
   }
   if (m == 1) {
@@ -586,7 +493,7 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Remain
 
 // x [M, K] and int8 weights q_j [N_j, K] with float32 scales s_j [N_j] (arguments q_0, s_0,
 // q_1, s_1, ...) -> y_j = (x . q_j^T) * s_j [M, N_j].
-// `a16` (nonzero): products of up to kDotRows rows round x to int16 and use integer dot products where the
+// `a16` (nonzero): one-row products round x to int16 and use integer dot products where the
 // CPU has AVX512-VNNI (see dot_row_a16); elsewhere, and with a16 = 0, the float form.
 ffi::Error MatmulQ8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs ws,
                         ffi::RemainingRets ys, int32_t a16) {

@@ -1,4 +1,4 @@
-"""int8 serving's native paths: the int8 products of up to 8 rows with int16 activations (AVX512-VNNI),
+"""int8 serving's native paths: the one-row int8 product with int16 activations (AVX512-VNNI),
 the decode kernel on int8 KV pools, int8 products of more rows than the kernel takes, and
 LoRA adapters over an int8 base against transformers + PEFT in float32.
 
@@ -36,22 +36,20 @@ def _q8_product(monkeypatch, a16: str, x, *ws) -> list[np.ndarray]:
 
 
 @needs_kernels
-@pytest.mark.parametrize("m", [1, 2, 4, 5, 8])
 @pytest.mark.parametrize("n,k", [(1, 1), (37, 768), (5, 100), (64, 3072), (3, 31), (300, 160)])
-def test_int16_activations_close_to_float_path(monkeypatch, m, n, k):
-    """One row (the GEMV) and a few (the 4 x 6 tiles and their tails); K on and off the 32-
-    and 128-element steps; several weights in one call; each row its own scale."""
-    rng = np.random.default_rng(n * k + m)
+def test_one_row_int16_activations_close_to_float_path(monkeypatch, n, k):
+    """K on and off the 32- and 128-element steps; several weights in one call."""
+    rng = np.random.default_rng(n * k)
     ws = [_q8(rng, n, k), _q8(rng, 2 * n + 1, k)]
-    x = rng.standard_normal((m, k)).astype(np.float32) * np.arange(1, m + 1, dtype=np.float32)[:, None]
-    x[0, 0] = 8.0  # an outlier sets the first row's scale
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    x[0, 0] = 8.0  # an outlier sets the activations' scale
     floats = _q8_product(monkeypatch, "0", x, *ws)
     ints = _q8_product(monkeypatch, "1", x, *ws)
     for w, yf, yi in zip(ws, floats, ints):
         want = x.astype(np.float64) @ np.asarray(w.dequantize(jnp.float32), np.float64).T
         np.testing.assert_allclose(yf, want, rtol=1e-5, atol=1e-4 * np.sqrt(k))
         # rounding x to int16: |err| <= sum_k |w_k| * max|x| / 65534
-        bound = np.abs(np.asarray(w.dequantize(jnp.float32))).sum(-1)[None] * np.abs(x).max(-1)[:, None] / 65534
+        bound = np.abs(np.asarray(w.dequantize(jnp.float32))).sum(-1) * np.abs(x).max() / 65534
         assert (np.abs(yi - want) <= bound + 1e-4).all(), np.abs(yi - want).max()
 
 
