@@ -172,7 +172,7 @@ def paged_attention(q: jax.Array, q_positions: jax.Array, pools: tuple[jax.Array
     b, tq, h, d = q.shape
     kp, vp = pools
     if kernels.enabled():
-        if tq == 1 and not is_quantized(kp):
+        if tq == 1:
             out = kernels.decode_attention(q[:, 0], block_tables, q_positions[:, 0], kp, vp, scale, window or 0,
                                            softcap)
             return out.reshape(b, 1, h * d).astype(q.dtype)
