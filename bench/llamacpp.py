@@ -18,7 +18,8 @@ Steps (each skipped when its output exists):
 3. `llama-bench` (decode of `--new-tokens` at batch 1 after a `--prompt-tokens` context `-d`, and a
    `--prefill-tokens` prefill) and `llama-batched-bench` (1/8/32 sequences, `--prompt-tokens`
    prompts, `--new-tokens` each), `--threads` threads, both files; then (unless `--no-ours`)
-   `python -m bench.engine --model gpt2-int8 --stagger 0` with the same sizes, printed as it runs.
+   `python -m bench.engine --model gpt2-int8 --stagger 0 --share-rounds 0` with the same sizes
+   (all 32 sequences submitted at once, as llama-batched-bench starts them), printed as it runs.
 """
 from __future__ import annotations
 
@@ -142,10 +143,10 @@ def main(argv=None) -> int:
         print(f"| {key} | " + " | ".join(f"{t.get(key, float('nan')):.1f}" for t in table.values()) + " |")
     if not args.no_ours:
         print("\n# ours: python -m bench.engine --model gpt2-int8", flush=True)
+        sizes = ["--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
+                 "--prefill-tokens", str(args.prefill_tokens), "--concurrency", *map(str, args.concurrency)]
         subprocess.run([sys.executable, "-m", "bench.engine", "--model", "gpt2-int8", "--stagger", "0",
-                        "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
-                        "--prefill-tokens", str(args.prefill_tokens), "--concurrency",
-                        *map(str, args.concurrency)], check=True)
+                        "--share-rounds", "0", *sizes], check=True)
     return 0
 
 
