@@ -133,6 +133,9 @@ def main(argv=None) -> int:
     if src is None:
         ap.error(f"no llama.cpp sources under {work} (run with --setup)")
     build = (args.build or work / "build").resolve()
+    missing = [t for t in TOOLS if not (build / "bin" / t).exists()]
+    if missing:
+        ap.error(f"{', '.join(missing)} not in {build}/bin (build them: --setup, or pass --build)")
     commit = subprocess.run(["git", "-C", str(src), "log", "-1", "--format=%h %cs"], text=True,
                             capture_output=True).stdout.strip() or "unknown"
     print(f"# llama.cpp {src.parent.parent.name} (vendored commit {commit}), {args.threads} threads", flush=True)
