@@ -27,6 +27,7 @@ import argparse
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -58,8 +59,10 @@ def setup(work: Path) -> Path:
         src = source_dir(work)
     assert src is not None
     if not all((work / "build" / "bin" / t).exists() for t in TOOLS):
-        sh("nice", "-n", "19", "cmake", "-S", str(src), "-B", str(work / "build"), "-DCMAKE_BUILD_TYPE=Release",
-           "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DBUILD_SHARED_LIBS=OFF")
+        gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+        sh("nice", "-n", "19", "cmake", "-S", str(src), "-B", str(work / "build"), *gen, "-DCMAKE_BUILD_TYPE=Release",
+           "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+           "-DBUILD_SHARED_LIBS=OFF")
         sh("nice", "-n", "19", "cmake", "--build", str(work / "build"), "-j2", "--target", *TOOLS)
     return src
 
