@@ -226,7 +226,7 @@ class Programs:
 
     @staticmethod
     def _lora(stack: Any, index: jax.Array) -> Optional[LoRA.Lora]:
-        return None if stack is None else LoRA.Lora(stack, index)
+        return None if stack is None else LoRA.Lora.of(stack, index)
 
     def _step_logits(self, fwd_last: Callable, params, lora, cache, tokens, pos, active, tab, index):
         # rows not decoding this step (free, or started by this step's prefill) write nothing

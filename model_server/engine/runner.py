@@ -16,7 +16,7 @@ from model_server.engine.guided import Guide
 from model_server.engine.programs import Programs
 from model_server.engine.requests import EmbedJob, Request, Sequence
 from model_server.engine.scheduler import Chunk
-from model_server.models import base, quant
+from model_server.models import base, lora as LoRA, quant
 
 
 def seed_words(seed: int, index: int) -> tuple[int, int]:
@@ -135,7 +135,8 @@ class Runner:
                                                             np.full((1,), -1, np.int32))))
         if pr.set_adapter is not None:  # slot 0 gets zeros: what it holds already
             self.lora = pr.set_adapter(self.lora, self.put(np.int32(0))[0], jax.tree.map(
-                lambda a: jnp.zeros(a.shape[1:], a.dtype), self.lora))
+                lambda s: jnp.zeros(s, jnp.float32), LoRA.slot_shapes(self.spec, self.programs.max_lora_rank),
+                is_leaf=lambda x: isinstance(x, tuple)))
         jax.block_until_ready((self.cache, self.state))
 
     def put(self, *arrays: Any) -> list:
