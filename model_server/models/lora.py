@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from model_server.models import layers as L
-from model_server.models.base import ModelSpec
+from model_server.models.spec import ModelSpec
 
 #: PEFT target module -> our projection weight (model_server.models.llama).
 TARGETS: dict[str, str] = {
