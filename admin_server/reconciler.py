@@ -10,103 +10,19 @@ from __future__ import annotations
 import heapq
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Engine, delete, func, insert, select, update
 
+from admin_server import adapter_placement as adapters
 from admin_server import scaling
 from admin_server.lease import fence
 from admin_server.schema import (CellState, ModelServer, ModelState, Observed, PublishedModel,
                                  Replica, Wanted)
 from admin_server.settings import AdminSettings
+from admin_server.views import ModelView, Plan, ReplicaView, ServerView
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ServerView:
-    address: str
-    chip: str
-    memory_bytes: int
-    tags: list[str]
-    servable: list[str]
-    last_heartbeat: float
-
-
-@dataclass
-class ModelView:
-    model_id: str
-    model_path: str
-    checkpoint: str | None
-    generation: int
-    requested: int              # the target replica count (autoscaled between min and max)
-    overrides: dict[str, Any]
-    state: str
-    memory_bytes: int | None
-    failures: int
-    retry_after: float | None
-    min_replicas: int = -1      # -1: the same as `requested` (a fixed count)
-    max_replicas: int = -1
-    idle_seconds: float = 300.0
-    busy_since: float | None = None
-    calm_since: float | None = None
-    demand_at: float | None = None
-    scaled_at: float | None = None
-    placement_note: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.min_replicas < 0:
-            self.min_replicas = self.requested
-        if self.max_replicas < 0:
-            self.max_replicas = self.requested
-
-    @property
-    def need(self) -> int:
-        """Accelerator bytes one replica needs: the `ram` override, else what a server reported."""
-        return int(self.overrides.get("ram") or self.memory_bytes or 0)
-
-
-@dataclass
-class ReplicaView:
-    id: int
-    model_id: str
-    server: str
-    generation: int
-    wanted: str
-    observed: str
-    error: str | None
-    retry_after: float | None
-    memory_bytes: int | None
-    running: int = 0
-    waiting: int = 0
-    last_used_at: float | None = None
-    created_at: float = 0.0
-
-
-@dataclass
-class Plan:
-    dead_servers: list[str] = field(default_factory=list)
-    add: list[dict[str, Any]] = field(default_factory=list)        # new replica rows
-    unload: list[int] = field(default_factory=list)                # replica ids -> wanted UNLOADED
-    delete: list[int] = field(default_factory=list)                # replica ids to drop
-    failed: list[tuple[int, float]] = field(default_factory=list)  # (replica id, retry_after)
-    model_failures: dict[str, tuple[int, float, str]] = field(default_factory=dict)
-    model_recovered: list[str] = field(default_factory=list)
-    drop_models: list[str] = field(default_factory=list)
-    scale: dict[str, scaling.Scaled] = field(default_factory=dict)    # model id -> new target
-    notes: dict[str, str | None] = field(default_factory=dict)        # model id -> placement note
-    # Earliest time a back-off ends: the next pass that could act on its own.
-    next_due: float | None = None
-
-    def empty(self) -> bool:
-        return not any((self.dead_servers, self.add, self.unload, self.delete, self.failed,
-                        self.model_failures, self.model_recovered, self.drop_models, self.scale,
-                        self.notes))
-
-    def due(self, when: float | None) -> None:
-        if when is not None:
-            self.next_due = min(self.next_due or when, when)
 
 
 LOADED, UNLOADED = Wanted.LOADED, Wanted.UNLOADED
@@ -223,34 +139,43 @@ def plan(now: float, settings: AdminSettings, servers: list[ServerView], models:
                 model.scaled_at = now
                 log.info("scale %s to %d replicas: %s", model.model_id, scaled.target, scaled.reason)
         p.due(scaling.next_due(now, settings, model, mine))
-        notes[model.model_id] = None
+    # What LoRA adapters ask of their bases (more replicas; some kept): after autoscaling.
+    bases = adapters.needs(active, holding)
+    keep = adapters.protected(bases, holding)
+    for model in active:
+        mine = holding.get(model.model_id, [])
+        notes[model.model_id] = adapters.replicas_note(model, bases.get(model.model_id))
         wanted = [r for r in mine if r.wanted == LOADED]
         beside: set[str] | None = None  # an adapter's candidate servers: those with its base LOADED
-        if model.model_path == ADAPTER_PATH:
-            beside, stray = _beside_base(model, holding)
+        if model.model_path == adapters.ADAPTER_PATH:
+            beside, stray = adapters.beside_base(model, by_model.get(adapters.base_of(model) or ""), holding)
             p.unload.extend(r.id for r in wanted if r.id in stray)
             wanted = [r for r in wanted if r.id not in stray]
+        want = model.effective
         current = [r for r in wanted if r.generation == model.generation]
         old = [r for r in wanted if r.generation != model.generation]
         loaded_current = sum(1 for r in current if r.observed == OBS_LOADED)
         if loaded_current and model.failures:
             p.model_recovered.append(model.model_id)
-        if loaded_current >= model.requested:
+        if loaded_current >= want:
             # Fully served: failed placements need no back-off record any more.
             p.delete.extend(r.id for r in mine if r.wanted == UNLOADED and r.observed == NONE)
 
         # Surplus current-generation replicas: drop those not yet serving first, then the least
         # loaded, least recently used (they drain before they unload).
-        surplus = len(current) - model.requested
-        for r in sorted(current, key=lambda r: (r.observed == OBS_LOADED, r.running + r.waiting,
+        surplus = len(current) - want
+        # (Base replicas holding wanted adapters are kept: `want` counts them.)
+        for r in sorted(current, key=lambda r: (r.id in keep, r.observed == OBS_LOADED, r.running + r.waiting,
                                                 scaling.last_used(r), r.id))[:max(surplus, 0)]:
             p.unload.append(r.id)
         # Old generations drain only as new replicas become ready (rolling update).
-        keep_old = max(0, min(len(old), model.requested - loaded_current))
+        keep_old = max(0, min(len(old), want - loaded_current))
+        # An old base replica also stays while old adapter replicas on it are wanted.
         for r in sorted(old, key=lambda r: (r.observed == OBS_LOADED, r.id))[:len(old) - keep_old]:
-            p.unload.append(r.id)
+            if r.id not in keep:
+                p.unload.append(r.id)
 
-        missing = model.requested - len(current)
+        missing = want - len(current)
         if missing <= 0:
             continue
         if model.retry_after and model.retry_after > now:
@@ -269,7 +194,7 @@ def plan(now: float, settings: AdminSettings, servers: list[ServerView], models:
         if beside is not None:
             exclude |= set(live) - beside
             if not beside:
-                notes[model.model_id] = f"waiting for a LOADED replica of its base {model.overrides.get('base')}"
+                notes[model.model_id] = f"waiting for a LOADED replica of its base {adapters.base_of(model)}"
                 continue
         key = (model.model_path, repr(model.overrides.get("chip")),
                tuple(sorted(model.overrides.get("constraints") or [])))
@@ -280,30 +205,20 @@ def plan(now: float, settings: AdminSettings, servers: list[ServerView], models:
         for address in chosen:
             p.add.append({"model_id": model.model_id, "server_address": address,
                           "generation": model.generation, "checkpoint": model.checkpoint})
-        if len(chosen) < missing:
+        if len(chosen) < missing and beside is not None and not beside - exclude - set(chosen):
+            notes[model.model_id] = (f"{len(current) + len(chosen)} of {want} placed: waiting for more "
+                                     f"LOADED replicas of its base {adapters.base_of(model)}")
+        elif len(chosen) < missing:
             notes[model.model_id] = scaling.unplaced_reason(
                 model, list(live.values()), free, exclude | set(chosen), _fits)
+        if len(chosen) < missing:
             placed = len(current) + len(chosen)
-            if placed == 0 or placed < model.min_replicas:
+            if placed == 0 or placed < model.floor:
                 cold.append((model, exclude | set(chosen)))
     if cold:
-        scaling.evict(p, cold, list(live.values()), free, kept, by_model, notes, _fits)
+        scaling.evict(p, cold, list(live.values()), free, kept, by_model, notes, _fits, keep)
     p.notes = {m: n for m, n in notes.items() if n != by_model[m].placement_note}
     return p
-
-
-ADAPTER_PATH = "lm.lora"
-
-
-def _beside_base(model: ModelView, holding: dict[str, list[ReplicaView]]) -> tuple[set[str], set[int]]:
-    """An adapter's placement: (servers where its base is LOADED and wanted, ids of the
-    adapter's wanted replicas on servers its base no longer is wanted on: they unload, to be
-    placed again beside the base)."""
-    base = holding.get(str(model.overrides.get("base")), [])
-    wanted = {r.server for r in base if r.wanted == LOADED}
-    ready = {r.server for r in base if r.wanted == LOADED and r.observed == OBS_LOADED}
-    stray = {r.id for r in holding.get(model.model_id, []) if r.wanted == LOADED and r.server not in wanted}
-    return ready, stray
 
 
 def load_views(conn, cell: str) -> tuple[list[ServerView], list[ModelView], list[ReplicaView]]:  # type: ignore[no-untyped-def]

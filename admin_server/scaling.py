@@ -26,7 +26,7 @@ from admin_server.schema import Observed, Wanted
 from admin_server.settings import AdminSettings
 
 if TYPE_CHECKING:
-    from admin_server.reconciler import ModelView, ReplicaView, ServerView
+    from admin_server.views import ModelView, ReplicaView, ServerView
 
 log = logging.getLogger("admin_server.reconciler")  # decisions log beside the passes that make them
 LOADED, UNLOADED = Wanted.LOADED, Wanted.UNLOADED
@@ -108,9 +108,10 @@ def next_due(now: float, settings: AdminSettings, model: "ModelView", mine: list
 
 def evict(p: Any, cold: list[tuple["ModelView", set[str]]], live: list["ServerView"], free: dict[str, int],
           kept: list["ReplicaView"], by_model: dict[str, "ModelView"], notes: dict[str, str | None],
-          fits: Any) -> None:
+          fits: Any, keep: "set[int] | frozenset[int]" = frozenset()) -> None:
     """Adds to plan `p` the unloads (and lower targets) that make room for the `cold` models
-    (each with the servers it may not use), and notes what each waits for."""
+    (each with the servers it may not use), and notes what each waits for. Replicas in `keep`
+    (bases holding wanted LoRA adapters) are never taken."""
     unloading = set(p.unload)
     wanted_count: dict[str, int] = {}
     for r in kept:
@@ -118,7 +119,8 @@ def evict(p: Any, cold: list[tuple["ModelView", set[str]]], live: list["ServerVi
             wanted_count[r.model_id] = wanted_count.get(r.model_id, 0) + 1
     for model, exclude in cold:
         usable = [s for s in live if s.address not in exclude]
-        victims, note = evict_for(model, usable, free, kept, by_model, wanted_count, fits)
+        victims, note = evict_for(model, usable, free, [r for r in kept if r.id not in keep], by_model,
+                                  wanted_count, fits)
         if note:
             notes[model.model_id] = f"{notes[model.model_id]}; {note}" if notes.get(model.model_id) else note
         for r in victims:
@@ -151,7 +153,7 @@ def evict_for(model: "ModelView", servers: list["ServerView"], free: dict[str, i
         if r.wanted == UNLOADED and r.observed != NONE:
             freeing[r.server] += max(other.need, r.memory_bytes or 0)
         elif (r.wanted == LOADED and r.observed == OBS_LOADED and r.model_id != model.model_id
-              and r.generation == other.generation and wanted_count.get(r.model_id, 0) > other.min_replicas):
+              and r.generation == other.generation and wanted_count.get(r.model_id, 0) > other.floor):
             evictable.append(r)
     waiting_on = [a for a in sorted(names) if free[a] + freeing[a] >= need]
     if waiting_on:
@@ -160,7 +162,7 @@ def evict_for(model: "ModelView", servers: list["ServerView"], free: dict[str, i
     gained = dict(freeing)
     counts = dict(wanted_count)
     for r in sorted(evictable, key=lambda r: (last_used(r), r.id)):
-        if counts[r.model_id] <= by_model[r.model_id].min_replicas:
+        if counts[r.model_id] <= by_model[r.model_id].floor:
             continue
         counts[r.model_id] -= 1
         taken[r.server].append(r)

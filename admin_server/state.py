@@ -13,6 +13,8 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from admin_server import adapter_placement
+from admin_server.adapter_placement import ADAPTER_PATH
 from admin_server.errors import AlreadyExists, Conflict, FailedPrecondition, NotFound
 from common.naming import (InvalidArgument, check_checkpoint, check_model_path, check_replicas, check_scaling,
                            parse_model_id)
@@ -73,7 +75,6 @@ def publish(session: Session, settings: AdminSettings, body: dict[str, Any]) -> 
     return model
 
 
-ADAPTER_PATH = "lm.lora"
 
 
 def _check_adapter(session: Session, model_id: str, model_path: str, overrides: dict[str, Any]) -> None:
@@ -98,11 +99,32 @@ def _check_adapter(session: Session, model_id: str, model_path: str, overrides: 
                               f"(publish it with the override max_loras)")
 
 
-def adapters_of(session: Session, base_id: str) -> list[str]:
+def adapter_models(session: Session, base_id: str, *, lock: bool = False) -> list[PublishedModel]:
     """The published adapters whose base is `base_id`."""
-    rows = session.scalars(select(PublishedModel).where(PublishedModel.model_path == ADAPTER_PATH,
-                                                        PublishedModel.state == ModelState.ACTIVE))
-    return sorted(m.model_id for m in rows if (m.overrides or {}).get("base") == base_id)
+    stmt = select(PublishedModel).where(PublishedModel.model_path == ADAPTER_PATH,
+                                        PublishedModel.state == ModelState.ACTIVE)
+    rows = session.scalars(stmt.with_for_update() if lock else stmt)
+    return sorted((m for m in rows if (m.overrides or {}).get("base") == base_id), key=lambda m: m.model_id)
+
+
+def adapters_of(session: Session, base_id: str) -> list[str]:
+    return [m.model_id for m in adapter_models(session, base_id)]
+
+
+def _base_replicas(session: Session, model: PublishedModel) -> tuple[int, dict[str, int]]:
+    """A base's effective replica count (adapter_placement.base_replicas) and its adapters'
+    targets; (its own target, {}) for a model without adapters."""
+    ads = adapter_models(session, model.model_id) if (model.overrides or {}).get("max_loras") else []
+    if not ads:
+        return model.target_replicas, {}
+    base_servers = set(session.scalars(select(Replica.server_address).where(
+        Replica.model_id == model.model_id, Replica.generation == model.generation,
+        Replica.wanted == Wanted.LOADED)))
+    holding = set(session.scalars(select(Replica.server_address).where(
+        Replica.model_id.in_([a.model_id for a in ads]), Replica.wanted == Wanted.LOADED)))
+    targets = {a.model_id: a.target_replicas for a in ads}
+    return adapter_placement.base_replicas(model.target_replicas, list(targets.values()),
+                                           len(holding & base_servers)), targets
 
 
 def unpublish(session: Session, settings: AdminSettings, model_id: Any) -> None:
@@ -138,6 +160,9 @@ def update_model(session: Session, settings: AdminSettings, model_id: Any,
             model.checkpoint = checkpoint
             model.generation += 1
             model.failures, model.retry_after, model.last_error = 0, None, None
+            # Its adapters reload over the new base (their old replicas serve until then).
+            for adapter in adapter_models(session, model.model_id, lock=True):
+                adapter.generation += 1
             changed = True
     replicas = model.requested_replicas
     if body.get("replicas", body.get("num_replicas")) is not None:
@@ -189,25 +214,33 @@ def model_detail(session: Session, settings: AdminSettings, model: PublishedMode
         "server_alive": hb >= alive_after,
     } for r, hb in rows]
     active = sum(1 for r, hb in rows if _routable(r) and hb >= alive_after)
+    effective, adapter_targets = _base_replicas(session, model)
+    extra = {}
+    if adapter_targets:
+        extra["adapters"] = adapter_targets
+        if effective > model.target_replicas:
+            extra["replicas_reason"] = adapter_placement.adapters_note(model.target_replicas, effective,
+                                                                       adapter_targets)
     return {
         "model_id": model.model_id, "model_path": model.model_path,
         "checkpoint": model.checkpoint if model.checkpoint is not None else "None",
         "max_replicas": model.max_replicas, "active_replicas": active,
         "min_replicas": model.min_replicas, "requested_replicas": model.requested_replicas,
-        "target_replicas": model.target_replicas, "idle_seconds": model.idle_seconds,
-        "state": serving_state(model, active), "reason": model.placement_note or model.last_error,
+        "target_replicas": model.target_replicas, "effective_replicas": effective,
+        "idle_seconds": model.idle_seconds, **extra,
+        "state": serving_state(effective, active), "reason": model.placement_note or model.last_error,
         "last_scale": {"reason": model.scale_reason, "at": model.scaled_at},
         "overrides": model.overrides, "uuid": model.uuid, "generation": model.generation,
         "last_error": model.last_error, "replicas": replicas,
     }
 
 
-def serving_state(model: PublishedModel, active: int) -> str:
+def serving_state(wanted: int, active: int) -> str:
     """IDLE (scaled to zero: the next call loads it), LOADING (wanted, none ready yet),
-    DEGRADED (fewer ready than wanted) or READY."""
+    DEGRADED (fewer ready than wanted) or READY; `wanted`: the effective replica count."""
     if active == 0:
-        return "IDLE" if model.target_replicas == 0 else "LOADING"
-    return "READY" if active >= model.target_replicas else "DEGRADED"
+        return "IDLE" if wanted == 0 else "LOADING"
+    return "READY" if active >= wanted else "DEGRADED"
 
 
 def _routable(r: Replica) -> bool:

@@ -17,8 +17,9 @@ from admin_server.schema import ModelServer, Observed, PublishedModel, Replica, 
 from admin_server.settings import AdminSettings
 
 def wanted(detail: dict[str, Any]) -> int:
-    """Replicas the model should have now: the autoscaler's target within [min, max]."""
-    return int(detail.get("target_replicas", detail["max_replicas"]))
+    """Replicas the model should have now: the autoscaler's target within [min, max], or more
+    for a base whose LoRA adapters need them."""
+    return int(detail.get("effective_replicas", detail.get("target_replicas", detail["max_replicas"])))
 
 
 def _holds_memory(r: Replica) -> bool:

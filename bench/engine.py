@@ -40,7 +40,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-VOCAB = 50257
+from bench.baseline import SETTLE_S, VOCAB, gemm_rates, run_hf, synthetic_tokenizer, torch_model
+
 MODELS = ("gpt2", "qwen3-moe", "gpt2-int8")
 
 
@@ -53,56 +54,6 @@ def gpt2_small_spec():
         intermediate_size=3072, max_position_embeddings=1024, norm_eps=1e-5,
         activation="gelu_new", tie_word_embeddings=True, qkv_bias=True, o_bias=True,
         mlp_bias=True, eos_token_ids=(VOCAB - 1,))
-
-
-def synthetic_tokenizer(vocab_size: int = VOCAB):
-    """A valid byte-level BPE with exactly `vocab_size` tokens (GPT-2's 50257: 256 bytes,
-    50000 pair merges, eos)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {c: i for i, c in enumerate(alphabet)}
-    merges = []
-    for a in alphabet:
-        for b in alphabet:
-            if len(vocab) >= vocab_size - 1:
-                break
-            vocab[a + b] = len(vocab)
-            merges.append((a, b))
-    vocab["<|endoftext|>"] = vocab_size - 1
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
-
-
-def torch_model(spec, params):
-    """transformers' GPT2LMHeadModel holding exactly `params`."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    cfg = GPT2Config(vocab_size=spec.vocab_size, n_embd=spec.hidden_size, n_layer=spec.num_layers,
-                     n_head=spec.num_heads, n_positions=spec.max_position_embeddings,
-                     layer_norm_epsilon=spec.norm_eps, activation_function=spec.activation)
-    model = GPT2LMHeadModel(cfg).eval()
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(np.asarray(a, np.float32)))  # noqa: E731
-    tt = lambda a: t(np.asarray(a).T)  # noqa: E731  ours [out, in] -> Conv1D [in, out]
-    sd = {"transformer.wte.weight": t(params["embed"]), "transformer.wpe.weight": t(params["pos_embed"]),
-          "transformer.ln_f.weight": t(params["final_norm"]), "transformer.ln_f.bias": t(params["final_norm_b"])}
-    for i, p in enumerate(params["layers"]):
-        pre = f"transformer.h.{i}."
-        sd[pre + "ln_1.weight"], sd[pre + "ln_1.bias"] = t(p["attn_norm"]), t(p["attn_norm_b"])
-        sd[pre + "ln_2.weight"], sd[pre + "ln_2.bias"] = t(p["mlp_norm"]), t(p["mlp_norm_b"])
-        sd[pre + "attn.c_attn.weight"] = tt(np.concatenate([p["wq"], p["wk"], p["wv"]], axis=0))
-        sd[pre + "attn.c_attn.bias"] = t(np.concatenate([p["bq"], p["bk"], p["bv"]]))
-        sd[pre + "attn.c_proj.weight"], sd[pre + "attn.c_proj.bias"] = tt(p["wo"]), t(p["bo"])
-        sd[pre + "mlp.c_fc.weight"], sd[pre + "mlp.c_fc.bias"] = tt(p["w_fc"]), t(p["b_fc"])
-        sd[pre + "mlp.c_proj.weight"], sd[pre + "mlp.c_proj.bias"] = tt(p["w_proj"]), t(p["b_proj"])
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    assert not unexpected and all("lm_head" in m or "attn.bias" in m for m in missing), (missing, unexpected)
-    model.tie_weights()
-    return model
 
 
 # --------------------------------------------------------------------------- bandwidth
@@ -162,14 +113,6 @@ class BandwidthReaders:
 ENGINE_COMPILES = [0]
 
 
-#: Pause before every timed run, ours and transformers' alike: after returning, each runtime's
-#: worker threads keep spinning for a while (XLA's pool; libgomp's default wait policy under
-#: torch), which the other side's next run would otherwise share its cores with. Measured on
-#: the 512-token prefill: transformers' 6% slower straight after ours than 50 ms later, ours
-#: 1.5% slower straight after transformers'.
-SETTLE_S = 0.05
-
-
 def run_ours(engine, prompts, new_tokens, stagger=0.0):
     """Submit `prompts` (every `stagger` seconds); returns (makespan, ttfts, tokens)."""
     from model_server.engine import compile_count
@@ -207,43 +150,6 @@ def _run_ours(engine, prompts, new_tokens, stagger):
     for th in threads:
         th.join()
     return time.perf_counter() - t0, ttfts, sum(counts)
-
-
-def gemm_rates(m: int = 512, k: int = 768, n: int = 3072) -> tuple[float, float]:
-    """fp32 GEMM GFLOPS of XLA and torch (best of several), for context."""
-    import jax
-    import jax.numpy as jnp
-    import torch
-
-    a = np.random.default_rng(0).standard_normal((m, k), dtype=np.float32)
-    b = np.random.default_rng(1).standard_normal((k, n), dtype=np.float32)
-    ja, jb, ta, tb = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
-    f = jax.jit(lambda x, y: x @ y)
-    f(ja, jb).block_until_ready()
-    torch.mm(ta, tb)
-    out = []
-    for fn in (lambda: f(ja, jb).block_until_ready(), lambda: torch.mm(ta, tb)):
-        best = float("inf")
-        for _ in range(5):
-            t0 = time.perf_counter()
-            for _ in range(5):
-                fn()
-            best = min(best, (time.perf_counter() - t0) / 5)
-        out.append(2 * m * k * n / best / 1e9)
-    return out[0], out[1]
-
-
-def run_hf(model, prompts, new_tokens):
-    import torch
-
-    ids = torch.tensor(prompts, dtype=torch.long)
-    time.sleep(SETTLE_S)
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    dt = time.perf_counter() - t0
-    return dt, out[:, ids.shape[1]:].tolist()
 
 
 def main(argv=None) -> int:

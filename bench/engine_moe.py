@@ -8,12 +8,21 @@
 width 192, a 6144-token vocabulary: ~200M parameters, 0.8 GB in float32. transformers'
 Qwen3MoeForCausalLM is built with random weights and saved with `save_pretrained` (sharded
 safetensors); our engine loads that checkpoint, so both run the same weights, in this process,
-alternating, the same protocol as bench.engine: decode throughput at B sequences =
-B * (new - 1) / (T(new tokens) - T(1 token)) (prefill excluded on both sides; all B submitted
-at once, transformers as one static batch), then prefill throughput at one prompt.
+alternating. Decode throughput excludes prefill on both sides. transformers runs one static
+batch as `generate` would, with its phases timed apart (one forward over the prompts, then
+single-token steps on its KV cache, timed alone): B * (new - 1) / (time of the steps). Ours,
+all B submitted at once through the engine: B / the mean time per output token on the
+engine's own clock (each token after a sequence's first, from the step before: timing by the
+consumer threads, or T(new) - T(1), drowns in the noise of a loaded 2-core machine at 8 new
+tokens). Steps that mix decode rows with other rows' prefill count against ours. So short
+prompts and few new tokens suffice, and transformers' slow batched prefill through the
+experts (126 s at 8 x 64 tokens on a loaded machine) is paid once per size.
+Prefill throughput at one prompt is a separate row. transformers runs each phase with its
+fastest experts implementation on this CPU (`--hf-prefill-experts`, `--hf-decode-experts`).
 """
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
 import time
@@ -21,8 +30,8 @@ import types
 
 import numpy as np
 
-from bench.cli import engine_parser
-from bench.engine import ENGINE_COMPILES, run_hf, run_ours, synthetic_tokenizer
+from bench.baseline import hf_decode, synthetic_tokenizer
+from bench.engine import ENGINE_COMPILES, run_ours
 
 VOCAB = 6144
 
@@ -45,11 +54,30 @@ def active_params(spec) -> int:
     return base.param_count(spec) - len(spec.moe_layers) * unused
 
 
+def ours_tpot(engine, prompts, new_tokens) -> float:
+    """Mean time per output token of `prompts` run at once, from the engine's own clock (its
+    TPOT histogram: each token after a sequence's first, from the step that made the one
+    before); a decode step of B rows makes B tokens, so B / TPOT is decode throughput."""
+    before = engine.h_tpot.snapshot()
+    run_ours(engine, prompts, new_tokens)
+    after = engine.h_tpot.snapshot()
+    return (after["sum"] - before["sum"]) / (after["count"] - before["count"])
+
+
 def main(argv=None) -> int:
-    ap = engine_parser(__doc__, prompt_tokens=64, prefill_tokens=256, rounds=1)
-    ap.add_argument("--hf-experts", default="batched_mm", choices=["batched_mm", "grouped_mm", "eager"],
-                    help="transformers' experts implementation (on 2 loaded AMD EPYC cores one 8-row decode "
-                         "step took 3.0 s batched_mm, 5.2 s grouped_mm (its default), 11.3 s eager)")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompt-tokens", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=8)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
+    ap.add_argument("--prefill-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=1, help="alternating rounds; best figure kept")
+    impls = ["batched_mm", "grouped_mm", "eager"]
+    ap.add_argument("--hf-prefill-experts", default="grouped_mm", choices=impls,
+                    help="transformers' experts implementation for its prefill (its default, grouped_mm, "
+                         "took 16.5 s for 8 x 64 tokens on 2 loaded AMD EPYC cores; batched_mm 126 s)")
+    ap.add_argument("--hf-decode-experts", default="batched_mm", choices=impls,
+                    help="and for its decode steps (one 8-row step on the same loaded cores: batched_mm "
+                         "3.0 s, grouped_mm 5.2 s, eager 11.3 s)")
     args = ap.parse_args(argv)
 
     import torch
@@ -65,7 +93,6 @@ def main(argv=None) -> int:
     t0 = time.time()
     torch.manual_seed(0)
     hf_model = Qwen3MoeForCausalLM(qwen3_moe_config()).eval()
-    hf_model.set_experts_implementation(args.hf_experts)
     tmp = tempfile.TemporaryDirectory(prefix="bench-moe-")
     hf_model.save_pretrained(tmp.name, max_shard_size="200MB")
     ckpt, params = checkpoint.load_checkpoint(tmp.name, "float32")
@@ -75,7 +102,7 @@ def main(argv=None) -> int:
           f"(ratio {total / active:.2f}; Qwen3-30B-A3B: 30.5B / 3.3B = 9.2), {spec.num_experts} experts, top "
           f"{spec.num_experts_per_tok}, {base.param_bytes(spec, 'float32') / 1e6:.0f} MB fp32 ({time.time() - t0:.1f}s); "
           f"{os.cpu_count()} CPUs, jax {jax.__version__}, torch {torch.__version__}, transformers experts "
-          f"implementation {args.hf_experts!r}", flush=True)
+          f"{args.hf_prefill_experts!r} (prefill) / {args.hf_decode_experts!r} (decode)", flush=True)
 
     pl, nt, pf = args.prompt_tokens, args.new_tokens, args.prefill_tokens
     max_conc = max(args.concurrency)
@@ -90,7 +117,8 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     sets = {b: rng.integers(1, VOCAB - 1, size=(b, pl)).tolist() for b in args.concurrency}
     pp = rng.integers(1, VOCAB - 1, size=(1, pf)).tolist()
-    run_hf(hf_model, sets[min(args.concurrency)][:1], 2)  # warm up
+    phases = dict(prefill_experts=args.hf_prefill_experts, decode_experts=args.hf_decode_experts)
+    hf_decode(hf_model, sets[min(args.concurrency)][:1], 2, **phases)  # warm up
     run_ours(eng, sets[min(args.concurrency)][:1], 4)
     results: dict[str, dict[str, float]] = {"ours": {}, "transformers": {}}
 
@@ -99,24 +127,21 @@ def main(argv=None) -> int:
 
     for rnd in range(args.rounds):
         for b in args.concurrency:
-            ps = sets[b]
-            t1 = min(run_ours(eng, ps, 1)[0] for _ in range(2))
-            dt = run_ours(eng, ps, nt)[0]
-            keep("ours", f"tput{b}", b * (nt - 1) / (dt - t1))
-            h1 = min(run_hf(hf_model, ps, 1)[0] for _ in range(2))
-            hdt = run_hf(hf_model, ps, nt)[0]
-            keep("transformers", f"tput{b}", b * (nt - 1) / (hdt - h1))
-            print(f"#   [{rnd}] {b} seqs: ours T({nt})={dt:.2f}s T(1)={t1:.3f}s; transformers T({nt})={hdt:.2f}s "
-                  f"T(1)={h1:.3f}s", flush=True)
+            tpot = ours_tpot(eng, sets[b], nt)
+            keep("ours", f"tput{b}", b / tpot)
+            hpf, hdt, _ = hf_decode(hf_model, sets[b], nt, **phases)
+            keep("transformers", f"tput{b}", b * (nt - 1) / hdt)
+            print(f"#   [{rnd}] {b} seqs: ours mean time per output token {1e3 * tpot:.1f} ms (engine clock); "
+                  f"transformers prefill {hpf:.2f}s, then {nt - 1} decode steps {hdt:.2f}s", flush=True)
         keep("ours", "prefill", pf / run_ours(eng_pf, pp, 1)[0])
-        keep("transformers", "prefill", pf / run_hf(hf_model, pp, 1)[0])
+        keep("transformers", "prefill", pf / hf_decode(hf_model, pp, 1, **phases)[0])
 
-    check = sets[min(args.concurrency)][0]
-    ours_tokens = eng.submit(check, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)).result()[0].token_ids
-    _, hf_tokens = run_hf(hf_model, [check], 16)
+    check, nc = sets[min(args.concurrency)][0], nt
+    ours_tokens = eng.submit(check, SamplingParams(max_tokens=nc, temperature=0.0, ignore_eos=True)).result()[0].token_ids
+    hf_tokens = hf_decode(hf_model, [check], nc, **phases)[2]
     eng.stop()
     eng_pf.stop()
-    print(f"# greedy tokens identical to transformers on a 16-token check: {hf_tokens[0] == ours_tokens}")
+    print(f"# greedy tokens identical to transformers on a {nc}-token check: {hf_tokens[0] == ours_tokens}")
     print()
     rows = [(f"decode tok/s, {b} seq{'s' if b > 1 else ''}", f"tput{b}") for b in args.concurrency]
     rows.append((f"prefill tok/s, {pf}-token prompt", "prefill"))

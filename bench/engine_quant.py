@@ -36,7 +36,8 @@ def main(argv=None) -> int:
 
     import jax
 
-    from bench.engine import ENGINE_COMPILES, BandwidthReaders, gpt2_small_spec, run_ours, synthetic_tokenizer
+    from bench.baseline import synthetic_tokenizer
+    from bench.engine import ENGINE_COMPILES, BandwidthReaders, gpt2_small_spec, run_ours
     from model_server.engine import Engine, SamplingParams
     from model_server.models import base, quant
 

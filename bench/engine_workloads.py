@@ -24,7 +24,8 @@ import types
 
 import numpy as np
 
-from bench.engine import VOCAB, gpt2_small_spec, synthetic_tokenizer
+from bench.baseline import VOCAB, synthetic_tokenizer
+from bench.engine import gpt2_small_spec
 
 
 def _pct(xs, q):

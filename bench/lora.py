@@ -46,7 +46,7 @@ def adapter(sp, rank: int, seed: int):
 def engine(max_loras: int, slots: int):
     import types
 
-    from bench.engine import synthetic_tokenizer
+    from bench.baseline import synthetic_tokenizer
     from model_server.engine import Engine
     from model_server.models import base
 

@@ -146,7 +146,10 @@ def _schemas(max_n: int) -> S:
         "ListCell": _obj({"model": STR, "model_path": STR, "checkpoint": STR, "max_replicas": INT,
                           "active_replicas": INT, "min_replicas": INT,
                           "state": {"type": "string", "enum": ["READY", "DEGRADED", "LOADING", "IDLE"]},
-                          "reason": _nullable(STR), "last_error": STR},
+                          "reason": _nullable(STR), "last_error": STR,
+                          # a LoRA base: its own target, the count its adapters make it, and why
+                          "target_replicas": INT, "effective_replicas": INT,
+                          "adapters": {"type": "object", "additionalProperties": INT}, "replicas_reason": STR},
                          ("model", "model_path", "checkpoint", "max_replicas", "active_replicas")),
         "GenerateRequest": _obj({"model": NONEMPTY, "query": NONEMPTY, "extra_inputs": _nullable(_obj({
             "temperature": {"type": "number", "minimum": 0, "maximum": 2},

@@ -173,6 +173,11 @@ def listcell():  # type: ignore[no-untyped-def]
     out = {"model": d["model_id"], "model_path": d["model_path"], "checkpoint": d["checkpoint"],
            "max_replicas": d["max_replicas"], "active_replicas": d["active_replicas"],
            "min_replicas": d["min_replicas"], "state": d["state"], "reason": d["reason"]}
+    if d.get("adapters"):  # a LoRA base: its own target, what its adapters make it, and why
+        out.update(target_replicas=d["target_replicas"], effective_replicas=d["effective_replicas"],
+                   adapters=d["adapters"])
+        if d.get("replicas_reason"):
+            out["replicas_reason"] = d["replicas_reason"]
     if d.get("last_error"):  # a failed load's reason, also when the model is placed elsewhere now
         out["last_error"] = d["last_error"]
     return jsonify(out)

@@ -15,7 +15,7 @@ import numpy as np
 from model_server import checkpoint as ckpt_lib
 from model_server.checkpoint import CheckpointError
 from model_server.models import lora as LoRA
-from model_server.models.base import ModelSpec
+from model_server.models.spec import ModelSpec
 
 CONFIG = "adapter_config.json"
 WEIGHTS = ("adapter_model.safetensors",)

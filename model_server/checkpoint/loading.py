@@ -12,10 +12,10 @@ import numpy as np
 from model_server.checkpoint.errors import CheckpointError
 from model_server.checkpoint.formats import ORBAX_PARAMS_DIR, Checkpoint, open_checkpoint
 from model_server.checkpoint.safetensors_reader import SafetensorsDir
-from model_server.checkpoint.shard_read import applied_shape, place_rule
+from model_server.checkpoint.shard_read import applied_shape, place_rule, place_stack, quantize_placed
 from model_server.checkpoint.sharding import param_shardings, place_params
 from model_server.models import base, quant
-from model_server.models.hfmap import empty_like_shapes, set_path
+from model_server.models.hfmap import Rule, empty_like_shapes, set_path
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +24,9 @@ def load_params(ckpt: Checkpoint, dtype: Any = "float32", *,
                 mesh: Optional[jax.sharding.Mesh] = None, on_device: bool = True,
                 quantization: Optional[str] = None) -> Any:
     """Load the params of `ckpt` in `dtype` (sharded over `mesh` when given); with
-    `quantization` ('int8'), the weights its rule names quantized as they are read (HF: tensor
-    by tensor, from the checkpoint's own precision; Orbax: after the restore).
+    `quantization` ('int8'), the weights its rule names quantized as they are read (HF: block
+    by block, from the checkpoint's own precision; Orbax: after the restore, each host its own
+    shards on a mesh).
 
     With `on_device=False` (HF only) returns host numpy arrays, e.g. for conversion.
     """
@@ -33,8 +34,10 @@ def load_params(ckpt: Checkpoint, dtype: Any = "float32", *,
     shardings = param_shardings(ckpt.spec, mesh, quantization)
     if ckpt.format == "orbax":
         params = _restore_orbax(ckpt, dtype, param_shardings(ckpt.spec, mesh))
-        if quantization is not None:
-            params = place_params(quant.quantize_tree(jax.tree.map(np.asarray, params)), shardings)
+        if quantization is not None and shardings is None:
+            params = place_params(quant.quantize_tree(jax.tree.map(np.asarray, params)), None)
+        elif quantization is not None:  # each host quantizes its own shards
+            params = _quantize_placed_tree(params, shardings)
     else:
         params = _load_hf_params(ckpt, dtype, shardings, on_device, quantization)
     log.info("loaded %s params (%s%s, %.1f MB) in %.2fs", ckpt.source, ckpt.format,
@@ -60,17 +63,13 @@ def _load_hf_params(ckpt: Checkpoint, dtype: Any, shardings: Any, on_device: boo
     np_dtype = base.dtype_of(dtype)
     params = empty_like_shapes(shapes)
     stacks: dict[tuple, list] = {}  # path -> [host array, entries filled] (expert-stacked params)
+    placed = _place_sharded(tensors, names, rules, shapes, np_dtype, shardings, quantization) \
+        if on_device and shardings is not None else {}
     for rule in rules:
+        if rule.path in placed:
+            set_path(params, rule.path, placed[rule.path])
+            continue
         stored = names[rule.hf_name]
-        sharding = _get(shardings, rule.path) if on_device and shardings is not None else None
-        if sharding is not None and rule.index is None:  # each host reads its own shards only
-            want = tuple(_get(shapes, rule.path))
-            raw_shape = tensors.where[stored].shape(stored)
-            if applied_shape(rule, raw_shape) == want:
-                quantize = quantization is not None and quant.quantizable(str(rule.path[-1]), want)
-                set_path(params, rule.path, place_rule(tensors.where[stored], stored, rule, want,
-                                                       np_dtype, sharding, quantize))
-                continue
         raw = tensors.where[stored].get(stored)
         if rule.split is not None and raw.shape[rule.split[0]] % rule.split[2]:
             raise CheckpointError(f"{ckpt.source}: tensor {stored} has shape {raw.shape}, "
@@ -99,6 +98,52 @@ def _load_hf_params(ckpt: Checkpoint, dtype: Any, shardings: Any, on_device: boo
             arr = jax.tree.map(_place_host, arr, sharding) if sharding is not None else place_params(arr, None)
         set_path(params, rule.path, arr)
     return params
+
+
+def _place_sharded(tensors: SafetensorsDir, names: dict, rules: list[Rule], shapes: Any,
+                   np_dtype: Any, shardings: Any, quantization: Optional[str]) -> dict[tuple, Any]:
+    """The params each host can read shard by shard (plain and expert-stacked), by path; the
+    others (a shape the rule cannot give) are left to the whole-tensor path."""
+    by_path: dict[tuple, list[Rule]] = {}
+    for rule in rules:
+        by_path.setdefault(rule.path, []).append(rule)
+    out: dict[tuple, Any] = {}
+    for path, group in by_path.items():
+        want = tuple(_get(shapes, path))
+        entries = [(tensors.where[names[r.hf_name]], names[r.hf_name], r) for r in group]
+        quantize = quantization is not None and quant.quantizable(str(path[-1]), want)
+        sharding = _get(shardings, path)
+        if len(group) == 1 and group[0].index is None:
+            f, stored, rule = entries[0]
+            if applied_shape(rule, f.shape(stored)) == want:
+                out[path] = place_rule(f, stored, rule, want, np_dtype, sharding, quantize)
+        elif _whole_stack(entries, want):
+            entries.sort(key=lambda e: e[2].index)
+            out[path] = place_stack(entries, want, np_dtype, sharding, quantize)
+    return out
+
+
+def _whole_stack(entries: list, want: tuple[int, ...]) -> bool:
+    """Whether `entries` are the experts 0..n-1 of a stacked param of shape `want`, each
+    giving one entry's shape."""
+    indices = [r.index for _, _, r in entries]
+    if None in indices or sorted(indices) != list(range(want[0])):
+        return False
+    return all(applied_shape(r, f.shape(stored)) == want[1:] for f, stored, r in entries)
+
+
+def _quantize_placed_tree(params: Any, shardings: Any, name: str = "") -> Any:
+    """Restored params with every quantizable leaf quantized shard by shard on its devices
+    (`quantize_placed`), the float leaf released as soon as its int8 one exists."""
+    if isinstance(params, dict):
+        return {k: _quantize_placed_tree(v, shardings[k], k) for k, v in params.items()}
+    if isinstance(params, list):
+        return [_quantize_placed_tree(v, s, name) for v, s in zip(params, shardings)]
+    if not quant.quantizable(name, tuple(params.shape)):
+        return params
+    q = quantize_placed(params, shardings)
+    params.delete()
+    return q
 
 
 def _place_host(arr: np.ndarray, sharding: Any) -> jax.Array:

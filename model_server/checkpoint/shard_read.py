@@ -12,12 +12,22 @@ a block that holds whole rows is exact as it is; a block of a tensor sharded alo
 (last) axis reads the whole rows of its output slice to compute the scales, then keeps its
 columns, so the scales equal those of quantizing the whole tensor (such tensors are read in full
 rows: row-parallel weights cost their output-slice rows, not half, under quantization).
+
+Expert-stacked MoE params ([experts, out, in], one stored tensor per expert, `Rule.index`) are
+placed the same way by `place_stack`: a block reads only the experts on its leading-axis range
+(expert parallelism puts each expert on one device, so a host reads only its own experts).
+
+`quantize_placed` quantizes a param that is already on its devices (an Orbax restore with the
+target shardings) shard by shard: the row maxima are reduced on the devices (an all-reduce
+where the input axis is split, none where it is not), then each host quantizes only its own
+blocks with the scales of whole rows, so the values equal a whole-tensor `quantize_array`.
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from model_server.checkpoint.safetensors_reader import SafetensorsFile
@@ -63,8 +73,7 @@ def _to_raw(rule: Rule, bounds: list[tuple[int, int]], raw_shape: tuple[int, ...
     return tuple(slice(lo, hi) for lo, hi in b)
 
 
-def _block_reader(f: SafetensorsFile, stored: str, rule: Rule, shape: tuple[int, ...],
-                  np_dtype: Any) -> Callable[[list[tuple[int, int]]], np.ndarray]:
+def _block_reader(f: SafetensorsFile, stored: str, rule: Rule) -> Callable[[list[tuple[int, int]]], np.ndarray]:
     raw_shape = f.shape(stored)
     cache: dict[tuple, np.ndarray] = {}
 
@@ -77,11 +86,32 @@ def _block_reader(f: SafetensorsFile, stored: str, rule: Rule, shape: tuple[int,
     return read
 
 
+def _stack_reader(entries: list[tuple[SafetensorsFile, str, Rule]]) -> Callable[[list[tuple[int, int]]], np.ndarray]:
+    """Blocks of an expert-stacked param: entry e of the leading axis is `entries[e]`'s tensor."""
+    readers = [_block_reader(f, stored, rule) for f, stored, rule in entries]
+
+    def read(bounds: list[tuple[int, int]]) -> np.ndarray:
+        (lo, hi), rest = bounds[0], bounds[1:]
+        return np.stack([readers[e](rest) for e in range(lo, hi)])
+    return read
+
+
 def place_rule(f: SafetensorsFile, stored: str, rule: Rule, shape: tuple[int, ...],
                np_dtype: Any, sharding: Any, quantize: bool) -> Any:
     """The param of `rule` as a global array on `sharding` (a `QTensor` of two when `quantize`),
     each addressable device's block read from `f` alone."""
-    read = _block_reader(f, stored, rule, shape, np_dtype)
+    return _place(_block_reader(f, stored, rule), shape, np_dtype, sharding, quantize)
+
+
+def place_stack(entries: list[tuple[SafetensorsFile, str, Rule]], shape: tuple[int, ...],
+                np_dtype: Any, sharding: Any, quantize: bool) -> Any:
+    """An expert-stacked param [experts, ...] from one stored tensor per expert (`entries` in
+    expert order), each addressable device's block read from its own experts' tensors."""
+    return _place(_stack_reader(entries), shape, np_dtype, sharding, quantize)
+
+
+def _place(read: Callable[[list[tuple[int, int]]], np.ndarray], shape: tuple[int, ...],
+           np_dtype: Any, sharding: Any, quantize: bool) -> Any:
     if not quantize:
         return jax.make_array_from_callback(
             shape, sharding, lambda idx: np.asarray(read(_norm(idx, shape)), dtype=np_dtype))
@@ -105,4 +135,29 @@ def place_rule(f: SafetensorsFile, stored: str, rule: Rule, shape: tuple[int, ..
         return np.asarray(whole_rows(bounds).scale)
 
     return quant.QTensor(jax.make_array_from_callback(shape, sharding.q, values),
+                         jax.make_array_from_callback(shape[:-1], sharding.scale, scales))
+
+
+def quantize_placed(w: jax.Array, sharding: Any) -> quant.QTensor:
+    """The global array `w` [..., out, in] int8-quantized onto `sharding` (a `QTensor` of
+    shardings), each host quantizing only its addressable blocks (see the module docstring)."""
+    if not w.sharding.is_equivalent_to(sharding.q, w.ndim):
+        w = jax.device_put(w, sharding.q)
+    shape = tuple(w.shape)
+    amax = jax.jit(lambda x: jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1),
+                   out_shardings=sharding.scale)(w)
+    blocks = {tuple(_norm(s.index, shape)): s for s in w.addressable_shards}
+    maxima = {tuple(_norm(s.index, shape[:-1])): s for s in amax.addressable_shards}
+    done: dict[tuple, quant.QTensor] = {}
+
+    def block(idx: tuple) -> quant.QTensor:
+        key = tuple(_norm(idx, shape))
+        if key not in done:
+            done[key] = quant.quantize_rows(np.asarray(blocks[key].data), np.asarray(maxima[key[:-1]].data))
+        return done[key]
+
+    def scales(idx: tuple) -> np.ndarray:
+        return quant.row_scales(np.asarray(maxima[tuple(_norm(idx, shape[:-1]))].data))
+
+    return quant.QTensor(jax.make_array_from_callback(shape, sharding.q, lambda idx: block(idx).q),
                          jax.make_array_from_callback(shape[:-1], sharding.scale, scales))

@@ -153,6 +153,7 @@ class Engine(AdapterHost, EngineLoop):
             self._thread.join()
             self._thread = None
         self._running = False
+        self.guide.close()
         self._fail_all(EngineError("the engine was stopped"))
 
     @property

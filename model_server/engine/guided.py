@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -120,6 +121,7 @@ class Guide:
         self._threads = threads or max(1, min(8, os.cpu_count() or 1))
         self._tok: Any = None
         self._executor: Any = None
+        self._pool: Optional[ThreadPoolExecutor] = None  # the mask thread (fill_async)
         self._lock = threading.Lock()
         self._cache: dict[str, str] = {}
         #: host bitmask, one row per slot; all ones (-1) where a slot has no grammar
@@ -208,6 +210,20 @@ class Guide:
                                 m.error[:300])
                     self.mask[s] = self._eos_row
         return self.mask.copy()
+
+    def fill_async(self, rows: Sequence[tuple[Matcher, int]]) -> "Future[np.ndarray]":
+        """`fill` on the guide's mask thread, so the caller's own host work (the previous
+        step's outputs) runs meanwhile: llguidance computes masks without the GIL. Until the
+        future is done nothing may advance these matchers or touch the mask."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="guided-mask")
+        return self._pool.submit(self.fill, rows)
+
+    def close(self) -> None:
+        """Stop the mask thread (a later `fill_async` starts another)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
     @staticmethod
     def accept(m: Matcher, token: int) -> Optional[str]:

@@ -5,6 +5,9 @@ embedding work, (3) asks the scheduler for a step (decodes, prefill chunks, pree
 (4) has the runner dispatch the prefill chunks, start the sequences whose prompts are done
 and dispatch one decode step, and (5) only then reads the token ids of the *previous* step and
 turns them into text deltas, so detokenization and stop-string work overlap the device.
+A step with grammar-guided rows does that reading inside step (4), during its forward pass:
+the guided rows' matchers take the previous tokens first, then their next masks fill on the
+guide's mask thread while this thread makes the text deltas (`Runner.decode_guided`).
 """
 from __future__ import annotations
 
@@ -121,13 +124,9 @@ class EngineLoop:
         out = None
         if plan.decode:
             if runner.has_guided(plan.decode):
-                def catch_up():
-                    nonlocal pending
-                    if pending is not None:
-                        self._process(pending)
-                        pending = None
-
-                out = runner.decode_guided(plan.decode, catch_up)
+                prev, pending = pending, None
+                out = runner.decode_guided(plan.decode, lambda: self._advance_matchers(prev),
+                                           lambda: self._process(prev, advanced=True))
                 with self._lock:
                     self._counters["guided_steps_total"] += 1
             else:
@@ -143,7 +142,27 @@ class EngineLoop:
         """Prompt logprobs of `group`; returns those deferred (their adapter found no slot)."""
         return scoring.score(self, group)[1]
 
-    def _process(self, pending) -> None:
+    def _advance_matchers(self, pending) -> None:
+        """The guided rows of `pending` (a step's output) feed their tokens to their matchers
+        (before their next masks are filled; `_process(pending, advanced=True)` then skips it)."""
+        if pending is None:
+            return
+        out, snapshot = pending
+        rows = [(i, s) for i, s in enumerate(snapshot)
+                if s is not None and not s.finished and s.matcher is not None and s.grammar_end is None]
+        if rows:
+            toks = np.asarray(out[0])
+            for i, s in rows:
+                self._accept(s, int(toks[i]))
+
+    def _accept(self, s: Seq, tok: int) -> None:
+        s.grammar_end = self.guide.accept(s.matcher, tok)
+        if s.grammar_end == "error":
+            log.warning("request %s: the grammar refused token %d: %s", s.req.id, tok, s.matcher.error)
+
+    def _process(self, pending, advanced: bool = False) -> None:
+        if pending is None:
+            return
         out, snapshot = pending
         live = []
         for i, s in enumerate(snapshot):
@@ -161,10 +180,8 @@ class EngineLoop:
         now = time.monotonic()
         for i, s in live:
             tok = int(toks[i])
-            if s.matcher is not None and s.grammar_end is None:
-                s.grammar_end = self.guide.accept(s.matcher, tok)
-                if s.grammar_end == "error":
-                    log.warning("request %s: the grammar refused token %d: %s", s.req.id, tok, s.matcher.error)
+            if not advanced and s.matcher is not None and s.grammar_end is None:
+                self._accept(s, tok)
             tlp = None
             k = s.req.params.logprobs
             if k is not None:

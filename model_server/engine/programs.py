@@ -119,9 +119,9 @@ class Programs:
         #: table entries a sequence of max_seq_len positions needs
         self.max_blocks = -(-max_seq_len // block_size)
         kv_dtype = kv_cache_dtype or dtype
-        #: table widths of the decode programs (the decode kernel reads any width alike; it
-        #: takes float32 and bfloat16 pools, an int8 one is gathered in JAX)
-        self.kv_variants = kv_block_variants(self.max_blocks, kernels.enabled() and kv_dtype != "int8")
+        #: table widths of the decode programs (the decode kernel reads any width alike, from
+        #: float32, bfloat16 and int8 pools)
+        self.kv_variants = kv_block_variants(self.max_blocks, kernels.enabled())
         #: and of the prefill programs: one width where the prefill kernel serves (float32,
         #: AVX-512, its head dims), else the pure-JAX path's gather wants narrow tables too
         self.prefill_variants = kv_block_variants(self.max_blocks, kernels.use_prefill_attention(
@@ -226,7 +226,7 @@ class Programs:
 
     @staticmethod
     def _lora(stack: Any, index: jax.Array) -> Optional[LoRA.Lora]:
-        return None if stack is None else LoRA.Lora(stack, index)
+        return None if stack is None else LoRA.Lora.of(stack, index)
 
     def _step_logits(self, fwd_last: Callable, params, lora, cache, tokens, pos, active, tab, index):
         # rows not decoding this step (free, or started by this step's prefill) write nothing

@@ -16,7 +16,7 @@ from model_server.engine.guided import Guide
 from model_server.engine.programs import Programs
 from model_server.engine.requests import EmbedJob, Request, Sequence
 from model_server.engine.scheduler import Chunk
-from model_server.models import base, quant
+from model_server.models import base, lora as LoRA, quant
 
 
 def seed_words(seed: int, index: int) -> tuple[int, int]:
@@ -135,7 +135,8 @@ class Runner:
                                                             np.full((1,), -1, np.int32))))
         if pr.set_adapter is not None:  # slot 0 gets zeros: what it holds already
             self.lora = pr.set_adapter(self.lora, self.put(np.int32(0))[0], jax.tree.map(
-                lambda a: jnp.zeros(a.shape[1:], a.dtype), self.lora))
+                lambda s: jnp.zeros(s, jnp.float32), LoRA.slot_shapes(self.spec, self.programs.max_lora_rank),
+                is_leaf=lambda x: isinstance(x, tuple)))
         jax.block_until_ready((self.cache, self.state))
 
     def put(self, *arrays: Any) -> list:
@@ -326,18 +327,26 @@ class Runner:
             self.params, self.lora, self.cache, self.state, self._sp_dev, self._rows_dev, self._tables_dev)
         return out, [by_slot.get(r) for r in rows]
 
-    def decode_guided(self, seqs: list[Sequence], catch_up: Callable[[], None]):
-        """A decode step with grammar-guided rows: dispatch the forward pass of every slot;
-        while it runs, `catch_up()` brings the host up to date with every token sampled so
-        far (the matchers take them); then fill the guided rows' bitmask and dispatch the
-        masked sampling step. Returns (out, sequence per row) as `decode`."""
+    def decode_guided(self, seqs: list[Sequence], advance: Callable[[], None], process: Callable[[], None]):
+        """A decode step with grammar-guided rows. Dispatch the forward pass of every slot;
+        while it runs: `advance()` feeds the previous step's tokens to the guided rows'
+        matchers, their bitmask rows fill on the mask thread while `process()` turns that
+        step's tokens into outputs, and the masked sampling step goes out once the mask is
+        done. Every guided row is sampled under the mask of the matcher state that took all
+        its earlier tokens (a row that `process()` finishes gets a mask it will not use).
+        Returns (out, sequence per row) as `decode`."""
         k, _ = self._prepare_decode(seqs, self.num_slots)
         by_slot = {s.slot: s for s in seqs}
         self.cache, logits = self.programs.forward[k](self.params, self.lora, self.cache, self.state, self._sp_dev,
                                                       self._tables_dev)
-        catch_up()
+        advance()
         guided = [(s.matcher, s.slot) for s in seqs if s.matcher is not None and not s.finished]
-        mask = self.put(self.guide.fill(guided))[0] if guided else self._mask_ones
+        filling = self.guide.fill_async(guided) if guided else None
+        try:
+            process()
+        finally:
+            mask = filling.result() if filling is not None else None
+        mask = self.put(mask)[0] if mask is not None else self._mask_ones
         self.state, out = self.programs.guided(self.state, self._sp_dev, logits, mask)
         return out, [by_slot.get(r) for r in range(self.num_slots)]
 

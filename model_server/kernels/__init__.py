@@ -8,7 +8,9 @@
 * ``matmul``: ``x . w^T`` for the few rows of a decode step, float32, one call for several
   weights of the same x (matmul.cc); larger products stay with XLA's dot, which is as fast or
   faster there; ``matmul_q8``: the same with int8 weights and float32 scales per output row
-  (``quantization: int8``), converted in registers.
+  (``quantization: int8``), converted in registers; one row on a CPU with AVX512-VNNI rounds
+  x to int16 (one scale per call, ~1.5e-5 of max|x|) and takes integer dot products
+  (``SAX_Q8_A16=0``: the float form everywhere).
 
 Only for the CPU backend on a single device (a multi-device mesh, GPU and TPU keep the
 pure-JAX code). The C++ sources beside this file are compiled at first use with the
@@ -40,11 +42,14 @@ log = logging.getLogger(__name__)
 
 ENV_SWITCH = "SAX_CPU_KERNELS"
 ENV_CACHE = "SAX_KERNEL_CACHE"
+#: "0" turns off matmul_q8's int16-activation one-row form (AVX512-VNNI; see matmul.cc).
+ENV_Q8_A16 = "SAX_Q8_A16"
 _HERE = Path(__file__).parent
 _SOURCES = sorted(_HERE.glob("*.cc"))
 _HEADERS = sorted(_HERE.glob("*.h"))
 #: FFI target name -> the handler symbol the library exports
-_TARGETS = {"saxplane_decode_attention": "SaxDecodeAttention", "saxplane_matmul": "SaxMatmul",
+_TARGETS = {"saxplane_decode_attention": "SaxDecodeAttention",
+            "saxplane_decode_attention_q8": "SaxDecodeAttentionQ8", "saxplane_matmul": "SaxMatmul",
             "saxplane_matmul_q8": "SaxMatmulQ8",
             "saxplane_prefill_attention": "SaxPrefillAttention", "saxplane_argmax": "SaxArgmax"}
 #: Head dims the prefill kernel takes (multiples of the vector width it has tiles for).
@@ -145,11 +150,21 @@ def _load() -> bool:
 
 def enabled() -> bool:
     """Whether jitted code traced now should call the CPU kernels."""
-    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+    if _off(ENV_SWITCH):
         return False
     if jax.default_backend() != "cpu" or jax.local_device_count() != 1:
         return False
     return _load()
+
+
+def _off(name: str) -> bool:
+    return os.environ.get(name, "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def q8_a16() -> bool:
+    """Whether `matmul_q8` traced now takes the int16-activation one-row form: the library
+    was built with AVX512-VNNI and ``SAX_Q8_A16`` does not turn it off."""
+    return not _off(ENV_Q8_A16) and _load() and bool(_state["lib"].SaxQ8A16Available())
 
 
 def _require() -> None:
@@ -183,18 +198,25 @@ def use_prefill_attention(head_dim: int, block_size: int, *dtypes) -> bool:
     return head_dim in PREFILL_HEAD_DIMS and block_size % 16 == 0 and _tiled_ok(*dtypes)
 
 
-def decode_attention(q: jax.Array, block_tables: jax.Array, positions: jax.Array, k_pool: jax.Array,
-                     v_pool: jax.Array, scale: float, window: int = 0) -> jax.Array:
+def decode_attention(q: jax.Array, block_tables: jax.Array, positions: jax.Array, k_pool, v_pool,
+                     scale: float, window: int = 0, softcap: float = 0.0) -> jax.Array:
     """One query token per row against its sequence's positions [0, positions[b]] in the
-    paged pools (with a `window` > 0: only the last `window` of them).
+    paged pools (with a `window` > 0: only the last `window` of them; with a `softcap` > 0,
+    scores become softcap * tanh(scores / softcap) before the softmax, as Gemma 2's).
 
     q [B, H, D]; block_tables [B, K], positions [B] int32; pools [blocks, KV, block_size, D]
-    (float32 or bfloat16). Returns [B, H, D] float32 (see decode_attention.cc).
+    (float32 or bfloat16, or int8 `models.quant.QTensor`s with a scale per [blocks, KV,
+    block_size] row). Returns [B, H, D] float32 (see decode_attention.cc).
     """
     _require()
-    call = jax.ffi.ffi_call("saxplane_decode_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32))
-    return call(q.astype(jnp.float32), block_tables.astype(jnp.int32), positions.astype(jnp.int32),
-                k_pool, v_pool, scale=np.float32(scale), window=np.int32(window))
+    args = (q.astype(jnp.float32), block_tables.astype(jnp.int32), positions.astype(jnp.int32))
+    out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    attrs = dict(scale=np.float32(scale), window=np.int32(window), softcap=np.float32(softcap))
+    if hasattr(k_pool, "scale"):  # int8 pools (QTensor)
+        call = jax.ffi.ffi_call("saxplane_decode_attention_q8", out)
+        return call(*args, k_pool.q, k_pool.scale.astype(jnp.float32), v_pool.q, v_pool.scale.astype(jnp.float32),
+                    **attrs)
+    return jax.ffi.ffi_call("saxplane_decode_attention", out)(*args, k_pool, v_pool, **attrs)
 
 
 def matmul(x: jax.Array, *ws: jax.Array) -> list[jax.Array]:
@@ -212,20 +234,21 @@ def matmul_q8(x: jax.Array, *ws) -> list[jax.Array]:
     _require()
     call = jax.ffi.ffi_call("saxplane_matmul_q8", [jax.ShapeDtypeStruct((x.shape[0], w.q.shape[0]), jnp.float32)
                                                    for w in ws])
-    return list(call(x, *(a for w in ws for a in (w.q, w.scale.astype(jnp.float32)))))
+    return list(call(x, *(a for w in ws for a in (w.q, w.scale.astype(jnp.float32))), a16=np.int32(q8_a16())))
 
 
 def prefill_attention(q: jax.Array, q_positions: jax.Array, k_pool: jax.Array, v_pool: jax.Array,
-                      block_tables: jax.Array, scale: float, window: int = 0) -> jax.Array:
+                      block_tables: jax.Array, scale: float, window: int = 0, softcap: float = 0.0) -> jax.Array:
     """A prefill chunk's queries q [B, T, H, D] float32 at `q_positions` [B, T] (not
     decreasing along a row) against their sequences in the paged pools [blocks, KV,
     block_size, D] float32 through `block_tables` [B, K]: key j (position j) is visible to
-    query i when j <= q_positions[i] (and, with a `window` > 0, j > q_positions[i] - window).
+    query i when j <= q_positions[i] (and, with a `window` > 0, j > q_positions[i] - window);
+    `softcap` > 0: scores softcap * tanh(scores / softcap) before the softmax (Gemma 2).
     Returns [B, T, H, D] float32 (see prefill_attention.cc)."""
     _require()
     call = jax.ffi.ffi_call("saxplane_prefill_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32))
     return call(q, q_positions.astype(jnp.int32), k_pool, v_pool, block_tables.astype(jnp.int32),
-                scale=np.float32(scale), window=np.int32(window))
+                scale=np.float32(scale), window=np.int32(window), softcap=np.float32(softcap))
 
 
 def argmax(x: jax.Array) -> jax.Array:

@@ -8,7 +8,8 @@
 // reads block 0; such positions are never visible to a real query). The chunk's own keys and
 // values are in the pool already. Key j is visible to query i when j <= q_positions[i] and,
 // with a window w > 0 (sliding-window attention), j > q_positions[i] - w. Output [B, Tq, H, D]
-// float32: softmax(q . k * scale) . v with float32 scores and sums, normalised after the value
+// float32: softmax(q . k * scale) . v with float32 scores and sums (with a softcap c > 0,
+// Gemma 2's soft-capping: scores c * tanh(scores / c) before the softmax), normalised after the value
 // product, as model_server/models/layers.py computes it.
 //
 // Why: XLA:CPU runs the batched per-head products of the pure-JAX formulation one head at a
@@ -54,6 +55,7 @@ struct Problem {
   int64_t b, t, tp, h, kv, d, bs, nblocks, table_len;
   int64_t window;  // 0: none
   float scale;
+  float softcap;  // > 0: scores become softcap * tanh(scores / softcap) (Gemma 2)
 };
 
 // Keys a row's queries see: positions [0, last query position], within the table.
@@ -173,6 +175,10 @@ void attend_block(const Problem& p, int64_t item, std::vector<float>& scratch) {
     int64_t first = 0;
     if (p.window > 0) first = std::clamp<int64_t>(pi - p.window + 1, 0, seen - 1);
     std::fill(row, row + first, 0.f);
+    if (p.softcap > 0.f) {
+      const float cap = p.softcap, inv_cap = 1.f / p.softcap;
+      for (int64_t j = first; j < seen; ++j) row[j] = std::tanh(row[j] * inv_cap) * cap;
+    }
     const float sum = saxplane::softmax_numerators(row + first, seen - first);
     std::fill(row + seen, row + n, 0.f);
     sums[r] = sum;
@@ -205,7 +211,7 @@ void attend(const Problem& p, int64_t item) {
 ffi::Error PrefillAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S32> positions,
                                 ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                                 ffi::Buffer<ffi::S32> block_tables, ffi::ResultBuffer<ffi::F32> out,
-                                float scale, int32_t window) {
+                                float scale, int32_t window, float softcap) {
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), pd = positions.dimensions();
   auto td = block_tables.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || pd.size() != 2 || td.size() != 2) {
@@ -233,6 +239,7 @@ ffi::Error PrefillAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
   p.out = out->typed_data();
   p.scale = scale;
   p.window = window;
+  p.softcap = softcap;
   int64_t most = 1;
   for (int64_t bi = 0; bi < p.b; ++bi) most = std::max(most, keys_of_row(p, bi));
   p.tp = (most + kKV * kLanes - 1) / (kKV * kLanes) * (kKV * kLanes);
@@ -265,4 +272,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SaxPrefillAttention, PrefillAttentionImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale")
-                                  .Attr<int32_t>("window"));
+                                  .Attr<int32_t>("window")
+                                  .Attr<float>("softcap"));

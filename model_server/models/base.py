@@ -1,12 +1,7 @@
-"""Model spec, KV cache and the forward contract used by the batching engine.
+"""The families' table and the forward contract used by the batching engine (the spec:
+spec.py; the paged KV cache, ``init_cache``: kv.py).
 
 Contract (all functions are pure and jit-friendly; `spec` is static/hashable):
-
-* ``init_cache(spec, num_blocks, block_size, dtype)`` -> ``KVCache``: the paged KV cache, a
-  list with one ``(k_pool, v_pool)`` pair per layer, each ``[num_blocks, num_kv_heads,
-  block_size, head_dim]`` (head-major within a block). A sequence's positions live in the
-  blocks its block table names: position ``p`` in block ``table[p // block_size]`` at offset
-  ``p % block_size``.
 
 * ``forward(spec, params, tokens, positions, cache, block_tables)`` ->
   ``(logits[B, T, V] float32, new_cache)``; ``make_forward(spec)`` closes over `spec` and
@@ -54,135 +49,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+# The spec and the cache live in their own modules (imported one way: they know nothing of
+# this one); their names stay reachable as `base.X`, the contract the rest of the code reads.
+from model_server.models.kv import (KVCache, cache_partition_spec, cache_shardings, init_cache,  # noqa: F401
+                                    kv_bytes_per_token, kv_cache_bytes, pool_sharding)
+from model_server.models.spec import FAMILY_NAMES, ModelConfigError, ModelSpec, dtype_of  # noqa: F401
 
-KVCache = list  # list[tuple[jax.Array, jax.Array]]: the (k, v) pools of each layer
 Params = Any  # nested dict/list of arrays
 
-class ModelConfigError(ValueError):
-    """A model configuration that we cannot serve (unknown architecture, bad values)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """Static description of a model; hashable so it can be a static jit argument."""
-
-    family: str  # implementation: "llama" | "gemma" | "gpt2"
-    model_type: str  # Hugging Face model_type: llama, mistral, qwen2, gpt2, ...
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    max_position_embeddings: int
-    norm_eps: float = 1e-6
-    activation: str = "silu"
-    tie_word_embeddings: bool = False
-    qkv_bias: bool = False
-    o_bias: bool = False
-    mlp_bias: bool = False
-    # RoPE (llama family). rope_type: "default" | "linear" | "llama3".
-    rope_theta: float = 10000.0
-    rope_type: str = "default"
-    rope_factor: float = 1.0
-    rope_low_freq_factor: float = 1.0
-    rope_high_freq_factor: float = 4.0
-    rope_original_max_position: int = 8192
-    # GPT-2 attention scaling options.
-    attn_scale_weights: bool = True
-    attn_scale_by_layer: bool = False
-    # Sliding-window attention: a windowed layer attends to its last `sliding_window`
-    # positions only. `layer_windows` gives each layer's window (0: global attention); empty
-    # means every layer has `sliding_window` (Mistral). Never a limit on the context length.
-    sliding_window: Optional[int] = None
-    layer_windows: tuple[int, ...] = ()
-    # Per-head RMSNorm of queries and keys before RoPE (Qwen3, Gemma 3).
-    qk_norm: bool = False
-    # Leading dims of each head that RoPE rotates (0: all; Phi-3's partial_rotary_factor).
-    rope_dim: int = 0
-    # Gemma: tanh soft-capping of attention scores and of the final logits (0: none), the
-    # query scale 1/sqrt(query_pre_attn_scalar) (0: head_dim), the RoPE base of windowed
-    # layers (0: rope_theta; those layers use unscaled RoPE).
-    attn_softcap: float = 0.0
-    final_softcap: float = 0.0
-    query_pre_attn_scalar: float = 0.0
-    rope_local_theta: float = 0.0
-    # Sparse mixture of experts (Qwen3-MoE, Mixtral): the layers in `moe_layers` route each
-    # token to `num_experts_per_tok` of `num_experts` SwiGLU experts of width
-    # `moe_intermediate_size` (renormalised top-k weights when `norm_topk_prob`); the other
-    # layers have a dense MLP of `intermediate_size`.
-    num_experts: int = 0
-    num_experts_per_tok: int = 0
-    moe_intermediate_size: int = 0
-    norm_topk_prob: bool = False
-    moe_layers: tuple[int, ...] = ()
-    bos_token_id: Optional[int] = None
-    eos_token_ids: tuple[int, ...] = ()
-    pad_token_id: Optional[int] = None
-    architecture: str = ""
-
-    def __post_init__(self) -> None:
-        if self.family not in _FAMILIES:
-            raise ModelConfigError(f"unknown model family {self.family!r}")
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-                     "head_dim", "intermediate_size", "max_position_embeddings"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ModelConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.layer_windows and len(self.layer_windows) != self.num_layers:
-            raise ModelConfigError(f"layer_windows has {len(self.layer_windows)} entries for "
-                                   f"{self.num_layers} layers")
-        if self.moe_layers and not 0 < self.num_experts_per_tok <= self.num_experts:
-            raise ModelConfigError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in "
-                                   f"[1, num_experts ({self.num_experts})]")
-        if self.moe_layers and self.moe_intermediate_size <= 0:
-            raise ModelConfigError(f"moe_intermediate_size must be positive, got {self.moe_intermediate_size}")
-        if any(not 0 <= i < self.num_layers for i in self.moe_layers):
-            raise ModelConfigError(f"moe_layers {self.moe_layers} outside [0, {self.num_layers})")
-        if self.num_heads % self.num_kv_heads:
-            raise ModelConfigError(
-                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
-                f"({self.num_kv_heads})")
-
-    @property
-    def max_seq_len_limit(self) -> int:
-        """Longest sequence this model serves: its position limit (a sliding window is not one)."""
-        return self.max_position_embeddings
-
-    def window_of(self, layer: int) -> Optional[int]:
-        """The attention window of `layer` (positions it attends back, itself included); None:
-        every earlier position."""
-        if self.layer_windows:
-            return self.layer_windows[layer] or None
-        return self.sliding_window or None
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["eos_token_ids"] = list(self.eos_token_ids)
-        d["layer_windows"] = list(self.layer_windows)
-        d["moe_layers"] = list(self.moe_layers)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelSpec":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ModelConfigError(f"unknown ModelSpec fields: {sorted(unknown)}")
-        d = dict(d)
-        d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
-        d["layer_windows"] = tuple(d.get("layer_windows", ()))
-        d["moe_layers"] = tuple(d.get("moe_layers", ()))
-        return cls(**d)
-
-
 # --------------------------------------------------------------------------- sizes
-
-def dtype_of(dtype: Any) -> np.dtype:
-    """'float32' | 'bfloat16' | numpy/jax dtype -> numpy dtype."""
-    return np.dtype(jnp.dtype(dtype))
-
 
 def param_shapes(spec: ModelSpec) -> Params:
     """Pytree of shape tuples, the same structure as the params."""
@@ -211,20 +86,6 @@ def param_bytes(spec: ModelSpec, dtype: Any = "bfloat16", quantization: Optional
         return param_count(spec) * dtype_of(dtype).itemsize
     from model_server.models import quant
     return quant.param_bytes(param_shapes(spec), dtype_of(dtype).itemsize)
-
-
-def kv_bytes_per_token(spec: ModelSpec, dtype: Any = "bfloat16") -> int:
-    """Bytes one position of one sequence takes in the KV cache (keys and values, all layers);
-    an int8 cache adds its float32 scale per position and KV head."""
-    per_head = spec.head_dim * dtype_of(dtype).itemsize
-    if dtype_of(dtype) == np.int8:
-        per_head += 4
-    return spec.num_layers * 2 * spec.num_kv_heads * per_head
-
-
-def kv_cache_bytes(spec: ModelSpec, tokens: int, dtype: Any = "bfloat16") -> int:
-    """Bytes of a KV cache of `tokens` positions in all (e.g. num_blocks * block_size)."""
-    return tokens * kv_bytes_per_token(spec, dtype)
 
 
 def _is_shape(x: Any) -> bool:
@@ -346,6 +207,7 @@ def register_family(name: str, architectures: Sequence[str], *, spec_from_hf_con
         if cls.__abstractmethods__:
             raise TypeError(f"{cls.__name__} leaves {sorted(cls.__abstractmethods__)} abstract")
         _FAMILIES[name] = cls
+        FAMILY_NAMES.add(name)
         for arch in cls.architectures:
             _BY_ARCHITECTURE[arch] = cls
         return cls
@@ -390,46 +252,6 @@ def bind(spec: ModelSpec, params: Params) -> nnx.Module:
     """The family's module with `params` as its weights (the arrays are used, not copied)."""
     state = {**params, "layers": dict(enumerate(params["layers"]))}
     return nnx.merge(graphdef(spec), state)
-
-
-# --------------------------------------------------------------------------- cache
-
-def init_cache(spec: ModelSpec, num_blocks: int, block_size: int, dtype: Any,
-               sharding: Optional[jax.sharding.Sharding] = None) -> KVCache:
-    """Zeroed paged KV cache: list (per layer) of (k pool, v pool), each
-    [num_blocks, kv_heads, block_size, head_dim]. An int8 pool is a `quant.QTensor`: int8
-    values and a float32 scale per position and KV head [num_blocks, kv_heads, block_size]
-    (symmetric, set as each position is written; see layers.write_kv)."""
-    from model_server.models.quant import QTensor
-
-    dt = jnp.dtype(dtype)
-    shape = (num_blocks, spec.num_kv_heads, block_size, spec.head_dim)
-
-    def full(shape: tuple, dt: Any, value: float) -> jax.Array:
-        if sharding is None:
-            return jnp.full(shape, value, dt)
-        return jax.jit(lambda: jnp.full(shape, value, dt), out_shardings=pool_sharding(sharding, len(shape)))()
-
-    def pool() -> Any:
-        if dt == jnp.int8:
-            return QTensor(full(shape, dt, 0), full(shape[:-1], jnp.float32, 1.0))
-        return full(shape, dt, 0)
-
-    return [(pool(), pool()) for _ in range(spec.num_layers)]
-
-
-def pool_sharding(sharding: jax.sharding.Sharding, ndim: int) -> jax.sharding.Sharding:
-    """The cache's sharding for an array of `ndim` dims of a pool (an int8 pool's scales have
-    three: no head dim)."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
-    if not isinstance(sharding, NamedSharding) or len(sharding.spec) <= ndim:
-        return sharding
-    return NamedSharding(sharding.mesh, P(*tuple(sharding.spec)[:ndim]))
-
-
-def cache_shardings(cache: KVCache, sharding: jax.sharding.Sharding) -> Any:
-    """The sharding tree of `cache` (e.g. a program's out_shardings)."""
-    return jax.tree.map(lambda a: pool_sharding(sharding, a.ndim), cache)
 
 
 # --------------------------------------------------------------------------- forward
@@ -503,14 +325,6 @@ def param_partition_specs(spec: ModelSpec, axis: str = "tp", axis_size: int = 1)
     ones their input dimension; a dimension not divisible by `axis_size` stays replicated.
     """
     return family_class(spec).partition_specs(spec, axis, axis_size)
-
-
-def cache_partition_spec(spec: ModelSpec, axis: str = "tp", axis_size: int = 1):
-    """KV cache pools [blocks, kv heads, block size, head dim] split over kv heads when divisible."""
-    from jax.sharding import PartitionSpec as P
-    if axis_size > 1 and spec.num_kv_heads % axis_size == 0:
-        return P(None, axis, None, None)
-    return P()
 
 
 def make_mesh(devices: Optional[Sequence[jax.Device]] = None, axis: str = "tp") -> jax.sharding.Mesh:

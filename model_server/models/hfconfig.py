@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from model_server.models.base import ModelConfigError
+from model_server.models.spec import ModelConfigError
 
 ROPE_TYPES = ("default", "linear", "llama3")
 LAYER_TYPES = ("sliding_attention", "full_attention")

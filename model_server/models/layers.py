@@ -171,12 +171,13 @@ def paged_attention(q: jax.Array, q_positions: jax.Array, pools: tuple[jax.Array
     """
     b, tq, h, d = q.shape
     kp, vp = pools
-    if not softcap and kernels.enabled():
-        if tq == 1 and not is_quantized(kp):
-            out = kernels.decode_attention(q[:, 0], block_tables, q_positions[:, 0], kp, vp, scale, window or 0)
+    if kernels.enabled():
+        if tq == 1:
+            out = kernels.decode_attention(q[:, 0], block_tables, q_positions[:, 0], kp, vp, scale, window or 0,
+                                           softcap)
             return out.reshape(b, 1, h * d).astype(q.dtype)
         if kernels.use_prefill_attention(d, kp.shape[2], q.dtype, kp.dtype, vp.dtype):
-            out = kernels.prefill_attention(q, q_positions, kp, vp, block_tables, scale, window or 0)
+            out = kernels.prefill_attention(q, q_positions, kp, vp, block_tables, scale, window or 0, softcap)
             return out.reshape(b, tq, h * d).astype(q.dtype)
     keys, vals = gather_blocks(kp, block_tables, q.dtype), gather_blocks(vp, block_tables, q.dtype)
     span = keys.shape[2]
@@ -222,10 +223,10 @@ def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: j
     """
     b, t, h, d = q.shape
     keys, vals = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, KV, T, D]
-    if not softcap and kernels.use_prefill_attention(d, t, q.dtype, k.dtype, v.dtype):
+    if kernels.use_prefill_attention(d, t, q.dtype, k.dtype, v.dtype):
         # each row's keys as one block of a pool of B blocks (prompts' positions are 0..T-1)
         tables = jnp.arange(b, dtype=jnp.int32)[:, None]
-        out = kernels.prefill_attention(q, positions, keys, vals, tables, scale, window or 0)
+        out = kernels.prefill_attention(q, positions, keys, vals, tables, scale, window or 0, softcap)
         return out.reshape(b, t, h * d)
     outs = []
     for start in range(0, t, CAUSAL_BLOCK):

@@ -1,12 +1,23 @@
 """Batched LoRA deltas over the Llama family's projections (the S-LoRA / Punica approach).
 
 The adapters resident on a base live in one stack per projection and layer, a fixed-shape
-input of every program: ``{"a": [max_loras, max_rank, in], "b": [max_loras, out, max_rank]}``
+input of every program: ``{"a": [max_loras, max_rank, in], "b": [out, max_loras, max_rank]}``
 (an adapter of a smaller rank is zero-padded; its ``lora_alpha / r`` scaling is folded into
-``b``; a projection an adapter does not target is zero). Each row of a batch names its adapter
-by index (``-1``: none): the row's low-rank factors are gathered and applied to that row only,
-so rows of different adapters (and of the base) share one forward pass, and loading an
-adapter writes a slot of the stack: it compiles nothing.
+``b``; a projection an adapter does not target is zero). Both are laid out so that a run of
+slots is one matrix in the models' ``[out, in]`` layout: ``a`` as ``[slots * rank, in]``,
+``b`` as ``[out, slots * rank]``. Each row of a batch names its adapter by index (``-1``:
+none), so rows of different adapters (and of the base) share one forward pass, and loading
+an adapter writes a slot of the stack: it compiles nothing.
+
+A forward pass first makes a `Plan` of its rows' adapters: the distinct slots its rows use,
+gathered to the front, and each row's position among them. Each projection then takes the
+branch for the bucket of that count (0, 1, 2, 4, ... up to ``min(max_loras, rows)``): 0 adds
+nothing, k multiplies all rows by the k used slots' factors at once, two plain matrix
+products (``x [M, in] . a_k^T`` then, each row masked to its own slot's ranks, ``. b_k^T``;
+``M * k * rank * (in + out)`` FLOPs, each used slot's factors read once), through
+`layers.linear` (the CPU kernel where it serves). Unused slots cost nothing; no row gathers
+weights of its own. Every bucket is compiled with the program, so nothing compiles while
+serving.
 """
 from __future__ import annotations
 
@@ -15,7 +26,8 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from model_server.models.base import ModelSpec
+from model_server.models import layers as L
+from model_server.models.spec import ModelSpec
 
 #: PEFT target module -> our projection weight (model_server.models.llama).
 TARGETS: dict[str, str] = {
@@ -26,19 +38,60 @@ TARGETS: dict[str, str] = {
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
-class Lora(NamedTuple):
-    """What one forward pass gets: the layers' stacks and each row's adapter index [B]."""
+class Plan(NamedTuple):
+    """Which slots one forward pass's rows use (computed once, shared by every projection)."""
 
-    stack: list  # per layer: {weight name: {"a": [N, R, in], "b": [N, out, R]}}
-    index: jax.Array
+    index: jax.Array    # [B] each row's slot, -1: none
+    order: jax.Array    # [N] the used slots first (ascending), then the others
+    compact: jax.Array  # [B] each row's position among the used slots, -1: none
+    branch: jax.Array   # () 0: no row uses an adapter; j: the bucket sizes[j - 1] holds them
+    sizes: tuple        # the buckets of used-slot counts, ascending, the last min(N, B)
+
+
+def bucket_sizes(slots: int, rows: int) -> tuple[int, ...]:
+    """1, 2, 4, ... up to min(slots, rows), which ends the list."""
+    top = max(1, min(slots, rows))
+    sizes = [1]
+    while sizes[-1] * 2 < top:
+        sizes.append(sizes[-1] * 2)
+    if sizes[-1] != top:
+        sizes.append(top)
+    return tuple(sizes)
+
+
+def plan(index: jax.Array, slots: int) -> Plan:
+    """The `Plan` of rows whose adapters are `index` [B] over a stack of `slots` slots."""
+    index = index.astype(jnp.int32)
+    used = jnp.any(index[:, None] == jnp.arange(slots, dtype=jnp.int32)[None, :], axis=0)  # [N]
+    order = jnp.argsort(jnp.logical_not(used), stable=True).astype(jnp.int32)
+    position = jnp.cumsum(used.astype(jnp.int32)) - 1
+    compact = jnp.where(index >= 0, position[jnp.clip(index, 0, slots - 1)], -1)
+    sizes = bucket_sizes(slots, index.shape[0])
+    count = jnp.sum(used.astype(jnp.int32))
+    bigger = sum((count > s).astype(jnp.int32) for s in sizes[:-1]) if len(sizes) > 1 else 0
+    branch = jnp.where(count == 0, 0, 1 + bigger)
+    return Plan(index, order, compact, branch, sizes)
+
+
+class Lora(NamedTuple):
+    """What one forward pass gets: the layers' stacks and its rows' `Plan`."""
+
+    stack: list  # per layer: {weight name: {"a": [N, R, in], "b": [out, N, R]}}
+    plan: Plan
+
+    @classmethod
+    def of(cls, stack: list, index: jax.Array) -> "Lora":
+        """The adapters of rows `index` [B] (-1: none) over `stack`."""
+        slots = next(iter(stack[0].values()))["a"].shape[0]
+        return cls(stack, plan(index, slots))
 
     def layer(self, i: int) -> "LayerLora":
-        return LayerLora(self.stack[i], self.index)
+        return LayerLora(self.stack[i], self.plan)
 
 
 class LayerLora(NamedTuple):
     stack: dict
-    index: jax.Array
+    plan: Plan
 
 
 def projection_dims(spec: ModelSpec) -> dict[str, tuple[int, int]]:
@@ -52,14 +105,14 @@ def projection_dims(spec: ModelSpec) -> dict[str, tuple[int, int]]:
 def stack_shapes(spec: ModelSpec, max_loras: int, max_rank: int) -> list[dict[str, dict[str, tuple]]]:
     """Shapes of the adapter stack (every projection of every layer)."""
     dims = projection_dims(spec)
-    layer = {w: {"a": (max_loras, max_rank, i), "b": (max_loras, o, max_rank)} for w, (i, o) in dims.items()}
+    layer = {w: {"a": (max_loras, max_rank, i), "b": (o, max_loras, max_rank)} for w, (i, o) in dims.items()}
     return [layer for _ in range(spec.num_layers)]
 
 
 def slot_shapes(spec: ModelSpec, max_rank: int) -> list[dict[str, dict[str, tuple]]]:
-    """Shapes of one adapter's padded weights (one slot of the stack)."""
-    return [{w: {"a": s["a"][1:], "b": s["b"][1:]} for w, s in layer.items()}
-            for layer in stack_shapes(spec, 1, max_rank)]
+    """Shapes of one adapter's padded weights (one slot of the stack): a [R, in], b [out, R]."""
+    return [{w: {"a": (max_rank, i), "b": (o, max_rank)} for w, (i, o) in projection_dims(spec).items()}
+            for _ in range(spec.num_layers)]
 
 
 def stack_bytes(spec: ModelSpec, max_loras: int, max_rank: int, itemsize: int = 4) -> int:
@@ -67,45 +120,42 @@ def stack_bytes(spec: ModelSpec, max_loras: int, max_rank: int, itemsize: int = 
     return spec.num_layers * max_loras * max_rank * sum(i + o for i, o in dims.values()) * itemsize
 
 
-def delta(x: jax.Array, lora: Optional[LayerLora], name: str) -> Optional[jax.Array]:
-    """The adapters' contribution to projection `name` of x [B, T, in] -> [B, T, out], or None
-    without adapters. Rows with index -1 get zero; a batch with no adapter row skips the work.
+def _product(x: jax.Array, a: jax.Array, b: jax.Array, rows: jax.Array, size: int) -> jax.Array:
+    """x [B, T, in] through `size` slots' factors a [size, R, in], b [out, size, R], each row
+    keeping its own slot's (`rows` [B]: its position among them, -1: none) -> [B, T, out] f32."""
+    bsz, t, k = x.shape
+    r, out = a.shape[1], b.shape[0]
+    low = L.linear(x.reshape(bsz * t, k).astype(a.dtype), a.reshape(size * r, k), out_dtype=jnp.float32)
+    keep = rows[:, None] == jnp.arange(size, dtype=rows.dtype)[None, :]  # [B, size]
+    keep = jnp.repeat(keep, r, axis=1).astype(low.dtype)                 # [B, size * R]
+    low = (low.reshape(bsz, t, size * r) * keep[:, None, :]).reshape(bsz * t, size * r)
+    return L.linear(low.astype(b.dtype), b.reshape(out, size * r), out_dtype=jnp.float32).reshape(bsz, t, out)
 
-    Fewer rows than adapter slots: each row's factors are gathered (Punica's BGMV: reads B
-    rows' factors). Otherwise every slot's factors are applied once to all rows and each row
-    keeps its own adapter's product (reads the stack once; B * max_loras * rank * (in + out)
-    FLOPs, small beside the base's B * in * out at serving ranks)."""
-    if lora is None or name not in lora.stack:
-        return None
-    ab, idx = lora.stack[name], lora.index
-    n = ab["a"].shape[0]
-    out_dim = ab["b"].shape[1]
 
-    def gathered() -> jax.Array:
-        sel = jnp.maximum(idx, 0)
-        a = jnp.take(ab["a"], sel, axis=0)  # [B, R, in]
-        b = jnp.take(ab["b"], sel, axis=0)  # [B, out, R]
-        low = jnp.einsum("bti,bri->btr", x.astype(a.dtype), a, preferred_element_type=jnp.float32)
-        low = low * (idx >= 0).astype(low.dtype)[:, None, None]
-        return jnp.einsum("btr,bor->bto", low.astype(b.dtype), b, preferred_element_type=jnp.float32)
-
-    def dense() -> jax.Array:
-        onehot = (idx[:, None] == jnp.arange(n, dtype=idx.dtype)[None, :]).astype(jnp.float32)  # [B, N]
-        low = jnp.einsum("bti,nri->btnr", x.astype(ab["a"].dtype), ab["a"], preferred_element_type=jnp.float32)
-        low = low * onehot[:, None, :, None]
-        return jnp.einsum("btnr,nor->bto", low.astype(ab["b"].dtype), ab["b"], preferred_element_type=jnp.float32)
-
-    compute = gathered if x.shape[0] < n else dense
-    zeros = lambda: jnp.zeros(x.shape[:-1] + (out_dim,), jnp.float32)  # noqa: E731
-    return jax.lax.cond(jnp.any(idx >= 0), compute, zeros).astype(x.dtype)
+def _delta(x: jax.Array, ab: dict, p: Plan, size: int) -> jax.Array:
+    """The delta over the plan's used slots gathered into a run of `size` (all of them: no gather)."""
+    a, b = ab["a"], ab["b"]
+    if size == a.shape[0]:
+        return _product(x, a, b, p.index, size)
+    sel = p.order[:size]
+    return _product(x, jnp.take(a, sel, axis=0), jnp.take(b, sel, axis=1), p.compact, size)
 
 
 def add(y: jax.Array, x: jax.Array, lora: Optional[LayerLora], name: str) -> jax.Array:
-    """y (the base projection of x) plus the adapters' delta."""
-    d = delta(x, lora, name)
-    return y if d is None else y + d
+    """y (the base projection of x [B, T, in]) plus the adapters' delta of projection `name`:
+    rows with index -1 get nothing, and a pass with no adapter row skips the work."""
+    if lora is None or name not in lora.stack:
+        return y
+    ab, p = lora.stack[name], lora.plan
+    branches = [lambda: y] + [
+        (lambda s: lambda: (y.astype(jnp.float32) + _delta(x, ab, p, s)).astype(y.dtype))(s) for s in p.sizes]
+    return jax.lax.switch(p.branch, branches)
 
 
 def set_slot(stack: Any, slot: jax.Array, weights: Any) -> Any:
     """The stack with slot `slot` replaced by one adapter's padded `weights` (see slot_shapes)."""
-    return jax.tree.map(lambda s, w: s.at[slot].set(w.astype(s.dtype)), stack, weights)
+    def put(layer_stack: dict, layer_weights: dict) -> dict:
+        return {w: {"a": s["a"].at[slot].set(layer_weights[w]["a"].astype(s["a"].dtype)),
+                    "b": s["b"].at[:, slot].set(layer_weights[w]["b"].astype(s["b"].dtype))}
+                for w, s in layer_stack.items()}
+    return [put(s, w) for s, w in zip(stack, weights)]

@@ -83,10 +83,22 @@ def quantizable(name: str, shape: tuple[int, ...]) -> bool:
 def quantize_array(w: Any) -> QTensor:
     """Symmetric per-output-row int8 (host numpy): scale = max|row| / 127 (1 for a zero row)."""
     w = np.asarray(w, dtype=np.float32)
-    amax = np.max(np.abs(w), axis=-1)
-    scale = np.where(amax > 0, amax / np.float32(127.0), np.float32(1.0)).astype(np.float32)
-    q = np.clip(np.rint(w / scale[..., None]), -127, 127).astype(np.int8)
-    return QTensor(q, scale)
+    return quantize_rows(w, np.max(np.abs(w), axis=-1))
+
+
+def row_scales(amax: Any) -> np.ndarray:
+    """The float32 scales of rows whose max |w| is `amax` (1 for a zero row)."""
+    amax = np.asarray(amax, dtype=np.float32)
+    return np.where(amax > 0, amax / np.float32(127.0), np.float32(1.0)).astype(np.float32)
+
+
+def quantize_rows(w: Any, amax: Any) -> QTensor:
+    """`w` [..., out, in_part] quantized with the scales of its rows' maxima `amax` [..., out]
+    (taken over the whole input axis, which `w` may hold only a slice of): the same values as
+    that slice of `quantize_array` of the whole rows."""
+    scale = row_scales(amax)
+    q = np.clip(np.rint(np.asarray(w, dtype=np.float32) / scale[..., None]), -127, 127)
+    return QTensor(q.astype(np.int8), scale)
 
 
 def quantize_tree(params: Any, name: str = "") -> Any:

@@ -100,6 +100,10 @@ def initialize(cfg: SliceConfig) -> SliceInfo:
     info = SliceInfo(rank=jax.process_index(), hosts=jax.process_count(), leader_host=host.strip("[]"),
                      channel_port=cfg.channel_port or int(port) + 1, local_devices=jax.local_device_count(),
                      devices=jax.device_count())
+    if info.rank != 0:  # JAX writes compilation cache entries from process 0 only
+        from model_server.slice.xla_cache import write_on_this_rank
+
+        write_on_this_rank()
     log.info("slice rank %d of %d: %d of %d devices, coordinator %s", info.rank, info.hosts,
              info.local_devices, info.devices, address)
     return info

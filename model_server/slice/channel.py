@@ -2,7 +2,8 @@
 -> rank 0 pings and load acknowledgements, as length-prefixed pickles over TCP.
 
 TCP makes a dead peer visible at once (kill -9 closes its sockets: EOF / reset); pings make a
-hung one visible within `timeout_s`. Either way `on_lost(reason)` runs once.
+hung one visible within `timeout_s` (rank 0's own stalls excluded). Either way `on_lost(reason)`
+runs once.
 """
 from __future__ import annotations
 
@@ -106,8 +107,20 @@ class LeaderChannel:
                 self._lose(f"slice rank {rank} is gone ({e})")
 
     def _watch(self) -> None:
+        """A follower silent for `timeout_s` is lost. Time this process itself did not run (a
+        load holding the GIL, a starved CPU) does not count against the followers: their pings
+        waited in the sockets meanwhile, and the readers had no chance to take them."""
+        last = time.monotonic()
         while not self._stop.wait(PING_S / 2):
             now = time.monotonic()
+            stalled, last = now - last - PING_S / 2, now
+            if stalled > PING_S / 2:
+                log.warning("slice watchdog: this process did not run for %.1fs; not held against "
+                            "the followers", stalled)
+                with self._cv:
+                    for rank, seen in self._seen.items():
+                        self._seen[rank] = min(seen + stalled, now)
+                continue
             for rank, seen in list(self._seen.items()):
                 if now - seen > self.timeout_s:
                     self._lose(f"slice rank {rank} stopped answering for {now - seen:.1f}s")

@@ -1,5 +1,6 @@
-"""One host of a 2-host CPU slice (run by test_slice_shard_load.py): loads a checkpoint over
-the slice's 4-device mesh and writes what it read (bytes per tensor) and its shards' values."""
+"""One host of a 2-host CPU slice (run by test_slice_shard_load.py): loads a checkpoint (HF or
+Orbax) over the slice's 4-device mesh and writes what it read (bytes per safetensors tensor)
+and its shards' values."""
 from __future__ import annotations
 
 import json
@@ -27,9 +28,9 @@ def main(ckpt_dir: str, coordinator: str, rank: int, quantization: str, out: str
         return d
     loading.SafetensorsDir = recording
     params = ck.load_params(ckpt, "float32", mesh=mesh, quantization=quantization or None)
-    tensors = files[0]
-    read = {name: f.bytes_read.get(name, 0) for name, f in tensors.where.items()}
-    stored = {name: f.get(name).nbytes for name, f in tensors.where.items()}
+    where = files[0].where if files else {}  # none for an Orbax checkpoint
+    read = {name: f.bytes_read.get(name, 0) for name, f in where.items()}
+    stored = {name: f.get(name).nbytes for name, f in where.items()}
     shards = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         key = jax.tree_util.keystr(path)

@@ -112,3 +112,23 @@ def test_masked_sampling_picks_the_only_allowed_token():
         out = fn(rng.normal(size=(b, v)).astype(np.float32) * 5, p,
                  np.packbits(bits, axis=1, bitorder="little").view(np.int32), np.full(b, trial, np.int32))
         assert (np.asarray(out) == allowed).all()
+
+
+def test_mask_thread_fills_the_rows_fill_does(engine):
+    """`Guide.fill_async` (a guided step fills its masks on this thread while the loop thread
+    makes the previous step's outputs) writes what `fill` writes, for the matchers' states."""
+    import numpy as np
+
+    from model_server.engine.guided import Guide
+
+    g = Guide(engine.guide._hf, engine.spec.vocab_size, 2, engine.eos_token_ids)
+    grammar = g.compile(GuidedSpec("choice", ["red pill", "blue pill"]))
+    a, b = g.matcher(grammar), g.matcher(grammar)
+    assert a.accept(engine.tokenizer.encode("red pill")[0])
+    rows = [(a, 0), (b, 1)]
+    threaded = g.fill_async(rows).result()
+    assert np.array_equal(threaded, g.fill(rows))
+    assert not np.array_equal(threaded[0], threaded[1])  # a took a token, b did not
+    g.close()
+    assert np.array_equal(g.fill_async(rows).result(), threaded)  # a new mask thread after close
+    g.close()

@@ -31,11 +31,11 @@ def paged(rng, num_blocks, kv_heads, bs, dim, dtype, scale=1.0):
     return k, v
 
 
-def pure_jax(monkeypatch, q, qpos, k, v, tables, scale, window=None):
+def pure_jax(monkeypatch, q, qpos, k, v, tables, scale, window=None, softcap=0.0):
     """layers.paged_attention with the kernels off (the GPU/TPU path), in float32."""
     with monkeypatch.context() as mp:
         mp.setenv(kernels.ENV_SWITCH, "0")
-        out = jax.jit(lambda *a: layers.paged_attention(*a, scale, window))(
+        out = jax.jit(lambda *a: layers.paged_attention(*a, scale, window, softcap))(
             q, qpos, (k.astype(jnp.float32), v.astype(jnp.float32)), tables)
         return np.asarray(out)
 
@@ -213,6 +213,33 @@ def test_attention_kernels_match_pure_jax_on_sharp_scores(monkeypatch):
     want_step = pure_jax(monkeypatch, q[:, -1:], last[:, None], k, v, tables, 1.0)
     np.testing.assert_allclose(np.asarray(got).reshape(b, t, h * d), want, atol=5e-5, rtol=1e-4)
     np.testing.assert_allclose(np.asarray(step).reshape(b, h * d), want_step.reshape(b, h * d), atol=2e-5, rtol=1e-4)
+
+
+@needs_compiler
+@needs_avx512
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("window", [None, 6, 40])
+def test_attention_kernels_soft_cap_scores_as_pure_jax(monkeypatch, dtype, window):
+    """Gemma 2's soft-capping (scores cap * tanh(scores / cap)) in both kernels: scores tens
+    apart, so a cap of 5 changes the softmax a lot; GQA groups of 2, windows none / short / long."""
+    rng = np.random.default_rng(17)
+    b, t, h, kv, d, bs, cap = 2, 50, 4, 2, 32, 16, 5.0
+    width = -(-t // bs)
+    k, v = paged(rng, b * width, kv, bs, d, dtype, scale=3.0)
+    q = 3 * rng.standard_normal((b, t, h, d)).astype(np.float32)
+    tables = np.arange(b * width, dtype=np.int32)[::-1].reshape(b, width).copy()
+    positions = np.tile(np.arange(t, dtype=np.int32), (b, 1))
+    last = np.array([t - 1, t // 2], np.int32)
+    scale = d ** -0.5
+    step = jax.jit(lambda *a: kernels.decode_attention(*a, scale, window or 0, cap))(q[:, -1], tables, last, k, v)
+    want_step = pure_jax(monkeypatch, q[:, -1:], last[:, None], k, v, tables, scale, window, cap)
+    np.testing.assert_allclose(np.asarray(step).reshape(b, h * d), want_step.reshape(b, h * d), atol=2e-5, rtol=1e-4)
+    uncapped = pure_jax(monkeypatch, q[:, -1:], last[:, None], k, v, tables, scale, window)
+    assert np.abs(uncapped - want_step).max() > 0.1  # the cap matters here
+    if dtype == "float32":  # the prefill kernel takes float32 pools
+        got = jax.jit(lambda *a: kernels.prefill_attention(*a, scale, window or 0, cap))(q, positions, k, v, tables)
+        want = pure_jax(monkeypatch, q, positions, k, v, tables, scale, window, cap)
+        np.testing.assert_allclose(np.asarray(got).reshape(b, t, h * d), want, atol=2e-5, rtol=1e-4)
 
 
 @needs_compiler

@@ -54,12 +54,12 @@ def _coordinator_port() -> int:
 class Slice:
     """Rank 0 (a model server) and rank 1 (a follower) of a 2-host slice."""
 
-    def __init__(self, tmp: Path, admin_port: int, name: str):
+    def __init__(self, tmp: Path, admin_port: int, name: str, env: dict[str, str] = SLICE_ENV):
         port = _coordinator_port()
         flags = ["--slice-hosts", "2", "--coordinator", f"127.0.0.1:{port}"]
-        self.leader = ModelServerProcess(tmp, admin=f"127.0.0.1:{admin_port}", env=SLICE_ENV,
+        self.leader = ModelServerProcess(tmp, admin=f"127.0.0.1:{admin_port}", env=env,
                                          extra_args=flags + ["--slice-rank", "0"])
-        self.follower = Proc([sys.executable, "-m", "model_server", *flags, "--slice-rank", "1"], SLICE_ENV,
+        self.follower = Proc([sys.executable, "-m", "model_server", *flags, "--slice-rank", "1"], env,
                              tmp / f"follower-{name}.log")
 
     def start(self) -> "Slice":

@@ -83,3 +83,26 @@ def test_slice_flags() -> None:
     for bad in (("2", None, "h:1"), ("2", "2", "h:1"), ("2", "0", "nohost"), ("0", "0", "h:1")):
         with pytest.raises(ValueError):
             SliceConfig.parse(*bad)
+
+
+def test_leader_stall_is_not_a_lost_rank() -> None:
+    """Rank 0 itself not running for longer than the timeout (here: a busy main thread keeping
+    the GIL, as a load can) does not make it declare the live follower lost."""
+    leader, proc, lost, done = _pair(timeout_s=1.0)
+    interval = sys.getswitchinterval()
+    try:
+        time.sleep(1.0)
+        sys.setswitchinterval(10.0)  # the other threads of this process wait for the GIL
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 3.0:
+            pass
+        sys.setswitchinterval(interval)
+        time.sleep(2.0)
+        assert not lost, lost
+        os.kill(proc.pid, signal.SIGSTOP)  # still noticed when it is the follower that stops
+        assert done.wait(10) and "stopped answering" in lost[0][1]
+    finally:
+        sys.setswitchinterval(interval)
+        proc.kill()
+        proc.wait()
+        leader.close()
