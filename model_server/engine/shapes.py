@@ -7,9 +7,45 @@ from typing import Optional, Sequence
 
 import jax.numpy as jnp
 
-from model_server.engine.programs import default_decode_buckets
 from model_server.knobs import MAX_PREFILL_CHUNK
 from model_server.models import base
+
+
+#: Padded prompt tokens per batched prefill / scoring call; rows = clamp(this // T, 1, 8).
+ROW_TOKENS = 256
+MAX_ROWS = 8
+
+
+def rows_for(bucket: int, cap: int) -> int:
+    return max(1, min(MAX_ROWS, cap, ROW_TOKENS // bucket))
+
+
+def default_decode_buckets(num_slots: int) -> list[int]:
+    """Row counts of the gathered decode variants (plus num_slots itself).
+
+    A gathered row copies its slot's cache (gather) before attending to it, a full step reads
+    every slot once and computes every row; measured on CPU, gathering pays up to about half
+    of the slots.
+    """
+    out, b = [], 1
+    while 2 * b <= num_slots:
+        out.append(b)
+        b *= 2
+    return out + [num_slots]
+
+
+def kv_block_variants(blocks: int, kernels_read_tables: bool) -> list[int]:
+    """Table widths (blocks per sequence) the programs are compiled for.
+
+    The CPU kernels read only the positions a query sees, so one width serves every length
+    there; the pure-JAX path gathers the table's blocks, so it gets powers of two and all."""
+    if kernels_read_tables:
+        return [blocks]
+    out, k = [], 1
+    while k < blocks:
+        out.append(k)
+        k *= 2
+    return out + [blocks]
 
 
 @dataclasses.dataclass(frozen=True)
