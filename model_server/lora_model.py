@@ -94,9 +94,11 @@ class AdapterModel:
 
 
 def load(model_id: str, checkpoint: Optional[str], overrides: dict[str, Any], base_served: Any,
-         cache_dir: Optional[str]) -> tuple[AdapterModel, AdapterEngine]:
+         cache_dir: Optional[str], generation: int = 0) -> tuple[AdapterModel, AdapterEngine]:
     """Load adapter `model_id` over `base_served` (a LOADED `ServedModel`); AdapterError if it
-    cannot be served there."""
+    cannot be served there. The base's engine knows it as ``<model_id>@<generation>``, so a new
+    generation of the adapter (a rolling update of its checkpoint) can load beside the old one
+    on the same base, and unloading the old one leaves the new one (and its cache keys) alone."""
     t0 = time.monotonic()
     base_id = overrides.get("base")
     if checkpoint is None:
@@ -107,9 +109,10 @@ def load(model_id: str, checkpoint: Optional[str], overrides: dict[str, Any], ba
     if not getattr(engine, "max_loras", 0):
         raise AdapterError(f"base {base_id} was published without LoRA adapters: set its max_loras override")
     adapter = load_adapter(checkpoint, loaded.spec, engine.max_lora_rank, cache_dir=cache_dir)
+    name = f"{model_id}@{generation}"
     try:
-        engine.add_adapter(model_id, adapter)
+        engine.add_adapter(name, adapter)
     except (ValueError, EngineError) as e:
         raise AdapterError(str(e)) from e
     model = AdapterModel(MODEL_PATH, checkpoint, str(base_id), loaded, adapter, time.monotonic() - t0)
-    return model, AdapterEngine(engine, model_id)
+    return model, AdapterEngine(engine, name)

@@ -211,7 +211,8 @@ class ModelManager:
             base = self.resolve(base_id)
         except (ModelNotFound, ModelNotReady) as e:
             raise RuntimeError(f"base model {base_id} is not loaded on this server: {e}") from None
-        return lora_model.load(served.model_id, served.checkpoint, served.overrides, base, self._cache_dir)
+        return lora_model.load(served.model_id, served.checkpoint, served.overrides, base, self._cache_dir,
+                               generation=served.generation)
 
     def _unload(self, served: ServedModel) -> None:
         """Stops routing to the model, lets in-flight requests finish (bounded), frees memory."""

@@ -220,3 +220,25 @@ def test_slots_lru():
     assert slots.salt("a") != slots.salt("b") and slots.salt(None) == b""
     with pytest.raises(KeyError):
         slots.acquire("zzz")
+
+
+def test_a_new_generation_of_an_adapter_loads_beside_the_old_one(engine, base_model, lora_dirs, torch_models):
+    """A rolling update of an adapter's own checkpoint on one server: generation 2 (here bob's
+    weights under ada's id) loads while generation 1 serves, and unloading generation 1 leaves
+    generation 2 serving its own weights."""
+    from types import SimpleNamespace
+
+    from model_server import lora_model
+
+    base = SimpleNamespace(engine=engine, loaded=base_model)  # what a LOADED ServedModel holds
+    ads = lora_dirs[1]
+    _, old = lora_model.load("/sax/t/upd", str(ads["ada"]), {"base": "/sax/t/base"}, base, None, generation=1)
+    _, new = lora_model.load("/sax/t/upd", str(ads["bob"]), {"base": "/sax/t/base"}, base, None, generation=2)
+    prompt = list(range(7, 19))
+    want_old, _ = LM.reference(torch_models["ada"], prompt, 6)
+    want_new, _ = LM.reference(torch_models["bob"], prompt, 6)
+    assert old.submit(prompt, _params(6)).result()[0].token_ids == want_old
+    old.stop()
+    assert new.healthy and new.submit(prompt, _params(6)).result()[0].token_ids == want_new
+    new.stop()
+    assert engine.compiles_since_ready() == 0
