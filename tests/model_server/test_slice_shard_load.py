@@ -44,6 +44,16 @@ def _reference(ckpt: Path, quantization: str) -> dict:
             for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
+def _assert_shards_equal(ranks: list[dict], ref: dict) -> None:
+    """Every rank holds a shard of every tensor, each equal to its block of a whole-tensor load."""
+    for r in ranks:
+        assert set(r["shards"]) == set(ref)
+        for key, shards in r["shards"].items():
+            for bounds, data in shards:
+                want = ref[key][tuple(slice(lo, hi) for lo, hi in bounds)]
+                np.testing.assert_array_equal(np.asarray(data, want.dtype), want, err_msg=key)
+
+
 @pytest.mark.parametrize("quantization", ["", "int8"])
 def test_each_host_reads_its_own_shards(tiny_hf_dir, tmp_path, quantization):
     ranks = _run_pair(tiny_hf_dir, tmp_path, quantization)
@@ -65,12 +75,7 @@ def test_each_host_reads_its_own_shards(tiny_hf_dir, tmp_path, quantization):
         assert [sum(r["bytes_read"].values()) for r in ranks] == [total - sharded // 2] * 2
     # every shard holds the values of a whole-tensor load
     ref = _reference(tiny_hf_dir, quantization)
-    for r in ranks:
-        assert set(r["shards"]) == set(ref)
-        for key, shards in r["shards"].items():
-            for bounds, data in shards:
-                want = ref[key][tuple(slice(lo, hi) for lo, hi in bounds)]
-                np.testing.assert_array_equal(np.asarray(data, want.dtype), want, err_msg=key)
+    _assert_shards_equal(ranks, ref)
 
 
 def test_orbax_int8_quantized_per_shard(tiny_hf_dir, tmp_path):
@@ -86,14 +91,10 @@ def test_orbax_int8_quantized_per_shard(tiny_hf_dir, tmp_path):
     ranks = _run_pair(orbax, tmp_path, "int8")
     assert [r["local_devices"] for r in ranks] == [2, 2] and ranks[0]["bytes_read"] == {}
     ref = _reference(tiny_hf_dir, "int8")
-    for r in ranks:
-        assert set(r["shards"]) == set(ref)
-        for key, shards in r["shards"].items():
-            if key.endswith("['wo'].q"):  # input-sharded: each device holds a quarter of the columns
-                assert {b[-1][1] - b[-1][0] for b, _ in shards} == {ref[key].shape[-1] // 4}
-            for bounds, data in shards:
-                want = ref[key][tuple(slice(lo, hi) for lo, hi in bounds)]
-                np.testing.assert_array_equal(np.asarray(data, want.dtype), want, err_msg=key)
+    wo = next(k for k in ref if k.endswith("['wo'].q"))
+    for r in ranks:  # input-sharded: each device holds a quarter of the columns
+        assert {b[-1][1] - b[-1][0] for b, _ in r["shards"][wo]} == {ref[wo].shape[-1] // 4}
+    _assert_shards_equal(ranks, ref)
 
 
 @pytest.mark.parametrize("name,quantization", [("qwen3_moe", "int8"), ("mixtral", "")])
@@ -113,12 +114,7 @@ def test_moe_experts_read_per_host(tmp_path, name, quantization):
     for r in ranks:
         assert sum(r["bytes_read"][k] for k in experts) == sum(experts.values()) // 2
     ref = _reference(ckpt, quantization)
-    for r in ranks:
-        assert set(r["shards"]) == set(ref)
-        for key, shards in r["shards"].items():
-            for bounds, data in shards:
-                want = ref[key][tuple(slice(lo, hi) for lo, hi in bounds)]
-                np.testing.assert_array_equal(np.asarray(data, want.dtype), want, err_msg=key)
+    _assert_shards_equal(ranks, ref)
 
 
 def test_orbax_int8_on_a_local_mesh(tiny_hf_dir, tmp_path):
