@@ -94,7 +94,7 @@ class AdapterModel:
 
 
 def load(model_id: str, checkpoint: Optional[str], overrides: dict[str, Any], base_served: Any,
-         cache_dir: Optional[str], generation: int = 0) -> tuple[AdapterModel, AdapterEngine]:
+         cache_dir: Optional[str], generation: int) -> tuple[AdapterModel, AdapterEngine]:
     """Load adapter `model_id` over `base_served` (a LOADED `ServedModel`); AdapterError if it
     cannot be served there. The base's engine knows it as ``<model_id>@<generation>``, so a new
     generation of the adapter (a rolling update of its checkpoint) can load beside the old one
